@@ -1,0 +1,474 @@
+"""Shared plumbing for the peer benchmark scripts (stdlib + redis-py only).
+
+Every ``<peer>_bench.py`` runs inside that peer's own venv, which always contains
+redis-py (all four peers are built on it), so this module may use nothing else.
+
+A script plays two roles:
+
+* the *driver* (run as ``python <peer>_bench.py --redis ... --workload ...``), which
+  enqueues tasks, starts worker subprocesses and measures;
+* the *task module* that the peer's worker CLI imports in those subprocesses.
+
+Both need the same configuration (Redis URL, key prefix, n ...) at import time, because
+the peers build their app/broker objects at module level. ``load_config`` therefore
+parses argv in the driver and hands the result to the workers through one environment
+variable, ``SHOAL_PEER_BENCH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ENV_VAR = "SHOAL_PEER_BENCH"
+SCRIPTS_DIR = Path(__file__).resolve().parent
+# Completion-counter poll interval of the driver while a throughput run drains. It only
+# decides how soon we *notice* the end; the timing itself is stamped by the tasks.
+COUNTER_POLL_S = 0.005
+# SIGTERM -> SIGKILL grace for worker process groups.
+WORKER_STOP_GRACE_S = 10.0
+# Per-round-trip bound in the latency loop once the worker is known to be up.
+ROUND_TRIP_TIMEOUT_S = 10.0
+# The first warm-up round trip also waits for the worker process to boot.
+FIRST_ROUND_TRIP_TIMEOUT_S = 60.0
+LOG_TAIL_CHARS = 3000
+
+
+class BenchError(RuntimeError):
+    """A failure the driver reports as ``{"error": ...}`` before exiting non-zero."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, identical in the driver and in its workers."""
+
+    peer: str
+    redis_url: str
+    workload: str
+    n: int
+    workers: int
+    timeout: float
+    warmup: int
+    poll_s: float
+    # Unique per run; every key a run creates contains it, which is what cleanup scans.
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def prefix(self) -> str:
+        """Key/queue prefix for everything the peer lets us name."""
+        return f"shoal-bench:{self.peer}:{self.tag}:"
+
+    @property
+    def counter_key(self) -> str:
+        return self.prefix + "done"
+
+    @property
+    def first_key(self) -> str:
+        return self.prefix + "t-first"
+
+    @property
+    def last_key(self) -> str:
+        return self.prefix + "t-last"
+
+
+def _parse_args(peer: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=f"{peer} benchmark against a Redis-protocol engine")
+    p.add_argument("--redis", required=True, help="redis://host:port[/db]")
+    p.add_argument("--workload", choices=("throughput", "latency"), required=True)
+    p.add_argument("-n", type=int, default=None, help="tasks / round trips")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (throughput)")
+    p.add_argument("--timeout", type=float, default=600.0, help="overall deadline, seconds")
+    p.add_argument("--warmup", type=int, default=50, help="latency warm-up round trips")
+    p.add_argument(
+        "--poll-ms",
+        type=float,
+        default=1.0,
+        help="value for every poll interval the peer exposes (worker idle poll, result wait)",
+    )
+    return p.parse_args(argv)
+
+
+def load_config(peer: str, argv: Sequence[str] | None = None) -> RunConfig:
+    """Config from ``SHOAL_PEER_BENCH`` (worker side) or argv (driver side).
+
+    The driver exports the config so that worker subprocesses it starts inherit it.
+    """
+    raw = os.environ.get(ENV_VAR)
+    if raw:
+        return RunConfig(**json.loads(raw))
+    args = _parse_args(peer, argv)
+    default_n = 20000 if args.workload == "throughput" else 1000
+    cfg = RunConfig(
+        peer=peer,
+        redis_url=args.redis,
+        workload=args.workload,
+        n=args.n if args.n is not None else default_n,
+        workers=args.workers if args.workload == "throughput" else 1,
+        timeout=args.timeout,
+        warmup=args.warmup,
+        poll_s=args.poll_ms / 1000.0,
+    )
+    if cfg.n < 2 or cfg.workers < 1:
+        raise SystemExit("need n >= 2 and workers >= 1")
+    os.environ[ENV_VAR] = json.dumps(asdict(cfg))
+    return cfg
+
+
+# --------------------------------------------------------------------------- tasks side
+
+
+def record_completion(client: redis.Redis, cfg: RunConfig) -> None:
+    """Body of the throughput task: count it, and stamp the first and the last one.
+
+    Stamping inside the task (wall clock, shared by all processes on this host) times
+    the drain from first to last completion exactly, instead of to the driver's poll
+    granularity. Only 2 of n tasks pay the extra SET.
+    """
+    done = client.incr(cfg.counter_key)
+    if done == 1 or done == cfg.n:
+        client.set(cfg.first_key if done == 1 else cfg.last_key, repr(time.time()))
+
+
+async def record_completion_async(client: Any, cfg: RunConfig) -> None:
+    """``record_completion`` for asyncio peers (``client`` is a redis.asyncio client)."""
+    done = await client.incr(cfg.counter_key)
+    if done == 1 or done == cfg.n:
+        await client.set(cfg.first_key if done == 1 else cfg.last_key, repr(time.time()))
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+class Deadline:
+    """The run's overall time budget; every wait is capped by what is left of it."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+    def cap(self, seconds: float) -> float:
+        """``seconds`` or less, so that no single wait overruns the run."""
+        left = self.left()
+        if left <= 0:
+            raise BenchError("overall deadline exceeded")
+        return min(seconds, left)
+
+
+@dataclass
+class WorkerGroup:
+    """Worker subprocesses, each the leader of its own process group.
+
+    Own process groups let us signal a worker *and* whatever it forked (dramatiq and
+    taskiq fork their real worker processes) without touching the driver itself.
+    """
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
+
+    def start(self, cmds: list[list[str]], env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(SCRIPTS_DIR), full_env.get("PYTHONPATH", "")) if p
+        )
+        with self.log_path.open("ab") as log:
+            for cmd in cmds:
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=SCRIPTS_DIR,
+                    env=full_env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    process_group=0,
+                )
+                self.procs.append(proc)
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise BenchError(f"worker pid {proc.pid} exited early with rc={proc.returncode}")
+
+    def stop(self) -> None:
+        """SIGTERM every group, give them a grace period, then SIGKILL what is left."""
+        for proc in self.procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        end = time.monotonic() + WORKER_STOP_GRACE_S
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            # Also reaps children that outlived a leader which did exit in time.
+            _signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        except OSError:
+            return ""
+
+    def remove_log(self) -> None:
+        self.log_path.unlink(missing_ok=True)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for_drain(client: redis.Redis, cfg: RunConfig, group: WorkerGroup, dl: Deadline) -> None:
+    """Poll the completion counter every COUNTER_POLL_S until it reaches n."""
+    while True:
+        done = int(client.get(cfg.counter_key) or 0)
+        if done >= cfg.n:
+            return
+        group.check_alive()
+        if dl.left() <= 0:
+            raise BenchError(f"timed out with {done}/{cfg.n} tasks completed")
+        time.sleep(COUNTER_POLL_S)
+
+
+def drain_seconds(client: redis.Redis, cfg: RunConfig) -> float:
+    """Seconds from the first to the last task completion, as stamped by the tasks."""
+    first, last = client.mget([cfg.first_key, cfg.last_key])
+    if first is None or last is None:
+        raise BenchError("completion timestamps missing")
+    seconds = float(last) - float(first)
+    if seconds <= 0:
+        raise BenchError(f"non-positive drain time {seconds!r}")
+    return seconds
+
+
+def throughput_result(cfg: RunConfig, seconds: float, enqueue_s: float) -> dict[str, Any]:
+    """n tasks completed over ``seconds`` means n-1 completions after the first one."""
+    return {
+        "peer": cfg.peer,
+        "workload": cfg.workload,
+        "n": cfg.n,
+        "workers": cfg.workers,
+        "seconds": round(seconds, 4),
+        "tasks_per_s": round((cfg.n - 1) / seconds, 1),
+        "enqueue_seconds": round(enqueue_s, 4),
+        "enqueue_per_s": round(cfg.n / enqueue_s, 1) if enqueue_s > 0 else None,
+    }
+
+
+def run_throughput(
+    cfg: RunConfig,
+    group: WorkerGroup,
+    dl: Deadline,
+    enqueue: Callable[[], None],
+    worker_cmds: list[list[str]],
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Enqueue all n tasks first, then start the workers and time the drain.
+
+    Enqueueing up front means the workers never wait on the producer, so what is timed
+    is the peer's consume -> execute -> ack path alone.
+    """
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30)
+    t0 = time.perf_counter()
+    enqueue()
+    enqueue_s = time.perf_counter() - t0
+    group.start(worker_cmds, env)
+    wait_for_drain(client, cfg, group, dl)
+    return throughput_result(cfg, drain_seconds(client, cfg), enqueue_s)
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of sorted samples."""
+    pos = (len(sorted_ms) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def latency_result(cfg: RunConfig, samples_s: list[float]) -> dict[str, Any]:
+    ms = sorted(s * 1000.0 for s in samples_s)
+    return {
+        "peer": cfg.peer,
+        "workload": cfg.workload,
+        "n": len(ms),
+        "workers": 1,
+        "warmup": cfg.warmup,
+        "p50_ms": round(_percentile(ms, 0.50), 3),
+        "p90_ms": round(_percentile(ms, 0.90), 3),
+        "p99_ms": round(_percentile(ms, 0.99), 3),
+        "mean_ms": round(sum(ms) / len(ms), 3),
+        "min_ms": round(ms[0], 3),
+        "max_ms": round(ms[-1], 3),
+    }
+
+
+def measure_round_trips(cfg: RunConfig, dl: Deadline, one: Callable[[float], None]) -> list[float]:
+    """Time ``cfg.warmup + cfg.n`` sequential calls of ``one(timeout_s)``; keep the last n.
+
+    The first call also covers worker start-up, so it gets a longer timeout.
+    """
+    samples: list[float] = []
+    for i in range(cfg.warmup + cfg.n):
+        limit = FIRST_ROUND_TRIP_TIMEOUT_S if i == 0 else ROUND_TRIP_TIMEOUT_S
+        timeout = dl.cap(limit)
+        t0 = time.perf_counter()
+        one(timeout)
+        elapsed = time.perf_counter() - t0
+        if i >= cfg.warmup:
+            samples.append(elapsed)
+    return samples
+
+
+async def measure_round_trips_async(cfg: RunConfig, dl: Deadline, one: Any) -> list[float]:
+    """``measure_round_trips`` for asyncio peers (``one`` is ``async (timeout) -> None``)."""
+    samples: list[float] = []
+    for i in range(cfg.warmup + cfg.n):
+        limit = FIRST_ROUND_TRIP_TIMEOUT_S if i == 0 else ROUND_TRIP_TIMEOUT_S
+        timeout = dl.cap(limit)
+        t0 = time.perf_counter()
+        await one(timeout)
+        elapsed = time.perf_counter() - t0
+        if i >= cfg.warmup:
+            samples.append(elapsed)
+    return samples
+
+
+def delete_run_keys(client: redis.Redis, cfg: RunConfig) -> int:
+    """Delete every key whose name contains the run tag; the engine may be shared.
+
+    Peers that do not let us choose a prefix (arq's ``arq:job:<id>``, taskiq's
+    ``autoclaim:<group>:<stream>``) still get the tag inside the name via job ids and
+    queue names, hence the ``*tag*`` match rather than ``prefix*``.
+    """
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"*{cfg.tag}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += int(client.delete(*batch))
+            batch = []
+    if batch:
+        deleted += int(client.delete(*batch))
+    return deleted
+
+
+def versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed versions of the packages that matter for this peer, plus Python's."""
+    out = {"python": sys.version.split()[0]}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def redis_parser() -> str:
+    """Which RESP parser redis-py uses here; hiredis vs pure Python skews results."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:  # pragma: no cover - very old redis-py
+        return "unknown"
+    return "hiredis" if HIREDIS_AVAILABLE else "python"
+
+
+def engine_info(client: redis.Redis) -> dict[str, str]:
+    info = client.info("server")
+    name = "valkey" if "valkey_version" in info else "redis"
+    return {"server": name, "version": str(info.get(f"{name}_version", info.get("redis_version")))}
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the venv we run in (the peer's own worker CLI)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def emit(payload: dict[str, Any]) -> None:
+    """The script's one stdout line, read by the harness."""
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def _raise_system_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (the harness's timeout) into SystemExit so ``finally`` blocks run."""
+    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_driver(
+    cfg: RunConfig,
+    body: Callable[[WorkerGroup, Deadline], dict[str, Any]],
+    settings: dict[str, Any],
+    packages: Sequence[str],
+) -> int:
+    """Run ``body`` with guaranteed worker shutdown and key cleanup; print one JSON line.
+
+    Returns the process exit code: 0 on success, 1 with an ``"error"`` field otherwise.
+    """
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30)
+    group = WorkerGroup()
+    dl = Deadline(cfg.timeout)
+    payload: dict[str, Any] = {"peer": cfg.peer, "workload": cfg.workload, "n": cfg.n}
+    rc = 1
+    with terminate_on_sigterm():
+        try:
+            payload = body(group, dl)
+            rc = 0
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - everything becomes JSON
+            payload["error"] = f"{type(exc).__name__}: {exc}"
+            payload["traceback"] = traceback.format_exc()[-LOG_TAIL_CHARS:]
+            payload["worker_log_tail"] = group.log_tail()
+        finally:
+            group.stop()
+            payload["keys_deleted"] = _safe_cleanup(client, cfg)
+            group.remove_log()
+    payload["settings"] = {**settings, "redis_parser": redis_parser(), "key_tag": cfg.tag}
+    payload["versions"] = versions(packages)
+    payload["engine"] = _safe_engine_info(client)
+    emit(payload)
+    return rc
+
+
+def _safe_cleanup(client: redis.Redis, cfg: RunConfig) -> int | str:
+    try:
+        return delete_run_keys(client, cfg)
+    except redis.RedisError as exc:
+        return f"cleanup failed: {exc}"
+
+
+def _safe_engine_info(client: redis.Redis) -> dict[str, str]:
+    try:
+        return engine_info(client)
+    except redis.RedisError as exc:
+        return {"error": str(exc)}

@@ -1,0 +1,269 @@
+"""Run the peer task queues (Celery, Dramatiq, arq, taskiq) against one Redis-protocol engine.
+
+Each peer lives in its own virtualenv because their redis-py pins conflict (arq wants
+``redis<6`` while taskiq-redis wants ``redis>=6``), so the benchmark for a peer is a
+standalone script under ``bench/peer_scripts`` executed with that venv's interpreter.
+The script prints exactly one JSON object on its last stdout line; this module creates
+the venvs, runs the scripts with a hard deadline and hands back that object.
+
+CLI::
+
+    python -m bench.peers.harness --peer celery --redis redis://127.0.0.1:6399 \\
+        --workload throughput -n 20000 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PEERS = ("celery", "dramatiq", "arq", "taskiq")
+WORKLOADS = ("throughput", "latency")
+
+# Exact pins, including redis-py and hiredis: the client library and its parser dominate
+# a no-op task's cost, so they must not drift between runs. hiredis is installed for
+# every peer (and Shoal's own venv has it) so that all sides parse RESP the same way.
+PINS: dict[str, tuple[str, ...]] = {
+    "celery": ("celery[redis]==5.7.0", "kombu==5.7.0", "redis==8.1.0", "hiredis==3.5.0"),
+    "dramatiq": ("dramatiq[redis]==2.2.1", "redis==8.1.0", "hiredis==3.5.0"),
+    "arq": ("arq==0.28.0", "redis==5.3.1", "hiredis==3.5.0"),
+    "taskiq": ("taskiq==0.13.0", "taskiq-redis==1.2.4", "redis==8.1.0", "hiredis==3.5.0"),
+}
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "peer_scripts"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "shoal-bench" / "venvs"
+MARKER_NAME = "shoal-bench-pins.json"
+# How long a peer script gets to clean up (stop its workers, delete its keys) after
+# SIGTERM before everything in its session is SIGKILLed.
+TERM_GRACE_S = 15.0
+
+
+class PeerRunError(RuntimeError):
+    """A peer benchmark failed; ``result`` holds whatever JSON the script printed."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}
+
+
+def _log(msg: str) -> None:
+    """Progress goes to stderr so stdout stays pure JSON for the CLI."""
+    print(f"[peer-harness] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_peer(peer: str) -> None:
+    if peer not in PEERS:
+        raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")
+
+
+def _venv_python(venv_dir: Path) -> Path:
+    return venv_dir / "bin" / "python"
+
+
+def _wanted_marker(peer: str) -> dict[str, Any]:
+    """What the marker must say for a venv to be reusable: pins plus base interpreter."""
+    return {
+        "peer": peer,
+        "pins": list(PINS[peer]),
+        "python": sys.version.split()[0],
+        "base_prefix": sys.base_prefix,
+    }
+
+
+def _read_marker(venv_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((venv_dir / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _create_venv(venv_dir: Path) -> None:
+    """(Re)create the venv from scratch so packages from older pins cannot linger."""
+    if venv_dir.exists():
+        if not (venv_dir / "pyvenv.cfg").exists():
+            raise RuntimeError(f"{venv_dir} exists but is not a venv; refusing to clear it")
+        shutil.rmtree(venv_dir)
+    venv_dir.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"creating venv {venv_dir}")
+    subprocess.run([sys.executable, "-m", "venv", str(venv_dir)], check=True)
+
+
+def _pip_install(python: Path, pins: tuple[str, ...]) -> None:
+    _log(f"pip install {' '.join(pins)}")
+    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+    # pip's own progress is useful but must not pollute our stdout (the CLI's JSON).
+    subprocess.run([*cmd, *pins], check=True, stdout=sys.stderr)
+
+
+def ensure_peer_env(peer: str, cache_dir: Path | None = None) -> Path:
+    """Return the python of ``peer``'s venv, creating / reinstalling it if needed.
+
+    The venv is ``<cache_dir>/<peer>`` (``cache_dir`` defaults to
+    ``~/.cache/shoal-bench/venvs``). A marker file records the pin list; when the pins
+    (or the base interpreter) change the venv is rebuilt from scratch.
+    """
+    _check_peer(peer)
+    venv_dir = (cache_dir or DEFAULT_CACHE_DIR) / peer
+    python = _venv_python(venv_dir)
+    wanted = _wanted_marker(peer)
+    if python.exists() and _read_marker(venv_dir) == wanted:
+        return python
+    _create_venv(venv_dir)
+    _pip_install(python, PINS[peer])
+    (venv_dir / MARKER_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
+    _log(f"{peer} venv ready")
+    return python
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Pids whose session id is ``sid`` (Linux /proc), i.e. the script and its workers.
+
+    The peer script runs as a session leader and puts each worker in its own process
+    group inside that session, so the session is the one handle that covers everything
+    the run spawned, however deep.
+    """
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 2 (comm) may contain spaces/parens; fields after the last ')' are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _stop_script(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM the script (it then stops its workers and cleans keys), then SIGKILL all."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TERM_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        out, err = proc.communicate(timeout=TERM_GRACE_S)
+    return out, err
+
+
+def _parse_result(stdout: str) -> dict[str, Any] | None:
+    """The script's result is the last non-empty stdout line."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def _script_cmd(
+    python: Path, peer: str, redis_url: str, workload: str, n: int, workers: int, timeout: float
+) -> list[str]:
+    script = SCRIPTS_DIR / f"{peer}_bench.py"
+    # The script's own deadline is a bit shorter so it can report and clean up in time.
+    inner_timeout = max(timeout - TERM_GRACE_S, timeout * 0.8)
+    return [
+        str(python), str(script),
+        "--redis", redis_url, "--workload", workload, "-n", str(n),
+        "--workers", str(workers), "--timeout", f"{inner_timeout:.1f}",
+    ]  # fmt: skip
+
+
+def run_peer(
+    peer: str,
+    redis_url: str,
+    workload: str,
+    n: int,
+    workers: int = 1,
+    timeout: float = 600,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run one peer benchmark and return the JSON dict its script printed.
+
+    Raises ``PeerRunError`` (with the script's error JSON in ``.result`` when there was
+    one) on a non-zero exit, a timeout or unparsable output. Whatever happens, every
+    process the run started is gone when this returns.
+    """
+    _check_peer(peer)
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
+    python = ensure_peer_env(peer, cache_dir)
+    cmd = _script_cmd(python, peer, redis_url, workload, n, workers, timeout)
+    _log(f"running {peer} {workload} n={n} workers={workers}")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        out, err = _stop_script(proc)
+        timed_out = True
+    finally:
+        _kill_session(proc.pid)  # belt and braces: nothing of this run may outlive it
+    if err.strip():
+        sys.stderr.write(err if err.endswith("\n") else err + "\n")
+    result = _parse_result(out)
+    if timed_out:
+        raise PeerRunError(f"{peer} {workload} timed out after {timeout:.0f}s", result)
+    if proc.returncode != 0 or result is None or "error" in result:
+        detail = (result or {}).get("error") or out.strip()[-2000:] or err.strip()[-2000:]
+        raise PeerRunError(f"{peer} {workload} failed (rc={proc.returncode}): {detail}", result)
+    result.setdefault("harness", {})["wall_seconds"] = round(time.monotonic() - started, 3)
+    result["harness"]["pins"] = list(PINS[peer])
+    return result
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--peer", choices=PEERS, required=True)
+    p.add_argument("--redis", required=True, help="redis://host:port[/db] of the engine")
+    p.add_argument("--workload", choices=WORKLOADS, required=True)
+    p.add_argument("-n", type=int, default=None, help="tasks (default 20000 / 1000)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--setup-only", action="store_true", help="only create the venv")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.setup_only:
+        print(json.dumps({"peer": args.peer, "python": str(ensure_peer_env(args.peer))}))
+        return 0
+    n = args.n if args.n is not None else (20000 if args.workload == "throughput" else 1000)
+    try:
+        result = run_peer(
+            args.peer, args.redis, args.workload, n, args.workers, args.timeout, args.cache_dir
+        )
+    except PeerRunError as exc:
+        print(json.dumps({**exc.result, "error": str(exc)}))
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

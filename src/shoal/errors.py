@@ -1,0 +1,93 @@
+"""Shoal's exceptions: one root, subclasses named for the state they report.
+
+Engine (redis-py) errors never reach users raw: they are translated where they
+enter (see ``engine.translate_errors``) into ``EngineUnavailable`` / ``EngineError``
+with the engine URL, password masked.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Root of every error Shoal raises on purpose."""
+
+
+class ConfigurationError(ShoalError, ValueError):
+    """A setting, option or argument is invalid; the message says what is allowed."""
+
+
+class EngineUnavailable(ShoalError):
+    """The engine (Valkey/Redis) cannot be reached or could not be started."""
+
+
+class EngineError(ShoalError):
+    """The engine answered with an error Shoal did not expect."""
+
+
+class SerializationError(ShoalError, TypeError):
+    """A task argument or result is not msgpack data."""
+
+
+class QueueFull(ShoalError):
+    """The capability's queue is at its bound; the task was not accepted."""
+
+
+class TaskNotFound(ShoalError, KeyError):
+    """No task record with this id (never existed, or expired after its retention)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0]) if self.args else "task not found"
+
+
+class TaskFailed(ShoalError):
+    """The task ended without a result (failed, dead, or expired).
+
+    Carries the remote error's type name and message; ``remote_traceback`` holds the
+    handler's traceback text when it was recorded.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        status: str,
+        error_type: str,
+        message: str,
+        remote_traceback: str | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"task {task_id} {status}: {error_type}: {message}")
+
+
+class TaskCancelled(ShoalError):
+    """The task was cancelled before it produced a result."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id} was cancelled")
+
+
+class ResultTimeout(ShoalError, TimeoutError):
+    """Waiting for a result ran out of time; the task itself goes on."""
+
+
+class Retry(ShoalError):  # noqa: N818 - raised by handlers as a request, not an error state
+    """Raised by a handler to ask for another attempt, optionally after ``delay`` seconds."""
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        if delay is not None and delay < 0:
+            raise ConfigurationError(f"Retry(delay=...) must be >= 0 seconds, got {delay}")
+        self.delay = delay
+        self.reason = reason
+        super().__init__(reason)
+
+
+class TaskTimeout(ShoalError, TimeoutError):
+    """A handler ran longer than the task's ``timeout`` and was cancelled."""
+
+
+class DeadlineExceeded(ShoalError):
+    """A task's deadline passed before any node started it, so it was not run."""

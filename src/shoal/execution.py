@@ -1,0 +1,143 @@
+"""Running one attempt of a task and turning what happened into an outcome.
+
+The node loop stays short because every decision about a finished attempt —
+succeeded, retry (and when), dead, failed, cancelled — is made here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import random
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from shoal import protocol
+from shoal.agent import Agent, ArgumentMismatch, CapabilitySpec, TaskContext, current_context
+from shoal.errors import Retry, SerializationError, TaskTimeout
+from shoal.protocol import ErrorInfo
+
+# Errors that say the task itself is wrong: running it again cannot help.
+ALWAYS_FINAL: tuple[type[BaseException], ...] = (ArgumentMismatch, SerializationError)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A started attempt, as the fetch script handed it to the node."""
+
+    queue: str
+    entry_id: str
+    task_id: str
+    capability: str
+    args: bytes
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    parent: str | None
+    traceparent: str | None
+
+    @classmethod
+    def from_reply(cls, row: list[Any]) -> Job:
+        queue, eid, tid, cap, args, attempt, max_att, timeout, parent, trace = row
+        return cls(
+            queue=queue.decode(),
+            entry_id=eid.decode(),
+            task_id=tid.decode(),
+            capability=cap.decode(),
+            args=args,
+            attempt=int(attempt),
+            max_attempts=int(max_att),
+            timeout=float(timeout) if timeout else None,
+            parent=parent.decode() or None if parent else None,
+            traceparent=trace.decode() or None if trace else None,
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What finish.lua records for one attempt."""
+
+    job: Job
+    kind: str  # ok | retry | dead | failed | cancelled | requeue
+    payload: bytes = b""
+    due_ms: int = 0
+
+    def script_fields(self) -> list[str | int | bytes]:
+        j = self.job
+        return [j.queue, j.entry_id, j.task_id, j.attempt, self.kind, self.payload, self.due_ms]
+
+
+def backoff_delay(spec: CapabilitySpec, attempt: int) -> float:
+    """Exponential back-off with 'equal jitter': half fixed, half random, capped."""
+    ceiling = min(spec.max_backoff, spec.backoff * 2 ** (attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def error_info(exc: BaseException, job: Job, node_id: str) -> ErrorInfo:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return ErrorInfo(
+        type=name,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        attempt=job.attempt,
+        node=node_id,
+        at=protocol.now_ms(),
+    )
+
+
+class Attempt:
+    """One attempt of a job on this node: run the handler, classify the result."""
+
+    def __init__(self, job: Job, spec: CapabilitySpec, agent: Agent, ctx: TaskContext) -> None:
+        self.job = job
+        self.spec = spec
+        self.agent = agent
+        self.ctx = ctx
+        self.handed_back = False  # set when the node stops: the task is re-queued
+        self.task: asyncio.Task[None] | None = None  # the asyncio task running it
+
+    async def run(self, executor: Executor, node_id: str) -> Outcome:
+        current_context.set(self.ctx)
+        timeout = self.job.timeout
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                result = await self._invoke(executor)
+            return Outcome(self.job, "ok", protocol.encode_result(result))
+        except asyncio.CancelledError:
+            if self.ctx.cancel_requested:
+                return Outcome(self.job, "cancelled")
+            if self.handed_back:
+                return Outcome(self.job, "requeue")
+            raise
+        except TimeoutError as exc:
+            if timeout is not None and scope.expired():
+                exc = TaskTimeout(f"the handler ran longer than its timeout of {timeout}s")
+            return self._failure(exc, node_id)
+        except Exception as exc:
+            return self._failure(exc, node_id)
+
+    async def _invoke(self, executor: Executor) -> Any:
+        kwargs = protocol.decode(self.job.args)
+        self.spec.bind_arguments(kwargs)
+        method: Callable[..., Any] = getattr(self.agent, self.spec.method_name)
+        if self.spec.is_async:
+            return await method(**kwargs)
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, method, **kwargs)
+        return await loop.run_in_executor(executor, call)
+
+    def _failure(self, exc: BaseException, node_id: str) -> Outcome:
+        payload = protocol.encode(error_info(exc, self.job, node_id))
+        if isinstance(exc, ALWAYS_FINAL + self.spec.non_retryable):
+            return Outcome(self.job, "failed", payload)
+        if self.job.attempt >= self.job.max_attempts:
+            return Outcome(self.job, "dead", payload)
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+        if delay is None:
+            delay = backoff_delay(self.spec, self.job.attempt)
+        return Outcome(self.job, "retry", payload, protocol.now_ms() + int(delay * 1000))

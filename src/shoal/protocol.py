@@ -1,0 +1,175 @@
+"""Wire formats: ids, msgpack encoding, and the typed views of task records and events.
+
+Payloads are data (msgpack via msgspec), never pickle: a task can be submitted from
+any language and a record can be read by any tool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from shoal.errors import ConfigurationError, SerializationError
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "dead", "expired"})
+STATUSES = ("scheduled", "queued", "running", *sorted(TERMINAL_STATUSES))
+
+_TASK_ID_RE = re.compile(r"^[0-9a-f]{28}$")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    """A time-ordered id: 12 hex digits of milliseconds, then 64 random bits."""
+    return f"{now_ms():012x}{os.urandom(8).hex()}"
+
+
+def validate_task_id(task_id: str) -> str:
+    if not isinstance(task_id, str) or not _TASK_ID_RE.match(task_id):
+        raise ConfigurationError(f"{task_id!r} is not a Shoal task id (28 hex digits)")
+    return task_id
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def decode(data: bytes) -> Any:
+    return _decoder.decode(data)
+
+
+def _describe(value: Any) -> str:
+    return type(value).__module__ + "." + type(value).__qualname__
+
+
+def encode_arguments(kwargs: Mapping[str, Any]) -> bytes:
+    """Encode a handler's keyword arguments, naming the culprit when one is not data."""
+    try:
+        return _encoder.encode(dict(kwargs))
+    except (TypeError, OverflowError, msgspec.EncodeError):
+        for name, value in kwargs.items():
+            try:
+                _encoder.encode(value)
+            except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+                raise SerializationError(
+                    f"argument {name!r} has type {_describe(value)}, which cannot be sent "
+                    f"({exc}); task arguments must be msgpack data: None, bool, int, float, "
+                    "str, bytes, list, tuple, dict, and msgspec/dataclass structures"
+                ) from None
+        raise
+
+
+def encode_result(value: Any) -> bytes:
+    try:
+        return _encoder.encode(value)
+    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+        raise SerializationError(
+            f"the handler returned a {_describe(value)}, which cannot be stored ({exc}); "
+            "results must be msgpack data"
+        ) from None
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """A recorded handler failure: enough to understand it without the node's logs."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    attempt: int = 0
+    node: str | None = None
+    at: int = 0
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One entry of a task's event stream. ``id`` resumes the stream after this event."""
+
+    id: str
+    kind: str
+    data: Any
+    at: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind == "done"
+
+
+class TaskInfo(msgspec.Struct, frozen=True):
+    """A snapshot of a task record, as ``TaskHandle.status()`` and ``shoal task`` show it."""
+
+    id: str
+    capability: str
+    status: str
+    priority: str
+    attempts: int
+    max_attempts: int
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    node: str | None = None
+    error: ErrorInfo | None = None
+    errors: tuple[ErrorInfo, ...] = ()
+    has_result: bool = False
+    parent: str | None = None
+    scheduled_for: int | None = None
+    hosted: bool | None = None
+    cancel_requested: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def _int_or_none(raw: bytes | None) -> int | None:
+    return int(raw) if raw not in (None, b"") else None  # type: ignore[arg-type]
+
+
+def _text_or_none(raw: bytes | None) -> str | None:
+    return raw.decode() if raw not in (None, b"") else None  # type: ignore[union-attr]
+
+
+def _error_or_none(raw: bytes | None) -> ErrorInfo | None:
+    return msgspec.msgpack.decode(raw, type=ErrorInfo) if raw else None
+
+
+def task_info_from_record(task_id: str, record: Mapping[bytes, bytes]) -> TaskInfo:
+    """Build the typed view of a ``task:<id>`` hash (see keys.py / scripts)."""
+    history = sorted(
+        (int(k[4:]), v) for k, v in record.items() if k.startswith(b"err:")
+    )
+    return TaskInfo(
+        id=task_id,
+        capability=record[b"cap"].decode(),
+        status=record[b"status"].decode(),
+        priority=record[b"prio"].decode(),
+        attempts=int(record.get(b"attempts", b"0")),
+        max_attempts=int(record.get(b"max_att", b"0") or 0),
+        created_at=int(record[b"created"]),
+        started_at=_int_or_none(record.get(b"started")),
+        finished_at=_int_or_none(record.get(b"finished")),
+        node=_text_or_none(record.get(b"node")),
+        error=_error_or_none(record.get(b"error")),
+        errors=tuple(msgspec.msgpack.decode(v, type=ErrorInfo) for _, v in history),
+        has_result=b"result" in record,
+        parent=_text_or_none(record.get(b"parent")),
+        scheduled_for=_int_or_none(record.get(b"due")),
+        cancel_requested=record.get(b"cancel") == b"1",
+    )
+
+
+def event_from_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Event:
+    return Event(
+        id=entry_id.decode(),
+        kind=fields[b"k"].decode(),
+        data=decode(fields[b"d"]) if fields.get(b"d") else None,
+        at=int(fields.get(b"t", b"0")),
+    )

@@ -1,0 +1,23 @@
+-- cancel: cancel a task wherever it is.
+-- KEYS[1]  delayed
+-- ARGV     prefix, task id, now_ms, retention_ms, cancel channel
+-- Touches  task:<id>, delayed, events:<id>, reply inbox; publishes on the channel
+-- Effect   scheduled or queued: ends 'cancelled' at once (a queued entry left in the
+--          stream is skipped by fetch). running: marks 'cancel' and publishes the
+--          id; the node running it cancels the handler and records 'cancelled'.
+-- Returns  'cancelled', 'cancelling', 'missing', or the terminal status it already had
+local id, now, retention_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local tk = task_key(id)
+local status = redis.call('HGET', tk, 'status')
+if not status then return 'missing' end
+if status == 'scheduled' or status == 'queued' then
+  redis.call('ZREM', KEYS[1], id)
+  finish_task(id, 'cancelled', now, retention_ms)
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('HSET', tk, 'cancel', '1')
+  redis.call('PUBLISH', ARGV[5], id)
+  return 'cancelling'
+end
+return status

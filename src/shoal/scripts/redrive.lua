@@ -1,0 +1,25 @@
+-- redrive: put dead-lettered tasks back into their queues with fresh attempts.
+-- KEYS[1]  dlq:<cap>
+-- ARGV     prefix, now_ms, then pairs of (dlq entry id, task id)
+-- Touches  dlq:<cap>, task:<id>, queue:<cap>:<prio>, events:<id>
+-- Effect   the record keeps its error history (err:<n> fields) and its events; the
+--          attempt counter restarts, the record no longer expires while queued,
+--          and a 'redriven' event marks the new start in the event stream.
+-- Returns  the ids redriven (entries whose task is gone or no longer dead are removed)
+local now = tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 2 do
+  local eid, id = ARGV[i], ARGV[i + 1]
+  redis.call('XDEL', KEYS[1], eid)
+  local tk = task_key(id)
+  local rec = redis.call('HMGET', tk, 'status', 'cap', 'prio')
+  if rec[1] == 'dead' then
+    redis.call('HSET', tk, 'status', 'queued', 'attempts', 0, 'reply', '')
+    redis.call('HDEL', tk, 'finished', 'error', 'started', 'node', 'cancel')
+    redis.call('PERSIST', tk)
+    redis.call('XADD', events_key(id), '*', 'k', 'redriven', 'd', cmsgpack.pack({at = now}), 't', now)
+    redis.call('XADD', queue_key(rec[2], rec[3]), '*', 'id', id)
+    out[#out + 1] = id
+  end
+end
+return out

@@ -1,0 +1,98 @@
+"""Typed settings, resolved from arguments, then ``SHOAL_*`` environment, then defaults.
+
+A bad value fails loudly at once, naming the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from shoal.errors import ConfigurationError
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_RETENTION_S = 24 * 3600.0
+DEFAULT_QUEUE_MAX_LENGTH = 1_000_000
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def validate_namespace(namespace: str) -> str:
+    """Namespaces become part of every key, so keep them short and unambiguous."""
+    if not _NAMESPACE_RE.match(namespace):
+        raise ConfigurationError(
+            f"namespace {namespace!r} is invalid: use 1-64 letters, digits, '_', '.' or '-'"
+        )
+    return namespace
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name}={raw!r} must be > 0")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name}={raw!r} must be > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a client or node needs to find the engine and shape its keys.
+
+    ``url=None`` means the embedded engine under ``data_dir``.
+    """
+
+    url: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    data_dir: Path = field(default_factory=lambda: Path(".shoal"))
+    retention: float = DEFAULT_RETENTION_S
+    queue_max_length: int = DEFAULT_QUEUE_MAX_LENGTH
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+        if self.retention <= 0:
+            raise ConfigurationError(f"retention must be > 0 seconds, got {self.retention}")
+        if self.queue_max_length <= 0:
+            raise ConfigurationError(
+                f"queue_max_length must be > 0, got {self.queue_max_length}"
+            )
+
+    @classmethod
+    def from_env(
+        cls,
+        url: str | None = None,
+        namespace: str | None = None,
+        data_dir: str | Path | None = None,
+    ) -> Settings:
+        """Explicit arguments win over ``SHOAL_*`` variables, which win over defaults."""
+        return cls(
+            url=url or os.environ.get("SHOAL_REDIS_URL") or None,
+            namespace=namespace or os.environ.get("SHOAL_NAMESPACE") or DEFAULT_NAMESPACE,
+            data_dir=Path(data_dir or os.environ.get("SHOAL_DATA_DIR") or ".shoal"),
+            retention=_env_float("SHOAL_RETENTION", DEFAULT_RETENTION_S),
+            queue_max_length=_env_int("SHOAL_QUEUE_MAX_LENGTH", DEFAULT_QUEUE_MAX_LENGTH),
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
