@@ -28,7 +28,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -37,12 +37,16 @@ from typing import Any
 import redis
 
 ENV_VAR = "SHOAL_PEER_BENCH"
+# Set to keep the workers' combined log file (its path is reported as "worker_log").
+KEEP_LOGS_ENV = "SHOAL_PEER_KEEP_LOGS"
 SCRIPTS_DIR = Path(__file__).resolve().parent
 # Completion-counter poll interval of the driver while a throughput run drains. It only
 # decides how soon we *notice* the end; the timing itself is stamped by the tasks.
 COUNTER_POLL_S = 0.005
-# SIGTERM -> SIGKILL grace for worker process groups.
+# Default SIGTERM -> SIGKILL grace for worker process groups.
 WORKER_STOP_GRACE_S = 10.0
+# Enqueue loops check the deadline this often (in tasks).
+DEADLINE_CHECK_EVERY = 1000
 # Per-round-trip bound in the latency loop once the worker is known to be up.
 ROUND_TRIP_TIMEOUT_S = 10.0
 # The first warm-up round trip also waits for the worker process to boot.
@@ -164,6 +168,11 @@ class Deadline:
     def left(self) -> float:
         return max(0.0, self._end - time.monotonic())
 
+    def check(self) -> None:
+        """Raise once the budget is spent; for loops that have no wait of their own."""
+        if self.left() <= 0:
+            raise BenchError("overall deadline exceeded")
+
     def cap(self, seconds: float) -> float:
         """``seconds`` or less, so that no single wait overruns the run."""
         left = self.left()
@@ -180,8 +189,11 @@ class WorkerGroup:
     taskiq fork their real worker processes) without touching the driver itself.
     """
 
+    # SIGTERM -> SIGKILL grace. Benchmarks are over by then, so this only bounds how
+    # long a peer may take to shut down politely.
+    stop_grace_s: float = WORKER_STOP_GRACE_S
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
+    log_path: Path = field(default_factory=lambda: _new_log_file())
 
     def start(self, cmds: list[list[str]], env: dict[str, str] | None = None) -> None:
         full_env = {**os.environ, **(env or {})}
@@ -207,22 +219,23 @@ class WorkerGroup:
                 raise BenchError(f"worker pid {proc.pid} exited early with rc={proc.returncode}")
 
     def stop(self) -> None:
-        """SIGTERM every group, give them a grace period, then SIGKILL what is left."""
+        """SIGTERM each worker's leader, give them a grace period, then SIGKILL the groups.
+
+        Only the leader gets SIGTERM: dramatiq's and taskiq's supervisors forward it to
+        their children themselves, and a second copy makes them escalate.
+        """
         for proc in self.procs:
-            _signal_group(proc.pid, signal.SIGTERM)
-        end = time.monotonic() + WORKER_STOP_GRACE_S
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + self.stop_grace_s
         for proc in self.procs:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         for proc in self.procs:
             # Also reaps children that outlived a leader which did exit in time.
             _signal_group(proc.pid, signal.SIGKILL)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
 
     def log_tail(self) -> str:
         try:
@@ -234,22 +247,31 @@ class WorkerGroup:
         self.log_path.unlink(missing_ok=True)
 
 
+def _new_log_file() -> Path:
+    """Workers log here rather than to our stdout, which carries only the result JSON."""
+    fd, path = tempfile.mkstemp(prefix="shoal-peer-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_for_drain(client: redis.Redis, cfg: RunConfig, group: WorkerGroup, dl: Deadline) -> None:
-    """Poll the completion counter every COUNTER_POLL_S until it reaches n."""
+    """Poll every COUNTER_POLL_S until the first and the last completion are stamped.
+
+    Waiting on the stamps rather than on ``counter >= n`` closes the gap between the
+    last task's INCR and its SET of the end time.
+    """
     while True:
-        done = int(client.get(cfg.counter_key) or 0)
-        if done >= cfg.n:
+        done, first, last = client.mget([cfg.counter_key, cfg.first_key, cfg.last_key])
+        if first is not None and last is not None:
             return
         group.check_alive()
         if dl.left() <= 0:
-            raise BenchError(f"timed out with {done}/{cfg.n} tasks completed")
+            raise BenchError(f"timed out with {int(done or 0)}/{cfg.n} tasks completed")
         time.sleep(COUNTER_POLL_S)
 
 
@@ -282,7 +304,7 @@ def run_throughput(
     cfg: RunConfig,
     group: WorkerGroup,
     dl: Deadline,
-    enqueue: Callable[[], None],
+    enqueue: Callable[[Deadline], None],
     worker_cmds: list[list[str]],
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -293,7 +315,7 @@ def run_throughput(
     """
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30)
     t0 = time.perf_counter()
-    enqueue()
+    enqueue(dl)
     enqueue_s = time.perf_counter() - t0
     group.start(worker_cmds, env)
     wait_for_drain(client, cfg, group, dl)
@@ -408,7 +430,7 @@ def venv_bin(name: str) -> str:
 
 def emit(payload: dict[str, Any]) -> None:
     """The script's one stdout line, read by the harness."""
-    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.write(json.dumps(payload, default=str) + "\n")
     sys.stdout.flush()
 
 
@@ -431,13 +453,14 @@ def run_driver(
     body: Callable[[WorkerGroup, Deadline], dict[str, Any]],
     settings: dict[str, Any],
     packages: Sequence[str],
+    stop_grace_s: float = WORKER_STOP_GRACE_S,
 ) -> int:
     """Run ``body`` with guaranteed worker shutdown and key cleanup; print one JSON line.
 
     Returns the process exit code: 0 on success, 1 with an ``"error"`` field otherwise.
     """
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30)
-    group = WorkerGroup()
+    group = WorkerGroup(stop_grace_s=stop_grace_s)
     dl = Deadline(cfg.timeout)
     payload: dict[str, Any] = {"peer": cfg.peer, "workload": cfg.workload, "n": cfg.n}
     rc = 1
@@ -445,14 +468,19 @@ def run_driver(
         try:
             payload = body(group, dl)
             rc = 0
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - everything becomes JSON
+        except (Exception, SystemExit) as exc:  # every failure becomes JSON
             payload["error"] = f"{type(exc).__name__}: {exc}"
             payload["traceback"] = traceback.format_exc()[-LOG_TAIL_CHARS:]
             payload["worker_log_tail"] = group.log_tail()
         finally:
+            t_stop = time.monotonic()
             group.stop()
+            payload["worker_stop_s"] = round(time.monotonic() - t_stop, 3)
             payload["keys_deleted"] = _safe_cleanup(client, cfg)
-            group.remove_log()
+            if os.environ.get(KEEP_LOGS_ENV):
+                payload["worker_log"] = str(group.log_path)
+            else:
+                group.remove_log()
     payload["settings"] = {**settings, "redis_parser": redis_parser(), "key_tag": cfg.tag}
     payload["versions"] = versions(packages)
     payload["engine"] = _safe_engine_info(client)

@@ -76,12 +76,14 @@ async def _pool() -> ArqRedis:
     return await create_pool(REDIS_SETTINGS, default_queue_name=QUEUE)
 
 
-async def _enqueue_all_async() -> None:
+async def _enqueue_all_async(dl: _common.Deadline) -> None:
     pool = await _pool()
     ids = iter(range(CFG.n))
 
     async def lane() -> None:
         for i in ids:  # the shared iterator hands each id to exactly one lane
+            if i % _common.DEADLINE_CHECK_EVERY == 0:
+                dl.check()
             if await pool.enqueue_job("count", _job_id=f"{CFG.prefix}c{i}") is None:
                 raise _common.BenchError(f"job {i} not enqueued (duplicate id)")
 
@@ -91,19 +93,19 @@ async def _enqueue_all_async() -> None:
         await pool.aclose()
 
 
-def enqueue_all() -> None:
-    asyncio.run(_enqueue_all_async())
+def enqueue_all(dl: _common.Deadline) -> None:
+    asyncio.run(_enqueue_all_async(dl))
 
 
 async def _latency_async(dl: _common.Deadline) -> list[float]:
     pool = await _pool()
     seq = counter()
 
-    async def round_trip(timeout: float) -> None:
+    async def round_trip(wait_s: float) -> None:
         job = await pool.enqueue_job("noop", _job_id=f"{CFG.prefix}l{next(seq)}")
         if job is None:
             raise _common.BenchError("job not enqueued")
-        if await job.result(timeout=timeout, poll_delay=CFG.poll_s) != 1:
+        if await job.result(timeout=wait_s, poll_delay=CFG.poll_s) != 1:
             raise _common.BenchError("unexpected result")
 
     try:

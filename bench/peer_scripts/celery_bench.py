@@ -4,11 +4,12 @@ Broker and result backend: Redis (kombu's redis transport / celery's redis backe
 with ``global_keyprefix`` so every key of the run carries the run tag.
 
 Throughput: n ``count`` tasks published with ``apply_async`` in a loop on one producer
-(celery's ``group`` does the same loop internally and adds GroupResult bookkeeping);
-then ``workers`` x ``celery worker --pool solo``. The solo pool runs tasks in the
-worker's main process: for no-op tasks the prefork pool only adds a pipe hop per task,
-and "one worker = one executing process" matches the other peers. Completions are
-counted with an INCR inside the task (results ignored).
+(celery's ``group`` also publishes one message per task, plus GroupResult bookkeeping);
+then ``workers`` x ``celery worker --pool solo --concurrency 1``. The solo pool runs
+tasks in the worker's main process: for no-op tasks the prefork pool only adds a pipe
+hop per task (prefork -c 2 measured slower than solo here), and "one worker = one
+executing process" matches the other peers. Completions are counted with an INCR inside
+the task (results ignored). Workers consume with BRPOP, so there is no poll to tune.
 
 Latency: one solo worker; ``noop.delay().get()``. Celery's redis result backend waits
 on pub/sub, so ``get(interval=...)`` is effectively unused; it is set anyway.
@@ -25,7 +26,9 @@ from celery import Celery
 
 CFG = _common.load_config("celery")
 QUEUE = "bench"  # kombu prefixes it (and its binding keys) with global_keyprefix
-PREFETCH_MULTIPLIER = 32  # solo pool => prefetch count per worker = 32
+# Prefetch per worker = 32 x concurrency 1. 4 (default), 32 and 128 measured within
+# noise of each other here; 32 keeps the worker from going back to Redis per task.
+PREFETCH_MULTIPLIER = 32
 
 app = Celery("shoal_bench", broker=CFG.redis_url, backend=CFG.redis_url)
 app.conf.update(
@@ -68,7 +71,7 @@ def worker_cmds(workers: int) -> list[list[str]]:
     return [
         [
             _common.venv_bin("celery"), "-A", "celery_bench", "worker",
-            "--pool", "solo", "--loglevel", "WARNING", "-Q", QUEUE,
+            "--pool", "solo", "--concurrency", "1", "--loglevel", "WARNING", "-Q", QUEUE,
             "-n", f"bench{i}-{CFG.tag}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]
@@ -76,19 +79,18 @@ def worker_cmds(workers: int) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def enqueue_all() -> None:
+def enqueue_all(dl: _common.Deadline) -> None:
     with app.producer_or_acquire() as producer:
-        for _ in range(CFG.n):
+        for i in range(CFG.n):
+            if i % _common.DEADLINE_CHECK_EVERY == 0:
+                dl.check()
             count.apply_async(producer=producer)
 
 
 def round_trip(timeout: float) -> None:
-    result = noop.delay()
-    try:
-        if result.get(timeout=timeout, interval=CFG.poll_s) != 1:
-            raise _common.BenchError("unexpected result")
-    finally:
-        result.forget()  # drop the result key now rather than at cleanup
+    # No forget(): it would add a DEL to the timed path; cleanup deletes result keys.
+    if noop.delay().get(timeout=timeout, interval=CFG.poll_s) != 1:
+        raise _common.BenchError("unexpected result")
 
 
 def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
@@ -101,7 +103,8 @@ def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
 SETTINGS = {
     "broker": "redis (kombu redis transport, BRPOP)",
     "result_backend": "redis (pub/sub wait)",
-    "pool": "solo",
+    "pool": "solo (--concurrency 1)",
+    "worker_consume": "BRPOP (blocking, no poll interval)",
     "worker_processes": CFG.workers if CFG.workload == "throughput" else 1,
     "prefetch_multiplier": PREFETCH_MULTIPLIER,
     "acks_late": False,

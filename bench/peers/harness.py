@@ -15,6 +15,8 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -44,6 +46,7 @@ MARKER_NAME = "shoal-bench-pins.json"
 # How long a peer script gets to clean up (stop its workers, delete its keys) after
 # SIGTERM before everything in its session is SIGKILLed.
 TERM_GRACE_S = 15.0
+DEFAULT_POLL_MS = 1.0
 
 
 class PeerRunError(RuntimeError):
@@ -112,14 +115,22 @@ def ensure_peer_env(peer: str, cache_dir: Path | None = None) -> Path:
     (or the base interpreter) change the venv is rebuilt from scratch.
     """
     _check_peer(peer)
-    venv_dir = (cache_dir or DEFAULT_CACHE_DIR) / peer
+    root = cache_dir or DEFAULT_CACHE_DIR
+    venv_dir = root / peer
     python = _venv_python(venv_dir)
     wanted = _wanted_marker(peer)
     if python.exists() and _read_marker(venv_dir) == wanted:
         return python
-    _create_venv(venv_dir)
-    _pip_install(python, PINS[peer])
-    (venv_dir / MARKER_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    # Two harnesses building the same venv at once would trample each other's pip.
+    with (root / f".{peer}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and _read_marker(venv_dir) == wanted:
+            return python  # built by whoever held the lock before us
+        _create_venv(venv_dir)
+        _pip_install(python, PINS[peer])
+        # Written last: an interrupted install leaves no marker and is redone next time.
+        (venv_dir / MARKER_NAME).write_text(json.dumps(wanted, indent=2) + "\n")
     _log(f"{peer} venv ready")
     return python
 
@@ -139,19 +150,18 @@ def _session_pids(sid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # Field 2 (comm) may contain spaces/parens; fields after the last ')' are fixed.
+        # Field 2 (comm) may contain spaces/parens; fields after the last ')' are fixed:
+        # state, ppid, pgrp, session. Zombies are already dead and only await a reaper.
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == sid:
+        if fields[0] != "Z" and int(fields[3]) == sid:
             pids.append(int(entry.name))
     return pids
 
 
 def _kill_session(sid: int) -> None:
     for pid in _session_pids(sid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _stop_script(proc: subprocess.Popen[str]) -> tuple[str, str]:
@@ -176,9 +186,8 @@ def _parse_result(stdout: str) -> dict[str, Any] | None:
     return None
 
 
-def _script_cmd(
-    python: Path, peer: str, redis_url: str, workload: str, n: int, workers: int, timeout: float
-) -> list[str]:
+def _script_cmd(python: Path, peer: str, redis_url: str, workload: str, n: int,
+                workers: int, timeout: float, poll_ms: float) -> list[str]:  # fmt: skip
     script = SCRIPTS_DIR / f"{peer}_bench.py"
     # The script's own deadline is a bit shorter so it can report and clean up in time.
     inner_timeout = max(timeout - TERM_GRACE_S, timeout * 0.8)
@@ -186,6 +195,7 @@ def _script_cmd(
         str(python), str(script),
         "--redis", redis_url, "--workload", workload, "-n", str(n),
         "--workers", str(workers), "--timeout", f"{inner_timeout:.1f}",
+        "--poll-ms", str(poll_ms),
     ]  # fmt: skip
 
 
@@ -197,8 +207,13 @@ def run_peer(
     workers: int = 1,
     timeout: float = 600,
     cache_dir: Path | None = None,
+    poll_ms: float = DEFAULT_POLL_MS,
 ) -> dict[str, Any]:
     """Run one peer benchmark and return the JSON dict its script printed.
+
+    ``poll_ms`` is applied to every poll interval the peer exposes (arq's worker and
+    result ``poll_delay``, taskiq's ``check_interval``, dramatiq's idle back-off cap,
+    celery's ``get(interval=)``); the defaults (0.2-1 s) would measure sleeps.
 
     Raises ``PeerRunError`` (with the script's error JSON in ``.result`` when there was
     one) on a non-zero exit, a timeout or unparsable output. Whatever happens, every
@@ -208,7 +223,7 @@ def run_peer(
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
     python = ensure_peer_env(peer, cache_dir)
-    cmd = _script_cmd(python, peer, redis_url, workload, n, workers, timeout)
+    cmd = _script_cmd(python, peer, redis_url, workload, n, workers, timeout, poll_ms)
     _log(f"running {peer} {workload} n={n} workers={workers}")
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -220,6 +235,9 @@ def run_peer(
     except subprocess.TimeoutExpired:
         out, err = _stop_script(proc)
         timed_out = True
+    except BaseException:
+        _stop_script(proc)  # e.g. Ctrl-C: still let the script stop workers and clean keys
+        raise
     finally:
         _kill_session(proc.pid)  # belt and braces: nothing of this run may outlive it
     if err.strip():
@@ -238,14 +256,18 @@ def run_peer(
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--peer", choices=PEERS, required=True)
-    p.add_argument("--redis", required=True, help="redis://host:port[/db] of the engine")
-    p.add_argument("--workload", choices=WORKLOADS, required=True)
+    p.add_argument("--redis", help="redis://host:port[/db] of the engine")
+    p.add_argument("--workload", choices=WORKLOADS)
     p.add_argument("-n", type=int, default=None, help="tasks (default 20000 / 1000)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--poll-ms", type=float, default=DEFAULT_POLL_MS, help="peer poll intervals")
     p.add_argument("--setup-only", action="store_true", help="only create the venv")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.setup_only and (args.redis is None or args.workload is None):
+        p.error("--redis and --workload are required unless --setup-only")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n if args.n is not None else (20000 if args.workload == "throughput" else 1000)
     try:
         result = run_peer(
-            args.peer, args.redis, args.workload, n, args.workers, args.timeout, args.cache_dir
-        )
+            args.peer, args.redis, args.workload, n, args.workers, args.timeout,
+            cache_dir=args.cache_dir, poll_ms=args.poll_ms,
+        )  # fmt: skip
     except PeerRunError as exc:
         print(json.dumps({**exc.result, "error": str(exc)}))
         return 1

@@ -185,6 +185,7 @@ class Runtime(Protocol):
 
     client: Client
     loop: asyncio.AbstractEventLoop
+    node_id: str
 
     def emit_event(self, task_id: str, kind: str, data: Any) -> None: ...
 
@@ -214,6 +215,7 @@ class TaskContext:
         flushed: Callable[[], asyncio.Future[None] | None],
     ) -> None:
         self._runtime = runtime
+        self.node_id = runtime.node_id
         self.task_id = task_id
         self.capability = capability
         self.attempt = attempt

@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 import redis
+from cachetools import LRUCache
+from redis.exceptions import NoScriptError
 import redis.asyncio as aioredis
 
 from shoal import protocol
@@ -39,6 +41,7 @@ from shoal.settings import Settings
 
 log = logging.getLogger("shoal.client")
 
+OUTCOME_CACHE_SIZE = 100_000
 SUBMIT_CHUNK = 500  # tasks per submit-script call: big enough to amortise, small enough
 # not to stall the engine (one script runs alone) for more than a few milliseconds.
 DEAD_AFTER_MS = 3000  # a node whose last heartbeat is older than this is not "hosting"
@@ -97,9 +100,13 @@ class Client:
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._scripts: Scripts | None = None
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[tuple[str, bytes]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._states = _StateReader(self)
+        # Own tasks whose outcome has not arrived in the inbox yet, and outcomes that
+        # arrived before anyone asked (bounded; an evicted one is read from the record).
+        self._in_flight: set[str] = set()
+        self._arrived: LRUCache[str, tuple[str, bytes]] = LRUCache(maxsize=OUTCOME_CACHE_SIZE)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -115,6 +122,8 @@ class Client:
             await conn.aclose()
             raise
         self._redis, self._scripts = conn, Scripts(conn)
+        async with aengine_errors(self._url):
+            await self._scripts.load_all()
         self._blocking = open_connection(self._url, for_blocking=True)
         return self
 
@@ -244,7 +253,9 @@ class Client:
             ])  # fmt: skip
         self._ensure_reader()
         results = await self._run_submit(rows)
-        return self._handles(capability, results)
+        handles = self._handles(capability, results)
+        self._in_flight.update(h.id for h in handles if h.is_new)
+        return handles
 
     async def _run_submit(self, rows: list[list[str | int | bytes]]) -> list[list[bytes]]:
         head = [
@@ -256,10 +267,16 @@ class Client:
             if len(rows) <= SUBMIT_CHUNK:
                 return await self.scripts.submit(keys, head + [f for r in rows for f in r])  # type: ignore[no-any-return]
             pipe = self.redis.pipeline(transaction=False)
-            for start in range(0, len(rows), SUBMIT_CHUNK):
-                chunk = rows[start : start + SUBMIT_CHUNK]
-                await self.scripts.submit(keys, head + [f for r in chunk for f in r], client=pipe)
-            replies = await pipe.execute()
+            chunks = [rows[i : i + SUBMIT_CHUNK] for i in range(0, len(rows), SUBMIT_CHUNK)]
+            for chunk in chunks:
+                self.scripts.submit.queue(pipe, keys, head + [f for r in chunk for f in r])
+            replies = await pipe.execute(raise_on_error=False)
+            for index, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):  # engine restarted meanwhile: run again
+                    chunk = chunks[index]
+                    replies[index] = await self.scripts.submit(keys, head + [f for r in chunk for f in r])
+                elif isinstance(reply, Exception):
+                    raise reply
         return [row for reply in replies for row in reply]
 
     def _handles(self, capability: str, results: list[list[bytes]]) -> list[TaskHandle]:
@@ -336,6 +353,11 @@ class Client:
             ) from None
 
     async def _wait_result(self, task_id: str, with_traceback: bool) -> Any:
+        arrived = self._arrived.pop(task_id, None)
+        if arrived is None and task_id in self._in_flight:
+            arrived = await self._wait_inbox(task_id)  # own task: no round trip needed
+        if arrived is not None and arrived[0] in protocol.TERMINAL_STATUSES:
+            return _inbox_outcome(task_id, arrived, with_traceback)
         while True:
             waiter = self._add_waiter(task_id)
             try:
@@ -345,18 +367,27 @@ class Client:
                 if status.decode() in protocol.TERMINAL_STATUSES:
                     return _outcome(task_id, status.decode(), result, error, with_traceback)
                 if reply == self._inbox.encode():
-                    await waiter
+                    arrived = await waiter
+                    if arrived[0] in protocol.TERMINAL_STATUSES:
+                        return _inbox_outcome(task_id, arrived, with_traceback)
                 else:
                     await self._wait_events_done(task_id)
             finally:
                 self._remove_waiter(task_id, waiter)
 
-    def _add_waiter(self, task_id: str) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _wait_inbox(self, task_id: str) -> tuple[str, bytes]:
+        waiter = self._add_waiter(task_id)
+        try:
+            return await waiter
+        finally:
+            self._remove_waiter(task_id, waiter)
+
+    def _add_waiter(self, task_id: str) -> asyncio.Future[tuple[str, bytes]]:
+        fut: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(task_id, []).append(fut)
         return fut
 
-    def _remove_waiter(self, task_id: str, fut: asyncio.Future[None]) -> None:
+    def _remove_waiter(self, task_id: str, fut: asyncio.Future[tuple[str, bytes]]) -> None:
         futures = self._waiters.get(task_id)
         if futures and fut in futures:
             futures.remove(fut)
@@ -377,22 +408,37 @@ class Client:
         delay = 0.05
         while True:
             try:
-                popped = await self.blocking.blpop([self._inbox], timeout=0)
-                more = await self.blocking.lpop(self._inbox, 1000) or []
+                popped = await self.blocking.execute_command(
+                    "BLMPOP", 0, 1, self._inbox, "LEFT", "COUNT", 1000
+                )
                 delay = 0.05
             except redis.RedisError as exc:
                 log.warning("inbox reader: %s", translate(exc, self._url))
-                self._wake(list(self._waiters))
+                self._wake_all_to_recheck()
                 await asyncio.sleep(delay)  # back-off before reconnecting
                 delay = min(delay * 2, 2.0)
                 continue
-            self._wake([raw.decode() for raw in ([popped[1], *more] if popped else more)])
+            for entry in popped[1] if popped else ():
+                self._wake(entry)
 
-    def _wake(self, task_ids: Iterable[str]) -> None:
-        for task_id in task_ids:
-            for fut in self._waiters.get(task_id, ()):
+    def _wake(self, entry: bytes) -> None:
+        """Hand '<id> <status> <payload>' to the local waiters of that task, or keep
+        it for a later ``result()`` if nobody waits yet."""
+        raw_id, raw_status, payload = entry.split(b" ", 2)
+        task_id, status = raw_id.decode(), raw_status.decode()
+        self._in_flight.discard(task_id)  # terminal, or redriven: no longer ours to await
+        waiters = [f for f in self._waiters.get(task_id, ()) if not f.done()]
+        for fut in waiters:
+            fut.set_result((status, payload))
+        if not waiters and status in protocol.TERMINAL_STATUSES:
+            self._arrived[task_id] = (status, payload)
+
+    def _wake_all_to_recheck(self) -> None:
+        """Wake every waiter with no outcome: each re-reads its task's record."""
+        for futures in self._waiters.values():
+            for fut in futures:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(("", b""))
 
     async def _wait_events_done(self, task_id: str) -> None:
         """Block on the task's event stream until its terminal event appears."""
@@ -415,17 +461,24 @@ class Client:
                 if await self._ended_without_events(task_id, key):
                     return
                 continue
-            for entry_id, fields in reply[0][1]:
+            entries = reply[0][1]
+            for index, (entry_id, fields) in enumerate(entries):
                 event = protocol.event_from_entry(entry_id, fields)
                 last = event.id
                 yield event
-                if event.terminal and await self._is_terminal(task_id):
+                # A 'done' is the end unless more follows (a redriven task goes on).
+                if event.terminal and index == len(entries) - 1 and await self._ended(task_id, key, last):
                     return
 
-    async def _is_terminal(self, task_id: str) -> bool:
+    async def _ended(self, task_id: str, key: str, last: str) -> bool:
+        """True if the task is in a final state and no event follows ``last``."""
         async with self.errors():
-            status = await self.redis.hget(self.keys.task(task_id), "status")
-        return status is None or status.decode() in protocol.TERMINAL_STATUSES
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(self.keys.task(task_id), "status")
+            pipe.xrange(key, min=f"({last}", count=1)
+            status, following = await pipe.execute()
+        final = status is None or status.decode() in protocol.TERMINAL_STATUSES
+        return final and not following
 
     async def _ended_without_events(self, task_id: str, key: str) -> bool:
         """A quiet stream: stop if the task is gone (expired) rather than wait forever."""
@@ -500,6 +553,12 @@ class Client:
             await asyncio.sleep(delay)  # bounded wait for another process to register
             delay = min(delay * 2, 0.2)
         return hosts
+
+
+def _inbox_outcome(task_id: str, arrived: tuple[str, bytes], with_traceback: bool) -> Any:
+    status, payload = arrived
+    ok = status == "succeeded"
+    return _outcome(task_id, status, payload if ok else None, None if ok else payload, with_traceback)
 
 
 def _outcome(

@@ -62,6 +62,7 @@ def validate_url(url: str) -> str:
     return url
 
 
+COMMAND_TIMEOUT_S = 30.0  # a reply slower than this means the engine is in trouble
 COMMAND_POOL_SIZE = 32  # plenty for pipelined work; waiters queue for a free one
 
 
@@ -74,17 +75,20 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
     unbounded pool and can never starve ordinary commands.
     """
     validate_url(url)
+    # Only connection errors are retried: a timed-out script may have run, and
+    # running a submit twice would queue a task twice.
     options: dict[str, Any] = {
         "retry": AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "retry_on_error": [redis.ConnectionError],
         "socket_connect_timeout": 5,
+        "socket_timeout": None if for_blocking else COMMAND_TIMEOUT_S,
         "socket_keepalive": True,
     }
     if not for_blocking:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=COMMAND_POOL_SIZE, timeout=None, **options
         )
-        return aioredis.Redis(connection_pool=pool)
+        return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     return aioredis.Redis.from_url(url, **options)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from shoal import protocol
 from shoal.agent import Agent, CapabilitySpec, TaskContext
@@ -39,7 +40,8 @@ log = logging.getLogger("shoal.node")
 HEARTBEAT_INTERVAL_S = 1.0
 RELEASE_INTERVAL_S = 0.25  # longest gap between two looks at due delayed tasks
 RELEASE_BATCH = 1000
-IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
+IDLE_BLOCK_MS = 1000
+CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up from pub/sub to see if it should end  # upper bound of one blocking wait for work (then re-check stop)
 
 
 @dataclass
@@ -99,7 +101,8 @@ class Node:
         self._buffers = _Buffers()
         self._dirty = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._stopping = asyncio.Event()
+        self._stopping = asyncio.Event()  # stop pulling work, drain
+        self._closing = asyncio.Event()  # drained: background loops end by themselves
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._loop_thread = 0
         self.completed = 0
@@ -126,17 +129,19 @@ class Node:
         try:
             await self._register()
             log.info("node %s hosting %s", self.node_id, ", ".join(self.capabilities))
+            # Background loops end when _closing is set rather than by cancellation:
+            # asyncio.wait_for on 3.11 (used inside redis-py) can swallow a cancel.
             async with asyncio.TaskGroup() as group:
-                background = [
-                    group.create_task(self._heartbeat_loop()),
-                    group.create_task(self._release_loop()),
-                    group.create_task(self._cancel_listener()),
-                    group.create_task(self._flush_loop()),
-                ]
-                await self._fetch_loop()
-                await self._drain()
-                for task in background:
-                    task.cancel()
+                group.create_task(self._heartbeat_loop())
+                group.create_task(self._release_loop())
+                group.create_task(self._cancel_listener())
+                group.create_task(self._flush_loop())
+                try:
+                    await self._fetch_loop()
+                    await self._drain()
+                finally:
+                    self._closing.set()
+                    self._dirty.set()
         finally:
             await self._deregister()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -200,8 +205,7 @@ class Node:
         await pipe.execute()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)  # the heartbeat period itself
+        while not await self._until(self._closing, timeout=HEARTBEAT_INTERVAL_S):
             try:
                 async with self.client.errors():
                     await self._heartbeat()
@@ -259,10 +263,12 @@ class Node:
             log.warning("waiting for work failed: %s", translate(exc, self.client.url))
             await self._until(self._stopping, timeout=0.5)
 
-    async def _until(self, event: asyncio.Event, timeout: float | None = None) -> None:
+    async def _until(self, event: asyncio.Event, timeout: float | None = None) -> bool:
+        """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await event.wait()
+        return event.is_set()
 
     # --- running ------------------------------------------------------------------
 
@@ -310,7 +316,7 @@ class Node:
         return self._buffers.flushed
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closing.is_set():
             await self._dirty.wait()
             self._dirty.clear()
             await self._flush_once()
@@ -341,27 +347,32 @@ class Node:
         self._dirty.set()
 
     async def _write(self, buffers: _Buffers) -> None:
-        r = self.client.redis
-        pipe = r.pipeline(transaction=False)
+        """Events first, then the outcomes, in one pipeline (one round trip)."""
+        pipe = self.client.redis.pipeline(transaction=False)
         for task_id, kind, data, at in buffers.events:
             pipe.xadd(self.keys.events(task_id), {"k": kind, "d": data, "t": at})
+        args: list[Any] = []
         if buffers.outcomes:
-            args: list[Any] = [
+            args = [
                 self.keys.prefix, CONSUMER_GROUP, protocol.now_ms(),
                 int(self.settings.retention * 1000),
             ]  # fmt: skip
             for outcome in buffers.outcomes:
                 args += outcome.script_fields()
-            await self.client.scripts.finish([self.keys.delayed], args, client=pipe)
+            self.client.scripts.finish.queue(pipe, [self.keys.delayed], args)
         async with self.client.errors():
-            await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+            if args and isinstance(replies[-1], NoScriptError):
+                await self.client.scripts.finish([self.keys.delayed], args)  # reloads it
+            elif errors := [r for r in replies if isinstance(r, Exception)]:
+                raise errors[0]
 
     # --- delayed tasks and cancellation ------------------------------------------------
 
     async def _release_loop(self) -> None:
         """Move due delayed tasks into their queues. Every node runs this; the script
         makes each release happen once."""
-        while True:
+        while not self._closing.is_set():
             try:
                 async with self.client.errors():
                     released, next_due = await self.client.scripts.release(
@@ -375,26 +386,29 @@ class Node:
             wait = RELEASE_INTERVAL_S
             if next_due >= 0:
                 wait = min(wait, max(0.0, (next_due - protocol.now_ms()) / 1000))
-            await asyncio.sleep(wait)  # timer until the next due task (or the next look)
+            await self._until(self._closing, timeout=wait)  # until the next due task
 
     async def _cancel_listener(self) -> None:
         """Cancel running handlers whose cancellation was asked (pub/sub; the record's
         'cancel' flag makes the outcome 'cancelled' even if this message is missed)."""
-        pubsub = self.client.redis.pubsub()
+        pubsub = self.client.blocking.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.keys.cancel_channel)
-            async for message in pubsub.listen():
-                if message["type"] != "message":
-                    continue
-                attempt = self._running.get(message["data"].decode())
-                if attempt is not None and attempt.task is not None:
-                    attempt.ctx.cancel_requested = True
-                    attempt.task.cancel()
+            while not self._closing.is_set():
+                message = await pubsub.get_message(timeout=CANCEL_LISTEN_S)
+                if message is not None:
+                    self._cancel_running(message["data"].decode())
         except redis.RedisError as exc:
             log.warning("cancel listener stopped: %s", translate(exc, self.client.url))
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+    def _cancel_running(self, task_id: str) -> None:
+        attempt = self._running.get(task_id)
+        if attempt is not None and attempt.task is not None:
+            attempt.ctx.cancel_requested = True
+            attempt.task.cancel()
 
 
 def _capability_fields(spec: CapabilitySpec) -> dict[str, Any]:

@@ -1,16 +1,27 @@
 """Lua scripts for every multi-key state change, loaded from the ``.lua`` files beside
 this module. Each file's header documents the keys it touches; ``_common.lua`` is
 prepended to each so the helpers (key builders, ``finish_task``) exist once.
+
+Scripts run by EVALSHA. redis-py's own Script helper checks ``SCRIPT EXISTS`` before
+every pipeline — an extra round trip per batch on the hot path — so this module
+loads the scripts once per connection pool and reloads them only when the engine
+answers NOSCRIPT (after a restart or SCRIPT FLUSH).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 SCRIPT_NAMES = ("submit", "fetch", "finish", "release", "cancel", "redrive")
+
+Arg = str | int | float | bytes
 
 
 def _source(name: str) -> str:
@@ -19,13 +30,45 @@ def _source(name: str) -> str:
     return common + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
 
 
+class Script:
+    """One Lua script, called by its SHA and loaded on demand."""
+
+    def __init__(self, redis: Redis, name: str) -> None:
+        self.name = name
+        self.source = _source(name)
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self._redis = redis
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        try:
+            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            await self.load()
+            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
+        """Add a call to a pipeline; on NOSCRIPT its reply is a NoScriptError and the
+        caller re-runs it with ``__call__`` (which loads the script)."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+    async def load(self) -> None:
+        await self._redis.script_load(self.source)
+
+
 class Scripts:
-    """The registered scripts of one connection (EVALSHA with reload on NOSCRIPT)."""
+    """The scripts of one connection pool."""
 
     def __init__(self, redis: Redis) -> None:
-        self.submit: AsyncScript = redis.register_script(_source("submit"))
-        self.fetch: AsyncScript = redis.register_script(_source("fetch"))
-        self.finish: AsyncScript = redis.register_script(_source("finish"))
-        self.release: AsyncScript = redis.register_script(_source("release"))
-        self.cancel: AsyncScript = redis.register_script(_source("cancel"))
-        self.redrive: AsyncScript = redis.register_script(_source("redrive"))
+        self.submit = Script(redis, "submit")
+        self.fetch = Script(redis, "fetch")
+        self.finish = Script(redis, "finish")
+        self.release = Script(redis, "release")
+        self.cancel = Script(redis, "cancel")
+        self.redrive = Script(redis, "redrive")
+
+    def all(self) -> list[Script]:
+        return [self.submit, self.fetch, self.finish, self.release, self.cancel, self.redrive]
+
+    async def load_all(self) -> None:
+        for script in self.all():
+            await script.load()

@@ -25,10 +25,12 @@ local function drop(q, eid)
   redis.call('XDEL', q, eid)
 end
 
-local function resolve(tk, field, cap, default)
+-- A task option left empty takes the capability's default (published by nodes),
+-- and the resolved value is written to the record so status shows it.
+local function resolve(tk, field, cap, cap_field, default)
   local v = redis.call('HGET', tk, field)
   if v and v ~= '' then return v end
-  v = redis.call('HGET', prefix .. 'capability:' .. cap, field) or default
+  v = redis.call('HGET', prefix .. 'capability:' .. cap, cap_field) or default
   redis.call('HSET', tk, field, v)
   return v
 end
@@ -44,8 +46,8 @@ local function start(q, eid, id)
     return
   end
   local cap = rec[3]
-  local max_att = resolve(tk, 'max_att', cap, '3')
-  local timeout = resolve(tk, 'timeout', cap, '')
+  local max_att = resolve(tk, 'max_att', cap, 'max_attempts', '3')
+  local timeout = resolve(tk, 'timeout', cap, 'timeout', '')
   local attempt = redis.call('HINCRBY', tk, 'attempts', 1)
   redis.call('HSET', tk, 'status', 'running', 'started', now, 'node', consumer)
   local more = redis.call('HMGET', tk, 'args', 'parent', 'trace')

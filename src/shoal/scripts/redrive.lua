@@ -14,6 +14,11 @@ for i = 3, #ARGV, 2 do
   local tk = task_key(id)
   local rec = redis.call('HMGET', tk, 'status', 'cap', 'prio')
   if rec[1] == 'dead' then
+    local reply = redis.call('HGET', tk, 'reply')
+    if reply and reply ~= '' then
+      -- tell a client still waiting that its wait now goes through the event stream
+      redis.call('RPUSH', reply, id .. ' redriven ')
+    end
     redis.call('HSET', tk, 'status', 'queued', 'attempts', 0, 'reply', '')
     redis.call('HDEL', tk, 'finished', 'error', 'started', 'node', 'cancel')
     redis.call('PERSIST', tk)

@@ -1,0 +1,102 @@
+"""Test fixtures: one real embedded engine per session, one namespace per test.
+
+Tests that kill or restart the engine start their own (see ``private_engine``).
+Nodes run either in-process (``running_node``: a real Node on the test's event
+loop, talking to the real engine) or as separate processes (``node_process``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal import Agent, Client, Settings
+from shoal.engine import EmbeddedEngine
+from shoal.node import Node, NodeConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture(scope="session")
+def engine_url(engine_dir: Path) -> Iterator[str]:
+    engine = EmbeddedEngine(engine_dir)
+    record = engine.ensure()
+    yield record.url
+    engine.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings(engine_url: str, namespace: str) -> Settings:
+    return Settings(url=engine_url, namespace=namespace)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client(settings=settings) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    agents: list[type[Agent]], settings: Settings, **config: Any
+) -> AsyncIterator[Node]:
+    """A real node on this event loop; stopped (drained) on exit."""
+    node = Node(agents, settings, NodeConfig(**config))
+    task = asyncio.create_task(node.run())
+    async with Client(settings=settings) as probe:
+        for name in node.capabilities[:1]:
+            await probe.wait_for_hosts(name, timeout=10)
+    try:
+        yield node
+    finally:
+        node.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def node_env(settings: Settings) -> dict[str, str]:
+    env = {**os.environ, "SHOAL_NAMESPACE": settings.namespace}
+    assert settings.url
+    env["SHOAL_REDIS_URL"] = settings.url
+    return env
+
+
+@contextlib.contextmanager
+def node_process(
+    settings: Settings, app: str = "tests.agents", *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``shoal node`` as a separate process; SIGTERM (drain) on exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "node", "--app", app, "--log-level", "warning", *args],
+        cwd=REPO,
+        env=node_env(settings),
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

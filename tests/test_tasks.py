@@ -1,0 +1,423 @@
+"""The work plane end to end against the real engine, with in-process nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shoal import (
+    Client,
+    ConfigurationError,
+    QueueFull,
+    ResultTimeout,
+    SerializationError,
+    Settings,
+    TaskCancelled,
+    TaskFailed,
+    TaskNotFound,
+)
+from tests.agents import Other, Toolbox
+from tests.conftest import running_node
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_async_and_sync_handlers_return_results(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings):
+        assert await client.call("echo", value={"a": [1, 2.5, "x", None]}) == {"a": [1, 2.5, "x", None]}
+        added = await client.call("add", a=2, b=3)
+        assert added["sum"] == 5
+        assert added["thread"].startswith("shoal"), "sync handlers run in the node's thread pool"
+
+
+async def test_status_shows_the_whole_life_of_a_task(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings, name="node-a"):
+        handle = await client.submit("echo", value=1)
+        assert await handle.result(timeout=10) == 1
+        info = await handle.status()
+    assert info.status == "succeeded"
+    assert info.attempts == 1
+    assert info.node == "node-a"
+    assert info.created_at <= info.started_at <= info.finished_at  # type: ignore[operator]
+    assert info.has_result
+
+
+async def test_waiting_client_that_did_not_submit_is_woken_by_the_event_stream(
+    client: Client, settings: Settings
+) -> None:
+    handle = await client.submit("echo", value="later")
+    async with Client(settings=settings) as other:
+        waiting = asyncio.create_task(other.result(handle.id, timeout=10))
+        await asyncio.sleep(0.05)  # let the waiter block before any node exists
+        assert not waiting.done()
+        async with running_node([Toolbox], settings):
+            assert await waiting == "later"
+
+
+async def test_sequential_round_trips_are_woken_without_polling(
+    client: Client, settings: Settings
+) -> None:
+    """200 sequential calls: a waiter that polled on a 10 ms+ timer would need > 2 s."""
+    async with running_node([Toolbox], settings):
+        await client.call("echo", value=0)
+        start = time.perf_counter()
+        for i in range(200):
+            assert await client.call("echo", value=i) == i
+        elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"200 round trips took {elapsed:.2f}s"
+
+
+async def test_events_are_ordered_and_resumable_from_an_id(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("report", steps=3)
+        assert await handle.result(timeout=10) == "reported"
+    events = [e async for e in handle.events()]
+    kinds = [e.kind for e in events]
+    assert kinds == ["progress", "progress", "progress", "log", "event", "done"]
+    assert [e.data["fraction"] for e in events[:3]] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert events[-1].data == {"status": "succeeded"}
+    resumed = [e async for e in handle.events(after=events[2].id)]
+    assert resumed == events[3:]
+
+
+async def test_events_from_a_sync_handler_reach_the_stream(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("sync_report")
+        await handle.result(timeout=10)
+    kinds = [(e.kind, e.data) async for e in handle.events()]
+    assert kinds[0] == ("progress", {"fraction": 0.5, "message": "from a thread"})
+
+
+async def test_following_events_live_ends_with_the_terminal_event(
+    client: Client, settings: Settings
+) -> None:
+    handle = await client.submit("report", steps=2)
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event in handle.events():
+            seen.append(event.kind)
+
+    follower = asyncio.create_task(follow())
+    async with running_node([Toolbox], settings):
+        await asyncio.wait_for(follower, 10)
+    assert seen[-1] == "done" and seen.count("progress") == 2
+
+
+async def test_high_priority_task_starts_before_a_thousand_low_ones(
+    client: Client, settings: Settings
+) -> None:
+    low = await client.submit_many("whoami", [{"i": i} for i in range(1000)], priority="low")
+    high = await client.submit("whoami", i=-1, priority="high")
+    async with running_node([Toolbox], settings, concurrency=1):
+        await high.result(timeout=30)
+        high_started = (await high.status()).started_at
+        await asyncio.gather(*(h.result(timeout=60) for h in low))
+        low_started = [(await h.status()).started_at for h in low[:50]]
+    assert high_started is not None
+    assert all(high_started <= s for s in low_started if s is not None)
+    first_low = await low[0].status()
+    assert first_low.started_at is not None and high_started <= first_low.started_at
+
+
+async def test_delayed_task_runs_after_its_delay_and_not_before(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        submitted = time.time()
+        handle = await client.submit("echo", value="late", delay=0.6)
+        info = await handle.status()
+        assert info.status == "scheduled" and info.scheduled_for is not None
+        assert await handle.result(timeout=10) == "late"
+        started = (await handle.status()).started_at
+    assert started is not None and started / 1000 >= submitted + 0.6 - 0.01
+
+
+async def test_eta_schedules_at_an_absolute_time(client: Client, settings: Settings) -> None:
+    eta = datetime.now(UTC) + timedelta(seconds=0.4)
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("echo", value=1, eta=eta)
+        assert await handle.result(timeout=10) == 1
+        started = (await handle.status()).started_at
+    assert started is not None and started / 1000 >= eta.timestamp() - 0.01
+
+
+async def test_delayed_tasks_are_released_once_with_several_nodes(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings), running_node([Toolbox], settings):
+        handles = await client.submit_many("whoami", [{"i": i} for i in range(50)], delay=0.3)
+        results = await asyncio.gather(*(h.result(timeout=10) for h in handles))
+        infos = [await h.status() for h in handles]
+    assert [r["i"] for r in results] == list(range(50))
+    assert all(info.attempts == 1 for info in infos)
+    assert len({r["node"] for r in results}) >= 1
+
+
+async def test_timeout_cancels_a_running_handler_and_counts_as_a_failed_attempt(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("sleepy", seconds=30, timeout=0.2, max_attempts=1)
+        with pytest.raises(TaskFailed) as failure:
+            await handle.result(timeout=10)
+    assert failure.value.error_type == "shoal.errors.TaskTimeout"
+    assert "timeout of 0.2s" in failure.value.message
+    assert (await handle.status()).status == "dead"
+
+
+async def test_deadline_passed_before_start_means_the_task_is_not_run(
+    client: Client, settings: Settings
+) -> None:
+    handle = await client.submit("echo", value=1, deadline=0.05)
+    await asyncio.sleep(0.1)  # let the deadline pass while no node runs
+    async with running_node([Toolbox], settings):
+        with pytest.raises(TaskFailed) as failure:
+            await handle.result(timeout=10)
+    info = await handle.status()
+    assert info.status == "expired" and info.attempts == 0 and info.started_at is None
+    assert failure.value.status == "expired"
+
+
+async def test_retries_back_off_and_then_succeed(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("flaky", succeed_on=3)
+        assert await handle.result(timeout=10) == 3
+        info = await handle.status()
+    assert info.attempts == 3
+    assert [e.message for e in info.errors] == ["attempt 1 fails", "attempt 2 fails"]
+    gap = info.errors[1].at - info.errors[0].at
+    assert gap >= 0.05 * 2 / 2 * 1000 * 0.9, "the second back-off is at least half of 2x base"
+
+
+async def test_task_max_attempts_overrides_the_capability_default(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("flaky", succeed_on=3, max_attempts=2)
+        with pytest.raises(TaskFailed) as failure:
+            await handle.result(timeout=10)
+    assert failure.value.status == "dead"
+    assert (await handle.status()).attempts == 2
+
+
+async def test_retry_exception_asks_for_another_attempt_after_its_delay(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("asks_retry", wait=0.3)
+        result = await handle.result(timeout=10)
+        info = await handle.status()
+    assert result["attempt"] == 2
+    assert info.errors[0].type == "shoal.errors.Retry"
+    assert result["at"] - info.errors[0].at / 1000 >= 0.29
+
+
+async def test_non_retryable_error_fails_at_once(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("permanent")
+        with pytest.raises(TaskFailed) as failure:
+            await handle.result(timeout=10)
+    assert failure.value.status == "failed"
+    assert failure.value.error_type == "tests.agents.PermanentError"
+    assert (await handle.status()).attempts == 1
+    assert await client.dead_letters("permanent") == []
+
+
+async def test_failed_result_carries_type_message_and_traceback_on_request(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("always_fails")
+        with pytest.raises(TaskFailed) as failure:
+            await handle.result(timeout=10, with_traceback=True)
+    assert failure.value.error_type == "ValueError"
+    assert failure.value.message == "this never works"
+    assert failure.value.remote_traceback and "raise ValueError" in failure.value.remote_traceback
+    assert any("remote traceback" in note for note in failure.value.__notes__)
+
+
+async def test_exhausted_task_goes_to_the_dead_letters_and_can_be_redriven(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("always_fails")
+        with pytest.raises(TaskFailed):
+            await handle.result(timeout=10)
+        letters = await client.dead_letters("always_fails")
+        assert [letter.task.id for letter in letters] == [handle.id]
+        history = letters[0].task.errors
+        assert [e.attempt for e in history] == [1, 2]
+        assert all(e.message == "this never works" for e in history)
+        assert await client.redrive("always_fails") == [handle.id]
+        assert await client.dead_letters("always_fails") == []
+        with pytest.raises(TaskFailed):
+            await handle.result(timeout=10)
+        info = await handle.status()
+    assert info.status == "dead"
+    assert [e.attempt for e in info.errors] == [1, 2], "attempts restart at 1 after a redrive"
+    kinds = [e.kind async for e in handle.events()]
+    assert kinds == ["done", "redriven", "done"]
+
+
+async def test_redrive_of_an_unknown_id_is_refused_clearly(client: Client) -> None:
+    with pytest.raises(TaskNotFound, match="not in the dead-letter queue"):
+        await client.redrive("always_fails", ["0" * 28])
+
+
+async def test_cancel_a_queued_task(client: Client, settings: Settings) -> None:
+    handle = await client.submit("echo", value=1)
+    assert await handle.cancel() == "cancelled"
+    async with running_node([Toolbox], settings):
+        with pytest.raises(TaskCancelled):
+            await handle.result(timeout=10)
+        assert await client.call("echo", value=2) == 2  # the skipped entry blocks nothing
+    info = await handle.status()
+    assert info.status == "cancelled" and info.attempts == 0
+
+
+async def test_cancel_a_scheduled_task(client: Client, settings: Settings) -> None:
+    handle = await client.submit("echo", value=1, delay=0.3)
+    assert await handle.cancel() == "cancelled"
+    async with running_node([Toolbox], settings):
+        await asyncio.sleep(0.5)  # past the due time: it must stay cancelled
+        info = await handle.status()
+    assert info.status == "cancelled" and info.attempts == 0
+
+
+async def test_cancel_a_running_task_on_another_node(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("sleepy", seconds=30)
+        while (await handle.status()).status != "running":
+            await asyncio.sleep(0.01)  # wait for the node to start it
+        assert await handle.cancel() == "cancelling"
+        with pytest.raises(TaskCancelled):
+            await handle.result(timeout=5)
+    assert (await handle.status()).status == "cancelled"
+    assert await handle.cancel() == "cancelled", "cancelling again reports the final status"
+
+
+async def test_cancelling_a_parent_cancels_the_sub_task_it_awaits(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings, concurrency=4):
+        parent = await client.submit("parent_waits")
+        child_id = None
+        while child_id is None:
+            events = await client.redis.keys(client.keys.task("*"))
+            for key in events:
+                info = await client.status(key.decode().rsplit(":", 1)[1])
+                if info.parent == parent.id and info.status == "running":
+                    child_id = info.id
+            await asyncio.sleep(0.02)  # wait for the child to start
+        await parent.cancel()
+        with pytest.raises(TaskCancelled):
+            await parent.result(timeout=5)
+        with pytest.raises(TaskCancelled):
+            await client.result(child_id, timeout=5)
+
+
+async def test_sub_tasks_run_through_ctx_call(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings, concurrency=8):
+        handle = await client.submit("parent", n=3)
+        assert await handle.result(timeout=10) == [0, 1, 2]
+
+
+async def test_idempotency_key_returns_the_same_task(client: Client, settings: Settings) -> None:
+    first = await client.submit("echo", value=1, idempotency_key="order-7")
+    second = await client.submit("echo", value=2, idempotency_key="order-7")
+    assert second.id == first.id and first.is_new and not second.is_new
+    async with running_node([Toolbox], settings):
+        assert await second.result(timeout=10) == 1
+    third = await client.submit("echo", value=3, idempotency_key="order-7")
+    assert third.id == first.id, "the key holds for its whole window, also after completion"
+
+
+async def test_full_queue_refuses_with_queue_full_and_loses_nothing(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        pass  # registers 'bounded' (max_queue_length=5), then goes away
+    accepted = await client.submit_many("bounded", [{}] * 5)
+    with pytest.raises(QueueFull, match="queue of capability 'bounded' is full"):
+        await client.submit("bounded")
+    assert len(await client.submit_many("echo", [{"value": 1}] * 10)) == 10  # others unaffected
+    async with running_node([Toolbox], settings):
+        assert await asyncio.gather(*(h.result(timeout=10) for h in accepted)) == [None] * 5
+        await client.submit("bounded")  # room again once the queue drained
+
+
+async def test_partial_batch_on_a_full_queue_reports_what_was_accepted(
+    client: Client, settings: Settings
+) -> None:
+    small = Client(settings=settings.with_(queue_max_length=3))
+    async with small:
+        with pytest.raises(QueueFull) as full:
+            await small.submit_many("echo", [{"value": i} for i in range(5)])
+    accepted = full.value.accepted  # type: ignore[attr-defined]
+    assert len(accepted) == 3
+    async with running_node([Toolbox], settings):
+        results = [await client.task(h.id).result(timeout=10) for h in accepted]
+    assert results == [0, 1, 2]
+
+
+async def test_non_serialisable_argument_is_refused_at_submit(client: Client) -> None:
+    with pytest.raises(SerializationError, match="argument 'when' has type builtins.object"):
+        await client.submit("echo", value=1, when=object())
+
+
+async def test_non_serialisable_result_fails_the_task_without_retries(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        with pytest.raises(TaskFailed, match="cannot be stored") as failure:
+            await client.call("returns_object")
+    assert failure.value.status == "failed"
+
+
+async def test_arguments_that_do_not_fit_the_handler_fail_clearly(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        with pytest.raises(TaskFailed, match="unexpected keyword argument 'c'"):
+            await client.call("add", a=1, b=2, c=3)
+        with pytest.raises(TaskFailed, match="missing a required argument: 'b'"):
+            await client.call("add", a=1)
+
+
+async def test_unknown_capability_waits_queued_and_says_no_node_hosts_it(
+    client: Client, settings: Settings
+) -> None:
+    handle = await client.submit("nobody_has_this")
+    info = await handle.status()
+    assert info.status == "queued" and info.hosted is False
+    with pytest.raises(ResultTimeout):
+        await handle.result(timeout=0.2)
+    async with running_node([Toolbox], settings):
+        assert (await client.status((await client.submit("echo")).id)).hosted in (True, None)
+
+
+async def test_two_agent_types_on_one_node(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox, Other], settings):
+        assert await client.call("other") == "other"
+        assert await client.call("echo", value=5) == 5
+
+
+async def test_bad_options_are_refused_with_what_is_allowed(client: Client) -> None:
+    with pytest.raises(ConfigurationError, match="use one of high, normal, low"):
+        await client.submit("echo", priority="urgent")
+    with pytest.raises(ConfigurationError, match="max_attempts"):
+        await client.submit("echo", max_attempts=0)
+    with pytest.raises(ConfigurationError, match="capability name"):
+        await client.submit("no spaces")
+    with pytest.raises(ConfigurationError, match="either delay"):
+        await client.submit("echo", delay=1, eta=datetime.now(UTC))
+    with pytest.raises(ConfigurationError, match="not a Shoal task id"):
+        await client.status("nope")
+    with pytest.raises(TaskNotFound):
+        await client.status("0" * 28)
