@@ -33,7 +33,9 @@ def private_engine() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def node_processes(url: str, namespace: str, count: int, concurrency: int = 256) -> Iterator[list[subprocess.Popen[bytes]]]:
+def node_processes(
+    url: str, namespace: str, count: int, concurrency: int = 256
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``count`` separate ``shoal node`` processes hosting bench.noop_app."""
     env = {**os.environ, "SHOAL_REDIS_URL": url, "SHOAL_NAMESPACE": namespace}
     procs = [

@@ -48,13 +48,17 @@ def run_peers(url: str, n: int, nodes: int, peers: list[str]) -> list[dict[str, 
     for peer in peers:
         try:
             results.append(run_peer(peer, url, "throughput", n, workers=nodes))
-        except Exception as exc:  # noqa: BLE001 - one peer failing must not hide the rest
-            results.append({"peer": peer, "workload": "throughput", "workers": nodes, "error": str(exc)})
+        except Exception as exc:
+            results.append(
+                {"peer": peer, "workload": "throughput", "workers": nodes, "error": str(exc)}
+            )
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", type=int, default=20_000, help="tasks per run")
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--peers", nargs="*", default=["celery", "dramatiq", "arq", "taskiq"])

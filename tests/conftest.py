@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from shoal import Agent, Client, Settings
+from shoal import Agent, Client, Settings, TaskHandle
 from shoal.engine import EmbeddedEngine
 from shoal.node import Node, NodeConfig
 
@@ -71,6 +71,14 @@ async def running_node(
     finally:
         node.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def wait_for_status(handle: TaskHandle, status: str, timeout: float = 10.0) -> None:
+    """Wait until a task reaches ``status`` (a node in this or another process moves it
+    there; nothing announces it, so this looks at the record every few ms)."""
+    async with asyncio.timeout(timeout):
+        while (await handle.status()).status != status:  # noqa: ASYNC110 - another actor moves it
+            await asyncio.sleep(0.005)
 
 
 def node_env(settings: Settings) -> dict[str, str]:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -38,7 +39,8 @@ engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
 
-out = Console(highlight=False)
+# Piped output is not wrapped at 80 columns, so ids and errors stay on one line.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 Redis = Annotated[
@@ -177,7 +179,7 @@ def task(
             if info.status == "succeeded":
                 result = await client.result(task_id)
             if as_json:
-                data = json.loads(protocol.msgspec.json.encode(info))
+                data = msgspec.to_builtins(info)
                 data["result"] = result
                 out.print_json(json.dumps(data, default=repr))
             else:
@@ -218,7 +220,9 @@ def _print_task(info: protocol.TaskInfo, result: Any, traceback: bool) -> None:
 async def _print_events(client: Client, task_id: str, follow: bool) -> None:
     iterator = client.events(task_id)
     async for event in iterator:
-        out.print(f"{event.id}  {_ts(event.at)}  {event.kind}  {json.dumps(event.data, default=repr)}")
+        out.print(
+            f"{event.id}  {_ts(event.at)}  {event.kind}  {json.dumps(event.data, default=repr)}"
+        )
         if not follow and event.terminal:
             break
         if not follow and not await _more_events(client, task_id, event.id):
@@ -303,7 +307,9 @@ def engine_stop(data_dir: DataDir = None) -> None:
 @engine_app.command("status")
 def engine_status(
     data_dir: DataDir = None,
-    show_url: Annotated[bool, typer.Option("--url", help="Print the full URL (with password).")] = False,
+    show_url: Annotated[
+        bool, typer.Option("--url", help="Print the full URL (with password).")
+    ] = False,
 ) -> None:
     """Show whether the embedded engine runs, and where."""
     from shoal.engine import EmbeddedEngine, describe
@@ -334,7 +340,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+    except Exception as exc:
         if debug:
             raise
         sys.exit(_report(exc))

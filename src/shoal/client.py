@@ -19,9 +19,9 @@ from typing import Any
 
 import msgspec
 import redis
+import redis.asyncio as aioredis
 from cachetools import LRUCache
 from redis.exceptions import NoScriptError
-import redis.asyncio as aioredis
 
 from shoal import protocol
 from shoal.engine import aengine_errors, open_connection, resolve_url, translate
@@ -154,14 +154,17 @@ class Client:
     def url(self) -> str:
         return self._url
 
+    # redis-py annotates replies as unions over decode_responses (bytes | str | ...);
+    # Shoal always reads bytes and types replies where they enter (protocol.py), so
+    # the connections are exposed as Any rather than cast at every call.
     @property
-    def redis(self) -> aioredis.Redis:
+    def redis(self) -> Any:
         if self._redis is None:
             raise ConfigurationError("the client is not connected: use `async with Client()`")
         return self._redis
 
     @property
-    def blocking(self) -> aioredis.Redis:
+    def blocking(self) -> Any:
         """Connections for blocking reads (XREAD BLOCK, BLPOP), apart from commands."""
         if self._blocking is None:
             raise ConfigurationError("the client is not connected: use `async with Client()`")
@@ -258,7 +261,7 @@ class Client:
         return handles
 
     async def _run_submit(self, rows: list[list[str | int | bytes]]) -> list[list[bytes]]:
-        head = [
+        head: list[str | int | bytes] = [
             self.keys.prefix, protocol.now_ms(), int(self.settings.retention * 1000),
             self.settings.queue_max_length,
         ]  # fmt: skip
@@ -274,7 +277,9 @@ class Client:
             for index, reply in enumerate(replies):
                 if isinstance(reply, NoScriptError):  # engine restarted meanwhile: run again
                     chunk = chunks[index]
-                    replies[index] = await self.scripts.submit(keys, head + [f for r in chunk for f in r])
+                    replies[index] = await self.scripts.submit(
+                        keys, head + [f for r in chunk for f in r]
+                    )
                 elif isinstance(reply, Exception):
                     raise reply
         return [row for reply in replies for row in reply]
@@ -283,13 +288,12 @@ class Client:
         handles: list[TaskHandle] = []
         for raw_id, outcome in results:
             if outcome == b"full":
-                exc = QueueFull(
+                raise QueueFull(
                     f"queue of capability {capability!r} is full: {len(handles)} of "
                     f"{len(results)} task(s) accepted, the rest were not queued; retry later "
-                    "or raise the bound (max_queue_length / SHOAL_QUEUE_MAX_LENGTH)"
+                    "or raise the bound (max_queue_length / SHOAL_QUEUE_MAX_LENGTH)",
+                    accepted=handles,
                 )
-                exc.accepted = handles  # type: ignore[attr-defined]
-                raise exc
             handles.append(TaskHandle(self, raw_id.decode(), is_new=outcome == b"new"))
         return handles
 
@@ -364,6 +368,7 @@ class Client:
                 status, result, error, reply = await self._states.read(task_id)
                 if status is None:
                     await self._record(task_id)  # raises TaskNotFound with the message
+                    raise TaskNotFound(task_id)  # (only if it appeared and vanished meanwhile)
                 if status.decode() in protocol.TERMINAL_STATUSES:
                     return _outcome(task_id, status.decode(), result, error, with_traceback)
                 if reply == self._inbox.encode():
@@ -467,7 +472,11 @@ class Client:
                 last = event.id
                 yield event
                 # A 'done' is the end unless more follows (a redriven task goes on).
-                if event.terminal and index == len(entries) - 1 and await self._ended(task_id, key, last):
+                if (
+                    event.terminal
+                    and index == len(entries) - 1
+                    and await self._ended(task_id, key, last)
+                ):
                     return
 
     async def _ended(self, task_id: str, key: str, last: str) -> bool:
@@ -494,15 +503,15 @@ class Client:
         """Cancel a task: 'cancelled' (it had not started), 'cancelling' (the node
         running it is told; it ends 'cancelled'), or the final status it already had."""
         protocol.validate_task_id(task_id)
-        args = [
+        args: list[str | int] = [
             self.keys.prefix, task_id, protocol.now_ms(), int(self.settings.retention * 1000),
             self.keys.cancel_channel,
         ]  # fmt: skip
         async with self.errors():
-            outcome = (await self.scripts.cancel([self.keys.delayed], args)).decode()
+            outcome: str = (await self.scripts.cancel([self.keys.delayed], args)).decode()
         if outcome == "missing":
             await self._record(task_id)
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     async def dead_letters(self, capability: str, limit: int = 100) -> list[DeadLetter]:
         """Dead tasks of ``capability``, oldest first, with their error history."""
@@ -542,15 +551,20 @@ class Client:
             done = await self.scripts.redrive([key], [self.keys.prefix, protocol.now_ms(), *pairs])
         return [d.decode() for d in done]
 
-    async def wait_for_hosts(self, capability: str, timeout: float = 30.0) -> list[str]:
-        """Wait until some live node hosts ``capability`` (for scripts and tests that
-        start nodes and then submit)."""
+    async def wait_for_hosts(
+        self, capability: str, count: int = 1, timeout: float = 30.0
+    ) -> list[str]:
+        """Wait until at least ``count`` live nodes host ``capability`` (for scripts and
+        tests that start node processes and then submit). Nodes announce themselves
+        by heartbeat, so this looks at the host set with a short, growing interval."""
         deadline = time.monotonic() + timeout
         delay = 0.01
-        while not (hosts := await self.hosts(capability)):
+        while len(hosts := await self.hosts(capability)) < count:
             if time.monotonic() > deadline:
-                raise ResultTimeout(f"no node hosts {capability!r} after {timeout}s")
-            await asyncio.sleep(delay)  # bounded wait for another process to register
+                raise ResultTimeout(
+                    f"{len(hosts)} of {count} node(s) host {capability!r} after {timeout}s"
+                )
+            await asyncio.sleep(delay)  # nodes register from other processes: look again
             delay = min(delay * 2, 0.2)
         return hosts
 
@@ -558,7 +572,9 @@ class Client:
 def _inbox_outcome(task_id: str, arrived: tuple[str, bytes], with_traceback: bool) -> Any:
     status, payload = arrived
     ok = status == "succeeded"
-    return _outcome(task_id, status, payload if ok else None, None if ok else payload, with_traceback)
+    return _outcome(
+        task_id, status, payload if ok else None, None if ok else payload, with_traceback
+    )
 
 
 def _outcome(

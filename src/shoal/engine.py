@@ -82,8 +82,9 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
         "retry_on_error": [redis.ConnectionError],
         "socket_connect_timeout": 5,
         "socket_timeout": None if for_blocking else COMMAND_TIMEOUT_S,
-        "socket_keepalive": True,
     }
+    if urlsplit(url).scheme != "unix":
+        options["socket_keepalive"] = True  # TCP only
     if not for_blocking:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=COMMAND_POOL_SIZE, timeout=None, **options

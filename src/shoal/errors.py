@@ -7,6 +7,8 @@ with the engine URL, password masked.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ShoalError(Exception):
     """Root of every error Shoal raises on purpose."""
@@ -29,7 +31,15 @@ class SerializationError(ShoalError, TypeError):
 
 
 class QueueFull(ShoalError):
-    """The capability's queue is at its bound; the task was not accepted."""
+    """The capability's queue is at its bound; the task was not accepted.
+
+    From ``submit_many``, ``accepted`` holds the handles of the tasks of the batch
+    that were queued before the bound was reached (the rest were not).
+    """
+
+    def __init__(self, message: str, accepted: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.accepted: list[Any] = accepted or []
 
 
 class TaskNotFound(ShoalError, KeyError):
@@ -74,7 +84,7 @@ class ResultTimeout(ShoalError, TimeoutError):
     """Waiting for a result ran out of time; the task itself goes on."""
 
 
-class Retry(ShoalError):  # noqa: N818 - raised by handlers as a request, not an error state
+class Retry(ShoalError):
     """Raised by a handler to ask for another attempt, optionally after ``delay`` seconds."""
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:

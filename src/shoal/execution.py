@@ -73,13 +73,17 @@ class Outcome:
 
 def backoff_delay(spec: CapabilitySpec, attempt: int) -> float:
     """Exponential back-off with 'equal jitter': half fixed, half random, capped."""
-    ceiling = min(spec.max_backoff, spec.backoff * 2 ** (attempt - 1))
+    ceiling = min(spec.max_backoff, spec.backoff * 2.0 ** (attempt - 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def error_info(exc: BaseException, job: Job, node_id: str) -> ErrorInfo:
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
     return ErrorInfo(
         type=name,
         message=str(exc),
@@ -114,7 +118,7 @@ class Attempt:
             if self.handed_back:
                 return Outcome(self.job, "requeue")
             raise
-        except TimeoutError as exc:
+        except TimeoutError:
             if timeout is not None and scope.expired():
                 exc = TaskTimeout(f"the handler ran longer than its timeout of {timeout}s")
             return self._failure(exc, node_id)

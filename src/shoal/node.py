@@ -40,8 +40,8 @@ log = logging.getLogger("shoal.node")
 HEARTBEAT_INTERVAL_S = 1.0
 RELEASE_INTERVAL_S = 0.25  # longest gap between two looks at due delayed tasks
 RELEASE_BATCH = 1000
-IDLE_BLOCK_MS = 1000
-CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up from pub/sub to see if it should end  # upper bound of one blocking wait for work (then re-check stop)
+IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
+CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
 
 
 @dataclass
@@ -178,7 +178,9 @@ class Node:
         the rest back to the queue (re-queued at once, the attempt not counted)."""
         pending = {a.task for a in self._running.values() if a.task is not None}
         if pending:
-            log.info("draining %d running task(s), grace %.1fs", len(pending), self.config.grace_period)
+            log.info(
+                "draining %d running task(s), grace %.1fs", len(pending), self.config.grace_period
+            )
             _, late = await asyncio.wait(pending, timeout=self.config.grace_period)
             for attempt in list(self._running.values()):
                 if attempt.task is not None and attempt.task in late:
@@ -248,7 +250,7 @@ class Node:
         """Block until any of our queues gets an entry past ``last_ids`` (or stop)."""
         streams = dict(zip(self._queues, last_ids, strict=True))
         read = asyncio.ensure_future(
-            self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)  # type: ignore[arg-type]
+            self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
         )
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -274,7 +276,9 @@ class Node:
 
     def _start(self, job: Job) -> None:
         spec, agent = self._specs[job.capability]
-        ctx = TaskContext(self, job.task_id, job.capability, job.attempt, job.traceparent, self._flushed)
+        ctx = TaskContext(
+            self, job.task_id, job.capability, job.attempt, job.traceparent, self._flushed
+        )
         attempt = Attempt(job, spec, agent, ctx)
         self._running[job.task_id] = attempt
         attempt.task = asyncio.create_task(
@@ -284,7 +288,7 @@ class Node:
     async def _run_attempt(self, attempt: Attempt) -> None:
         try:
             outcome = await attempt.run(self._executor, self.node_id)
-        except BaseException as exc:  # noqa: BLE001 - the loop must survive anything
+        except BaseException as exc:
             log.exception("task %s crashed the runner", attempt.job.task_id)
             outcome = attempt._failure(exc, self.node_id)
         finally:

@@ -71,7 +71,9 @@ class TaskOptions:
         if max_attempts is not None and (
             isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
         ):
-            raise ConfigurationError(f"max_attempts must be a whole number >= 1, got {max_attempts!r}")
+            raise ConfigurationError(
+                f"max_attempts must be a whole number >= 1, got {max_attempts!r}"
+            )
         if idempotency_key is not None and (
             not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 256
         ):

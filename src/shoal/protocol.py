@@ -130,11 +130,11 @@ class TaskInfo(msgspec.Struct, frozen=True):
 
 
 def _int_or_none(raw: bytes | None) -> int | None:
-    return int(raw) if raw not in (None, b"") else None  # type: ignore[arg-type]
+    return int(raw) if raw else None
 
 
 def _text_or_none(raw: bytes | None) -> str | None:
-    return raw.decode() if raw not in (None, b"") else None  # type: ignore[union-attr]
+    return raw.decode() if raw else None
 
 
 def _error_or_none(raw: bytes | None) -> ErrorInfo | None:
@@ -143,9 +143,7 @@ def _error_or_none(raw: bytes | None) -> ErrorInfo | None:
 
 def task_info_from_record(task_id: str, record: Mapping[bytes, bytes]) -> TaskInfo:
     """Build the typed view of a ``task:<id>`` hash (see keys.py / scripts)."""
-    history = sorted(
-        (int(k[4:]), v) for k, v in record.items() if k.startswith(b"err:")
-    )
+    history = sorted((int(k[4:]), v) for k, v in record.items() if k.startswith(b"err:"))
     return TaskInfo(
         id=task_id,
         capability=record[b"cap"].decode(),

@@ -73,9 +73,7 @@ class Settings:
         if self.retention <= 0:
             raise ConfigurationError(f"retention must be > 0 seconds, got {self.retention}")
         if self.queue_max_length <= 0:
-            raise ConfigurationError(
-                f"queue_max_length must be > 0, got {self.queue_max_length}"
-            )
+            raise ConfigurationError(f"queue_max_length must be > 0, got {self.queue_max_length}")
 
     @classmethod
     def from_env(

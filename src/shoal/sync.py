@@ -39,9 +39,13 @@ class SyncTaskHandle:
 
     def events(self, after: str | None = None) -> Iterator[Event]:
         iterator = self._handle.events(after)
+
+        async def next_event() -> Event:
+            return await anext(iterator)
+
         while True:
             try:
-                yield self._client._run(iterator.__anext__())
+                yield self._client._run(next_event())
             except StopAsyncIteration:
                 return
 
@@ -52,7 +56,9 @@ class SyncClient:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="shoal-sync", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="shoal-sync", daemon=True
+        )
         self._thread.start()
         self._run(client.connect())
 

@@ -41,15 +41,15 @@ class Script:
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
-            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self.load()
-            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Add a call to a pipeline; on NOSCRIPT its reply is a NoScriptError and the
         caller re-runs it with ``__call__`` (which loads the script)."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
 
     async def load(self) -> None:
         await self._redis.script_load(self.source)
