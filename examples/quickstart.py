@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from shoal import Agent, Client, capability
+from shoal.engine import EmbeddedEngine, mask_url
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,6 +79,10 @@ if __name__ == "__main__":
     parser.add_argument("--nodes", type=int, default=2, help="node processes to start/expect")
     args = parser.parse_args()
     os.chdir(HERE.parent)
+    embedded = None if os.environ.get("SHOAL_REDIS_URL") else EmbeddedEngine(".shoal")
+    ours = embedded is not None and embedded.running() is None  # we start it, we stop it
+    if embedded is not None:
+        print("engine:", mask_url(embedded.ensure().url), "(embedded, data in ./.shoal)")
     nodes = [] if args.no_nodes else start_nodes(args.nodes)
     try:
         asyncio.run(main(args.tasks, args.nodes))
@@ -86,3 +91,5 @@ if __name__ == "__main__":
             node.send_signal(signal.SIGTERM)
         for node in nodes:
             node.wait(timeout=30)
+        if ours and embedded is not None:
+            embedded.stop()

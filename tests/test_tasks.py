@@ -22,8 +22,6 @@ from shoal import (
 from tests.agents import Other, Toolbox
 from tests.conftest import running_node, wait_for_status
 
-pytestmark = pytest.mark.asyncio
-
 
 async def test_async_and_sync_handlers_return_results(client: Client, settings: Settings) -> None:
     async with running_node([Toolbox], settings):
@@ -424,3 +422,53 @@ async def test_bad_options_are_refused_with_what_is_allowed(client: Client) -> N
         await client.status("nope")
     with pytest.raises(TaskNotFound):
         await client.status("0" * 28)
+
+
+async def test_sub_tasks_share_the_parent_trace_and_name_their_parent(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings, concurrency=8):
+        parent = await client.submit("parent", n=1)
+        await parent.result(timeout=10)
+        keys = await client.redis.keys(client.keys.task("*"))
+        infos = [await client.status(k.decode().rsplit(":", 1)[1]) for k in keys]
+    child = next(i for i in infos if i.parent == parent.id)
+    parent_info = next(i for i in infos if i.id == parent.id)
+    assert parent_info.traceparent and child.traceparent
+    assert child.traceparent.split("-")[1] == parent_info.traceparent.split("-")[1]
+    assert child.traceparent.split("-")[2] != parent_info.traceparent.split("-")[2]
+
+
+def test_sync_client_for_scripts(settings: Settings) -> None:
+    import threading
+
+    from shoal import connect
+
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            async with running_node([Toolbox], settings):
+                ready.set()
+                await asyncio.to_thread(stop.wait)
+
+        asyncio.run(main())
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        assert ready.wait(20)
+        with connect(settings.url, namespace=settings.namespace) as c:
+            assert c.call("add", a=1, b=2)["sum"] == 3
+            handle = c.submit("report", steps=1)
+            assert handle.result(timeout=10) == "reported"
+            assert [e.kind for e in handle.events()][-1] == "done"
+            assert handle.status().status == "succeeded"
+            handles = c.submit_many("echo", [{"value": i} for i in range(5)])
+            assert [h.result(timeout=10) for h in handles] == list(range(5))
+            with pytest.raises(TaskFailed):
+                c.call("permanent")
+    finally:
+        stop.set()
+        server.join(30)

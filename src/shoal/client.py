@@ -252,7 +252,7 @@ class Client:
             payload = protocol.encode_arguments(kwargs)
             rows.append([
                 protocol.new_id(), capability, options.priority, payload, *fixed,
-                self._inbox, parent or "", traceparent or "",
+                self._inbox, parent or "", protocol.child_traceparent(traceparent),
             ])  # fmt: skip
         self._ensure_reader()
         results = await self._run_submit(rows)

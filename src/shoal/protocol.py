@@ -34,6 +34,17 @@ def new_id() -> str:
     return f"{now_ms():012x}{os.urandom(8).hex()}"
 
 
+def child_traceparent(parent: str | None) -> str:
+    """A W3C ``traceparent`` for a new task: a fresh trace for a root task, the
+    parent's trace id with a new span id for a sub-task (so one trace spans both)."""
+    span = os.urandom(8).hex()
+    if parent:
+        parts = parent.split("-")
+        if len(parts) == 4 and len(parts[1]) == 32:
+            return f"00-{parts[1]}-{span}-{parts[3]}"
+    return f"00-{os.urandom(16).hex()}-{span}-01"
+
+
 def validate_task_id(task_id: str) -> str:
     if not isinstance(task_id, str) or not _TASK_ID_RE.match(task_id):
         raise ConfigurationError(f"{task_id!r} is not a Shoal task id (28 hex digits)")
@@ -123,6 +134,8 @@ class TaskInfo(msgspec.Struct, frozen=True):
     scheduled_for: int | None = None
     hosted: bool | None = None
     cancel_requested: bool = False
+    traceparent: str | None = None
+    duplicates: int = 0
 
     @property
     def done(self) -> bool:
@@ -161,6 +174,8 @@ def task_info_from_record(task_id: str, record: Mapping[bytes, bytes]) -> TaskIn
         parent=_text_or_none(record.get(b"parent")),
         scheduled_for=_int_or_none(record.get(b"due")),
         cancel_requested=record.get(b"cancel") == b"1",
+        traceparent=_text_or_none(record.get(b"trace")),
+        duplicates=int(record.get(b"dups", b"0")),
     )
 
 
