@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -264,7 +265,9 @@ async def test_exhausted_task_goes_to_the_dead_letters_and_can_be_redriven(
     assert info.status == "dead"
     assert [e.attempt for e in info.errors] == [1, 2], "attempts restart at 1 after a redrive"
     kinds = [e.kind async for e in handle.events()]
-    assert kinds == ["done", "redriven", "done"]
+    # Nobody followed the first run and it emitted nothing, so it left no stream;
+    # the redrive starts one and the second end is written to it.
+    assert kinds == ["redriven", "done"]
 
 
 async def test_redrive_of_an_unknown_id_is_refused_clearly(client: Client) -> None:
@@ -472,3 +475,29 @@ def test_sync_client_for_scripts(settings: Settings) -> None:
     finally:
         stop.set()
         server.join(30)
+
+
+async def test_a_task_nobody_follows_leaves_no_event_stream(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("echo", value=1)
+        assert await handle.result(timeout=10) == 1
+    assert await client.redis.exists(client.keys.events(handle.id)) == 0
+    start = time.perf_counter()
+    assert [e async for e in handle.events()] == []  # finished: ends at once, no wait
+    assert time.perf_counter() - start < 1.0
+
+
+async def test_following_a_quiet_task_gets_its_done_event(
+    client: Client, settings: Settings
+) -> None:
+    handle = await client.submit("echo", value=1)
+    follower = asyncio.create_task(_collect(handle.events()))
+    async with running_node([Toolbox], settings):
+        events = await asyncio.wait_for(follower, 10)
+    assert [(e.kind, e.data) for e in events] == [("done", {"status": "succeeded"})]
+
+
+async def _collect(iterator: Any) -> list[Any]:
+    return [item async for item in iterator]

@@ -242,59 +242,66 @@ class Client:
         traceparent: str | None,
     ) -> list[TaskHandle]:
         validate_capability(capability)
-        fixed = options.script_fields()
-        rows: list[list[str | int | bytes]] = []
+        rows: list[tuple[str, bytes, str]] = []
         for kwargs in arguments:
             if not isinstance(kwargs, Mapping):
                 raise ConfigurationError(
                     f"submit_many takes mappings of keyword arguments, got {type(kwargs).__name__}"
                 )
             payload = protocol.encode_arguments(kwargs)
-            rows.append([
-                protocol.new_id(), capability, options.priority, payload, *fixed,
-                self._inbox, parent or "", protocol.child_traceparent(traceparent),
-            ])  # fmt: skip
+            rows.append((protocol.new_id(), payload, protocol.child_traceparent(traceparent)))
+        if not rows:
+            return []
         self._ensure_reader()
-        results = await self._run_submit(rows)
-        handles = self._handles(capability, results)
-        self._in_flight.update(h.id for h in handles if h.is_new)
-        return handles
-
-    async def _run_submit(self, rows: list[list[str | int | bytes]]) -> list[list[bytes]]:
         head: list[str | int | bytes] = [
             self.keys.prefix, protocol.now_ms(), int(self.settings.retention * 1000),
-            self.settings.queue_max_length,
+            self.settings.queue_max_length, capability, options.priority,
+            *options.script_fields(), self._inbox, parent or "", options.idempotency_key or "",
         ]  # fmt: skip
+        chunks = [rows[i : i + SUBMIT_CHUNK] for i in range(0, len(rows), SUBMIT_CHUNK)]
+        replies = await self._run_submit(head, chunks)
+        return self._handles(capability, chunks, replies)
+
+    async def _run_submit(
+        self, head: list[str | int | bytes], chunks: list[list[tuple[str, bytes, str]]]
+    ) -> list[list[Any]]:
+        """One submit-script call per chunk, all in one pipeline."""
         keys = [self.keys.delayed]
+        calls = [head + [field for row in chunk for field in row] for chunk in chunks]
         async with self.errors():
-            if len(rows) <= SUBMIT_CHUNK:
-                return await self.scripts.submit(keys, head + [f for r in rows for f in r])  # type: ignore[no-any-return]
+            if len(calls) == 1:
+                return [await self.scripts.submit(keys, calls[0])]
             pipe = self.redis.pipeline(transaction=False)
-            chunks = [rows[i : i + SUBMIT_CHUNK] for i in range(0, len(rows), SUBMIT_CHUNK)]
-            for chunk in chunks:
-                self.scripts.submit.queue(pipe, keys, head + [f for r in chunk for f in r])
-            replies = await pipe.execute(raise_on_error=False)
+            for args in calls:
+                self.scripts.submit.queue(pipe, keys, args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
             for index, reply in enumerate(replies):
                 if isinstance(reply, NoScriptError):  # engine restarted meanwhile: run again
-                    chunk = chunks[index]
-                    replies[index] = await self.scripts.submit(
-                        keys, head + [f for r in chunk for f in r]
-                    )
+                    replies[index] = await self.scripts.submit(keys, calls[index])
                 elif isinstance(reply, Exception):
                     raise reply
-        return [row for reply in replies for row in reply]
+        return replies
 
-    def _handles(self, capability: str, results: list[list[bytes]]) -> list[TaskHandle]:
+    def _handles(
+        self,
+        capability: str,
+        chunks: list[list[tuple[str, bytes, str]]],
+        replies: list[list[Any]],
+    ) -> list[TaskHandle]:
         handles: list[TaskHandle] = []
-        for raw_id, outcome in results:
-            if outcome == b"full":
-                raise QueueFull(
-                    f"queue of capability {capability!r} is full: {len(handles)} of "
-                    f"{len(results)} task(s) accepted, the rest were not queued; retry later "
-                    "or raise the bound (max_queue_length / SHOAL_QUEUE_MAX_LENGTH)",
-                    accepted=handles,
-                )
-            handles.append(TaskHandle(self, raw_id.decode(), is_new=outcome == b"new"))
+        for chunk, (accepted, existing) in zip(chunks, replies, strict=True):
+            if existing:  # an idempotency key named an existing task
+                return [TaskHandle(self, existing.decode(), is_new=False)]
+            handles += [TaskHandle(self, row[0]) for row in chunk[:accepted]]
+        self._in_flight.update(h.id for h in handles)
+        total = sum(len(chunk) for chunk in chunks)
+        if len(handles) < total:
+            raise QueueFull(
+                f"queue of capability {capability!r} is full: {len(handles)} of {total} "
+                "task(s) accepted, the rest were not queued; retry later or raise the bound "
+                "(max_queue_length / SHOAL_QUEUE_MAX_LENGTH)",
+                accepted=handles,
+            )
         return handles
 
     async def call(
@@ -455,47 +462,43 @@ class Client:
 
     async def events(self, task_id: str, after: str | None = None) -> AsyncIterator[Event]:
         """The task's events in order, from after event id ``after`` (default: the
-        beginning), following live until the task ends. Resume with the last id seen."""
+        beginning), following live until the task ends. Resume with the last id seen.
+
+        Following marks the task as followed, so its end is written as a final
+        'done' event (a task nobody follows and that emitted nothing gets no stream).
+        """
         protocol.validate_task_id(task_id)
         key = self.keys.events(task_id)
         last = after or "0-0"
-        while True:
-            async with self.errors():
-                reply = await self.blocking.xread({key: last}, count=500, block=5000)
-            if not reply:
-                if await self._ended_without_events(task_id, key):
-                    return
-                continue
-            entries = reply[0][1]
-            for index, (entry_id, fields) in enumerate(entries):
-                event = protocol.event_from_entry(entry_id, fields)
-                last = event.id
-                yield event
-                # A 'done' is the end unless more follows (a redriven task goes on).
-                if (
-                    event.terminal
-                    and index == len(entries) - 1
-                    and await self._ended(task_id, key, last)
-                ):
-                    return
-
-    async def _ended(self, task_id: str, key: str, last: str) -> bool:
-        """True if the task is in a final state and no event follows ``last``."""
         async with self.errors():
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(self.keys.task(task_id), "status")
-            pipe.xrange(key, min=f"({last}", count=1)
-            status, following = await pipe.execute()
-        final = status is None or status.decode() in protocol.TERMINAL_STATUSES
-        return final and not following
-
-    async def _ended_without_events(self, task_id: str, key: str) -> bool:
-        """A quiet stream: stop if the task is gone (expired) rather than wait forever."""
-        async with self.errors():
-            exists = await self.redis.exists(self.keys.task(task_id), key)
-        if not exists:
+            status = await self.scripts.follow([self.keys.task(task_id)], [self.keys.prefix])
+        if not status:
             await self._record(task_id)  # raises TaskNotFound
-        return False
+        final = status.decode() in protocol.TERMINAL_STATUSES
+        while True:
+            async with self.errors():  # a finished task's events are read without blocking
+                reply = await self.blocking.xread(
+                    {key: last}, count=500, block=None if final else 5000
+                )
+            entries = reply[0][1] if reply else []
+            ended_with_done = False
+            for entry_id, fields in entries:
+                event = protocol.event_from_entry(entry_id, fields)
+                last, ended_with_done = event.id, event.terminal
+                yield event
+            # The end: the task is final and nothing follows (a redriven task goes on).
+            if (not entries or ended_with_done) and (final := await self._is_final(task_id)):
+                async with self.errors():
+                    if not await self.redis.xrange(key, min=f"({last}", count=1):
+                        return
+
+    async def _is_final(self, task_id: str) -> bool:
+        """Whether the task is in a final state (TaskNotFound if its record expired)."""
+        async with self.errors():
+            status = await self.redis.hget(self.keys.task(task_id), "status")
+        if status is None:
+            await self._record(task_id)
+        return bool(status.decode() in protocol.TERMINAL_STATUSES)
 
     # --- control ------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 RELEASE_INTERVAL_S = 0.25  # longest gap between two looks at due delayed tasks
 RELEASE_BATCH = 1000
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
+FINISH_CHUNK = 500  # outcomes per finish-script call (keeps each script short)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
 
 
@@ -355,21 +356,27 @@ class Node:
         pipe = self.client.redis.pipeline(transaction=False)
         for task_id, kind, data, at in buffers.events:
             pipe.xadd(self.keys.events(task_id), {"k": kind, "d": data, "t": at})
-        args: list[Any] = []
-        if buffers.outcomes:
-            args = [
-                self.keys.prefix, CONSUMER_GROUP, protocol.now_ms(),
-                int(self.settings.retention * 1000),
-            ]  # fmt: skip
-            for outcome in buffers.outcomes:
+        head: list[Any] = [
+            self.keys.prefix, CONSUMER_GROUP, protocol.now_ms(),
+            int(self.settings.retention * 1000),
+        ]  # fmt: skip
+        calls = []
+        for start in range(0, len(buffers.outcomes), FINISH_CHUNK):
+            args = list(head)
+            for outcome in buffers.outcomes[start : start + FINISH_CHUNK]:
                 args += outcome.script_fields()
             self.client.scripts.finish.queue(pipe, [self.keys.delayed], args)
+            calls.append(args)
         async with self.client.errors():
             replies = await pipe.execute(raise_on_error=False)
-            if args and isinstance(replies[-1], NoScriptError):
-                await self.client.scripts.finish([self.keys.delayed], args)  # reloads it
-            elif errors := [r for r in replies if isinstance(r, Exception)]:
-                raise errors[0]
+            for args, reply in zip(calls, replies[len(replies) - len(calls) :], strict=True):
+                if isinstance(reply, NoScriptError):
+                    await self.client.scripts.finish([self.keys.delayed], args)  # reloads it
+            failures = [
+                r for r in replies if isinstance(r, Exception) and not isinstance(r, NoScriptError)
+            ]
+            if failures:
+                raise failures[0]
 
     # --- delayed tasks and cancellation ------------------------------------------------
 

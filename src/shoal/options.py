@@ -88,11 +88,10 @@ class TaskOptions:
         )
 
     def script_fields(self) -> list[str | int]:
-        """max_attempts, timeout, deadline_ms, due_ms, idempotency key (see submit.lua)."""
+        """max_attempts, timeout, deadline_ms, due_ms, in submit.lua's order."""
         return [
             "" if self.max_attempts is None else self.max_attempts,
             "" if self.timeout is None else repr(self.timeout),
             "" if self.deadline_ms is None else self.deadline_ms,
             self.due_ms,
-            self.idempotency_key or "",
         ]

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = ("submit", "fetch", "finish", "release", "cancel", "redrive")
+SCRIPT_NAMES = ("submit", "fetch", "finish", "release", "cancel", "redrive", "follow")
 
 Arg = str | int | float | bytes
 
@@ -65,9 +65,10 @@ class Scripts:
         self.release = Script(redis, "release")
         self.cancel = Script(redis, "cancel")
         self.redrive = Script(redis, "redrive")
+        self.follow = Script(redis, "follow")
 
     def all(self) -> list[Script]:
-        return [self.submit, self.fetch, self.finish, self.release, self.cancel, self.redrive]
+        return [getattr(self, name) for name in SCRIPT_NAMES]
 
     async def load_all(self) -> None:
         for script in self.all():

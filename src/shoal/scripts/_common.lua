@@ -9,24 +9,33 @@ local function events_key(id) return prefix .. 'events:' .. id end
 local function queue_key(cap, prio) return prefix .. 'queue:' .. cap .. ':' .. prio end
 local function dlq_key(cap) return prefix .. 'dlq:' .. cap end
 
--- Record the end of a task: status, finish time, retention TTL on the record and
--- its events, a terminal 'done' event, and a wake-up in the submitter's inbox.
--- The inbox entry carries the outcome ('<id> <status> <result or error bytes>'),
--- so a waiting client needs no further round trip to read it.
-local function finish_task(id, status, now, retention_ms)
+-- Inbox keys whose TTL this script already refreshed (once per key per call).
+local refreshed = {}
+
+-- Record the end of a task. `extra` holds field/value pairs to store with it
+-- (the result or the error). Then:
+--  * the record (and its event stream) expire after the retention period;
+--  * the submitter's inbox gets '<id> <status> <result or error>', so a waiting
+--    client learns the outcome without another round trip;
+--  * a terminal 'done' event is appended to the event stream only if the stream
+--    exists or a client follows the task ('follow' flag): a stream costs ~4 KB,
+--    too much to create for every task just to say it ended.
+-- `rec` = {reply, follow} as read by the caller; `payload` = result or error bytes.
+local function finish_task(id, status, now, retention_ms, rec, payload, extra)
   local tk = task_key(id)
-  redis.call('HSET', tk, 'status', status, 'finished', now)
-  redis.call('HDEL', tk, 'due')
+  redis.call('HSET', tk, 'status', status, 'finished', now, unpack(extra))
   redis.call('PEXPIRE', tk, retention_ms)
   local ek = events_key(id)
-  redis.call('XADD', ek, '*', 'k', 'done', 'd', cmsgpack.pack({status = status}), 't', now)
-  redis.call('PEXPIRE', ek, retention_ms)
-  local rec = redis.call('HMGET', tk, 'reply', 'result', 'error')
+  if rec[2] == '1' or redis.call('EXISTS', ek) == 1 then
+    redis.call('XADD', ek, '*', 'k', 'done', 'd', cmsgpack.pack({status = status}), 't', now)
+    redis.call('PEXPIRE', ek, retention_ms)
+  end
   local reply = rec[1]
   if reply and reply ~= '' then
-    local payload = rec[3] or ''
-    if status == 'succeeded' then payload = rec[2] or '' end
-    redis.call('RPUSH', reply, id .. ' ' .. status .. ' ' .. payload)
-    redis.call('PEXPIRE', reply, retention_ms)
+    redis.call('RPUSH', reply, id .. ' ' .. status .. ' ' .. (payload or ''))
+    if not refreshed[reply] then
+      redis.call('PEXPIRE', reply, retention_ms)
+      refreshed[reply] = true
+    end
   end
 end

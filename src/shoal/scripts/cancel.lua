@@ -8,11 +8,13 @@
 -- Returns  'cancelled', 'cancelling', 'missing', or the terminal status it already had
 local id, now, retention_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local tk = task_key(id)
-local status = redis.call('HGET', tk, 'status')
+local r = redis.call('HMGET', tk, 'status', 'reply', 'follow')
+local status = r[1]
 if not status then return 'missing' end
 if status == 'scheduled' or status == 'queued' then
   redis.call('ZREM', KEYS[1], id)
-  finish_task(id, 'cancelled', now, retention_ms)
+  redis.call('HDEL', tk, 'due')
+  finish_task(id, 'cancelled', now, retention_ms, {r[2], r[3]}, '', {})
   return 'cancelled'
 end
 if status == 'running' then

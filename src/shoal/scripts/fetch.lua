@@ -19,39 +19,53 @@ local now = tonumber(ARGV[5])
 local retention_ms = tonumber(ARGV[6])
 local expired_error = ARGV[7]
 local started, consumed = {}, 0
+local defaults = {}  -- capability -> {max_attempts, timeout}, read once per call
 
 local function drop(q, eid)
   redis.call('XACK', q, group, eid)
   redis.call('XDEL', q, eid)
 end
 
--- A task option left empty takes the capability's default (published by nodes),
--- and the resolved value is written to the record so status shows it.
-local function resolve(tk, field, cap, cap_field, default)
-  local v = redis.call('HGET', tk, field)
-  if v and v ~= '' then return v end
-  v = redis.call('HGET', prefix .. 'capability:' .. cap, cap_field) or default
-  redis.call('HSET', tk, field, v)
-  return v
+local function capability_defaults(cap)
+  local d = defaults[cap]
+  if not d then
+    d = redis.call('HMGET', prefix .. 'capability:' .. cap, 'max_attempts', 'timeout')
+    defaults[cap] = d
+  end
+  return d
 end
 
 local function start(q, eid, id)
   local tk = task_key(id)
-  local rec = redis.call('HMGET', tk, 'status', 'deadline', 'cap')
-  if rec[1] ~= 'queued' then drop(q, eid); return end
-  if rec[2] and rec[2] ~= '' and tonumber(rec[2]) < now then
-    redis.call('HSET', tk, 'error', expired_error)
-    finish_task(id, 'expired', now, retention_ms)
+  -- status, deadline, cap, max_att, timeout, args, parent, trace, reply, follow
+  local r = redis.call('HMGET', tk, 'status', 'deadline', 'cap', 'max_att', 'timeout',
+    'args', 'parent', 'trace', 'reply', 'follow')
+  if r[1] ~= 'queued' then drop(q, eid); return end
+  if r[2] and tonumber(r[2]) < now then
+    finish_task(id, 'expired', now, retention_ms, {r[9], r[10]}, expired_error,
+      {'error', expired_error})
     drop(q, eid)
     return
   end
-  local cap = rec[3]
-  local max_att = resolve(tk, 'max_att', cap, 'max_attempts', '3')
-  local timeout = resolve(tk, 'timeout', cap, 'timeout', '')
+  local max_att, timeout = r[4], r[5]
+  local fields = {'status', 'running', 'started', now, 'node', consumer}
+  if not max_att or not timeout then
+    -- options the task left open take the capability's defaults; written to the
+    -- record so its status shows them
+    local d = capability_defaults(r[3])
+    if not max_att then
+      max_att = d[1] or '3'
+      fields[#fields + 1], fields[#fields + 2] = 'max_att', max_att
+    end
+    if not timeout then
+      timeout = d[2] or ''
+      if timeout ~= '' then fields[#fields + 1], fields[#fields + 2] = 'timeout', timeout end
+    end
+  end
   local attempt = redis.call('HINCRBY', tk, 'attempts', 1)
-  redis.call('HSET', tk, 'status', 'running', 'started', now, 'node', consumer)
-  local more = redis.call('HMGET', tk, 'args', 'parent', 'trace')
-  started[#started + 1] = {q, eid, id, cap, more[1], attempt, max_att, timeout, more[2], more[3]}
+  redis.call('HSET', tk, unpack(fields))
+  started[#started + 1] = {q, eid, id, r[3], r[6], attempt, max_att, timeout,
+    r[7] or '', r[8] or ''}
   remaining = remaining - 1
 end
 

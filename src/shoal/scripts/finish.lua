@@ -6,8 +6,9 @@
 --          ErrorInfo, due_ms = when to run again), 'dead' / 'failed' (payload =
 --          ErrorInfo), 'cancelled', 'requeue' (a stopping node hands the task
 --          back: queued again at once, this attempt not counted)
--- Touches  queue streams (XACK + XDEL: acknowledged entries are trimmed at once),
---          task:<id>, events:<id>, reply inbox, delayed, dlq:<cap>
+-- Touches  queue streams (XACK + XDEL: acknowledged entries are trimmed at once,
+--          one call per stream for the whole batch), task:<id>, events:<id>,
+--          reply inbox, delayed, dlq:<cap>
 -- Rule     the first recorded result wins: an outcome for a task that is no longer
 --          running this attempt (finished elsewhere, cancelled while queued, or
 --          re-run after a takeover) only counts a duplicate in the record ('dups').
@@ -17,48 +18,59 @@ local group = ARGV[2]
 local now = tonumber(ARGV[3])
 local retention_ms = tonumber(ARGV[4])
 local recorded = 0
+local acks = {}  -- queue -> entry ids
 
-local function record_error(tk, attempt, payload)
-  redis.call('HSET', tk, 'error', payload, 'err:' .. attempt, payload)
+local function schedule(tk, id, due)
+  redis.call('HSET', tk, 'status', 'scheduled', 'due', due)
+  redis.call('ZADD', KEYS[1], due, id)
 end
 
-local function apply(q, eid, id, attempt, outcome, payload, due)
-  redis.call('XACK', q, group, eid)
-  redis.call('XDEL', q, eid)
+local function apply(id, attempt, outcome, payload, due)
   local tk = task_key(id)
-  local rec = redis.call('HMGET', tk, 'status', 'attempts', 'cancel', 'cap')
-  if not rec[1] then return end
-  if rec[1] ~= 'running' or rec[2] ~= attempt then
+  -- status, attempts, cancel, cap, reply, follow
+  local r = redis.call('HMGET', tk, 'status', 'attempts', 'cancel', 'cap', 'reply', 'follow')
+  if not r[1] then return end
+  if r[1] ~= 'running' or r[2] ~= attempt then
     redis.call('HINCRBY', tk, 'dups', 1)
     return
   end
   recorded = recorded + 1
-  if rec[3] == '1' or outcome == 'cancelled' then
-    finish_task(id, 'cancelled', now, retention_ms)
+  local rec = {r[5], r[6]}
+  if r[3] == '1' or outcome == 'cancelled' then
+    finish_task(id, 'cancelled', now, retention_ms, rec, '', {})
+  elseif outcome == 'ok' then
+    finish_task(id, 'succeeded', now, retention_ms, rec, payload, {'result', payload})
   elseif outcome == 'requeue' then
     redis.call('HINCRBY', tk, 'attempts', -1)
-    redis.call('HSET', tk, 'status', 'scheduled', 'due', now)
-    redis.call('ZADD', KEYS[1], now, id)
-  elseif outcome == 'ok' then
-    redis.call('HSET', tk, 'result', payload)
-    finish_task(id, 'succeeded', now, retention_ms)
+    schedule(tk, id, now)
   elseif outcome == 'retry' then
-    record_error(tk, attempt, payload)
-    redis.call('HSET', tk, 'status', 'scheduled', 'due', due)
-    redis.call('ZADD', KEYS[1], due, id)
-  elseif outcome == 'dead' then
-    record_error(tk, attempt, payload)
-    finish_task(id, 'dead', now, retention_ms)
-    redis.call('XADD', dlq_key(rec[4]), 'MINID', '~', now - retention_ms, '*', 'id', id, 't', now)
-    redis.call('PEXPIRE', dlq_key(rec[4]), retention_ms)
+    redis.call('HSET', tk, 'error', payload, 'err:' .. attempt, payload)
+    schedule(tk, id, due)
   else
-    record_error(tk, attempt, payload)
-    finish_task(id, 'failed', now, retention_ms)
+    local status = 'failed'
+    if outcome == 'dead' then status = 'dead' end
+    finish_task(id, status, now, retention_ms, rec, payload,
+      {'error', payload, 'err:' .. attempt, payload})
+    if status == 'dead' then
+      local dk = dlq_key(r[4])
+      redis.call('XADD', dk, 'MINID', '~', now - retention_ms, '*', 'id', id, 't', now)
+      redis.call('PEXPIRE', dk, retention_ms)
+    end
   end
 end
 
 for base = 5, #ARGV, 7 do
-  apply(ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4],
-    ARGV[base + 5], tonumber(ARGV[base + 6]))
+  local q = ARGV[base]
+  local ids = acks[q]
+  if not ids then
+    ids = {}
+    acks[q] = ids
+  end
+  ids[#ids + 1] = ARGV[base + 1]
+  apply(ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5], tonumber(ARGV[base + 6]))
+end
+for q, ids in pairs(acks) do
+  redis.call('XACK', q, group, unpack(ids))
+  redis.call('XDEL', q, unpack(ids))
 end
 return recorded

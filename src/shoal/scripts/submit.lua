@@ -1,49 +1,64 @@
--- submit: accept a batch of tasks atomically per task.
+-- submit: accept a batch of tasks for one capability with the same options.
 -- KEYS[1]  delayed (sorted set; declared so the script routes to the namespace's slot)
--- ARGV     prefix, now_ms, retention_ms, default_queue_max, then 12 fields per task:
---          id, capability, priority, args, max_attempts, timeout, deadline_ms,
---          due_ms (0 = now), idempotency key, reply inbox key, parent id, traceparent
--- Touches  task:<id> (hash), queue:<cap>:<prio> (stream), idem:<key> (string),
---          capability:<cap> (hash, read: queue_max)
--- Returns  one {id, outcome} per task; outcome 'new', 'dup' (idempotency key seen,
---          id is the existing task) or 'full' (queue at its bound, nothing written)
+-- ARGV     prefix, now_ms, retention_ms, default_queue_max,
+--          capability, priority, max_attempts, timeout, deadline_ms, due_ms (0 = now),
+--          reply inbox key, parent id, idempotency key (single-task batches only),
+--          then 3 fields per task: id, args (msgpack), traceparent
+-- Touches  task:<id> (hash), queue:<cap>:<prio> (stream), delayed (due tasks),
+--          idem:<key> (string), capability:<cap> (hash, read: queue_max)
+-- Returns  {accepted, existing}: the first `accepted` tasks were queued (fewer than
+--          the batch means the queue reached its bound: the rest were not written);
+--          `existing` is the id of the task an idempotency key already named (then
+--          nothing was written), else ''.
 local now = tonumber(ARGV[2])
 local retention_ms = tonumber(ARGV[3])
-local default_qmax = tonumber(ARGV[4])
-local out = {}
+local cap, prio = ARGV[5], ARGV[6]
+local due = tonumber(ARGV[10])
+local idem = ARGV[13]
 
-local function submit_one(base)
-  local id, cap, prio = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-  local idem = ARGV[base + 8]
-  if idem ~= '' then
-    local existing = redis.call('GET', prefix .. 'idem:' .. idem)
-    if existing then return {existing, 'dup'} end
+if idem ~= '' then
+  local existing = redis.call('GET', prefix .. 'idem:' .. idem)
+  if existing then return {0, existing} end
+end
+
+local q = queue_key(cap, prio)
+local qmax = tonumber(redis.call('HGET', prefix .. 'capability:' .. cap, 'queue_max') or ARGV[4])
+local room = qmax - redis.call('XLEN', q)
+
+local status = 'queued'
+if due > now then status = 'scheduled' end
+-- The fields every task of the batch shares; empty options are not stored.
+local common = {'cap', cap, 'prio', prio, 'status', status, 'attempts', 0, 'created', now}
+local optional = {'max_att', 7, 'timeout', 8, 'deadline', 9, 'reply', 11, 'parent', 12, 'idem', 13}
+for i = 1, #optional, 2 do
+  local value = ARGV[optional[i + 1]]
+  if value ~= '' then
+    common[#common + 1] = optional[i]
+    common[#common + 1] = value
   end
-  local q = queue_key(cap, prio)
-  local qmax = tonumber(redis.call('HGET', prefix .. 'capability:' .. cap, 'queue_max') or default_qmax)
-  if redis.call('XLEN', q) >= qmax then return {id, 'full'} end
-  local due = tonumber(ARGV[base + 7])
-  local status = 'queued'
-  if due > now then status = 'scheduled' end
-  local tk = task_key(id)
-  redis.call('HSET', tk, 'cap', cap, 'prio', prio, 'args', ARGV[base + 3], 'status', status,
-    'attempts', 0, 'max_att', ARGV[base + 4], 'timeout', ARGV[base + 5],
-    'deadline', ARGV[base + 6], 'created', now, 'reply', ARGV[base + 9],
-    'parent', ARGV[base + 10], 'trace', ARGV[base + 11], 'idem', idem)
+end
+if status == 'scheduled' then
+  common[#common + 1] = 'due'
+  common[#common + 1] = due
+end
+local n = #common
+
+local accepted = 0
+for base = 14, #ARGV, 3 do
+  if room <= 0 then break end
+  local id = ARGV[base]
+  common[n + 1], common[n + 2] = 'args', ARGV[base + 1]
+  common[n + 3], common[n + 4] = 'trace', ARGV[base + 2]
+  redis.call('HSET', task_key(id), unpack(common))
   if status == 'scheduled' then
-    redis.call('HSET', tk, 'due', due)
     redis.call('ZADD', KEYS[1], due, id)
   else
     redis.call('XADD', q, '*', 'id', id)
   end
-  if idem ~= '' then
-    redis.call('SET', prefix .. 'idem:' .. idem, id, 'PX', retention_ms)
-  end
-  return {id, 'new'}
+  room = room - 1
+  accepted = accepted + 1
 end
-
-local n = (#ARGV - 4) / 12
-for i = 0, n - 1 do
-  out[#out + 1] = submit_one(5 + i * 12)
+if idem ~= '' and accepted == 1 then
+  redis.call('SET', prefix .. 'idem:' .. idem, ARGV[14], 'PX', retention_ms)
 end
-return out
+return {accepted, ''}
