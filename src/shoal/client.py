@@ -24,7 +24,7 @@ from cachetools import LRUCache
 from redis.exceptions import NoScriptError
 
 from shoal import protocol
-from shoal.engine import aengine_errors, open_connection, resolve_url, translate
+from shoal.engine import engine_errors, open_connection, resolve_url, translate
 from shoal.errors import (
     ConfigurationError,
     QueueFull,
@@ -116,13 +116,13 @@ class Client:
         self._url = await asyncio.to_thread(resolve_url, self.settings.url, self.settings.data_dir)
         conn = open_connection(self._url)
         try:
-            async with aengine_errors(self._url):
+            async with engine_errors(self._url):
                 await conn.ping()
         except BaseException:
             await conn.aclose()
             raise
         self._redis, self._scripts = conn, Scripts(conn)
-        async with aengine_errors(self._url):
+        async with engine_errors(self._url):
             await self._scripts.load_all()
         self._blocking = open_connection(self._url, for_blocking=True)
         return self
@@ -176,8 +176,9 @@ class Client:
         assert self._scripts is not None
         return self._scripts
 
-    def errors(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return aengine_errors(self._url)
+    def errors(self) -> engine_errors:
+        """``async with client.errors():`` turns engine errors into Shoal's."""
+        return engine_errors(self._url)
 
     # --- submitting -----------------------------------------------------------
 

@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,21 +103,37 @@ def translate(exc: redis.RedisError, url: str) -> Exception:
     return EngineError(f"engine at {where} answered with an error: {exc}")
 
 
-@contextlib.contextmanager
-def engine_errors(url: str) -> Iterator[None]:
-    """Translate engine errors raised inside the block (``raise ... from None``)."""
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise translate(exc, url) from None
+class engine_errors:
+    """Translate engine errors raised inside the block (``raise ... from None``).
+
+    Works with ``with`` and ``async with``; a plain class rather than a
+    contextmanager generator because it wraps every call on the hot path.
+    """
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if isinstance(exc, redis.RedisError):
+            raise translate(exc, self.url) from None
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        self.__exit__(kind, exc, tb)
 
 
-@contextlib.asynccontextmanager
-async def aengine_errors(url: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise translate(exc, url) from None
+aengine_errors = engine_errors
 
 
 # --- the embedded engine --------------------------------------------------------

@@ -104,6 +104,7 @@ class Node:
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()  # stop pulling work, drain
         self._closing = asyncio.Event()  # drained: background loops end by themselves
+        self._idle_read: asyncio.Future[Any] | None = None  # the blocking wait for work
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._loop_thread = 0
         self.completed = 0
@@ -121,6 +122,10 @@ class Node:
     def stop(self) -> None:
         """Ask the node to drain and stop (safe from a signal handler)."""
         self._stopping.set()
+        if self._idle_read is not None:
+            # call_soon: the read's first step (already scheduled) runs first, so the
+            # cancel never hits a coroutine that has not started (which would warn).
+            asyncio.get_running_loop().call_soon(self._idle_read.cancel)
 
     async def run(self) -> None:
         """Register, consume until stop() is called, then drain and deregister."""
@@ -250,21 +255,19 @@ class Node:
     async def _wait_for_work(self, last_ids: list[bytes]) -> None:
         """Block until any of our queues gets an entry past ``last_ids`` (or stop)."""
         streams = dict(zip(self._queues, last_ids, strict=True))
-        read = asyncio.ensure_future(
+        self._idle_read = asyncio.ensure_future(
             self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
         )
-        stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in (read, stop):
-                if not fut.done():
-                    fut.cancel()
-        if read.done() and not read.cancelled() and (exc := read.exception()) is not None:
-            if not isinstance(exc, redis.RedisError):
-                raise exc
+            await self._idle_read  # stop() cancels it
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise
+        except redis.RedisError as exc:
             log.warning("waiting for work failed: %s", translate(exc, self.client.url))
             await self._until(self._stopping, timeout=0.5)
+        finally:
+            self._idle_read = None
 
     async def _until(self, event: asyncio.Event, timeout: float | None = None) -> bool:
         """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
@@ -423,7 +426,7 @@ class Node:
 
 
 def _capability_fields(spec: CapabilitySpec) -> dict[str, Any]:
-    fields: dict[str, Any] = {"agent": spec.method_name}
+    fields: dict[str, Any] = {"handler": spec.method_name}
     if spec.max_attempts is not None:
         fields["max_attempts"] = spec.max_attempts
     if spec.timeout is not None:
