@@ -124,6 +124,28 @@ async def test_bad_input_is_one_readable_line_and_exit_1(
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["node", "--app", "no_such_module"], "cannot import app module 'no_such_module'"),
+        (["node", "--app", "json"], "module 'json' defines no Agent class"),
+        (["node", "--app", "tests.broken_app"], "importing app module 'tests.broken_app' failed"),
+    ],
+)
+async def test_node_with_a_bad_app_says_why_in_one_line(
+    settings: Settings, args: list[str], message: str
+) -> None:
+    code, _, err = await shoal(settings, *args)
+    assert code == 1 and message in err
+    assert "Traceback" not in err
+
+
+async def test_node_without_an_engine_says_so_in_one_line() -> None:
+    env = {**os.environ, "SHOAL_REDIS_URL": "redis://127.0.0.1:1/0"}
+    code, _, err = await shoal(None, "node", "--app", "tests.agents", env=env)
+    assert code == 1 and "cannot reach the engine at redis://127.0.0.1:1/0" in err
+
+
 async def test_unreachable_engine_is_one_line_with_the_masked_url() -> None:
     env = {**os.environ, "SHOAL_REDIS_URL": "redis://:pw@127.0.0.1:1/0"}
     code, _, err = await shoal(None, "submit", "echo", env=env)

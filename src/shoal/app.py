@@ -21,6 +21,13 @@ def load_agents(module_name: str) -> list[type[Agent]]:
             f"cannot import app module {module_name!r}: {exc}. Pass a dotted module path "
             "importable from the current directory (e.g. --app myproject.agents)"
         ) from None
+    except ConfigurationError:
+        raise  # e.g. a capability declared with a bad option: its message says which
+    except Exception as exc:
+        raise ConfigurationError(
+            f"importing app module {module_name!r} failed: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)"
+        ) from exc
     explicit = getattr(module, "agents", None)
     if explicit is not None:
         agents = list(explicit)
