@@ -8,8 +8,9 @@ later step (issue 5); only this module and the scripts' prefix argument change t
 
 | key                         | type        | holds                                        |
 |-----------------------------|-------------|----------------------------------------------|
-| task:<id>                   | hash        | the task record (see protocol.TaskRecord)    |
-| events:<id>                 | stream      | the task's events; the last is terminal      |
+| task:<id>                   | hash        | the task record (protocol.TaskInfo reads it) |
+| events:<id>                 | stream      | the task's events; 'done' ends it if the     |
+|                             |             | task emitted events or a client follows it   |
 | queue:<capability>:<prio>   | stream      | ids of queued tasks; consumer group "nodes"  |
 | delayed                     | sorted set  | task id -> due time (ms) for delays/retries  |
 | dlq:<capability>            | stream      | dead tasks: id, reason                       |
