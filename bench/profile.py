@@ -51,14 +51,19 @@ async def _run(url: str, namespace: str, n: int) -> dict[str, Any]:
         "engine_cpu_us_per_task": round(engine_cpu / n * 1e6, 1),
         "engine_memory_bytes_per_finished_task": round(conn.info("memory")["used_memory"] / n),
         "engine_commands": {
-            name.removeprefix("cmdstat_"): {"calls": v["calls"], "usec_per_call": v["usec_per_call"]}
+            name.removeprefix("cmdstat_"): {
+                "calls": v["calls"],
+                "usec_per_call": v["usec_per_call"],
+            }
             for name, v in top
         },
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument("--profile-out", default="node-profile.txt")
     args = parser.parse_args()

@@ -15,6 +15,8 @@ class PermanentError(Exception):
 
 
 class Toolbox(Agent):
+    switch = False
+
     @capability("echo")
     async def echo(self, value: Any = None) -> Any:
         return value
@@ -78,6 +80,21 @@ class Toolbox(Agent):
     @capability("parent_waits")
     async def parent_waits(self) -> Any:
         return await self.ctx.call("sleepy", seconds=30)
+
+    @capability("switchable", max_attempts=1)
+    async def switchable(self) -> str:
+        """Fails until a test flips Toolbox.switch (in-process nodes share the class)."""
+        if not Toolbox.switch:
+            raise RuntimeError("switched off")
+        return "switched on"
+
+    @capability("bad_event")
+    async def bad_event(self) -> None:
+        self.ctx.emit({"when": object()})
+
+    @capability("own_timeout", max_attempts=1)
+    async def own_timeout(self) -> None:
+        raise TimeoutError("the upstream API timed out")
 
     @capability("returns_object")
     async def returns_object(self) -> Any:

@@ -13,7 +13,7 @@ import pytest
 
 from shoal import Client, Settings
 from tests.agents import Toolbox
-from tests.conftest import REPO, node_env, running_node
+from tests.conftest import REPO, node_env, running_node, wait_for_status
 
 
 async def shoal(
@@ -178,3 +178,22 @@ async def test_engine_start_status_stop(tmp_path: Path) -> None:
     assert code == 0 and "engine stopped" in out
     code, out, _ = await shoal(None, "engine", "stop", "--data-dir", data, env=env)
     assert "no engine was running" in out
+
+
+async def test_cancel_command_cancels_and_reports(settings: Settings, client: Client) -> None:
+    handle = await client.submit("echo", value=1)
+    code, out, _ = await shoal(settings, "cancel", handle.id)
+    assert code == 0 and out.strip() == "cancelled"
+    code, out, _ = await shoal(settings, "cancel", handle.id)
+    assert code == 0 and "already ended (cancelled)" in out
+
+
+async def test_task_events_of_a_running_task_print_at_once(
+    settings: Settings, client: Client
+) -> None:
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("sleepy", seconds=30)
+        await wait_for_status(handle, "running")
+        code, out, _ = await shoal(settings, "task", handle.id, "--events")
+        await handle.cancel()
+    assert code == 0 and "running" in out

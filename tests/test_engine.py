@@ -57,6 +57,7 @@ def test_stale_record_of_a_dead_engine_is_replaced(engine: EmbeddedEngine) -> No
     second = engine.ensure()
     assert second.pid != first.pid
     assert json.loads(engine.record_path.read_text())["pid"] == second.pid
+    assert second.url == first.url, "same port and password: connected clients reconnect"
 
 
 def test_data_survives_an_engine_restart_through_aof(engine: EmbeddedEngine) -> None:

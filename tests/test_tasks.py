@@ -12,6 +12,7 @@ import pytest
 from shoal import (
     Client,
     ConfigurationError,
+    EngineUnavailable,
     QueueFull,
     ResultTimeout,
     SerializationError,
@@ -263,7 +264,7 @@ async def test_exhausted_task_goes_to_the_dead_letters_and_can_be_redriven(
             await handle.result(timeout=10)
         info = await handle.status()
     assert info.status == "dead"
-    assert [e.attempt for e in info.errors] == [1, 2], "attempts restart at 1 after a redrive"
+    assert [e.attempt for e in info.errors] == [1, 2, 1, 2], "both rounds' errors are kept"
     kinds = [e.kind async for e in handle.events()]
     # Nobody followed the first run and it emitted nothing, so it left no stream;
     # the redrive starts one and the second end is written to it.
@@ -303,7 +304,7 @@ async def test_cancel_a_running_task_on_another_node(client: Client, settings: S
         with pytest.raises(TaskCancelled):
             await handle.result(timeout=5)
     assert (await handle.status()).status == "cancelled"
-    assert await handle.cancel() == "cancelled", "cancelling again reports the final status"
+    assert await handle.cancel() == "already_cancelled"
 
 
 async def test_cancelling_a_parent_cancels_the_sub_task_it_awaits(
@@ -501,3 +502,75 @@ async def test_following_a_quiet_task_gets_its_done_event(
 
 async def _collect(iterator: Any) -> list[Any]:
     return [item async for item in iterator]
+
+
+async def test_a_handlers_own_timeout_error_is_recorded_as_itself(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        with pytest.raises(TaskFailed) as failure:
+            await client.call("own_timeout")
+    assert failure.value.error_type == "TimeoutError"
+    assert failure.value.message == "the upstream API timed out"
+
+
+async def test_result_after_a_redrive_is_the_new_outcome_not_a_remembered_one(
+    client: Client, settings: Settings
+) -> None:
+    Toolbox.switch = False
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("switchable")
+        await wait_for_status(handle, "dead")
+        Toolbox.switch = True
+        try:
+            assert await client.redrive("switchable") == [handle.id]
+            assert await handle.result(timeout=10) == "switched on"
+        finally:
+            Toolbox.switch = False
+
+
+async def test_capabilities_of_one_priority_take_turns_on_a_node(
+    client: Client, settings: Settings
+) -> None:
+    busy = await client.submit_many("whoami", [{"i": i} for i in range(40)])
+    other = await client.submit("echo", value="not starved")
+    async with running_node([Toolbox], settings, concurrency=1):
+        await other.result(timeout=30)
+        other_started = (await other.status()).started_at
+        await asyncio.gather(*(h.result(timeout=30) for h in busy))
+        busy_started = sorted([(await h.status()).started_at or 0 for h in busy])
+    assert other_started is not None
+    assert other_started < busy_started[len(CAPS_ON_TOOLBOX) + 1]
+
+
+CAPS_ON_TOOLBOX = list(Toolbox.capabilities())
+
+
+async def test_event_history_reads_without_waiting(client: Client, settings: Settings) -> None:
+    async with running_node([Toolbox], settings):
+        done = await client.submit("report", steps=2)
+        await done.result(timeout=10)
+        running = await client.submit("sleepy", seconds=30)
+        await wait_for_status(running, "running")
+        assert [e.kind for e in await client.event_history(done.id)][-1] == "done"
+        assert await client.event_history(running.id) == []  # returns at once
+        await running.cancel()
+    with pytest.raises(TaskNotFound):
+        await client.event_history("0" * 28)
+
+
+async def test_event_data_that_is_not_msgpack_fails_the_task_clearly(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings):
+        with pytest.raises(TaskFailed, match="event data of type dict cannot be sent") as failure:
+            await client.call("bad_event")
+    assert failure.value.status == "failed"
+
+
+def test_engines_older_than_redis_7_are_refused_clearly() -> None:
+    from shoal.client import _check_engine_version
+
+    with pytest.raises(EngineUnavailable, match=r"runs Redis 6\.2\.14; Shoal needs Redis >= 7\.0"):
+        _check_engine_version({"redis_version": "6.2.14"}, "redis://:pw@h:1/0")
+    _check_engine_version({"redis_version": "7.2.4"}, "redis://h:1/0")

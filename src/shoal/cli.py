@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -218,20 +218,38 @@ def _print_task(info: protocol.TaskInfo, result: Any, traceback: bool) -> None:
 
 
 async def _print_events(client: Client, task_id: str, follow: bool) -> None:
-    iterator = client.events(task_id)
-    async for event in iterator:
-        out.print(
-            f"{event.id}  {_ts(event.at)}  {event.kind}  {json.dumps(event.data, default=repr)}"
-        )
-        if not follow and event.terminal:
-            break
-        if not follow and not await _more_events(client, task_id, event.id):
-            break
+    """The events so far; with --follow, then live until the task ends."""
+    events = client.events(task_id) if follow else _aiter(await client.event_history(task_id))
+    async for event in events:
+        data = json.dumps(event.data, default=repr)
+        out.print(f"{event.id}  {_ts(event.at)}  {event.kind}  {data}")
 
 
-async def _more_events(client: Client, task_id: str, after: str) -> bool:
-    reply = await client.redis.xread({client.keys.events(task_id): after}, count=1)
-    return bool(reply)
+async def _aiter(items: list[protocol.Event]) -> AsyncIterator[protocol.Event]:
+    for item in items:
+        yield item
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Cancel a task: at once if it has not started, else the node running it is told."""
+
+    async def go() -> None:
+        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+            outcome = await client.cancel(task_id)
+        messages = {
+            "cancelled": "cancelled",
+            "cancelling": "cancelling: the node running it stops it and records 'cancelled'",
+        }
+        ended = outcome.removeprefix("already_")
+        out.print(messages.get(outcome, f"not cancelled: the task already ended ({ended})"))
+
+    _run(go())
 
 
 # --- dead letters --------------------------------------------------------------------

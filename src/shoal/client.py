@@ -24,9 +24,11 @@ from cachetools import LRUCache
 from redis.exceptions import NoScriptError
 
 from shoal import protocol
-from shoal.engine import engine_errors, open_connection, resolve_url, translate
+from shoal.engine import engine_errors, mask_url, open_connection, resolve_url, translate
 from shoal.errors import (
     ConfigurationError,
+    EngineUnavailable,
+    NotHosted,
     QueueFull,
     ResultTimeout,
     TaskCancelled,
@@ -117,7 +119,8 @@ class Client:
         conn = open_connection(self._url)
         try:
             async with engine_errors(self._url):
-                await conn.ping()
+                info = await conn.info("server")
+            _check_engine_version(info, self._url)
         except BaseException:
             await conn.aclose()
             raise
@@ -445,6 +448,8 @@ class Client:
             fut.set_result((status, payload))
         if not waiters and status in protocol.TERMINAL_STATUSES:
             self._arrived[task_id] = (status, payload)
+        elif status not in protocol.TERMINAL_STATUSES:
+            self._arrived.pop(task_id, None)  # e.g. redriven: an earlier outcome is stale
 
     def _wake_all_to_recheck(self) -> None:
         """Wake every waiter with no outcome: each re-reads its task's record."""
@@ -493,6 +498,17 @@ class Client:
                     if not await self.redis.xrange(key, min=f"({last}", count=1):
                         return
 
+    async def event_history(self, task_id: str, after: str | None = None) -> list[Event]:
+        """The events recorded so far (no waiting, and the task is not marked followed)."""
+        protocol.validate_task_id(task_id)
+        async with self.errors():
+            entries = await self.redis.xrange(
+                self.keys.events(task_id), min=f"({after}" if after else "-"
+            )
+        if not entries:
+            await self._record(task_id)  # TaskNotFound for an unknown id
+        return [protocol.event_from_entry(entry_id, fields) for entry_id, fields in entries]
+
     async def _is_final(self, task_id: str) -> bool:
         """Whether the task is in a final state (TaskNotFound if its record expired)."""
         async with self.errors():
@@ -504,8 +520,9 @@ class Client:
     # --- control ------------------------------------------------------------------
 
     async def cancel(self, task_id: str) -> str:
-        """Cancel a task: 'cancelled' (it had not started), 'cancelling' (the node
-        running it is told; it ends 'cancelled'), or the final status it already had."""
+        """Cancel a task. Returns 'cancelled' (it had not started; it never will),
+        'cancelling' (it runs: the node running it is told, and it ends 'cancelled'),
+        or 'already_<status>' when it had ended before (e.g. 'already_succeeded')."""
         protocol.validate_task_id(task_id)
         args: list[str | int] = [
             self.keys.prefix, task_id, protocol.now_ms(), int(self.settings.retention * 1000),
@@ -553,7 +570,10 @@ class Client:
             return []
         async with self.errors():
             done = await self.scripts.redrive([key], [self.keys.prefix, protocol.now_ms(), *pairs])
-        return [d.decode() for d in done]
+        redriven = [d.decode() for d in done]
+        for task_id in redriven:  # an outcome this client kept is no longer the answer
+            self._arrived.pop(task_id, None)
+        return redriven
 
     async def wait_for_hosts(
         self, capability: str, count: int = 1, timeout: float = 30.0
@@ -565,12 +585,29 @@ class Client:
         delay = 0.01
         while len(hosts := await self.hosts(capability)) < count:
             if time.monotonic() > deadline:
-                raise ResultTimeout(
+                raise NotHosted(
                     f"{len(hosts)} of {count} node(s) host {capability!r} after {timeout}s"
                 )
             await asyncio.sleep(delay)  # nodes register from other processes: look again
             delay = min(delay * 2, 0.2)
         return hosts
+
+
+MIN_REDIS = (7, 0)  # BLMPOP, XAUTOCLAIM, Lua with XREADGROUP: Redis >= 7.0 / Valkey >= 7.2
+
+
+def _check_engine_version(info: dict[str, Any], url: str) -> None:
+    """Refuse an engine too old for the commands Shoal uses, with a clear message."""
+    raw = str(info.get("redis_version", "0"))
+    try:
+        version = tuple(int(part) for part in raw.split(".")[:2])
+    except ValueError:
+        return  # an unusual server string: let the commands speak for themselves
+    if version < MIN_REDIS:
+        raise EngineUnavailable(
+            f"the engine at {mask_url(url)} runs Redis {raw}; Shoal needs Redis >= 7.0 or "
+            "Valkey >= 7.2"
+        )
 
 
 def _inbox_outcome(task_id: str, arrived: tuple[str, bytes], with_traceback: bool) -> Any:

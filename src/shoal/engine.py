@@ -167,6 +167,24 @@ def _free_port() -> int:
         return port
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _address(previous: EngineRecord | None) -> tuple[int, str]:
+    """The previous engine's port and password when that port is free, else new ones."""
+    if previous is not None and _port_is_free(previous.port):
+        password = urlsplit(previous.url).password
+        if password:
+            return previous.port, password
+    return _free_port(), secrets.token_urlsafe(24)
+
+
 @dataclass(frozen=True)
 class EngineRecord:
     """What ``engine.json`` holds about a running embedded engine."""
@@ -231,15 +249,17 @@ class EmbeddedEngine:
             record = self.running()  # another process may have won the race
             if record is not None:
                 return record
-            self.record_path.unlink(missing_ok=True)  # stale: its engine is gone
-            return self._start()
+            stale = self.read_record()  # its engine is gone
+            self.record_path.unlink(missing_ok=True)
+            return self._start(stale)
 
-    def _start(self) -> EngineRecord:
+    def _start(self, previous: EngineRecord | None = None) -> EngineRecord:
+        """Start the server; after a crash, on the previous port and password if the
+        port is free, so clients and nodes that were connected simply reconnect."""
         binary = find_server_binary()
         last_error = ""
-        for _ in range(3):  # a free port can be taken between probe and bind; retry
-            port = _free_port()
-            password = secrets.token_urlsafe(24)
+        for attempt in range(3):  # a free port can be taken between probe and bind; retry
+            port, password = _address(previous if attempt == 0 else None)
             pid_file = self.data_dir / "engine.pid"
             pid_file.unlink(missing_ok=True)
             self._spawn(binary, port, password, pid_file)

@@ -80,6 +80,10 @@ class TaskCancelled(ShoalError):
         super().__init__(f"task {task_id} was cancelled")
 
 
+class NotHosted(ShoalError, TimeoutError):
+    """Waiting for nodes to host a capability ran out of time."""
+
+
 class ResultTimeout(ShoalError, TimeoutError):
     """Waiting for a result ran out of time; the task itself goes on."""
 

@@ -118,10 +118,11 @@ class Attempt:
             if self.handed_back:
                 return Outcome(self.job, "requeue")
             raise
-        except TimeoutError:
-            if timeout is not None and scope.expired():
-                exc = TaskTimeout(f"the handler ran longer than its timeout of {timeout}s")
-            return self._failure(exc, node_id)
+        except TimeoutError as raised:
+            failure: BaseException = raised
+            if timeout is not None and scope.expired():  # ours, not the handler's own
+                failure = TaskTimeout(f"the handler ran longer than its timeout of {timeout}s")
+            return self._failure(failure, node_id)
         except Exception as exc:
             return self._failure(exc, node_id)
 

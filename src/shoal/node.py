@@ -29,7 +29,7 @@ from shoal import protocol
 from shoal.agent import Agent, CapabilitySpec, TaskContext
 from shoal.client import Client
 from shoal.engine import translate
-from shoal.errors import ConfigurationError, ShoalError
+from shoal.errors import ConfigurationError, SerializationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
 from shoal.protocol import ErrorInfo
@@ -105,6 +105,7 @@ class Node:
         self._stopping = asyncio.Event()  # stop pulling work, drain
         self._closing = asyncio.Event()  # drained: background loops end by themselves
         self._idle_read: asyncio.Future[Any] | None = None  # the blocking wait for work
+        self._turn = 0  # rotates which capability is read first (see _queue_order)
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._loop_thread = 0
         self.completed = 0
@@ -224,7 +225,9 @@ class Node:
 
     async def _fetch_loop(self) -> None:
         expired = protocol.encode(
-            ErrorInfo("shoal.DeadlineExceeded", "the deadline passed before the task started")
+            ErrorInfo(
+                "shoal.errors.DeadlineExceeded", "the deadline passed before the task started"
+            )
         )
         while not self._stopping.is_set():
             free = self.config.concurrency - len(self._running)
@@ -232,8 +235,9 @@ class Node:
                 self._slot_freed.clear()
                 await self._until(self._slot_freed)
                 continue
+            queues = self._queue_order()
             try:
-                started, consumed, last_ids = await self._fetch(free, expired)
+                started, consumed, last_ids = await self._fetch(queues, free, expired)
             except ShoalError as exc:
                 log.warning("fetching work failed: %s; retrying", exc)
                 await self._until(self._stopping, timeout=0.5)
@@ -241,20 +245,31 @@ class Node:
             for row in started:
                 self._start(Job.from_reply(row))
             if consumed == 0:
-                await self._wait_for_work(last_ids)
+                await self._wait_for_work(queues, last_ids)
 
-    async def _fetch(self, count: int, expired: bytes) -> tuple[list[Any], int, list[bytes]]:
+    def _queue_order(self) -> list[str]:
+        """Priorities in order; within one, the capabilities take turns going first,
+        so a busy capability cannot starve the others hosted by this node."""
+        self._turn += 1
+        caps = list(self._specs)
+        shift = self._turn % len(caps)
+        caps = caps[shift:] + caps[:shift]
+        return [self.keys.queue(cap, prio) for prio in PRIORITIES for cap in caps]
+
+    async def _fetch(
+        self, queues: list[str], count: int, expired: bytes
+    ) -> tuple[list[Any], int, list[bytes]]:
         args = [
             self.keys.prefix, CONSUMER_GROUP, self.node_id, count, protocol.now_ms(),
             int(self.settings.retention * 1000), expired,
         ]  # fmt: skip
         async with self.client.errors():
-            started, consumed, last_ids = await self.client.scripts.fetch(self._queues, args)
+            started, consumed, last_ids = await self.client.scripts.fetch(queues, args)
         return started, int(consumed), last_ids
 
-    async def _wait_for_work(self, last_ids: list[bytes]) -> None:
-        """Block until any of our queues gets an entry past ``last_ids`` (or stop)."""
-        streams = dict(zip(self._queues, last_ids, strict=True))
+    async def _wait_for_work(self, queues: list[str], last_ids: list[bytes]) -> None:
+        """Block until any of ``queues`` gets an entry past ``last_ids`` (or stop)."""
+        streams = dict(zip(queues, last_ids, strict=True))
         self._idle_read = asyncio.ensure_future(
             self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
         )
@@ -305,7 +320,14 @@ class Node:
 
     def emit_event(self, task_id: str, kind: str, data: Any) -> None:
         """Buffer an event for the flusher; callable from handler threads too."""
-        item = (task_id, kind, protocol.encode(data), protocol.now_ms())
+        try:
+            encoded = protocol.encode(data)
+        except (TypeError, OverflowError, ValueError) as exc:
+            raise SerializationError(
+                f"event data of type {type(data).__name__} cannot be sent ({exc}); events "
+                "carry msgpack data"
+            ) from None
+        item = (task_id, kind, encoded, protocol.now_ms())
         if threading.get_ident() == self._loop_thread:
             self._buffer_event(item)
         else:

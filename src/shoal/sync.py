@@ -24,6 +24,7 @@ class SyncTaskHandle:
         self._client = client
         self._handle = handle
         self.id = handle.id
+        self.is_new = handle.is_new
 
     def __repr__(self) -> str:
         return f"SyncTaskHandle({self.id!r})"
@@ -102,6 +103,23 @@ class SyncClient:
 
     def cancel(self, task_id: str) -> str:
         return self._run(self._client.cancel(task_id))
+
+    def result(
+        self, task_id: str, timeout: float | None = None, *, with_traceback: bool = False
+    ) -> Any:
+        return self._run(self._client.result(task_id, timeout, with_traceback=with_traceback))
+
+    def events(self, task_id: str, after: str | None = None) -> Iterator[Event]:
+        return self.task(task_id).events(after)
+
+    def event_history(self, task_id: str, after: str | None = None) -> list[Event]:
+        return self._run(self._client.event_history(task_id, after))
+
+    def hosts(self, capability: str) -> list[str]:
+        return self._run(self._client.hosts(capability))
+
+    def wait_for_hosts(self, capability: str, count: int = 1, timeout: float = 30.0) -> list[str]:
+        return self._run(self._client.wait_for_hosts(capability, count, timeout))
 
     def dead_letters(self, capability: str, limit: int = 100) -> list[DeadLetter]:
         return self._run(self._client.dead_letters(capability, limit))

@@ -34,7 +34,9 @@ local function finish_task(id, status, now, retention_ms, rec, payload, extra)
   if reply and reply ~= '' then
     redis.call('RPUSH', reply, id .. ' ' .. status .. ' ' .. (payload or ''))
     if not refreshed[reply] then
-      redis.call('PEXPIRE', reply, retention_ms)
+      -- A live client pops its inbox as entries arrive; the TTL only clears the
+      -- inbox of a client that went away, so it is short (10 minutes).
+      redis.call('PEXPIRE', reply, 600000)
       refreshed[reply] = true
     end
   end

@@ -5,7 +5,8 @@
 -- Effect   scheduled or queued: ends 'cancelled' at once (a queued entry left in the
 --          stream is skipped by fetch). running: marks 'cancel' and publishes the
 --          id; the node running it cancels the handler and records 'cancelled'.
--- Returns  'cancelled', 'cancelling', 'missing', or the terminal status it already had
+-- Returns  'cancelled', 'cancelling', 'missing', or 'already_<status>' for a task
+--          that had ended before (e.g. 'already_succeeded')
 local id, now, retention_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local tk = task_key(id)
 local r = redis.call('HMGET', tk, 'status', 'reply', 'follow')
@@ -22,4 +23,4 @@ if status == 'running' then
   redis.call('PUBLISH', ARGV[5], id)
   return 'cancelling'
 end
-return status
+return 'already_' .. status

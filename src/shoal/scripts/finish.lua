@@ -20,6 +20,12 @@ local retention_ms = tonumber(ARGV[4])
 local recorded = 0
 local acks = {}  -- queue -> entry ids
 
+-- Errors are kept as err:<n>, numbered across redrives, so no round overwrites
+-- another's (the ErrorInfo inside names its attempt).
+local function history_field(tk)
+  return 'err:' .. redis.call('HINCRBY', tk, 'nerr', 1)
+end
+
 local function schedule(tk, id, due)
   redis.call('HSET', tk, 'status', 'scheduled', 'due', due)
   redis.call('ZADD', KEYS[1], due, id)
@@ -44,13 +50,13 @@ local function apply(id, attempt, outcome, payload, due)
     redis.call('HINCRBY', tk, 'attempts', -1)
     schedule(tk, id, now)
   elseif outcome == 'retry' then
-    redis.call('HSET', tk, 'error', payload, 'err:' .. attempt, payload)
+    redis.call('HSET', tk, 'error', payload, history_field(tk), payload)
     schedule(tk, id, due)
   else
     local status = 'failed'
     if outcome == 'dead' then status = 'dead' end
     finish_task(id, status, now, retention_ms, rec, payload,
-      {'error', payload, 'err:' .. attempt, payload})
+      {'error', payload, history_field(tk), payload})
     if status == 'dead' then
       local dk = dlq_key(r[4])
       redis.call('XADD', dk, 'MINID', '~', now - retention_ms, '*', 'id', id, 't', now)

@@ -2,9 +2,10 @@
 -- KEYS[1]  dlq:<cap>
 -- ARGV     prefix, now_ms, then pairs of (dlq entry id, task id)
 -- Touches  dlq:<cap>, task:<id>, queue:<cap>:<prio>, events:<id>
--- Effect   the record keeps its error history (err:<n> fields) and its events; the
---          attempt counter restarts, the record no longer expires while queued,
---          and a 'redriven' event marks the new start in the event stream.
+-- Effect   the record keeps its error history (err:<n> fields, numbered across
+--          rounds) and its events; the attempt counter restarts, a deadline is
+--          dropped, record and events no longer expire while queued, and a
+--          'redriven' event marks the new start in the event stream.
 -- Returns  the ids redriven (entries whose task is gone or no longer dead are removed)
 local now = tonumber(ARGV[2])
 local out = {}
@@ -20,9 +21,11 @@ for i = 3, #ARGV, 2 do
       redis.call('RPUSH', reply, id .. ' redriven ')
     end
     redis.call('HSET', tk, 'status', 'queued', 'attempts', 0, 'reply', '')
-    redis.call('HDEL', tk, 'finished', 'error', 'started', 'node', 'cancel')
+    -- a deadline that made sense for the first run would expire it at once
+    redis.call('HDEL', tk, 'finished', 'error', 'started', 'node', 'cancel', 'deadline')
     redis.call('PERSIST', tk)
     redis.call('XADD', events_key(id), '*', 'k', 'redriven', 'd', cmsgpack.pack({at = now}), 't', now)
+    redis.call('PERSIST', events_key(id))
     redis.call('XADD', queue_key(rec[2], rec[3]), '*', 'id', id)
     out[#out + 1] = id
   end
