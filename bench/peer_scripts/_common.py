@@ -9,6 +9,12 @@ A script plays two roles:
   enqueues tasks, starts worker subprocesses and measures;
 * the *task module* that the peer's worker CLI imports in those subprocesses.
 
+Workloads: "throughput" and "latency" (see each script), and "failover": one worker
+holding ``n`` (100) sleeping tasks is SIGKILLed with its whole process tree once half
+of them have started, a replacement worker is started at once, and the run measures how
+long until every task number has completed - with the peer's *default* reliability
+settings (``run_failover``).
+
 Both need the same configuration (Redis URL, key prefix, n ...) at import time, because
 the peers build their app/broker objects at module level. ``load_config`` therefore
 parses argv in the driver and hands the result to the workers through one environment
@@ -53,6 +59,28 @@ ROUND_TRIP_TIMEOUT_S = 10.0
 FIRST_ROUND_TRIP_TIMEOUT_S = 60.0
 LOG_TAIL_CHARS = 3000
 
+# --- failover workload
+WORKLOADS = ("throughput", "latency", "failover")
+FAILOVER_N = 100
+# Each failover task sleeps this long (the "work") before recording its completion.
+FAILOVER_TASK_MS = 200
+# Kill the worker once this fraction of the n tasks has started.
+FAILOVER_KILL_FRACTION = 0.5
+# Bound on waiting for that (covers the first worker's boot: celery prefork forks n children).
+FAILOVER_START_WAIT_S = 60.0
+DEFAULT_RECOVERY_TIMEOUT_S = 120.0
+# After recovery, keep counting this long so late duplicate executions are included.
+FAILOVER_SETTLE_S = 2.0
+# Workers are only stopped after the measurement, so the polite-stop grace can be short.
+FAILOVER_STOP_GRACE_S = 3.0
+# Recovery-wait poll; the end time itself is stamped by the task that completes it.
+FAILOVER_POLL_S = 0.005
+# How long SIGKILLed processes may take to disappear before the run is declared broken.
+KILL_CONFIRM_S = 10.0
+# Largest n for failover: every task must be in flight at once, i.e. concurrency = n
+# (celery prefork forks n processes, dramatiq starts n threads).
+FAILOVER_MAX_N = 200
+
 
 class BenchError(RuntimeError):
     """A failure the driver reports as ``{"error": ...}`` before exiting non-zero."""
@@ -70,6 +98,7 @@ class RunConfig:
     timeout: float
     warmup: int
     poll_s: float
+    recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT_S
     # Unique per run; every key a run creates contains it, which is what cleanup scans.
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -90,11 +119,30 @@ class RunConfig:
     def last_key(self) -> str:
         return self.prefix + "t-last"
 
+    # failover keys: executions started, set of completed task numbers, and the wall-clock
+    # time at which the set first reached n (stamped atomically by the completing task).
+    @property
+    def started_key(self) -> str:
+        return self.prefix + "started"
+
+    @property
+    def done_set_key(self) -> str:
+        return self.prefix + "done-set"
+
+    @property
+    def all_done_key(self) -> str:
+        return self.prefix + "t-all-done"
+
+    @property
+    def concurrency(self) -> int:
+        """Tasks one failover worker must hold in flight at once: all of them."""
+        return self.n
+
 
 def _parse_args(peer: str, argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=f"{peer} benchmark against a Redis-protocol engine")
     p.add_argument("--redis", required=True, help="redis://host:port[/db]")
-    p.add_argument("--workload", choices=("throughput", "latency"), required=True)
+    p.add_argument("--workload", choices=WORKLOADS, required=True)
     p.add_argument("-n", type=int, default=None, help="tasks / round trips")
     p.add_argument("--workers", type=int, default=1, help="worker processes (throughput)")
     p.add_argument("--timeout", type=float, default=600.0, help="overall deadline, seconds")
@@ -104,6 +152,12 @@ def _parse_args(peer: str, argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="value for every poll interval the peer exposes (worker idle poll, result wait)",
+    )
+    p.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=DEFAULT_RECOVERY_TIMEOUT_S,
+        help="failover: give up waiting for all tasks this many seconds after the kill",
     )
     return p.parse_args(argv)
 
@@ -117,7 +171,7 @@ def load_config(peer: str, argv: Sequence[str] | None = None) -> RunConfig:
     if raw:
         return RunConfig(**json.loads(raw))
     args = _parse_args(peer, argv)
-    default_n = 20000 if args.workload == "throughput" else 1000
+    default_n = {"throughput": 20000, "latency": 1000, "failover": FAILOVER_N}[args.workload]
     cfg = RunConfig(
         peer=peer,
         redis_url=args.redis,
@@ -127,9 +181,14 @@ def load_config(peer: str, argv: Sequence[str] | None = None) -> RunConfig:
         timeout=args.timeout,
         warmup=args.warmup,
         poll_s=args.poll_ms / 1000.0,
+        recovery_timeout=args.recovery_timeout,
     )
     if cfg.n < 2 or cfg.workers < 1:
         raise SystemExit("need n >= 2 and workers >= 1")
+    if cfg.workload == "failover" and cfg.n > FAILOVER_MAX_N:
+        raise SystemExit(f"failover needs n <= {FAILOVER_MAX_N} (concurrency = n)")
+    if cfg.recovery_timeout <= 0:
+        raise SystemExit("need --recovery-timeout > 0")
     os.environ[ENV_VAR] = json.dumps(asdict(cfg))
     return cfg
 
@@ -154,6 +213,40 @@ async def record_completion_async(client: Any, cfg: RunConfig) -> None:
     done = await client.incr(cfg.counter_key)
     if done == 1 or done == cfg.n:
         await client.set(cfg.first_key if done == 1 else cfg.last_key, repr(time.time()))
+
+
+# Completion of failover task ARGV[1]: count it, add its number to the set, and when the
+# set first holds n numbers stamp the time (ARGV[3]). One script = atomic, so a worker
+# killed mid-way cannot leave a completion counted but not added, or vice versa.
+_FAILOVER_DONE_LUA = """
+local done = redis.call('INCR', KEYS[1])
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1
+   and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[3], ARGV[3], 'NX')
+end
+return done
+"""
+
+
+def _failover_done_args(cfg: RunConfig, i: int) -> tuple[Any, ...]:
+    keys = (cfg.counter_key, cfg.done_set_key, cfg.all_done_key)
+    return (_FAILOVER_DONE_LUA, 3, *keys, i, cfg.n, repr(time.time()))
+
+
+def failover_task(client: redis.Redis, cfg: RunConfig, i: int) -> None:
+    """Body of failover task ``i`` (sync peers): started INCR, 200 ms of work, done."""
+    client.incr(cfg.started_key)
+    time.sleep(FAILOVER_TASK_MS / 1000.0)
+    client.eval(*_failover_done_args(cfg, i))
+
+
+async def failover_task_async(client: Any, cfg: RunConfig, i: int) -> None:
+    """``failover_task`` for asyncio peers (``client`` is a redis.asyncio client)."""
+    import asyncio
+
+    await client.incr(cfg.started_key)
+    await asyncio.sleep(FAILOVER_TASK_MS / 1000.0)
+    await client.eval(*_failover_done_args(cfg, i))
 
 
 # --------------------------------------------------------------------------- driver side
@@ -376,6 +469,163 @@ async def measure_round_trips_async(cfg: RunConfig, dl: Deadline, one: Any) -> l
         if i >= cfg.warmup:
             samples.append(elapsed)
     return samples
+
+
+# --------------------------------------------------------------------------- failover
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, pgid) of every live (non-zombie) process, from /proc (Linux)."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # comm (field 2) may hold spaces/parens; after the last ')' come state, ppid, pgrp.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] not in ("Z", "X"):
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _worker_tree(leader: int, table: dict[int, tuple[int, int]]) -> set[int]:
+    """The leader's process group plus all its descendants (in case one left the group)."""
+    pids = {pid for pid, (_ppid, pgid) in table.items() if pgid == leader}
+    pids.add(leader)
+    frontier = [leader]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _pgid) in table.items():
+            if ppid == parent and pid not in pids:
+                pids.add(pid)
+                frontier.append(pid)
+    return pids
+
+
+def crash_worker(proc: subprocess.Popen[bytes]) -> int:
+    """Kill a worker the way a crashed machine dies: every one of its processes at once.
+
+    SIGSTOP freezes the whole group first (no process can fork or write to Redis any
+    more), then the frozen tree - group members and descendants - is collected and
+    SIGKILLed; nothing gets a signal it could handle. Returns the number of processes
+    killed once all of them are confirmed gone.
+    """
+    _signal_group(proc.pid, signal.SIGSTOP)
+    victims = _worker_tree(proc.pid, _proc_table())
+    _signal_group(proc.pid, signal.SIGKILL)
+    for pid in victims:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=KILL_CONFIRM_S)
+    end = time.monotonic() + KILL_CONFIRM_S
+    while alive := victims & set(_proc_table()):
+        if time.monotonic() > end:
+            raise BenchError(f"worker processes {sorted(alive)} survived SIGKILL")
+        time.sleep(0.001)
+    return len(victims)
+
+
+def _failover_counts(client: redis.Redis, cfg: RunConfig) -> tuple[int, int, int]:
+    """(executions started, completions, distinct task numbers completed)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.get(cfg.started_key).get(cfg.counter_key).scard(cfg.done_set_key)
+    started, done, distinct = pipe.execute()
+    return int(started or 0), int(done or 0), int(distinct)
+
+
+def run_failover(
+    cfg: RunConfig,
+    group: WorkerGroup,
+    dl: Deadline,
+    enqueue: Callable[[Deadline], None],
+    worker_cmd: list[str],
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Crash the only worker while it holds the n tasks; time the replacement's recovery.
+
+    1. enqueue n failover tasks, start ONE worker (``worker_cmd``);
+    2. once half the tasks have started (bounded by FAILOVER_START_WAIT_S), crash it
+       (``crash_worker``) and immediately start a replacement with the same command;
+    3. wait - at most ``cfg.recovery_timeout`` s after the kill - until all n task
+       numbers have completed; the completing task stamps the time itself;
+    4. if recovered, keep counting FAILOVER_SETTLE_S longer for late duplicates.
+    """
+    needed = FAILOVER_START_WAIT_S + cfg.recovery_timeout + FAILOVER_SETTLE_S + 10
+    if dl.left() < needed:
+        raise BenchError(f"--timeout too short: failover needs at least {needed:.0f}s")
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30)
+    kill_after = max(1, round(cfg.n * FAILOVER_KILL_FRACTION))
+    enqueue(dl)
+    group.start([worker_cmd], env)
+    first = group.procs[-1]
+    t_start = time.monotonic()
+    start_end = t_start + FAILOVER_START_WAIT_S
+    trigger = f"started >= {kill_after}"
+    while True:
+        started = int(client.get(cfg.started_key) or 0)
+        if started >= kill_after:
+            break
+        if first.poll() is not None:
+            raise BenchError(f"worker exited early with rc={first.returncode}")
+        if time.monotonic() >= start_end:
+            if started == 0:
+                raise BenchError(f"no task started within {FAILOVER_START_WAIT_S:.0f}s")
+            trigger = f"start wait of {FAILOVER_START_WAIT_S:.0f}s elapsed"
+            break
+        dl.check()
+        time.sleep(FAILOVER_POLL_S)
+
+    t_kill = time.time()
+    t_kill_mono = time.monotonic()
+    killed = crash_worker(first)
+    kill_s = time.monotonic() - t_kill_mono
+    started_at_kill, done_at_kill, distinct_at_kill = _failover_counts(client, cfg)
+    group.start([worker_cmd], env)
+    replacement = group.procs[-1]
+
+    stamp = None
+    while True:
+        stamp = client.get(cfg.all_done_key)
+        waited = time.monotonic() - t_kill_mono
+        if stamp is not None or waited >= cfg.recovery_timeout:
+            break
+        if replacement.poll() is not None:
+            raise BenchError(f"replacement worker exited with rc={replacement.returncode}")
+        dl.check()
+        time.sleep(FAILOVER_POLL_S)
+    recovered = stamp is not None
+    if recovered:
+        time.sleep(dl.cap(FAILOVER_SETTLE_S))
+    executions, completions, distinct = _failover_counts(client, cfg)
+    result: dict[str, Any] = {
+        "peer": cfg.peer,
+        "workload": "failover",
+        "n": cfg.n,
+        "task_ms": FAILOVER_TASK_MS,
+        "recovered": recovered,
+        "seconds_to_recover": round(float(stamp) - t_kill, 3) if recovered else None,
+        "completed_distinct": distinct,
+        "duplicates": completions - distinct,
+        "lost": cfg.n - distinct,
+        "waited_s": round(waited, 3),
+        "recovery_timeout_s": cfg.recovery_timeout,
+        "executions_started": executions,
+        "completions": completions,
+        "settle_s_after_recovery": FAILOVER_SETTLE_S if recovered else 0.0,
+        "kill": {
+            "trigger": trigger,
+            "seconds_after_worker_start": round(t_kill_mono - t_start, 3),
+            "processes_killed": killed,
+            "seconds_to_confirm_dead": round(kill_s, 4),
+            "started_at_kill": started_at_kill,
+            "completed_at_kill": done_at_kill,
+            "distinct_at_kill": distinct_at_kill,
+        },
+    }
+    return result
 
 
 def delete_run_keys(client: redis.Redis, cfg: RunConfig) -> int:

@@ -13,11 +13,20 @@ Latency: one worker; ``(await enqueue_job("noop")).result(poll_delay=...)``. arq
 on both sides - the worker's queue poll (``poll_delay``, default 0.5 s) and the
 client's result poll (``poll_delay``, default 0.5 s) - and both are set to the run's
 poll interval, or the numbers would measure the defaults' sleeps.
+
+Failover (``_common.run_failover``): ONE ``arq arq_bench.FailoverWorkerSettings``
+worker with ``max_jobs`` = n (100; default 10) so every job is in flight at once. All
+reliability settings are arq's defaults: a job stays in the queue sorted set while it
+runs, guarded by an ``arq:in-progress:<id>`` key that expires ``job_timeout`` (300 s)
++ 10 s after the job was picked, and ``max_tries`` is 5. Only ``poll_delay`` is set to
+the run's poll interval: it is purely how often the worker re-reads the queue, and
+does not change when a dead worker's jobs become runnable again (the key's TTL does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from itertools import count as counter
@@ -25,7 +34,8 @@ from typing import Any
 
 import _common
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.worker import func
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker, func
 
 CFG = _common.load_config("arq")
 QUEUE = CFG.prefix + "queue"
@@ -62,6 +72,42 @@ class WorkerSettings:
     keep_result = 600
     max_tries = 1
     handle_signals = True
+
+
+async def failover(ctx: dict[str, Any], i: int) -> None:
+    await _common.failover_task_async(ctx["redis"], CFG, i)
+
+
+class FailoverWorkerSettings:
+    """Failover worker: arq's defaults except the concurrency and the poll interval."""
+
+    functions = [func(failover, name="failover")]
+    redis_settings = REDIS_SETTINGS
+    queue_name = QUEUE
+    max_jobs = CFG.concurrency
+    poll_delay = CFG.poll_s
+
+
+def failover_worker_cmd() -> list[str]:
+    return [
+        _common.venv_bin("arq"), "--custom-log-dict", "arq_bench.LOG_CONFIG",
+        "arq_bench.FailoverWorkerSettings",
+    ]  # fmt: skip
+
+
+async def _enqueue_failover_async() -> None:
+    pool = await _pool()
+    try:
+        for i in range(CFG.n):
+            if await pool.enqueue_job("failover", i, _job_id=f"{CFG.prefix}f{i}") is None:
+                raise _common.BenchError(f"job {i} not enqueued (duplicate id)")
+    finally:
+        await pool.aclose()
+
+
+def enqueue_failover(dl: _common.Deadline) -> None:
+    asyncio.run(_enqueue_failover_async())
+    dl.check()
 
 
 def worker_cmds(workers: int) -> list[list[str]]:
@@ -117,6 +163,8 @@ async def _latency_async(dl: _common.Deadline) -> list[float]:
 def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
     if CFG.workload == "throughput":
         return _common.run_throughput(CFG, group, dl, enqueue_all, worker_cmds(CFG.workers))
+    if CFG.workload == "failover":
+        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
     group.start(worker_cmds(1))
     return _common.latency_result(CFG, asyncio.run(_latency_async(dl)))
 
@@ -135,6 +183,46 @@ SETTINGS = {
     "log_level": "WARNING",
 }
 
+
+def failover_settings() -> dict[str, Any]:
+    """The defaults that decide what a crash does, read from the installed arq."""
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(Worker.__init__).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    job_timeout = defaults["job_timeout"]
+    return {
+        "worker_processes": 1,
+        "max_jobs": CFG.concurrency,
+        "max_jobs_default": defaults["max_jobs"],
+        "job_timeout_s": job_timeout,
+        "in_progress_timeout_s": job_timeout + 10,
+        "max_tries": defaults["max_tries"],
+        "retry_jobs": defaults["retry_jobs"],
+        "keep_result_s": defaults["keep_result"],
+        "expires_extra_ms": defaults["expires_extra_ms"],
+        "poll_delay_s": CFG.poll_s,
+        "poll_delay_default_s": defaults["poll_delay"],
+        "redelivery": (
+            "arq/worker.py Worker.start_jobs(): a picked job gets"
+            f" '{in_progress_key_prefix}<id>' with PSETEX in_progress_timeout_s ="
+            " max(function timeout or job_timeout) + 10 (Worker.__init__); the job stays"
+            " in the queue sorted set and any worker may start it once that key expires"
+        ),
+        "ack_point": "job removed from the queue by finish_job() after it ran",
+    }
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(_common.run_driver(CFG, body, SETTINGS, ["arq", "redis", "hiredis"]))
+    failover_mode = CFG.workload == "failover"
+    sys.exit(
+        _common.run_driver(
+            CFG,
+            body,
+            failover_settings() if failover_mode else SETTINGS,
+            ["arq", "redis", "hiredis"],
+            _common.FAILOVER_STOP_GRACE_S if failover_mode else _common.WORKER_STOP_GRACE_S,
+        )
+    )

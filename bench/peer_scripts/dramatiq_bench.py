@@ -12,6 +12,16 @@ Latency: one worker; ``noop.send().get_result(block=True)`` (BRPOPLPUSH on the r
 key, no polling). The worker side *does* poll: an idle consumer backs off exponentially
 (5 ms minimum, capped at ``dramatiq_worker_timeout``, default 1000 ms); the cap is set
 to the run's poll interval so that an idle worker re-checks as often as arq/taskiq do.
+
+Failover (``_common.run_failover``): ONE ``dramatiq --processes 1 --threads n`` (100)
+worker, so every task is in flight at once (dramatiq's defaults would be one process
+per core x 8 threads). The broker keeps its defaults: a dead worker's fetched messages
+go back to the queue only during "maintenance", which a dispatch call runs with chance
+``maintenance_chance``/1e6 (1000 -> 0.1%) once the worker's heartbeat is older than
+``heartbeat_timeout`` (60 s). The idle back-off cap (``dramatiq_worker_timeout``) is
+*not* lowered here: the idle consumer's fetches are what roll that 0.1% die, so the cap
+is not a pure poll interval but sets the pace of dead-worker recovery (default 1000 ms;
+set the environment variable yourself to see what a faster poll does).
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ from typing import Any
 
 import _common
 import dramatiq
+import dramatiq.worker
 import redis
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 from dramatiq.results import Results
 from dramatiq.results.backends.redis import RedisBackend
 
@@ -65,6 +76,11 @@ def noop() -> int:
     return 1
 
 
+@dramatiq.actor(queue_name=QUEUE)  # retries, time limit etc.: dramatiq's defaults
+def failover(i: int) -> None:
+    _common.failover_task(_redis(), CFG, i)
+
+
 def worker_cmds(workers: int) -> list[list[str]]:
     return [
         [
@@ -74,6 +90,20 @@ def worker_cmds(workers: int) -> list[list[str]]:
         ]
         for _ in range(workers)
     ]  # fmt: skip
+
+
+def failover_worker_cmd() -> list[str]:
+    return [
+        _common.venv_bin("dramatiq"), "dramatiq_bench",
+        "--processes", "1", "--threads", str(CFG.concurrency), "--queues", QUEUE,
+        "--path", str(_common.SCRIPTS_DIR),
+    ]  # fmt: skip
+
+
+def enqueue_failover(dl: _common.Deadline) -> None:
+    for i in range(CFG.n):
+        failover.send(i)
+    dl.check()
 
 
 def enqueue_all(dl: _common.Deadline) -> None:
@@ -90,6 +120,8 @@ def round_trip(timeout: float) -> None:
 
 
 def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
+    if CFG.workload == "failover":  # no env: the worker keeps its default idle back-off
+        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
     env = {"dramatiq_worker_timeout": str(WORKER_TIMEOUT_MS)}
     if CFG.workload == "throughput":
         cmds = worker_cmds(CFG.workers)
@@ -112,5 +144,51 @@ SETTINGS = {
     "max_retries": 0,
 }
 
+
+def failover_settings() -> dict[str, Any]:
+    """The defaults that decide what a crash does, read from the installed dramatiq.
+
+    The driver inherits the same environment as its workers, so ``WORKER_TIMEOUT`` here
+    is what the workers use (1000 unless ``dramatiq_worker_timeout`` is set outside).
+    """
+    timeout_ms = dramatiq.worker.WORKER_TIMEOUT
+    chance = broker.maintenance_chance / MAINTENANCE_SCALE
+    return {
+        "worker_processes": 1,
+        "threads": CFG.concurrency,
+        "queue_prefetch": f"default: threads x 2 = {CFG.concurrency * 2}",
+        "heartbeat_timeout_ms": broker.heartbeat_timeout,
+        "maintenance_chance": f"{broker.maintenance_chance}/{MAINTENANCE_SCALE} = {chance:.4%}",
+        "worker_timeout_ms": timeout_ms,
+        "worker_timeout_source": (
+            "dramatiq/worker.py WORKER_TIMEOUT = env dramatiq_worker_timeout or 1000;"
+            " not lowered for failover (it paces the maintenance dice)"
+        ),
+        "ack_point": "after the actor returns (dispatch.lua 'ack')",
+        "redelivery": (
+            "dramatiq/brokers/redis.py RedisBroker._should_do_maintenance() +"
+            " brokers/redis/dispatch.lua: a dispatch call on the queue (an idle consumer's"
+            " fetch, at most one per back-off sleep of 500-1000 ms at the default cap)"
+            " runs maintenance with chance maintenance_chance/1e6; maintenance re-queues"
+            " the __acks__ set of every worker whose heartbeat is older than"
+            " heartbeat_timeout"
+        ),
+        "expected_recovery": (
+            f"heartbeat_timeout ({broker.heartbeat_timeout / 1000:.0f}s) + a geometric wait"
+            f" with mean ~{1 / chance:.0f} queue fetches"
+        ),
+        "max_retries": "default (20)",
+    }
+
+
 if __name__ == "__main__":
-    sys.exit(_common.run_driver(CFG, body, SETTINGS, ["dramatiq", "redis", "hiredis"]))
+    failover_mode = CFG.workload == "failover"
+    sys.exit(
+        _common.run_driver(
+            CFG,
+            body,
+            failover_settings() if failover_mode else SETTINGS,
+            ["dramatiq", "redis", "hiredis"],
+            _common.FAILOVER_STOP_GRACE_S if failover_mode else _common.WORKER_STOP_GRACE_S,
+        )
+    )

@@ -13,16 +13,26 @@ that mirrors celery's ignore_result and arq's keep_result=0. Completions: INCR i
 Latency: one worker; ``(await noop.kiq()).wait_result(check_interval=...)`` with
 taskiq-redis's ``RedisAsyncResultBackend``. ``wait_result`` polls (default 0.2 s), so
 ``check_interval`` is set to the run's poll interval.
+
+Failover (``_common.run_failover``): ONE ``taskiq worker --workers 1`` (a supervisor
+plus one executing child; the default is 2 children) at ``--max-async-tasks`` n (100,
+which is also taskiq's default), so every task is in flight at once. The broker keeps
+its defaults: messages are XACKed after the result is "saved" (``ack_type``
+``when_saved``), and a dead consumer's pending messages are only taken over by
+XAUTOCLAIM with ``idle_timeout`` 600000 ms (10 min). The worker blocks in XREADGROUP
+(``xread_block`` 2000 ms), so there is no poll interval to tune.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from typing import Any
 
 import _common
 from redis.asyncio import Redis
+from taskiq.cli.worker.args import WorkerArgs
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
 CFG = _common.load_config("taskiq")
@@ -64,6 +74,11 @@ async def noop() -> int:
     return 1
 
 
+@broker.task(task_name="failover")
+async def failover(i: int) -> None:
+    await _common.failover_task_async(_redis(), CFG, i)
+
+
 def worker_cmds(workers: int) -> list[list[str]]:
     return [
         [
@@ -73,6 +88,28 @@ def worker_cmds(workers: int) -> list[list[str]]:
         ]
         for _ in range(workers)
     ]  # fmt: skip
+
+
+def failover_worker_cmd() -> list[str]:
+    return [
+        _common.venv_bin("taskiq"), "worker", "taskiq_bench:broker",
+        "--workers", "1", "--max-async-tasks", str(CFG.concurrency),
+        "--log-level", "WARNING", "--app-dir", str(_common.SCRIPTS_DIR),
+    ]  # fmt: skip
+
+
+async def _enqueue_failover_async() -> None:
+    await broker.startup()  # creates the consumer group before the first XADD
+    try:
+        for i in range(CFG.n):
+            await failover.kiq(i)
+    finally:
+        await broker.shutdown()
+
+
+def enqueue_failover(dl: _common.Deadline) -> None:
+    asyncio.run(_enqueue_failover_async())
+    dl.check()
 
 
 async def _enqueue_all_async(dl: _common.Deadline) -> None:
@@ -115,6 +152,8 @@ async def _latency_async(dl: _common.Deadline) -> list[float]:
 def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
     if CFG.workload == "throughput":
         return _common.run_throughput(CFG, group, dl, enqueue_all, worker_cmds(CFG.workers))
+    if CFG.workload == "failover":
+        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
     group.start(worker_cmds(1))
     return _common.latency_result(CFG, asyncio.run(_latency_async(dl)))
 
@@ -137,9 +176,48 @@ SETTINGS = {
 # get a short grace before SIGKILL; every task has completed by then anyway.
 STOP_GRACE_S = 3.0
 
+
+def failover_settings() -> dict[str, Any]:
+    """The defaults that decide what a crash does, read from the installed taskiq(-redis)."""
+    broker_defaults = {
+        name: param.default
+        for name, param in inspect.signature(RedisStreamBroker.__init__).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    return {
+        "worker_processes": "1 (--workers 1; supervisor + 1 executing child; default 2)",
+        "max_async_tasks": CFG.concurrency,
+        "max_async_tasks_default": WorkerArgs.max_async_tasks,
+        "max_prefetch": WorkerArgs.max_prefetch,
+        "ack_type": str(WorkerArgs.ack_type.value),
+        "idle_timeout_ms": broker.idle_timeout,
+        "idle_timeout_default_ms": broker_defaults["idle_timeout"],
+        "xread_block_ms": broker.block,
+        "xread_count": broker.count,
+        "unacknowledged_batch_size": broker.unacknowledged_batch_size,
+        "unacknowledged_lock_timeout": broker.unacknowledged_lock_timeout,
+        "consumer_name": "random uuid4 per worker process (RedisStreamBroker.consumer_name)",
+        "redelivery": (
+            "taskiq_redis/redis_broker.py RedisStreamBroker.listen(): after each XREADGROUP"
+            " that returned messages, XAUTOCLAIM (min_idle_time=idle_timeout) takes over"
+            " entries pending on other consumers; an empty read does `continue` first, so"
+            " with no new messages arriving nothing is ever claimed"
+        ),
+        "ack_point": (
+            "taskiq/receiver/receiver.py: XACK after the result is saved (ack_type"
+            " when_saved, taskiq/cli/worker/args.py WorkerArgs.ack_type)"
+        ),
+    }
+
+
 if __name__ == "__main__":
+    failover_mode = CFG.workload == "failover"
     sys.exit(
         _common.run_driver(
-            CFG, body, SETTINGS, ["taskiq", "taskiq-redis", "redis", "hiredis"], STOP_GRACE_S
+            CFG,
+            body,
+            failover_settings() if failover_mode else SETTINGS,
+            ["taskiq", "taskiq-redis", "redis", "hiredis"],
+            STOP_GRACE_S,
         )
     )

@@ -10,6 +10,12 @@ CLI::
 
     python -m bench.peers.harness --peer celery --redis redis://127.0.0.1:6399 \\
         --workload throughput -n 20000 --workers 1
+    python -m bench.peers.harness --peer dramatiq --redis redis://127.0.0.1:6399 \\
+        --workload failover [--recovery-timeout 120]
+
+"failover" (n defaults to 100) crashes the one worker of a peer while it holds n 200 ms
+tasks and reports how long a replacement worker takes to complete all of them, with
+the peer's default reliability settings; see ``bench/peer_scripts/_common.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 PEERS = ("celery", "dramatiq", "arq", "taskiq")
-WORKLOADS = ("throughput", "latency")
+WORKLOADS = ("throughput", "latency", "failover")
+DEFAULT_N = {"throughput": 20000, "latency": 1000, "failover": 100}
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_RECOVERY_TIMEOUT_S = 120.0
+# A failover run is worker boot + up to 60 s waiting for tasks to start + the recovery
+# bound + settle/stop/cleanup; the harness deadline must leave room for all of it.
+FAILOVER_TIMEOUT_MARGIN_S = 180.0
+FAILOVER_MIN_MARGIN_S = 100.0
 
 # Exact pins, including redis-py and hiredis: the client library and its parser dominate
 # a no-op task's cost, so they must not drift between runs. hiredis is installed for
@@ -187,7 +200,8 @@ def _parse_result(stdout: str) -> dict[str, Any] | None:
 
 
 def _script_cmd(python: Path, peer: str, redis_url: str, workload: str, n: int,
-                workers: int, timeout: float, poll_ms: float) -> list[str]:  # fmt: skip
+                workers: int, timeout: float, poll_ms: float,
+                recovery_timeout: float) -> list[str]:  # fmt: skip
     script = SCRIPTS_DIR / f"{peer}_bench.py"
     # The script's own deadline is a bit shorter so it can report and clean up in time.
     inner_timeout = max(timeout - TERM_GRACE_S, timeout * 0.8)
@@ -195,8 +209,24 @@ def _script_cmd(python: Path, peer: str, redis_url: str, workload: str, n: int,
         str(python), str(script),
         "--redis", redis_url, "--workload", workload, "-n", str(n),
         "--workers", str(workers), "--timeout", f"{inner_timeout:.1f}",
-        "--poll-ms", str(poll_ms),
+        "--poll-ms", str(poll_ms), "--recovery-timeout", str(recovery_timeout),
     ]  # fmt: skip
+
+
+def _resolve_timeout(workload: str, timeout: float | None, recovery_timeout: float) -> float:
+    """The harness deadline; for failover it must clearly exceed the recovery bound."""
+    if workload != "failover":
+        return DEFAULT_TIMEOUT_S if timeout is None else timeout
+    if recovery_timeout <= 0:
+        raise ValueError("recovery_timeout must be > 0")
+    if timeout is None:
+        return recovery_timeout + FAILOVER_TIMEOUT_MARGIN_S
+    if timeout < recovery_timeout + FAILOVER_MIN_MARGIN_S:
+        raise ValueError(
+            f"timeout {timeout:.0f}s too short for failover: need at least recovery_timeout"
+            f" + {FAILOVER_MIN_MARGIN_S:.0f}s = {recovery_timeout + FAILOVER_MIN_MARGIN_S:.0f}s"
+        )
+    return timeout
 
 
 def run_peer(
@@ -205,15 +235,23 @@ def run_peer(
     workload: str,
     n: int,
     workers: int = 1,
-    timeout: float = 600,
+    timeout: float | None = None,
     cache_dir: Path | None = None,
     poll_ms: float = DEFAULT_POLL_MS,
+    recovery_timeout: float = DEFAULT_RECOVERY_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Run one peer benchmark and return the JSON dict its script printed.
 
     ``poll_ms`` is applied to every poll interval the peer exposes (arq's worker and
     result ``poll_delay``, taskiq's ``check_interval``, dramatiq's idle back-off cap,
-    celery's ``get(interval=)``); the defaults (0.2-1 s) would measure sleeps.
+    celery's ``get(interval=)``); the defaults (0.2-1 s) would measure sleeps. In
+    "failover" it only reaches arq's ``poll_delay``: dramatiq's back-off cap also paces
+    its dead-worker maintenance, so that workload leaves it at its default.
+
+    ``timeout`` (the harness's hard deadline) defaults to 600 s, and for "failover" to
+    ``recovery_timeout`` + 180 s; an explicit failover timeout below ``recovery_timeout``
+    + 100 s is rejected. ``n`` is 100 in the standard failover run (at most 200, since
+    the one worker runs with concurrency n); ``workers`` is ignored there (always one).
 
     Raises ``PeerRunError`` (with the script's error JSON in ``.result`` when there was
     one) on a non-zero exit, a timeout or unparsable output. Whatever happens, every
@@ -222,8 +260,11 @@ def run_peer(
     _check_peer(peer)
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
+    timeout = _resolve_timeout(workload, timeout, recovery_timeout)
     python = ensure_peer_env(peer, cache_dir)
-    cmd = _script_cmd(python, peer, redis_url, workload, n, workers, timeout, poll_ms)
+    cmd = _script_cmd(
+        python, peer, redis_url, workload, n, workers, timeout, poll_ms, recovery_timeout
+    )
     _log(f"running {peer} {workload} n={n} workers={workers}")
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -258,9 +299,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=PEERS, required=True)
     p.add_argument("--redis", help="redis://host:port[/db] of the engine")
     p.add_argument("--workload", choices=WORKLOADS)
-    p.add_argument("-n", type=int, default=None, help="tasks (default 20000 / 1000)")
+    p.add_argument("-n", type=int, default=None, help="tasks (default 20000 / 1000 / 100)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="hard deadline, s (default 600; failover: recovery timeout + 180)",
+    )
+    p.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=DEFAULT_RECOVERY_TIMEOUT_S,
+        help="failover: stop waiting this long after the kill",
+    )
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--poll-ms", type=float, default=DEFAULT_POLL_MS, help="peer poll intervals")
     p.add_argument("--setup-only", action="store_true", help="only create the venv")
@@ -275,11 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         print(json.dumps({"peer": args.peer, "python": str(ensure_peer_env(args.peer))}))
         return 0
-    n = args.n if args.n is not None else (20000 if args.workload == "throughput" else 1000)
+    n = args.n if args.n is not None else DEFAULT_N[args.workload]
     try:
         result = run_peer(
             args.peer, args.redis, args.workload, n, args.workers, args.timeout,
             cache_dir=args.cache_dir, poll_ms=args.poll_ms,
+            recovery_timeout=args.recovery_timeout,
         )  # fmt: skip
     except PeerRunError as exc:
         print(json.dumps({**exc.result, "error": str(exc)}))

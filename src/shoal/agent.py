@@ -210,7 +210,7 @@ class Runtime(Protocol):
     loop: asyncio.AbstractEventLoop
     node_id: str
 
-    def emit_event(self, task_id: str, kind: str, data: Any) -> None: ...
+    def emit_event(self, task_id: str, token: int, kind: str, data: Any) -> None: ...
 
 
 class Written:
@@ -226,7 +226,12 @@ class Written:
 
 
 class TaskContext:
-    """``self.ctx`` inside a handler: the running task's id, attempt, events and sub-tasks."""
+    """``self.ctx`` inside a handler: the running task's id, attempt, events and sub-tasks.
+
+    ``fencing_token`` grows with every delivery of the task (a re-run after its node
+    died gets a larger one): a handler can pass it along with its own side effects
+    so that a store can refuse writes from a superseded run.
+    """
 
     def __init__(
         self,
@@ -236,19 +241,21 @@ class TaskContext:
         attempt: int,
         traceparent: str | None,
         flushed: Callable[[], asyncio.Future[None] | None],
+        fencing_token: int = 0,
     ) -> None:
         self._runtime = runtime
         self.node_id = runtime.node_id
         self.task_id = task_id
         self.capability = capability
         self.attempt = attempt
+        self.fencing_token = fencing_token
         self.traceparent = traceparent
         self.cancel_requested = False
         self._flushed = flushed
         self._children: set[str] = set()
 
     def _emit(self, kind: str, data: Any) -> Written:
-        self._runtime.emit_event(self.task_id, kind, data)
+        self._runtime.emit_event(self.task_id, self.fencing_token, kind, data)
         return Written(self._flushed())
 
     def progress(self, fraction: float, message: str | None = None) -> Written:

@@ -103,5 +103,9 @@ class TaskTimeout(ShoalError, TimeoutError):
     """A handler ran longer than the task's ``timeout`` and was cancelled."""
 
 
+class NodeDied(ShoalError):
+    """Names the error recorded when a task's node died while running it."""
+
+
 class DeadlineExceeded(ShoalError):
     """A task's deadline passed before any node started it, so it was not run."""

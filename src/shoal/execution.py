@@ -39,10 +39,11 @@ class Job:
     timeout: float | None
     parent: str | None
     traceparent: str | None
+    token: int
 
     @classmethod
     def from_reply(cls, row: list[Any]) -> Job:
-        queue, eid, tid, cap, args, attempt, max_att, timeout, parent, trace = row
+        queue, eid, tid, cap, args, attempt, max_att, timeout, parent, trace, token = row
         return cls(
             queue=queue.decode(),
             entry_id=eid.decode(),
@@ -54,6 +55,7 @@ class Job:
             timeout=float(timeout) if timeout else None,
             parent=parent.decode() or None if parent else None,
             traceparent=trace.decode() or None if trace else None,
+            token=int(token),
         )
 
 
@@ -68,7 +70,10 @@ class Outcome:
 
     def script_fields(self) -> list[str | int | bytes]:
         j = self.job
-        return [j.queue, j.entry_id, j.task_id, j.attempt, self.kind, self.payload, self.due_ms]
+        return [
+            j.queue, j.entry_id, j.task_id, j.attempt, j.token, self.kind, self.payload,
+            self.due_ms,
+        ]  # fmt: skip
 
 
 def backoff_delay(spec: CapabilitySpec, attempt: int) -> float:
@@ -103,9 +108,12 @@ class Attempt:
         self.agent = agent
         self.ctx = ctx
         self.handed_back = False  # set when the node stops: the task is re-queued
+        self.abandoned = False  # set when this node was declared dead: record nothing
         self.task: asyncio.Task[None] | None = None  # the asyncio task running it
 
-    async def run(self, executor: Executor, node_id: str) -> Outcome:
+    async def run(self, executor: Executor, node_id: str) -> Outcome | None:
+        """The attempt's outcome, or None if it was abandoned (another node owns the
+        task now; anything this attempt recorded would be refused anyway)."""
         current_context.set(self.ctx)
         timeout = self.job.timeout
         try:
@@ -113,6 +121,8 @@ class Attempt:
                 result = await self._invoke(executor)
             return Outcome(self.job, "ok", protocol.encode_result(result))
         except asyncio.CancelledError:
+            if self.abandoned:
+                return None
             if self.ctx.cancel_requested:
                 return Outcome(self.job, "cancelled")
             if self.handed_back:

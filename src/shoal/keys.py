@@ -18,8 +18,9 @@ later step (issue 5); only this module and the scripts' prefix argument change t
 | capability:<name>           | hash        | per-capability settings published by nodes   |
 | hosts:<capability>          | sorted set  | node id -> last heartbeat (ms)               |
 | capabilities                | set         | every capability any node ever hosted        |
-| nodes                       | sorted set  | node id -> last heartbeat (ms)               |
-| node:<id>                   | hash        | node description                             |
+| nodes                       | sorted set  | live node id -> last heartbeat (ms)          |
+| node:<id>                   | hash        | node description, load, state                |
+| dead_nodes                  | sorted set  | node id -> when declared dead (last hour)    |
 | inbox:<client id>           | list        | ids of finished tasks a client waits for     |
 | cancel                      | pub/sub     | ids of tasks whose cancellation was asked    |
 """
@@ -96,6 +97,10 @@ class Keys:
     @property
     def nodes(self) -> str:
         return f"{self.prefix}nodes"
+
+    @property
+    def dead_nodes(self) -> str:
+        return f"{self.prefix}dead_nodes"
 
     def node(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}"

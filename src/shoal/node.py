@@ -18,31 +18,35 @@ import os
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError
 
-from shoal import protocol
+from shoal import __version__, protocol
 from shoal.agent import Agent, CapabilitySpec, TaskContext
 from shoal.client import Client
 from shoal.engine import translate
-from shoal.errors import ConfigurationError, SerializationError, ShoalError
-from shoal.execution import Attempt, Job, Outcome
+from shoal.errors import ConfigurationError, ShoalError
+from shoal.execution import Attempt, Job
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
+from shoal.liveness import Heartbeat, deregister, register
 from shoal.protocol import ErrorInfo
+from shoal.recorder import Recorder
+from shoal.recovery import Reaper
+from shoal.resilience import Backoff
 from shoal.settings import Settings
 
 log = logging.getLogger("shoal.node")
 
-HEARTBEAT_INTERVAL_S = 1.0
 RELEASE_INTERVAL_S = 0.25  # longest gap between two looks at due delayed tasks
 RELEASE_BATCH = 1000
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
-FINISH_CHUNK = 500  # outcomes per finish-script call (keeps each script short)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
+STALL_AFTER_S = 10.0
+EXIT_FORCED = 130  # the watchdog reports a node that holds work without progress
 
 
 @dataclass
@@ -53,24 +57,27 @@ class NodeConfig:
     name: str | None = None
     grace_period: float = 30.0
     weight: float = 1.0
+    zone: str = ""
+    heartbeat_interval: float = 1.0
+    dead_after: float = 3.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, got {self.concurrency!r}")
         if self.grace_period < 0:
             raise ConfigurationError(f"grace_period must be >= 0, got {self.grace_period!r}")
+        if self.weight <= 0:
+            raise ConfigurationError(f"weight must be > 0, got {self.weight!r}")
+        if self.heartbeat_interval <= 0:
+            raise ConfigurationError("heartbeat_interval must be > 0 seconds")
+        if self.dead_after < 2 * self.heartbeat_interval:
+            raise ConfigurationError(
+                f"dead_after ({self.dead_after}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}s), or one late heartbeat would declare a node dead"
+            )
 
     def node_id(self) -> str:
         return self.name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
-
-
-@dataclass
-class _Buffers:
-    """Events and outcomes waiting for the flusher's next round trip."""
-
-    events: list[tuple[str, str, bytes, int]] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
-    flushed: asyncio.Future[None] | None = None
 
 
 class Node:
@@ -94,21 +101,18 @@ class Node:
             for name, agent in table.items()
         }
         self.client = Client(settings=self.settings)
-        self._queues = [
-            self.client.keys.queue(cap, prio) for prio in PRIORITIES for cap in self._specs
-        ]
         self._running: dict[str, Attempt] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._buffers = _Buffers()
-        self._dirty = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()  # stop pulling work, drain
         self._closing = asyncio.Event()  # drained: background loops end by themselves
+        self._serving = asyncio.Event()  # cleared while the node may have been declared dead
         self._idle_read: asyncio.Future[Any] | None = None  # the blocking wait for work
         self._turn = 0  # rotates which capability is read first (see _queue_order)
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
-        self._loop_thread = 0
-        self.completed = 0
+        self._heartbeat: Heartbeat | None = None
+        self._last_progress = time.monotonic()
+        self.stalled = ""  # why the watchdog thinks the node is stuck, or ""
+        self.recorder: Recorder
 
     @property
     def capabilities(self) -> list[str]:
@@ -118,11 +122,16 @@ class Node:
     def keys(self) -> Any:
         return self.client.keys
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
     # --- lifecycle --------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the node to drain and stop (safe from a signal handler)."""
+        """Ask the node to drain and stop (call on the node's loop, e.g. a signal handler)."""
         self._stopping.set()
+        self._serving.set()  # a paused fetch loop must see the stop too
         if self._idle_read is not None:
             # call_soon: the read's first step (already scheduled) runs first, so the
             # cancel never hits a coroutine that has not started (which would warn).
@@ -131,58 +140,125 @@ class Node:
     async def run(self) -> None:
         """Register, consume until stop() is called, then drain and deregister."""
         self.loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        self.recorder = Recorder(self.client, self.loop)
         await self.client.connect()
         try:
             await self._register()
-            log.info("node %s hosting %s", self.node_id, ", ".join(self.capabilities))
+            self._start_heartbeat()
+            log.info("node %s joined, hosting %s", self.node_id, ", ".join(self.capabilities))
             # Background loops end when _closing is set rather than by cancellation:
             # asyncio.wait_for on 3.11 (used inside redis-py) can swallow a cancel.
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._heartbeat_loop())
+                group.create_task(self.recorder.run(self._closing))
                 group.create_task(self._release_loop())
                 group.create_task(self._cancel_listener())
-                group.create_task(self._flush_loop())
+                reaper = Reaper(self.client, self.node_id, self.config.dead_after)
+                group.create_task(reaper.run(self._closing))
+                group.create_task(self._watchdog())
                 try:
                     await self._fetch_loop()
                     await self._drain()
                 finally:
                     self._closing.set()
-                    self._dirty.set()
+                    self.recorder.wake()
         finally:
-            await self._deregister()
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+            with contextlib.suppress(ShoalError):
+                await deregister(self.client, self.node_id, self.capabilities)
+            log.info("node %s left (drained, deregistered)", self.node_id)
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self.client.close()
+
+    def _description(self) -> dict[str, Any]:
+        return {
+            "id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "version": __version__, "capabilities": ",".join(self.capabilities),
+            "concurrency": self.config.concurrency, "weight": self.config.weight,
+            "zone": self.config.zone, "started_at": protocol.now_ms(),
+        }  # fmt: skip
 
     async def _register(self) -> None:
         r = self.client.redis
         async with self.client.errors():
-            for queue in self._queues:
-                with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: exists already
-                    await r.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
+            for cap in self._specs:
+                for queue in self.keys.queues(cap):
+                    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: exists
+                        await r.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
             pipe = r.pipeline(transaction=False)
             for name, (spec, _) in self._specs.items():
                 pipe.sadd(self.keys.capabilities, name)
-                pipe.hset(self.keys.capability(name), mapping=_capability_fields(spec))
-                for stale in ("max_attempts", "timeout", "queue_max"):
-                    if stale not in _capability_fields(spec):
-                        pipe.hdel(self.keys.capability(name), stale)
+                fields = _capability_fields(spec)
+                pipe.hset(self.keys.capability(name), mapping=fields)
+                stale = [f for f in ("max_attempts", "timeout", "queue_max") if f not in fields]
+                if stale:
+                    pipe.hdel(self.keys.capability(name), *stale)
             await pipe.execute()
-            await self._heartbeat()
+        await register(self.client, self.node_id, self._description())
+        self._serving.set()
 
-    async def _deregister(self) -> None:
-        with contextlib.suppress(ShoalError, redis.RedisError):
-            async with self.client.errors():
-                pipe = self.client.redis.pipeline(transaction=False)
-                pipe.zrem(self.keys.nodes, self.node_id)
-                for name in self._specs:
-                    pipe.zrem(self.keys.hosts(name), self.node_id)
-                pipe.delete(self.keys.node(self.node_id))
-                await pipe.execute()
+    def _start_heartbeat(self) -> None:
+        def notify(state: str) -> None:
+            self.loop.call_soon_threadsafe(self._on_liveness, state)
+
+        self._heartbeat = Heartbeat(
+            self.client.url, self.keys, self.node_id, self.config.heartbeat_interval,
+            self.config.dead_after, self._load, notify,
+        )  # fmt: skip
+        self._heartbeat.start()
+
+    def _load(self) -> dict[str, Any]:
+        """What each heartbeat reports (read from the heartbeat thread)."""
+        return {
+            "in_flight": len(self._running),
+            "free": max(0, self.config.concurrency - len(self._running)),
+            "completed": self.recorder.recorded,
+            "stalled": self.stalled,
+        }
+
+    def _on_liveness(self, state: str) -> None:
+        """The heartbeat thread's news: stop taking work while the node may have been
+        declared dead; if it was, give up its running work and register again."""
+        if state == "silent":
+            self._serving.clear()
+        elif state == "ok":
+            self._serving.set()
+        elif state == "dead":
+            self._serving.clear()
+            abandoned = self._abandon_running()
+            log.warning(
+                "node %s was declared dead; %d running task(s) now belong to survivors; "
+                "registering again", self.node_id, abandoned,
+            )  # fmt: skip
+            task = asyncio.ensure_future(self._rejoin())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _abandon_running(self) -> int:
+        attempts = list(self._running.values())
+        for attempt in attempts:
+            attempt.abandoned = True
+            if attempt.task is not None:
+                attempt.task.cancel()
+        return len(attempts)
+
+    async def _rejoin(self) -> None:
+        backoff = Backoff()
+        while not self._closing.is_set():
+            try:
+                await register(self.client, self.node_id, self._description())
+            except ShoalError as exc:
+                log.warning("registering again failed: %s", exc)
+                await self._until(self._closing, timeout=backoff.next_delay())
+                continue
+            if self._heartbeat is not None:
+                self._heartbeat.reset()
+            self._serving.set()
+            log.info("node %s registered again", self.node_id)
+            return
 
     async def _drain(self) -> None:
         """Stop pulling; let running tasks finish within the grace period, then hand
-        the rest back to the queue (re-queued at once, the attempt not counted)."""
+        the rest back to their queues at once (the attempt not counted)."""
         pending = {a.task for a in self._running.values() if a.task is not None}
         if pending:
             log.info(
@@ -194,32 +270,9 @@ class Node:
                     attempt.handed_back = True
                     attempt.task.cancel()
             if late:
+                log.info("handing %d unfinished task(s) back to their queues", len(late))
                 await asyncio.wait(late)
-        await self._flush_once()
-
-    # --- heartbeat --------------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        now = protocol.now_ms()
-        pipe = self.client.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.nodes, {self.node_id: now})
-        for name in self._specs:
-            pipe.zadd(self.keys.hosts(name), {self.node_id: now})
-        pipe.hset(self.keys.node(self.node_id), mapping={
-            "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": now,
-            "capabilities": ",".join(self.capabilities), "concurrency": self.config.concurrency,
-            "in_flight": len(self._running), "completed": self.completed,
-            "weight": self.config.weight,
-        })  # fmt: skip
-        await pipe.execute()
-
-    async def _heartbeat_loop(self) -> None:
-        while not await self._until(self._closing, timeout=HEARTBEAT_INTERVAL_S):
-            try:
-                async with self.client.errors():
-                    await self._heartbeat()
-            except ShoalError as exc:
-                log.warning("heartbeat failed: %s", exc)
+        await self.recorder.flush()
 
     # --- pulling work -------------------------------------------------------------
 
@@ -229,7 +282,11 @@ class Node:
                 "shoal.errors.DeadlineExceeded", "the deadline passed before the task started"
             )
         )
+        backoff = Backoff()
         while not self._stopping.is_set():
+            if not self._serving.is_set():
+                await self._serving.wait()
+                continue
             free = self.config.concurrency - len(self._running)
             if free <= 0:
                 self._slot_freed.clear()
@@ -239,9 +296,12 @@ class Node:
             try:
                 started, consumed, last_ids = await self._fetch(queues, free, expired)
             except ShoalError as exc:
-                log.warning("fetching work failed: %s; retrying", exc)
-                await self._until(self._stopping, timeout=0.5)
+                delay = backoff.next_delay()
+                log.warning("fetching work failed: %s; retrying in %.2fs", exc, delay)
+                await self._until(self._stopping, timeout=delay)
                 continue
+            backoff.reset()
+            self._last_progress = time.monotonic()
             for row in started:
                 self._start(Job.from_reply(row))
             if consumed == 0:
@@ -296,8 +356,9 @@ class Node:
     def _start(self, job: Job) -> None:
         spec, agent = self._specs[job.capability]
         ctx = TaskContext(
-            self, job.task_id, job.capability, job.attempt, job.traceparent, self._flushed
-        )
+            self, job.task_id, job.capability, job.attempt, job.traceparent,
+            self.recorder.flushed, job.token,
+        )  # fmt: skip
         attempt = Attempt(job, spec, agent, ctx)
         self._running[job.task_id] = attempt
         attempt.task = asyncio.create_task(
@@ -313,110 +374,30 @@ class Node:
         finally:
             self._running.pop(attempt.job.task_id, None)
             self._slot_freed.set()
-        self._buffers.outcomes.append(outcome)
-        self._dirty.set()
+        if outcome is not None:
+            self.recorder.add_outcome(outcome)
 
-    # --- events and results ---------------------------------------------------------
+    def emit_event(self, task_id: str, token: int, kind: str, data: Any) -> None:
+        """Runtime hook for TaskContext: events go through the recorder."""
+        self.recorder.emit_event(task_id, token, kind, data)
 
-    def emit_event(self, task_id: str, kind: str, data: Any) -> None:
-        """Buffer an event for the flusher; callable from handler threads too."""
-        try:
-            encoded = protocol.encode(data)
-        except (TypeError, OverflowError, ValueError) as exc:
-            raise SerializationError(
-                f"event data of type {type(data).__name__} cannot be sent ({exc}); events "
-                "carry msgpack data"
-            ) from None
-        item = (task_id, kind, encoded, protocol.now_ms())
-        if threading.get_ident() == self._loop_thread:
-            self._buffer_event(item)
-        else:
-            self.loop.call_soon_threadsafe(self._buffer_event, item)
-
-    def _buffer_event(self, item: tuple[str, str, bytes, int]) -> None:
-        self._buffers.events.append(item)
-        self._dirty.set()
-
-    def _flushed(self) -> asyncio.Future[None] | None:
-        """The future the next flush completes (None off the loop thread)."""
-        if threading.get_ident() != self._loop_thread:
-            return None
-        if self._buffers.flushed is None:
-            self._buffers.flushed = self.loop.create_future()
-        return self._buffers.flushed
-
-    async def _flush_loop(self) -> None:
-        while not self._closing.is_set():
-            await self._dirty.wait()
-            self._dirty.clear()
-            await self._flush_once()
-
-    async def _flush_once(self) -> None:
-        buffers, self._buffers = self._buffers, _Buffers()
-        if not buffers.events and not buffers.outcomes:
-            if buffers.flushed is not None and not buffers.flushed.done():
-                buffers.flushed.set_result(None)
-            return
-        try:
-            await self._write(buffers)
-        except ShoalError as exc:
-            log.error("recording %d outcome(s) failed: %s; will retry", len(buffers.outcomes), exc)
-            self._requeue_buffers(buffers)
-            await self._until(self._stopping, timeout=0.5)
-            return
-        self.completed += len(buffers.outcomes)
-        if buffers.flushed is not None and not buffers.flushed.done():
-            buffers.flushed.set_result(None)
-
-    def _requeue_buffers(self, failed: _Buffers) -> None:
-        """Put unwritten events and outcomes back in front, in order, for the next try."""
-        self._buffers.events[:0] = failed.events
-        self._buffers.outcomes[:0] = failed.outcomes
-        if failed.flushed is not None and self._buffers.flushed is None:
-            self._buffers.flushed = failed.flushed
-        self._dirty.set()
-
-    async def _write(self, buffers: _Buffers) -> None:
-        """Events first, then the outcomes, in one pipeline (one round trip)."""
-        pipe = self.client.redis.pipeline(transaction=False)
-        for task_id, kind, data, at in buffers.events:
-            pipe.xadd(self.keys.events(task_id), {"k": kind, "d": data, "t": at})
-        head: list[Any] = [
-            self.keys.prefix, CONSUMER_GROUP, protocol.now_ms(),
-            int(self.settings.retention * 1000),
-        ]  # fmt: skip
-        calls = []
-        for start in range(0, len(buffers.outcomes), FINISH_CHUNK):
-            args = list(head)
-            for outcome in buffers.outcomes[start : start + FINISH_CHUNK]:
-                args += outcome.script_fields()
-            self.client.scripts.finish.queue(pipe, [self.keys.delayed], args)
-            calls.append(args)
-        async with self.client.errors():
-            replies = await pipe.execute(raise_on_error=False)
-            for args, reply in zip(calls, replies[len(replies) - len(calls) :], strict=True):
-                if isinstance(reply, NoScriptError):
-                    await self.client.scripts.finish([self.keys.delayed], args)  # reloads it
-            failures = [
-                r for r in replies if isinstance(r, Exception) and not isinstance(r, NoScriptError)
-            ]
-            if failures:
-                raise failures[0]
-
-    # --- delayed tasks and cancellation ------------------------------------------------
+    # --- delayed tasks, cancellation, watchdog ----------------------------------------
 
     async def _release_loop(self) -> None:
         """Move due delayed tasks into their queues. Every node runs this; the script
         makes each release happen once."""
+        backoff = Backoff()
         while not self._closing.is_set():
             try:
                 async with self.client.errors():
                     released, next_due = await self.client.scripts.release(
                         [self.keys.delayed], [self.keys.prefix, protocol.now_ms(), RELEASE_BATCH]
                     )
+                backoff.reset()
             except ShoalError as exc:
                 log.warning("releasing delayed tasks failed: %s", exc)
-                released, next_due = 0, -1
+                await self._until(self._closing, timeout=backoff.next_delay())
+                continue
             if released >= RELEASE_BATCH:
                 continue
             wait = RELEASE_INTERVAL_S
@@ -426,25 +407,50 @@ class Node:
 
     async def _cancel_listener(self) -> None:
         """Cancel running handlers whose cancellation was asked (pub/sub; the record's
-        'cancel' flag makes the outcome 'cancelled' even if this message is missed)."""
-        pubsub = self.client.blocking.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.keys.cancel_channel)
-            while not self._closing.is_set():
-                message = await pubsub.get_message(timeout=CANCEL_LISTEN_S)
-                if message is not None:
-                    self._cancel_running(message["data"].decode())
-        except redis.RedisError as exc:
-            log.warning("cancel listener stopped: %s", translate(exc, self.client.url))
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+        'cancel' flag makes the outcome 'cancelled' even if a message is missed while
+        the listener reconnects)."""
+        backoff = Backoff()
+        while not self._closing.is_set():
+            pubsub = self.client.blocking.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.cancel_channel)
+                backoff.reset()
+                while not self._closing.is_set():
+                    message = await pubsub.get_message(timeout=CANCEL_LISTEN_S)
+                    if message is not None:
+                        self._cancel_running(message["data"].decode())
+            except redis.RedisError as exc:
+                log.warning("cancel listener: %s; reconnecting", translate(exc, self.client.url))
+                await self._until(self._closing, timeout=backoff.next_delay())
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     def _cancel_running(self, task_id: str) -> None:
         attempt = self._running.get(task_id)
         if attempt is not None and attempt.task is not None:
             attempt.ctx.cancel_requested = True
             attempt.task.cancel()
+
+    async def _watchdog(self) -> None:
+        """Judge the node by progress, not by its sockets: report (log and heartbeat)
+        when it holds results it cannot record, or has free slots but has not
+        managed to ask the engine for work, for longer than STALL_AFTER_S."""
+        while not await self._until(self._closing, timeout=1.0):
+            now, reason = time.monotonic(), ""
+            pending = self.recorder.pending_since
+            if pending is not None and now - pending > STALL_AFTER_S:
+                reason = f"holds unrecorded results for {now - pending:.0f}s"
+            idle = now - self._last_progress
+            free = self.config.concurrency - len(self._running)
+            if not reason and free > 0 and self._serving.is_set() and idle > STALL_AFTER_S + 1:
+                reason = f"has {free} free slot(s) but fetched nothing for {idle:.0f}s"
+            if reason != self.stalled:
+                if reason:
+                    log.error("watchdog: node %s %s", self.node_id, reason)
+                else:
+                    log.info("watchdog: node %s makes progress again", self.node_id)
+                self.stalled = reason
 
 
 def _capability_fields(spec: CapabilitySpec) -> dict[str, Any]:
@@ -459,13 +465,28 @@ def _capability_fields(spec: CapabilitySpec) -> dict[str, Any]:
 
 
 def run_node(agents: list[type[Agent]], settings: Settings, config: NodeConfig) -> None:
-    """Run a node in this process until SIGINT/SIGTERM, which drain it."""
+    """Run a node in this process. SIGINT/SIGTERM drains it; a second signal forces
+    the exit at once (survivors then take its work over after ``dead_after``)."""
 
     async def main() -> None:
         node = Node(agents, settings, config)
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if node._stopping.is_set():
+                log.warning("second %s: exiting at once, without draining", sig.name)
+                logging.shutdown()
+                os._exit(EXIT_FORCED)
+            log.info("%s: draining (send it again to exit at once)", sig.name)
+            node.stop()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, node.stop)
+            loop.add_signal_handler(sig, on_signal, sig)
         await node.run()
 
     asyncio.run(main())
+    # A sync handler that was handed back may still be running in a worker thread;
+    # its task is queued elsewhere already, so do not wait for it to return.
+    if any(t.name.startswith("shoal") and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        os._exit(0)

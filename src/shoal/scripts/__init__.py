@@ -19,9 +19,17 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = ("submit", "fetch", "finish", "release", "cancel", "redrive", "follow")
+SCRIPT_NAMES = (
+    "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
+    "reap",
+)  # fmt: skip
 
 Arg = str | int | float | bytes
+
+
+def load_source(name: str) -> str:
+    """The full source of a script (common helpers included), e.g. for a sync client."""
+    return _source(name)
 
 
 def _source(name: str) -> str:
@@ -66,6 +74,9 @@ class Scripts:
         self.cancel = Script(redis, "cancel")
         self.redrive = Script(redis, "redrive")
         self.follow = Script(redis, "follow")
+        self.events = Script(redis, "events")
+        self.beat = Script(redis, "beat")
+        self.reap = Script(redis, "reap")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -10,7 +10,7 @@
 --          or past its deadline (recorded as 'expired' and never run)
 -- Returns  {started, consumed, last_ids}: started is a list of
 --          {queue, entry id, task id, capability, args, attempt, max_attempts,
---          timeout, parent, traceparent}; consumed counts entries read (skipped
+--          timeout, parent, traceparent, fencing token}; consumed counts entries read (skipped
 --          included); last_ids (only when nothing was read) holds each stream's
 --          last generated id, so the node can block on XREAD from exactly there.
 local group, consumer = ARGV[2], ARGV[3]
@@ -63,9 +63,13 @@ local function start(q, eid, id)
     end
   end
   local attempt = redis.call('HINCRBY', tk, 'attempts', 1)
+  -- The fencing token grows with every delivery (attempts can go back down when a
+  -- draining node hands a task back; the token never does). Outcomes and events
+  -- carrying an older token are refused.
+  local token = redis.call('HINCRBY', tk, 'token', 1)
   redis.call('HSET', tk, unpack(fields))
   started[#started + 1] = {q, eid, id, r[3], r[6], attempt, max_att, timeout,
-    r[7] or '', r[8] or ''}
+    r[7] or '', r[8] or '', token}
   remaining = remaining - 1
 end
 

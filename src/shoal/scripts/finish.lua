@@ -1,7 +1,7 @@
 -- finish: record the outcomes of a batch of attempts and acknowledge their entries.
 -- KEYS[1]  delayed (sorted set of scheduled retries)
--- ARGV     prefix, group, now_ms, retention_ms, then 7 fields per outcome:
---          queue, entry id, task id, attempt, outcome, payload, due_ms
+-- ARGV     prefix, group, now_ms, retention_ms, then 8 fields per outcome:
+--          queue, entry id, task id, attempt, fencing token, outcome, payload, due_ms
 --          outcome: 'ok' (payload = msgpack result), 'retry' (payload = msgpack
 --          ErrorInfo, due_ms = when to run again), 'dead' / 'failed' (payload =
 --          ErrorInfo), 'cancelled', 'requeue' (a stopping node hands the task
@@ -9,9 +9,10 @@
 -- Touches  queue streams (XACK + XDEL: acknowledged entries are trimmed at once,
 --          one call per stream for the whole batch), task:<id>, events:<id>,
 --          reply inbox, delayed, dlq:<cap>
--- Rule     the first recorded result wins: an outcome for a task that is no longer
---          running this attempt (finished elsewhere, cancelled while queued, or
---          re-run after a takeover) only counts a duplicate in the record ('dups').
+-- Rule     the first recorded result wins: an outcome whose fencing token is not
+--          the task's current one, or for a task no longer running (finished
+--          elsewhere, cancelled while queued, re-run after a takeover), is refused
+--          and only counted as a duplicate in the record ('dups').
 --          A task whose cancellation was requested while running ends 'cancelled'.
 -- Returns  the number of outcomes recorded (duplicates excluded)
 local group = ARGV[2]
@@ -31,12 +32,12 @@ local function schedule(tk, id, due)
   redis.call('ZADD', KEYS[1], due, id)
 end
 
-local function apply(id, attempt, outcome, payload, due)
+local function apply(id, attempt, token, outcome, payload, due)
   local tk = task_key(id)
-  -- status, attempts, cancel, cap, reply, follow
-  local r = redis.call('HMGET', tk, 'status', 'attempts', 'cancel', 'cap', 'reply', 'follow')
+  -- status, token, cancel, cap, reply, follow, prio
+  local r = redis.call('HMGET', tk, 'status', 'token', 'cancel', 'cap', 'reply', 'follow', 'prio')
   if not r[1] then return end
-  if r[1] ~= 'running' or r[2] ~= attempt then
+  if r[1] ~= 'running' or r[2] ~= token then
     redis.call('HINCRBY', tk, 'dups', 1)
     return
   end
@@ -47,8 +48,10 @@ local function apply(id, attempt, outcome, payload, due)
   elseif outcome == 'ok' then
     finish_task(id, 'succeeded', now, retention_ms, rec, payload, {'result', payload})
   elseif outcome == 'requeue' then
+    -- handed back by a draining node: queued again at once, attempt not counted
     redis.call('HINCRBY', tk, 'attempts', -1)
-    schedule(tk, id, now)
+    redis.call('HSET', tk, 'status', 'queued')
+    redis.call('XADD', queue_key(r[4], r[7]), '*', 'id', id)
   elseif outcome == 'retry' then
     redis.call('HSET', tk, 'error', payload, history_field(tk), payload)
     schedule(tk, id, due)
@@ -65,7 +68,7 @@ local function apply(id, attempt, outcome, payload, due)
   end
 end
 
-for base = 5, #ARGV, 7 do
+for base = 5, #ARGV, 8 do
   local q = ARGV[base]
   local ids = acks[q]
   if not ids then
@@ -73,7 +76,8 @@ for base = 5, #ARGV, 7 do
     acks[q] = ids
   end
   ids[#ids + 1] = ARGV[base + 1]
-  apply(ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5], tonumber(ARGV[base + 6]))
+  apply(ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5], ARGV[base + 6],
+    tonumber(ARGV[base + 7]))
 end
 for q, ids in pairs(acks) do
   redis.call('XACK', q, group, unpack(ids))

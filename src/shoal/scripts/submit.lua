@@ -10,6 +10,8 @@
 --          the batch means the queue reached its bound: the rest were not written);
 --          `existing` is the id of the task an idempotency key already named (then
 --          nothing was written), else ''.
+-- Retry    a task id that exists already is skipped and counted as accepted, so a
+--          client may re-send a batch whose reply it lost (the ids are its own).
 local now = tonumber(ARGV[2])
 local retention_ms = tonumber(ARGV[3])
 local cap, prio = ARGV[5], ARGV[6]
@@ -47,15 +49,17 @@ local accepted = 0
 for base = 14, #ARGV, 3 do
   if room <= 0 then break end
   local id = ARGV[base]
-  common[n + 1], common[n + 2] = 'args', ARGV[base + 1]
-  common[n + 3], common[n + 4] = 'trace', ARGV[base + 2]
-  redis.call('HSET', task_key(id), unpack(common))
-  if status == 'scheduled' then
-    redis.call('ZADD', KEYS[1], due, id)
-  else
-    redis.call('XADD', q, '*', 'id', id)
+  if redis.call('EXISTS', task_key(id)) == 0 then
+    common[n + 1], common[n + 2] = 'args', ARGV[base + 1]
+    common[n + 3], common[n + 4] = 'trace', ARGV[base + 2]
+    redis.call('HSET', task_key(id), unpack(common))
+    if status == 'scheduled' then
+      redis.call('ZADD', KEYS[1], due, id)
+    else
+      redis.call('XADD', q, '*', 'id', id)
+    end
+    room = room - 1
   end
-  room = room - 1
   accepted = accepted + 1
 end
 if idem ~= '' and accepted == 1 then

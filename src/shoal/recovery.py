@@ -1,0 +1,91 @@
+"""Death detection and takeover: every node reaps the nodes that stopped beating.
+
+A node whose last heartbeat is older than ``dead_after`` is dead. Every live node
+looks for such nodes a few times per ``dead_after`` and runs the reap script on
+each; the script removes the dead node from the live set first, so exactly one
+survivor takes over each dead node's entries — at once, not after a visibility
+timeout. Entries of live nodes are never touched, however long their tasks run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from shoal import protocol
+from shoal.client import Client
+from shoal.errors import ShoalError
+from shoal.keys import CONSUMER_GROUP
+from shoal.protocol import ErrorInfo
+
+log = logging.getLogger("shoal.recovery")
+
+DIED_WHILE_RUNNING = "node died while running"
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """What reaping one dead node did."""
+
+    node_id: str
+    requeued: tuple[str, ...]
+    dead_lettered: tuple[str, ...]
+
+
+class Reaper:
+    """Finds dead nodes and takes their work over (one reaper per node)."""
+
+    def __init__(self, client: Client, node_id: str, dead_after: float) -> None:
+        self._client = client
+        self._node_id = node_id
+        self._dead_after_ms = int(dead_after * 1000)
+        self.interval = max(0.1, dead_after / 6)
+
+    async def reap_once(self) -> list[Takeover]:
+        """Reap every node silent for longer than ``dead_after`` (not this one)."""
+        client, keys = self._client, self._client.keys
+        cutoff = protocol.now_ms() - self._dead_after_ms
+        async with client.errors():
+            silent = await client.redis.zrangebyscore(keys.nodes, "-inf", cutoff)
+        takeovers = []
+        for raw in silent:
+            node_id = raw.decode()
+            if node_id != self._node_id and (done := await self._reap(node_id, cutoff)):
+                takeovers.append(done)
+        return takeovers
+
+    async def _reap(self, node_id: str, cutoff: int) -> Takeover | None:
+        client = self._client
+        died = protocol.encode(
+            ErrorInfo(
+                "shoal.errors.NodeDied", DIED_WHILE_RUNNING, node=node_id, at=protocol.now_ms()
+            )
+        )
+        args: list[str | int | bytes] = [
+            client.keys.prefix, node_id, protocol.now_ms(), cutoff, CONSUMER_GROUP,
+            int(client.settings.retention * 1000), died,
+        ]  # fmt: skip
+        async with client.errors():
+            result = await client.scripts.reap([client.keys.nodes], args)
+        if not result:
+            return None  # another survivor reaped it, or it came back
+        requeued, buried = ([i.decode() for i in ids] for ids in result)
+        takeover = Takeover(node_id, tuple(requeued), tuple(buried))
+        log.warning(
+            "node %s declared dead (silent > %.1fs): %d task(s) re-queued, %d dead-lettered%s",
+            node_id, self._dead_after_ms / 1000, len(requeued), len(buried),
+            f": {', '.join(requeued[:10])}" if requeued else "",
+        )  # fmt: skip
+        return takeover
+
+    async def run(self, closing: asyncio.Event) -> None:
+        """Reap until ``closing`` is set; engine errors are logged and retried."""
+        while not closing.is_set():
+            try:
+                await self.reap_once()
+            except ShoalError as exc:
+                log.warning("looking for dead nodes failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), self.interval)
