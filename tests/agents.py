@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -91,6 +92,15 @@ class Toolbox(Agent):
     @capability("bad_event")
     async def bad_event(self) -> None:
         self.ctx.emit({"when": object()})
+
+    @capability("nap")
+    async def nap(self, seconds: float = 1.0, i: int = 0) -> dict[str, Any]:
+        await asyncio.sleep(seconds)  # the work itself
+        return {"i": i, "node": self.ctx.node_id, "token": self.ctx.fencing_token}
+
+    @capability("poison", max_attempts=2)
+    async def poison(self) -> None:
+        os._exit(1)  # kills the node running it, every time
 
     @capability("own_timeout", max_attempts=1)
     async def own_timeout(self) -> None:

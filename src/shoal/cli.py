@@ -97,6 +97,14 @@ def node(
     concurrency: Annotated[int, typer.Option(help="Tasks run at once.", min=1)] = 64,
     name: Annotated[str | None, typer.Option(help="Node id (default host-pid-random).")] = None,
     grace: Annotated[float, typer.Option(help="Seconds to finish work on SIGTERM.", min=0)] = 30,
+    heartbeat_interval: Annotated[
+        float, typer.Option(help="Seconds between heartbeats.", min=0.05)
+    ] = 1.0,
+    dead_after: Annotated[
+        float, typer.Option(help="Silence after which a node counts as dead (seconds).")
+    ] = 3.0,
+    weight: Annotated[float, typer.Option(help="Relative capacity of this node.")] = 1.0,
+    zone: Annotated[str, typer.Option(help="Zone / rack / region label.")] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     redis: Redis = None,
     namespace: Namespace = None,
@@ -110,7 +118,10 @@ def node(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     agents = load_agents(app_module)
-    config = NodeConfig(concurrency=concurrency, name=name, grace_period=grace)
+    config = NodeConfig(
+        concurrency=concurrency, name=name, grace_period=grace, weight=weight, zone=zone,
+        heartbeat_interval=heartbeat_interval, dead_after=dead_after,
+    )  # fmt: skip
     run_node(agents, _settings(redis, namespace, data_dir), config)
 
 

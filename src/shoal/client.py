@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import redis
@@ -38,8 +38,11 @@ from shoal.errors import (
 from shoal.keys import Keys, validate_capability
 from shoal.options import TaskOptions
 from shoal.protocol import ErrorInfo, Event, TaskInfo
+from shoal.resilience import Backoff
 from shoal.scripts import Scripts
 from shoal.settings import Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger("shoal.client")
 
@@ -263,7 +266,9 @@ class Client:
             *options.script_fields(), self._inbox, parent or "", options.idempotency_key or "",
         ]  # fmt: skip
         chunks = [rows[i : i + SUBMIT_CHUNK] for i in range(0, len(rows), SUBMIT_CHUNK)]
-        replies = await self._run_submit(head, chunks)
+        # Safe to re-send after a lost reply: the task ids are ours and the script
+        # skips ids it already stored, so a retry never queues a task twice.
+        replies = await self._through_outages(lambda: self._run_submit(head, chunks))
         return self._handles(capability, chunks, replies)
 
     async def _run_submit(
@@ -376,7 +381,9 @@ class Client:
         while True:
             waiter = self._add_waiter(task_id)
             try:
-                status, result, error, reply = await self._states.read(task_id)
+                status, result, error, reply = await self._through_outages(
+                    lambda: self._states.read(task_id)
+                )
                 if status is None:
                     await self._record(task_id)  # raises TaskNotFound with the message
                     raise TaskNotFound(task_id)  # (only if it appeared and vanished meanwhile)
@@ -387,9 +394,25 @@ class Client:
                     if arrived[0] in protocol.TERMINAL_STATUSES:
                         return _inbox_outcome(task_id, arrived, with_traceback)
                 else:
-                    await self._wait_events_done(task_id)
+                    await self._through_outages(lambda: self._wait_events_done(task_id))
             finally:
                 self._remove_waiter(task_id, waiter)
+
+    async def _through_outages(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation``, retrying with back-off while the engine is unavailable,
+        for up to ``settings.engine_timeout`` seconds; then the error is raised."""
+        backoff, first_failure = Backoff(), 0.0
+        while True:
+            try:
+                return await operation()
+            except EngineUnavailable as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure >= self.settings.engine_timeout:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)  # back-off while the engine is away
 
     async def _wait_inbox(self, task_id: str) -> tuple[str, bytes]:
         waiter = self._add_waiter(task_id)

@@ -254,8 +254,8 @@ class EmbeddedEngine:
             return self._start(stale)
 
     def _start(self, previous: EngineRecord | None = None) -> EngineRecord:
-        """Start the server; after a crash, on the previous port and password if the
-        port is free, so clients and nodes that were connected simply reconnect."""
+        """Start the server; after a stop or a crash, on the previous port and password
+        if the port is free, so clients and nodes that stayed up simply reconnect."""
         binary = find_server_binary()
         last_error = ""
         for attempt in range(3):  # a free port can be taken between probe and bind; retry
@@ -324,13 +324,14 @@ class EmbeddedEngine:
         tmp.replace(self.record_path)
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Shut the engine down (AOF flushed) and remove its record. False if none ran."""
+        """Shut the engine down (AOF flushed). False if none ran.
+
+        The record stays, so the next start reuses the same port and password when
+        the port is free: nodes and clients that stayed up simply reconnect.
+        """
         with self._locked():
             record = self.read_record()
-            if record is None:
-                return False
-            self.record_path.unlink(missing_ok=True)
-            if not record.alive():
+            if record is None or not record.alive():
                 return False
             try:
                 with redis.Redis.from_url(record.url, socket_connect_timeout=1) as conn:

@@ -18,6 +18,7 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_QUEUE_MAX_LENGTH = 1_000_000
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_ENGINE_TIMEOUT_S = 30.0
 
 
 def validate_namespace(namespace: str) -> str:
@@ -67,11 +68,18 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path(".shoal"))
     retention: float = DEFAULT_RETENTION_S
     queue_max_length: int = DEFAULT_QUEUE_MAX_LENGTH
+    # How long a client keeps retrying through an engine outage (reconnecting with
+    # back-off) before an operation gives up with EngineUnavailable.
+    engine_timeout: float = DEFAULT_ENGINE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         validate_namespace(self.namespace)
         if self.retention <= 0:
             raise ConfigurationError(f"retention must be > 0 seconds, got {self.retention}")
+        if self.engine_timeout <= 0:
+            raise ConfigurationError(
+                f"engine_timeout must be > 0 seconds, got {self.engine_timeout}"
+            )
         if self.queue_max_length <= 0:
             raise ConfigurationError(f"queue_max_length must be > 0, got {self.queue_max_length}")
 
@@ -89,6 +97,7 @@ class Settings:
             data_dir=Path(data_dir or os.environ.get("SHOAL_DATA_DIR") or ".shoal"),
             retention=_env_float("SHOAL_RETENTION", DEFAULT_RETENTION_S),
             queue_max_length=_env_int("SHOAL_QUEUE_MAX_LENGTH", DEFAULT_QUEUE_MAX_LENGTH),
+            engine_timeout=_env_float("SHOAL_ENGINE_TIMEOUT", DEFAULT_ENGINE_TIMEOUT_S),
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -1,0 +1,129 @@
+"""Failover with real processes and real kills: takeover, fencing, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+
+from shoal import Client, Settings
+from tests.agents import Toolbox
+from tests.conftest import node_process, running_node, wait_for_status
+
+
+async def wait_all_running(client: Client, handles: list, timeout: float = 20) -> None:  # type: ignore[type-arg]
+    """Until every task is 'running' (a node in another process starts them)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            pipe = client.redis.pipeline(transaction=False)
+            for h in handles:
+                pipe.hget(client.keys.task(h.id), "status")
+            if all(s == b"running" for s in await pipe.execute()):
+                return
+            await asyncio.sleep(0.02)  # another process moves them
+
+
+async def test_kill_9_of_a_node_with_100_running_tasks_loses_none(
+    client: Client, settings: Settings
+) -> None:
+    with node_process(
+        settings, "tests.agents", "--name", "victim", "--concurrency", "200"
+    ) as victim:
+        await client.wait_for_hosts("nap")
+        handles = await client.submit_many("nap", [{"seconds": 2.0, "i": i} for i in range(100)])
+        await wait_all_running(client, handles)
+        with node_process(settings, "tests.agents", "--name", "survivor", "--concurrency", "200"):
+            await client.wait_for_hosts("nap", count=2)
+            victim.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 30)
+            recovered = time.monotonic() - killed
+    assert [r["i"] for r in results] == list(range(100)), "every task completed"
+    assert {r["node"] for r in results} == {"survivor"}
+    infos = [await h.status() for h in handles]
+    assert all(i.status == "succeeded" and i.attempts == 2 for i in infos)
+    assert all(i.errors[0].message == "node died while running" for i in infos)
+    assert all(r["token"] == 2 for r in results), "the re-run carries a newer fencing token"
+    assert sum(i.duplicates for i in infos) == 0, "the dead node recorded nothing"
+    assert recovered < 3.0 + 1.0 + 2.0 + 3.0, f"recovery took {recovered:.1f}s"
+
+
+@pytest.mark.slow
+async def test_a_30_second_task_on_a_live_node_is_never_taken_over(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings, name="runner", concurrency=2):
+        handle = await client.submit("nap", seconds=30.0)
+        await wait_for_status(handle, "running")
+        async with running_node([Toolbox], settings, name="peer"):  # its reaper runs all along
+            result = await handle.result(timeout=60)
+    info = await handle.status()
+    assert result["node"] == "runner" and result["token"] == 1
+    assert info.attempts == 1 and info.errors == () and info.duplicates == 0
+
+
+async def test_a_poison_task_that_kills_its_node_ends_in_the_dead_letters(
+    client: Client, settings: Settings
+) -> None:
+    with (
+        node_process(settings, "tests.agents", "--name", "n1"),
+        node_process(settings, "tests.agents", "--name", "n2"),
+        node_process(settings, "tests.agents", "--name", "n3"),
+    ):
+        await client.wait_for_hosts("poison", count=3)
+        handle = await client.submit("poison")  # max_attempts=2: two nodes die
+        with pytest.raises(Exception, match="node died while running"):
+            await handle.result(timeout=30)
+        letters = await client.dead_letters("poison")
+    assert [letter.task.id for letter in letters] == [handle.id]
+    info = letters[0].task
+    assert info.status == "dead" and info.attempts == 2
+    assert [e.message for e in info.errors] == ["node died while running"] * 2
+
+
+async def test_sigterm_hands_unfinished_work_back_at_once_and_exits_0(
+    client: Client, settings: Settings
+) -> None:
+    with node_process(settings, "tests.agents", "--name", "leaving", "--grace", "0.2") as leaving:
+        await client.wait_for_hosts("nap")
+        handle = await client.submit("nap", seconds=3.0)
+        blocking = await client.submit("blocking_sleep", seconds=3.0)
+        await wait_for_status(handle, "running")
+        await wait_for_status(blocking, "running")
+        async with running_node([Toolbox], settings, name="staying"):
+            leaving.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            assert await asyncio.to_thread(leaving.wait, 10) == 0
+            exited = time.monotonic() - sent
+            await wait_for_status(handle, "running")
+            taken = time.monotonic() - sent
+            result = await handle.result(timeout=10)
+            assert await blocking.result(timeout=10) == "woke"
+            assert await client.hosts("nap") == ["staying"], "the leaving node deregistered"
+    assert exited < 2.0, "a sync handler still sleeping must not hold the exit"
+    assert taken < 2.0, "handed back at once, not after dead_after"
+    info = await handle.status()
+    assert result["node"] == "staying" and info.attempts == 1, "a hand-back is not an attempt"
+
+
+async def test_node_declared_dead_gives_up_its_work_and_comes_back(
+    client: Client, settings: Settings
+) -> None:
+    """A node whose heartbeats stop (SIGSTOP: frozen, as in a long GC or a VM pause)
+    is taken over; when it wakes, its late results are refused and it re-registers."""
+    with node_process(settings, "tests.agents", "--name", "frozen") as frozen:
+        await client.wait_for_hosts("nap")
+        handle = await client.submit("nap", seconds=1.0)
+        await wait_for_status(handle, "running")
+        async with running_node([Toolbox], settings, name="survivor"):
+            frozen.send_signal(signal.SIGSTOP)
+            try:
+                result = await handle.result(timeout=20)
+            finally:
+                frozen.send_signal(signal.SIGCONT)
+            assert result["node"] == "survivor"
+            await client.wait_for_hosts("nap", count=2, timeout=20)  # it registered again
+    info = await handle.status()
+    assert info.status == "succeeded" and result["token"] == 2
