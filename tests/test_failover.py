@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 
 import pytest
 
 from shoal import Client, Settings
 from tests.agents import Toolbox
-from tests.conftest import node_process, running_node, wait_for_status
+from tests.conftest import REPO, node_env, node_process, running_node, wait_for_status
 
 
 async def wait_all_running(client: Client, handles: list, timeout: float = 20) -> None:  # type: ignore[type-arg]
@@ -127,3 +128,17 @@ async def test_node_declared_dead_gives_up_its_work_and_comes_back(
             await client.wait_for_hosts("nap", count=2, timeout=20)  # it registered again
     info = await handle.status()
     assert info.status == "succeeded" and result["token"] == 2
+
+
+async def test_a_second_live_node_with_the_same_name_is_refused(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Toolbox], settings, name="only-one"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shoal.cli", "node", "--app", "tests.agents",
+            "--name", "only-one", "--dead-after", "1", "--heartbeat-interval", "0.2",
+            cwd=REPO, env=node_env(settings), stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "a live node named 'only-one' runs already" in err.decode()

@@ -536,6 +536,51 @@ def _failover_counts(client: redis.Redis, cfg: RunConfig) -> tuple[int, int, int
     return int(started or 0), int(done or 0), int(distinct)
 
 
+def _wait_started(
+    client: redis.Redis,
+    cfg: RunConfig,
+    worker: subprocess.Popen[bytes],
+    dl: Deadline,
+    kill_after: int,
+) -> str:
+    """Poll the "started" counter until ``kill_after`` tasks have begun; say what fired."""
+    end = time.monotonic() + FAILOVER_START_WAIT_S
+    while True:
+        started = int(client.get(cfg.started_key) or 0)
+        if started >= kill_after:
+            return f"started >= {kill_after}"
+        if worker.poll() is not None:
+            raise BenchError(f"worker exited early with rc={worker.returncode}")
+        if time.monotonic() >= end:
+            if started == 0:
+                raise BenchError(f"no task started within {FAILOVER_START_WAIT_S:.0f}s")
+            return f"start wait of {FAILOVER_START_WAIT_S:.0f}s elapsed ({started} started)"
+        dl.check()
+        time.sleep(FAILOVER_POLL_S)
+
+
+def _wait_recovered(
+    client: redis.Redis,
+    cfg: RunConfig,
+    worker: subprocess.Popen[bytes],
+    dl: Deadline,
+    t_kill_mono: float,
+) -> tuple[bytes | None, float]:
+    """Wait for the all-done stamp, at most ``cfg.recovery_timeout`` s after the kill.
+
+    Returns (stamp or None, seconds waited since the kill).
+    """
+    while True:
+        stamp = client.get(cfg.all_done_key)
+        waited = time.monotonic() - t_kill_mono
+        if stamp is not None or waited >= cfg.recovery_timeout:
+            return stamp, waited
+        if worker.poll() is not None:
+            raise BenchError(f"replacement worker exited with rc={worker.returncode}")
+        dl.check()
+        time.sleep(FAILOVER_POLL_S)
+
+
 def run_failover(
     cfg: RunConfig,
     group: WorkerGroup,
@@ -543,6 +588,7 @@ def run_failover(
     enqueue: Callable[[Deadline], None],
     worker_cmd: list[str],
     env: dict[str, str] | None = None,
+    probe: Callable[[redis.Redis], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Crash the only worker while it holds the n tasks; time the replacement's recovery.
 
@@ -552,6 +598,9 @@ def run_failover(
     3. wait - at most ``cfg.recovery_timeout`` s after the kill - until all n task
        numbers have completed; the completing task stamps the time itself;
     4. if recovered, keep counting FAILOVER_SETTLE_S longer for late duplicates.
+
+    ``probe(client)`` describes where the unfinished messages sit in the peer's own
+    keys at the end (e.g. celery's unacked hash); it is reported as ``broker_state``.
     """
     needed = FAILOVER_START_WAIT_S + cfg.recovery_timeout + FAILOVER_SETTLE_S + 10
     if dl.left() < needed:
@@ -562,21 +611,7 @@ def run_failover(
     group.start([worker_cmd], env)
     first = group.procs[-1]
     t_start = time.monotonic()
-    start_end = t_start + FAILOVER_START_WAIT_S
-    trigger = f"started >= {kill_after}"
-    while True:
-        started = int(client.get(cfg.started_key) or 0)
-        if started >= kill_after:
-            break
-        if first.poll() is not None:
-            raise BenchError(f"worker exited early with rc={first.returncode}")
-        if time.monotonic() >= start_end:
-            if started == 0:
-                raise BenchError(f"no task started within {FAILOVER_START_WAIT_S:.0f}s")
-            trigger = f"start wait of {FAILOVER_START_WAIT_S:.0f}s elapsed"
-            break
-        dl.check()
-        time.sleep(FAILOVER_POLL_S)
+    trigger = _wait_started(client, cfg, first, dl, kill_after)
 
     t_kill = time.time()
     t_kill_mono = time.monotonic()
@@ -586,16 +621,7 @@ def run_failover(
     group.start([worker_cmd], env)
     replacement = group.procs[-1]
 
-    stamp = None
-    while True:
-        stamp = client.get(cfg.all_done_key)
-        waited = time.monotonic() - t_kill_mono
-        if stamp is not None or waited >= cfg.recovery_timeout:
-            break
-        if replacement.poll() is not None:
-            raise BenchError(f"replacement worker exited with rc={replacement.returncode}")
-        dl.check()
-        time.sleep(FAILOVER_POLL_S)
+    stamp, waited = _wait_recovered(client, cfg, replacement, dl, t_kill_mono)
     recovered = stamp is not None
     if recovered:
         time.sleep(dl.cap(FAILOVER_SETTLE_S))
@@ -625,6 +651,11 @@ def run_failover(
             "distinct_at_kill": distinct_at_kill,
         },
     }
+    if probe is not None:
+        try:
+            result["broker_state"] = probe(client)
+        except redis.RedisError as exc:
+            result["broker_state"] = {"error": str(exc)}
     return result
 
 

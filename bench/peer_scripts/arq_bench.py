@@ -105,6 +105,19 @@ async def _enqueue_failover_async() -> None:
         await pool.aclose()
 
 
+def failover_probe(client: Any) -> dict[str, Any]:
+    """arq's keys: the queue sorted set and the dead worker's in-progress guards."""
+    guards = list(client.scan_iter(match=f"{in_progress_key_prefix}{CFG.prefix}*", count=1000))
+    ttls = [client.pttl(key) for key in guards]
+    return {
+        "queued_or_running": client.zcard(QUEUE),
+        "in_progress_keys": len(guards),
+        "in_progress_ttl_left_s": [round(min(ttls) / 1000, 1), round(max(ttls) / 1000, 1)]
+        if ttls
+        else None,
+    }
+
+
 def enqueue_failover(dl: _common.Deadline) -> None:
     asyncio.run(_enqueue_failover_async())
     dl.check()
@@ -164,7 +177,9 @@ def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
     if CFG.workload == "throughput":
         return _common.run_throughput(CFG, group, dl, enqueue_all, worker_cmds(CFG.workers))
     if CFG.workload == "failover":
-        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
+        return _common.run_failover(
+            CFG, group, dl, enqueue_failover, failover_worker_cmd(), probe=failover_probe
+        )
     group.start(worker_cmds(1))
     return _common.latency_result(CFG, asyncio.run(_latency_async(dl)))
 

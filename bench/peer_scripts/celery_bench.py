@@ -108,6 +108,15 @@ def failover_worker_cmd() -> list[str]:
     ]  # fmt: skip
 
 
+def failover_probe(client: redis.Redis) -> dict[str, Any]:
+    """kombu's keys (all under global_keyprefix): the queue list and the unacked hash."""
+    return {
+        "queued": client.llen(CFG.prefix + QUEUE),
+        "reserved_unacked": client.hlen(CFG.prefix + RedisChannel.unacked_key),
+        "note": "started tasks were acked on start: not in any key any more",
+    }
+
+
 def enqueue_failover(dl: _common.Deadline) -> None:
     with app.producer_or_acquire() as producer:
         for i in range(CFG.n):
@@ -133,7 +142,9 @@ def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
     if CFG.workload == "throughput":
         return _common.run_throughput(CFG, group, dl, enqueue_all, worker_cmds(CFG.workers))
     if FAILOVER:
-        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
+        return _common.run_failover(
+            CFG, group, dl, enqueue_failover, failover_worker_cmd(), probe=failover_probe
+        )
     group.start(worker_cmds(1))
     return _common.latency_result(CFG, _common.measure_round_trips(CFG, dl, round_trip))
 

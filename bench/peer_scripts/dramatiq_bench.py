@@ -27,6 +27,7 @@ set the environment variable yourself to see what a faster poll does).
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import _common
@@ -100,6 +101,23 @@ def failover_worker_cmd() -> list[str]:
     ]  # fmt: skip
 
 
+def failover_probe(client: redis.Redis) -> dict[str, Any]:
+    """dispatch.lua's keys: queue list, message hash, per-worker ack sets, heartbeats."""
+    ns = broker.namespace
+    ack_sets = {
+        key.decode(): client.scard(key)
+        for key in client.scan_iter(match=f"{ns}:__acks__.*", count=1000)
+    }
+    now_ms = time.time() * 1000
+    beats = client.zrange(f"{ns}:__heartbeats__", 0, -1, withscores=True)
+    return {
+        "queued": client.llen(f"{ns}:{QUEUE}"),
+        "unacked_messages": client.hlen(f"{ns}:{QUEUE}.msgs"),
+        "ack_sets": {key.rsplit("__acks__.", 1)[1]: n for key, n in ack_sets.items() if n},
+        "heartbeat_age_s": {w.decode(): round((now_ms - t) / 1000, 1) for w, t in beats},
+    }
+
+
 def enqueue_failover(dl: _common.Deadline) -> None:
     for i in range(CFG.n):
         failover.send(i)
@@ -121,7 +139,9 @@ def round_trip(timeout: float) -> None:
 
 def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
     if CFG.workload == "failover":  # no env: the worker keeps its default idle back-off
-        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
+        return _common.run_failover(
+            CFG, group, dl, enqueue_failover, failover_worker_cmd(), probe=failover_probe
+        )
     env = {"dramatiq_worker_timeout": str(WORKER_TIMEOUT_MS)}
     if CFG.workload == "throughput":
         cmds = worker_cmds(CFG.workers)

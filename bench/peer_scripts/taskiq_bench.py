@@ -107,6 +107,21 @@ async def _enqueue_failover_async() -> None:
         await broker.shutdown()
 
 
+def failover_probe(client: Any) -> dict[str, Any]:
+    """The stream's consumer group: entries pending (delivered, not XACKed) per consumer."""
+    group = broker.consumer_group_name
+    summary = client.xpending(STREAM, group)
+    consumers = client.execute_command("XINFO", "CONSUMERS", STREAM, group)
+    idle = {}
+    for info in consumers:
+        fields = dict(zip(info[::2], info[1::2], strict=True))
+        idle[fields[b"name"].decode()] = {
+            "pending": fields[b"pending"],
+            "idle_s": round(fields[b"idle"] / 1000, 1),
+        }
+    return {"stream_len": client.xlen(STREAM), "pending": summary["pending"], "consumers": idle}
+
+
 def enqueue_failover(dl: _common.Deadline) -> None:
     asyncio.run(_enqueue_failover_async())
     dl.check()
@@ -153,7 +168,9 @@ def body(group: _common.WorkerGroup, dl: _common.Deadline) -> dict[str, Any]:
     if CFG.workload == "throughput":
         return _common.run_throughput(CFG, group, dl, enqueue_all, worker_cmds(CFG.workers))
     if CFG.workload == "failover":
-        return _common.run_failover(CFG, group, dl, enqueue_failover, failover_worker_cmd())
+        return _common.run_failover(
+            CFG, group, dl, enqueue_failover, failover_worker_cmd(), probe=failover_probe
+        )
     group.start(worker_cmds(1))
     return _common.latency_result(CFG, asyncio.run(_latency_async(dl)))
 

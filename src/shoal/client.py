@@ -47,6 +47,7 @@ T = TypeVar("T")
 log = logging.getLogger("shoal.client")
 
 OUTCOME_CACHE_SIZE = 100_000
+OUTAGE_LOG_EVERY_S = 5.0
 SUBMIT_CHUNK = 500  # tasks per submit-script call: big enough to amortise, small enough
 # not to stall the engine (one script runs alone) for more than a few milliseconds.
 DEAD_AFTER_MS = 3000  # a node whose last heartbeat is older than this is not "hosting"
@@ -108,6 +109,7 @@ class Client:
         self._waiters: dict[str, list[asyncio.Future[tuple[str, bytes]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._states = _StateReader(self)
+        self._outage_logged = 0.0
         # Own tasks whose outcome has not arrived in the inbox yet, and outcomes that
         # arrived before anyone asked (bounded; an evicted one is read from the record).
         self._in_flight: set[str] = set()
@@ -411,7 +413,9 @@ class Client:
                 if now - first_failure >= self.settings.engine_timeout:
                     raise
                 delay = backoff.next_delay()
-                log.warning("%s; retrying in %.2fs", exc, delay)
+                if now - self._outage_logged > OUTAGE_LOG_EVERY_S:  # one line, not one per waiter
+                    self._outage_logged = now
+                    log.warning("%s; retrying for up to %.0fs", exc, self.settings.engine_timeout)
                 await asyncio.sleep(delay)  # back-off while the engine is away
 
     async def _wait_inbox(self, task_id: str) -> tuple[str, bytes]:

@@ -141,6 +141,7 @@ class Node:
         """Register, consume until stop() is called, then drain and deregister."""
         self.loop = asyncio.get_running_loop()
         self.recorder = Recorder(self.client, self.loop)
+        self._reaper = Reaper(self.client, self.node_id, self.config.dead_after)
         await self.client.connect()
         try:
             await self._register()
@@ -152,8 +153,7 @@ class Node:
                 group.create_task(self.recorder.run(self._closing))
                 group.create_task(self._release_loop())
                 group.create_task(self._cancel_listener())
-                reaper = Reaper(self.client, self.node_id, self.config.dead_after)
-                group.create_task(reaper.run(self._closing))
+                group.create_task(self._reaper.run(self._closing))
                 group.create_task(self._watchdog())
                 try:
                     await self._fetch_loop()
@@ -194,6 +194,11 @@ class Node:
                 if stale:
                     pipe.hdel(self.keys.capability(name), *stale)
             await pipe.execute()
+        if taken := await self._reaper.reclaim_own_name(socket.gethostname()):
+            log.warning(
+                "node %s: took over %d task(s) an earlier process of this name left running",
+                self.node_id, len(taken.requeued) + len(taken.dead_lettered),
+            )  # fmt: skip
         await register(self.client, self.node_id, self._description())
         self._serving.set()
 

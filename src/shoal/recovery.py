@@ -12,17 +12,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 
 from shoal import protocol
 from shoal.client import Client
-from shoal.errors import ShoalError
+from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import CONSUMER_GROUP
 from shoal.protocol import ErrorInfo
 
 log = logging.getLogger("shoal.recovery")
 
 DIED_WHILE_RUNNING = "node died while running"
+FOREVER = 2**62  # a cutoff no heartbeat is newer than
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 @dataclass(frozen=True)
@@ -70,7 +82,7 @@ class Reaper:
         async with client.errors():
             result = await client.scripts.reap([client.keys.nodes], args)
         if not result:
-            return None  # another survivor reaped it, or it came back
+            return None  # another survivor reaped it, or it came back, or nothing was there
         requeued, buried = ([i.decode() for i in ids] for ids in result)
         takeover = Takeover(node_id, tuple(requeued), tuple(buried))
         log.warning(
@@ -79,6 +91,35 @@ class Reaper:
             f": {', '.join(requeued[:10])}" if requeued else "",
         )  # fmt: skip
         return takeover
+
+    async def reclaim_own_name(self, host: str) -> Takeover | None:
+        """Before a node registers under a name, take over what an earlier process of
+        that name left behind (a node restarted by its supervisor right after a
+        crash comes back before anyone declared the old one dead, and would
+        otherwise leave its predecessor's started tasks stranded).
+
+        An earlier holder on this host whose pid is gone is reaped at once; one
+        elsewhere gets ``dead_after`` to fall silent. A name that keeps beating
+        belongs to a live node: refused, since two nodes must never share one.
+        """
+        client, node_id = self._client, self._node_id
+        async with client.errors():
+            previous = await client.redis.hgetall(client.keys.node(node_id))
+        if not previous or previous.get(b"state") != b"alive":
+            return await self._reap(node_id, FOREVER)  # entries of a reaped/left holder
+        pid = int(previous.get(b"pid", b"0"))
+        if previous.get(b"host", b"").decode() == host and not _pid_alive(pid):
+            return await self._reap(node_id, FOREVER)
+        deadline = asyncio.get_running_loop().time() + self._dead_after_ms / 1000 + 1
+        while asyncio.get_running_loop().time() < deadline:
+            cutoff = protocol.now_ms() - self._dead_after_ms
+            if (done := await self._reap(node_id, cutoff)) is not None:
+                return done
+            await asyncio.sleep(self.interval)  # give the earlier holder time to fall silent
+        raise ConfigurationError(
+            f"a live node named {node_id!r} runs already (pid {pid} on "
+            f"{previous.get(b'host', b'?').decode()}); give this one another --name"
+        )
 
     async def run(self, closing: asyncio.Event) -> None:
         """Reap until ``closing`` is set; engine errors are logged and retried."""
