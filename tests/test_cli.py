@@ -197,3 +197,15 @@ async def test_task_events_of_a_running_task_print_at_once(
         code, out, _ = await shoal(settings, "task", handle.id, "--events")
         await handle.cancel()
     assert code == 0 and "running" in out
+
+
+async def test_status_lists_nodes_and_queues(settings: Settings, client: Client) -> None:
+    await client.submit("echo", value=1)
+    async with running_node([Toolbox], settings, name="status-node"):
+        code, out, _ = await shoal(settings, "status")
+        assert code == 0
+        assert "status-node" in out and "alive" in out and "echo" in out
+        code, out, _ = await shoal(settings, "status", "--json")
+    data = json.loads(out)
+    assert [n["id"] for n in data["nodes"]] == ["status-node"]
+    assert any(q["capability"] == "echo" for q in data["queues"])

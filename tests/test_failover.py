@@ -142,3 +142,33 @@ async def test_a_second_live_node_with_the_same_name_is_refused(
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "a live node named 'only-one' runs already" in err.decode()
+
+
+async def test_cluster_shows_nodes_and_queues(client: Client, settings: Settings) -> None:
+    waiting = await client.submit_many("nap", [{"seconds": 5.0}] * 3)
+    async with running_node([Toolbox], settings, name="seen", concurrency=2, zone="eu-1"):
+        await wait_for_status(waiting[0], "running")
+        await wait_for_status(waiting[1], "running")
+        state = await client.cluster()
+        for handle in waiting:
+            await handle.cancel()
+    node = next(n for n in state.nodes if n.id == "seen")
+    assert node.state == "alive" and node.zone == "eu-1" and node.concurrency == 2
+    assert "nap" in node.capabilities and node.heartbeat_age_s < 2.0
+    nap = next(q for q in state.queues if q.capability == "nap" and q.priority == "normal")
+    assert nap.pending == 2 and nap.waiting == 1 and nap.consumers >= 1
+    assert nap.oldest_age_s is not None
+
+
+async def test_a_killed_node_shows_as_dead(client: Client, settings: Settings) -> None:
+    with node_process(settings, "tests.agents", "--name", "doomed") as doomed:
+        await client.wait_for_hosts("nap")
+        async with running_node([Toolbox], settings, name="witness"):
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+            async with asyncio.timeout(15):
+                while True:  # the witness's reaper declares it dead
+                    state = await client.cluster()
+                    if any(n.id == "doomed" and n.state == "dead" for n in state.nodes):
+                        break
+                    await asyncio.sleep(0.1)

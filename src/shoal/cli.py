@@ -23,6 +23,7 @@ from rich.table import Table
 
 from shoal import protocol
 from shoal.client import Client
+from shoal.cluster import ClusterState
 from shoal.errors import ConfigurationError, ResultTimeout, ShoalError, TaskFailed
 from shoal.settings import Settings
 
@@ -213,6 +214,8 @@ def _print_task(info: protocol.TaskInfo, result: Any, traceback: bool) -> None:
         rows.append(("scheduled for", _ts(info.scheduled_for)))
     if info.parent:
         rows.append(("parent", info.parent))
+    if info.duplicates:
+        rows.append(("duplicates", f"{info.duplicates} late outcome(s) refused (first one kept)"))
     if info.hosted is False:
         rows.append(("note", f"no live node hosts {info.capability!r} yet; the task waits"))
     if info.cancel_requested and not info.done:
@@ -239,6 +242,56 @@ async def _print_events(client: Client, task_id: str, follow: bool) -> None:
 async def _aiter(items: list[protocol.Event]) -> AsyncIterator[protocol.Event]:
     for item in items:
         yield item
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Show the cluster: nodes (state, load, capabilities, heartbeat age) and queues."""
+
+    async def go() -> None:
+        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+            state = await client.cluster()
+        if as_json:
+            out.print_json(msgspec.json.encode(state).decode())
+            return
+        _print_nodes(state)
+        _print_queues(state)
+
+    _run(go())
+
+
+def _print_nodes(state: ClusterState) -> None:
+    if not state.nodes:
+        out.print("no nodes (start one with: shoal node --app your.module)")
+        return
+    table = Table("node", "state", "host/pid", "zone", "in flight", "free", "cpu %", "rss MB",
+                  "done", "heartbeat", "capabilities", title="nodes")  # fmt: skip
+    colors = {"alive": "green", "suspect": "yellow", "dead": "red"}
+    for n in state.nodes:
+        note = f" [red]{n.stalled}[/red]" if n.stalled else ""
+        table.add_row(
+            n.id, f"[{colors[n.state]}]{n.state}[/]", f"{n.host}/{n.pid}", n.zone or "-",
+            str(n.in_flight), str(n.free), f"{n.cpu_percent:.0f}", f"{n.rss_bytes / 2**20:.0f}",
+            str(n.completed), f"{n.heartbeat_age_s:.1f}s ago", ",".join(n.capabilities) + note,
+        )  # fmt: skip
+    out.print(table)
+
+
+def _print_queues(state: ClusterState) -> None:
+    table = Table("capability", "priority", "waiting", "running", "oldest", "consumers",
+                  "dead letters", "duplicates", title="queues")  # fmt: skip
+    for q in state.queues:
+        oldest = f"{q.oldest_age_s:.1f}s" if q.oldest_age_s is not None else "-"
+        table.add_row(q.capability, q.priority, str(q.waiting), str(q.pending), oldest,
+                      str(q.consumers), str(q.dead_letters), str(q.duplicates))  # fmt: skip
+    out.print(table if state.queues else "no queues yet")
+    if state.delayed:
+        out.print(f"{state.delayed} task(s) scheduled for later (delays, retry back-off)")
 
 
 @app.command()

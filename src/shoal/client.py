@@ -24,6 +24,7 @@ from cachetools import LRUCache
 from redis.exceptions import NoScriptError
 
 from shoal import protocol
+from shoal.cluster import ClusterState, read_cluster
 from shoal.engine import engine_errors, mask_url, open_connection, resolve_url, translate
 from shoal.errors import (
     ConfigurationError,
@@ -601,6 +602,11 @@ class Client:
         for task_id in redriven:  # an outcome this client kept is no longer the answer
             self._arrived.pop(task_id, None)
         return redriven
+
+    async def cluster(self) -> ClusterState:
+        """Nodes (alive, suspect, dead; load; capabilities; heartbeat age) and queues
+        (depth, waiting, pending, oldest entry age, consumers, dead letters)."""
+        return await read_cluster(self)
 
     async def wait_for_hosts(
         self, capability: str, count: int = 1, timeout: float = 30.0

@@ -21,6 +21,7 @@ later step (issue 5); only this module and the scripts' prefix argument change t
 | nodes                       | sorted set  | live node id -> last heartbeat (ms)          |
 | node:<id>                   | hash        | node description, load, state                |
 | dead_nodes                  | sorted set  | node id -> when declared dead (last hour)    |
+| stats                       | hash        | counters, e.g. duplicates:<capability>       |
 | inbox:<client id>           | list        | ids of finished tasks a client waits for     |
 | cancel                      | pub/sub     | ids of tasks whose cancellation was asked    |
 """
@@ -97,6 +98,10 @@ class Keys:
     @property
     def nodes(self) -> str:
         return f"{self.prefix}nodes"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
 
     @property
     def dead_nodes(self) -> str:

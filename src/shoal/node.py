@@ -176,6 +176,8 @@ class Node:
             "version": __version__, "capabilities": ",".join(self.capabilities),
             "concurrency": self.config.concurrency, "weight": self.config.weight,
             "zone": self.config.zone, "started_at": protocol.now_ms(),
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "dead_after": self.config.dead_after,
         }  # fmt: skip
 
     async def _register(self) -> None:

@@ -12,7 +12,8 @@
 -- Rule     the first recorded result wins: an outcome whose fencing token is not
 --          the task's current one, or for a task no longer running (finished
 --          elsewhere, cancelled while queued, re-run after a takeover), is refused
---          and only counted as a duplicate in the record ('dups').
+--          and only counted as a duplicate in the record ('dups') and in the
+--          namespace's stats hash ('duplicates:<capability>').
 --          A task whose cancellation was requested while running ends 'cancelled'.
 -- Returns  the number of outcomes recorded (duplicates excluded)
 local group = ARGV[2]
@@ -39,6 +40,7 @@ local function apply(id, attempt, token, outcome, payload, due)
   if not r[1] then return end
   if r[1] ~= 'running' or r[2] ~= token then
     redis.call('HINCRBY', tk, 'dups', 1)
+    redis.call('HINCRBY', prefix .. 'stats', 'duplicates:' .. (r[4] or '?'), 1)
     return
   end
   recorded = recorded + 1
