@@ -654,8 +654,8 @@ def run_failover(
     if probe is not None:
         try:
             result["broker_state"] = probe(client)
-        except redis.RedisError as exc:
-            result["broker_state"] = {"error": str(exc)}
+        except Exception as exc:  # informational only: never lose the measurement to it
+            result["broker_state"] = {"error": f"{type(exc).__name__}: {exc}"}
     return result
 
 

@@ -111,15 +111,19 @@ def failover_probe(client: Any) -> dict[str, Any]:
     """The stream's consumer group: entries pending (delivered, not XACKed) per consumer."""
     group = broker.consumer_group_name
     summary = client.xpending(STREAM, group)
-    consumers = client.execute_command("XINFO", "CONSUMERS", STREAM, group)
-    idle = {}
-    for info in consumers:
-        fields = dict(zip(info[::2], info[1::2], strict=True))
-        idle[fields[b"name"].decode()] = {
-            "pending": fields[b"pending"],
-            "idle_s": round(fields[b"idle"] / 1000, 1),
+    consumers = {}
+    for info in client.xinfo_consumers(STREAM, group):
+        fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in info.items()}
+        name = fields["name"]
+        consumers[name.decode() if isinstance(name, bytes) else name] = {
+            "pending": fields["pending"],
+            "idle_s": round(fields["idle"] / 1000, 1),
         }
-    return {"stream_len": client.xlen(STREAM), "pending": summary["pending"], "consumers": idle}
+    return {
+        "stream_len": client.xlen(STREAM),
+        "pending": summary["pending"],
+        "consumers": consumers,
+    }
 
 
 def enqueue_failover(dl: _common.Deadline) -> None:

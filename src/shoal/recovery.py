@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
+
+import psutil
 
 from shoal import protocol
 from shoal.client import Client
@@ -28,13 +29,12 @@ FOREVER = 2**62  # a cutoff no heartbeat is newer than
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs (a zombie — killed, not yet waited for by
+    its parent — does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
         return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 @dataclass(frozen=True)
