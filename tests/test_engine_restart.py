@@ -149,3 +149,29 @@ async def _print_stuck(client: Client, handles: list[Any]) -> None:
     print("live nodes:", await client.redis.zrange(client.keys.nodes, 0, -1, withscores=True))
     queue = client.keys.queue("nap", "normal")
     print("pending:", await client.redis.xpending(queue, "nodes"))
+
+
+async def test_watchdog_reports_a_node_that_cannot_record_its_results(
+    own_engine: EmbeddedEngine,
+) -> None:
+    from tests.agents import Toolbox
+    from tests.conftest import running_node, wait_for_status
+
+    record = own_engine.ensure()
+    settings = Settings(url=record.url, namespace="watchdog")
+    async with (
+        Client(settings=settings) as client,
+        running_node([Toolbox], settings, stall_after=1.0) as node,
+    ):
+        handle = await client.submit("nap", seconds=0.5)
+        await wait_for_status(handle, "running")
+        await asyncio.to_thread(own_engine.stop)
+        async with asyncio.timeout(10):
+            while not node.stalled:  # noqa: ASYNC110 - the watchdog sets it
+                await asyncio.sleep(0.1)
+        assert "holds unrecorded results" in node.stalled
+        await asyncio.to_thread(own_engine.ensure)
+        assert (await handle.result(timeout=20))["i"] == 0
+        async with asyncio.timeout(10):
+            while node.stalled:  # noqa: ASYNC110 - cleared once it records again
+                await asyncio.sleep(0.1)

@@ -45,8 +45,7 @@ RELEASE_INTERVAL_S = 0.25  # longest gap between two looks at due delayed tasks
 RELEASE_BATCH = 1000
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
-STALL_AFTER_S = 10.0
-EXIT_FORCED = 130  # the watchdog reports a node that holds work without progress
+EXIT_FORCED = 130  # exit code of a node stopped by a second signal
 
 
 @dataclass
@@ -60,6 +59,7 @@ class NodeConfig:
     zone: str = ""
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0
+    stall_after: float = 10.0  # the watchdog reports a node without progress this long
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -442,15 +442,17 @@ class Node:
     async def _watchdog(self) -> None:
         """Judge the node by progress, not by its sockets: report (log and heartbeat)
         when it holds results it cannot record, or has free slots but has not
-        managed to ask the engine for work, for longer than STALL_AFTER_S."""
-        while not await self._until(self._closing, timeout=1.0):
+        managed to ask the engine for work, for longer than ``stall_after``."""
+        limit = self.config.stall_after
+        while not await self._until(self._closing, timeout=min(1.0, limit / 2)):
             now, reason = time.monotonic(), ""
             pending = self.recorder.pending_since
-            if pending is not None and now - pending > STALL_AFTER_S:
+            if pending is not None and now - pending > limit:
                 reason = f"holds unrecorded results for {now - pending:.0f}s"
             idle = now - self._last_progress
             free = self.config.concurrency - len(self._running)
-            if not reason and free > 0 and self._serving.is_set() and idle > STALL_AFTER_S + 1:
+            # (an idle node blocks up to IDLE_BLOCK_MS per fetch: that is progress too)
+            if not reason and free > 0 and self._serving.is_set() and idle > limit + 1:
                 reason = f"has {free} free slot(s) but fetched nothing for {idle:.0f}s"
             if reason != self.stalled:
                 if reason:
