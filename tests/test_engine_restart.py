@@ -28,9 +28,11 @@ def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
     engine.stop()
 
 
-async def restart(engine: EmbeddedEngine) -> None:
-    """Stop the server (AOF flushed) and start it again on the same data dir."""
+async def restart(engine: EmbeddedEngine, down_for: float = 0.0) -> None:
+    """Stop the server (AOF flushed), keep it down ``down_for`` seconds (the length
+    of the outage is the scenario), and start it again on the same data dir."""
     await asyncio.to_thread(engine.stop)
+    await asyncio.sleep(down_for)
     await asyncio.to_thread(engine.ensure)
 
 
@@ -48,10 +50,13 @@ async def test_every_task_completes_across_an_engine_restart(own_engine: Embedde
             )
             while (await client.redis.xlen(client.keys.queue("nap", "normal"))) > 1500:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)  # until the run is well under way
-            await restart(own_engine)
+            await restart(own_engine, down_for=4.0)  # longer than dead_after
             results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 90)
             assert [r["i"] for r in results] == list(range(2000))
             assert {r["node"] for r in results} == {"a", "b"}
+            assert {r["token"] for r in results} == {1}, (
+                "no live node was declared dead because of the outage: nothing ran twice"
+            )
             # No node was left idle: both still take work after the restart.
             after = await client.submit_many("nap", [{"seconds": 0.05, "i": i} for i in range(300)])
             later = await asyncio.gather(*(h.result(timeout=30) for h in after))

@@ -181,7 +181,7 @@ def failover_settings() -> dict[str, Any]:
         "heartbeat_timeout_ms": broker.heartbeat_timeout,
         "maintenance_chance": f"{broker.maintenance_chance}/{MAINTENANCE_SCALE} = {chance:.4%}",
         "worker_timeout_ms": timeout_ms,
-        "worker_timeout_env": os.environ.get("dramatiq_worker_timeout"),
+        "worker_timeout_env": os.environ.get("dramatiq_worker_timeout"),  # noqa: SIM112
         "worker_timeout_source": (
             "dramatiq/worker.py WORKER_TIMEOUT = env dramatiq_worker_timeout or 1000;"
             " not lowered for failover (it paces the maintenance dice)"

@@ -54,19 +54,37 @@ class Reaper:
         self._node_id = node_id
         self._dead_after_ms = int(dead_after * 1000)
         self.interval = max(0.1, dead_after / 6)
+        self._reconnected_at = 0.0  # loop time the engine came back after an outage
 
     async def reap_once(self) -> list[Takeover]:
-        """Reap every node silent for longer than ``dead_after`` (not this one)."""
+        """Reap every node silent for longer than ``dead_after`` (not this one).
+
+        Silence only counts when everybody could have spoken: not while this reaper
+        itself could not reach the engine, nor in the first ``dead_after`` after the
+        engine (re)started — after an outage every heartbeat is old, and reaping
+        then would take live nodes' work away.
+        """
         client, keys = self._client, self._client.keys
         cutoff = protocol.now_ms() - self._dead_after_ms
         async with client.errors():
             silent = await client.redis.zrangebyscore(keys.nodes, "-inf", cutoff)
+        silent = [s for s in silent if s.decode() != self._node_id]
+        if not silent or not await self._fair_to_judge():
+            return []
         takeovers = []
         for raw in silent:
             node_id = raw.decode()
             if node_id != self._node_id and (done := await self._reap(node_id, cutoff)):
                 takeovers.append(done)
         return takeovers
+
+    async def _fair_to_judge(self) -> bool:
+        loop = asyncio.get_running_loop()
+        if self._reconnected_at and loop.time() - self._reconnected_at < self._dead_after_ms / 1000:
+            return False
+        async with self._client.errors():
+            uptime = (await self._client.redis.info("server")).get("uptime_in_seconds", 0)
+        return bool(int(uptime) * 1000 >= self._dead_after_ms)
 
     async def _reap(self, node_id: str, cutoff: int) -> Takeover | None:
         client = self._client
@@ -123,10 +141,14 @@ class Reaper:
 
     async def run(self, closing: asyncio.Event) -> None:
         """Reap until ``closing`` is set; engine errors are logged and retried."""
+        failing = False
         while not closing.is_set():
             try:
                 await self.reap_once()
+                if failing:
+                    failing, self._reconnected_at = False, asyncio.get_running_loop().time()
             except ShoalError as exc:
+                failing = True
                 log.warning("looking for dead nodes failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing.wait(), self.interval)
