@@ -140,8 +140,9 @@ async def test_a_second_live_node_with_the_same_name_is_refused(
             cwd=REPO, env=node_env(settings), stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1
-    assert "a live node named 'only-one' runs already" in err.decode()
+        assert proc.returncode == 1
+        assert "a live node named 'only-one' runs already" in err.decode()
+        assert await client.hosts("echo") == ["only-one"], "the refused one left it alone"
 
 
 async def test_cluster_shows_nodes_and_queues(client: Client, settings: Settings) -> None:

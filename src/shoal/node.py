@@ -110,6 +110,7 @@ class Node:
         self._turn = 0  # rotates which capability is read first (see _queue_order)
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._heartbeat: Heartbeat | None = None
+        self._registered = False
         self._last_progress = time.monotonic()
         self.stalled = ""  # why the watchdog thinks the node is stuck, or ""
         self.recorder: Recorder
@@ -164,9 +165,10 @@ class Node:
         finally:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
-            with contextlib.suppress(ShoalError):
-                await deregister(self.client, self.node_id, self.capabilities)
-            log.info("node %s left (drained, deregistered)", self.node_id)
+            if self._registered:  # never remove a registration that is not ours
+                with contextlib.suppress(ShoalError):
+                    await deregister(self.client, self.node_id, self.capabilities)
+                log.info("node %s left (drained, deregistered)", self.node_id)
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self.client.close()
 
@@ -202,6 +204,7 @@ class Node:
                 self.node_id, len(taken.requeued) + len(taken.dead_lettered),
             )  # fmt: skip
         await register(self.client, self.node_id, self._description())
+        self._registered = True
         self._serving.set()
 
     def _start_heartbeat(self) -> None:

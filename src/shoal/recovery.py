@@ -128,9 +128,12 @@ class Reaper:
         pid = int(previous.get(b"pid", b"0"))
         if previous.get(b"host", b"").decode() == host and not _pid_alive(pid):
             return await self._reap(node_id, FOREVER)
-        deadline = asyncio.get_running_loop().time() + self._dead_after_ms / 1000 + 1
+        # Judge the earlier holder by its own dead_after (it may beat more slowly).
+        theirs = float(previous.get(b"dead_after", b"0") or 0) * 1000
+        dead_after_ms = max(self._dead_after_ms, int(theirs))
+        deadline = asyncio.get_running_loop().time() + dead_after_ms / 1000 + 1
         while asyncio.get_running_loop().time() < deadline:
-            cutoff = protocol.now_ms() - self._dead_after_ms
+            cutoff = protocol.now_ms() - dead_after_ms
             if (done := await self._reap(node_id, cutoff)) is not None:
                 return done
             await asyncio.sleep(self.interval)  # give the earlier holder time to fall silent

@@ -16,10 +16,13 @@
 -- Returns  {requeued ids, dead-lettered ids}, or false if there was nothing to do
 local id, now, cutoff = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local group, retention_ms, died_error = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local nk = prefix .. 'node:' .. id
+-- A node is judged by the longer of the reaper's dead_after and its own.
+local theirs = tonumber(redis.call('HGET', nk, 'dead_after') or '0') or 0
+if theirs > 0 then cutoff = math.min(cutoff, now - theirs * 1000) end
 local score = redis.call('ZSCORE', KEYS[1], id)
 if not score or tonumber(score) > cutoff then return false end
 redis.call('ZREM', KEYS[1], id)
-local nk = prefix .. 'node:' .. id
 redis.call('HSET', nk, 'state', 'dead', 'died', now)
 redis.call('PEXPIRE', nk, 3600000)
 redis.call('ZADD', prefix .. 'dead_nodes', now, id)
