@@ -119,7 +119,7 @@ def main() -> None:
 
             try:
                 runs.append(
-                    run_peer(peer, url, "failover", TASKS, timeout=args.recovery_timeout + 90)
+                    run_peer(peer, url, "failover", TASKS, recovery_timeout=args.recovery_timeout)
                 )
             except Exception as exc:
                 runs.append({"peer": peer, "workload": "failover", "error": str(exc)})
