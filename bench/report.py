@@ -49,10 +49,32 @@ def latency_table(data: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def failover_table(data: dict[str, Any]) -> str:
+    rows = [
+        "| system | scenario | recovered | seconds from kill to last task | lost | duplicates |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in data["runs"]:
+        if "error" in run:
+            rows.append(f"| {_name(run)} | | error: {run['error'][:60]} | | | |")
+            continue
+        seconds = run.get("seconds_to_recover")
+        shown = f"{seconds:.2f}" if seconds is not None else f"not within {run.get('waited_s')} s"
+        rows.append(
+            f"| {_name(run)} | {run.get('scenario', 'replacement worker')} | "
+            f"{'yes' if run.get('recovered') else 'no'} | {shown} | {run.get('lost', '-')} | "
+            f"{run.get('duplicates', '-')} |"
+        )
+    return "\n".join(rows)
+
+
+TABLES = {"throughput": throughput_table, "latency": latency_table, "failover": failover_table}
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         data = json.loads(Path(path).read_text())
-        table = throughput_table(data) if data["benchmark"] == "throughput" else latency_table(data)
+        table = TABLES[data["benchmark"]](data)
         print(f"### {data['benchmark']} ({data['machine']['when']})\n\n{table}\n")
 
 

@@ -173,3 +173,49 @@ async def test_a_killed_node_shows_as_dead(client: Client, settings: Settings) -
                     if any(n.id == "doomed" and n.state == "dead" for n in state.nodes):
                         break
                     await asyncio.sleep(0.1)
+
+
+async def test_a_second_signal_forces_the_exit_without_draining(
+    client: Client, settings: Settings
+) -> None:
+    node = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shoal.cli", "node", "--app", "tests.agents",
+        "--name", "impatient", "--grace", "60",
+        cwd=REPO, env=node_env(settings), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await client.wait_for_hosts("nap")
+        handle = await client.submit("nap", seconds=30.0)
+        await wait_for_status(handle, "running")
+        node.send_signal(signal.SIGTERM)  # drain: would wait up to 60 s for the task
+        assert node.stderr is not None
+        async with asyncio.timeout(10):
+            while b"draining" not in await node.stderr.readline():
+                pass  # the node says it got the first signal
+        node.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(node.wait(), 10) == 130
+    finally:
+        if node.returncode is None:
+            node.kill()
+            await node.wait()
+    await handle.cancel()
+
+
+async def test_a_node_restarted_under_its_name_takes_its_work_back_at_once(
+    client: Client, settings: Settings
+) -> None:
+    """A supervisor restarting a crashed node (same name, same host) gets the crashed
+    process's running tasks back at start-up, without waiting for dead_after."""
+    with node_process(settings, "tests.agents", "--name", "phoenix") as first:
+        await client.wait_for_hosts("nap")
+        handles = await client.submit_many("nap", [{"seconds": 0.2, "i": i} for i in range(20)])
+        await wait_all_running(client, handles)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        killed = time.monotonic()
+        with node_process(settings, "tests.agents", "--name", "phoenix"):
+            results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 20)
+            recovered = time.monotonic() - killed
+    assert [r["i"] for r in results] == list(range(20))
+    assert all(r["token"] == 2 and r["node"] == "phoenix" for r in results)
+    assert recovered < 2.5, f"took {recovered:.1f}s: waited for dead_after instead of reclaiming"

@@ -25,7 +25,6 @@ from shoal.protocol import ErrorInfo
 log = logging.getLogger("shoal.recovery")
 
 DIED_WHILE_RUNNING = "node died while running"
-FOREVER = 2**62  # a cutoff no heartbeat is newer than
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,7 +85,7 @@ class Reaper:
             uptime = (await self._client.redis.info("server")).get("uptime_in_seconds", 0)
         return bool(int(uptime) * 1000 >= self._dead_after_ms)
 
-    async def _reap(self, node_id: str, cutoff: int) -> Takeover | None:
+    async def _reap(self, node_id: str, cutoff: int, *, force: bool = False) -> Takeover | None:
         client = self._client
         died = protocol.encode(
             ErrorInfo(
@@ -95,7 +94,7 @@ class Reaper:
         )
         args: list[str | int | bytes] = [
             client.keys.prefix, node_id, protocol.now_ms(), cutoff, CONSUMER_GROUP,
-            int(client.settings.retention * 1000), died,
+            int(client.settings.retention * 1000), died, "1" if force else "0",
         ]  # fmt: skip
         async with client.errors():
             result = await client.scripts.reap([client.keys.nodes], args)
@@ -124,10 +123,10 @@ class Reaper:
         async with client.errors():
             previous = await client.redis.hgetall(client.keys.node(node_id))
         if not previous or previous.get(b"state") != b"alive":
-            return await self._reap(node_id, FOREVER)  # entries of a reaped/left holder
+            return await self._reap(node_id, 0, force=True)  # entries of a reaped/left holder
         pid = int(previous.get(b"pid", b"0"))
         if previous.get(b"host", b"").decode() == host and not _pid_alive(pid):
-            return await self._reap(node_id, FOREVER)
+            return await self._reap(node_id, 0, force=True)
         # Judge the earlier holder by its own dead_after (it may beat more slowly).
         theirs = float(previous.get(b"dead_after", b"0") or 0) * 1000
         dead_after_ms = max(self._dead_after_ms, int(theirs))

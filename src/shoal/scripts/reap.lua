@@ -1,7 +1,9 @@
 -- reap: declare a silent node dead and take its work over, once.
 -- KEYS[1]  nodes (sorted set: node id -> last heartbeat ms)
 -- ARGV     prefix, dead node id, now_ms, cutoff_ms (heartbeats older are dead),
---          group, retention_ms, died_error (msgpack ErrorInfo "node died while running")
+--          group, retention_ms, died_error (msgpack ErrorInfo "node died while running"),
+--          force ('1': the caller knows the node is gone — a restart under its name
+--          found its pid dead — so its heartbeat's age does not matter)
 -- Touches  nodes, dead_nodes, node:<id>, hosts:<cap>, queue:<cap>:<prio> (XPENDING of
 --          the dead consumer, XACK/XDEL, XADD, XGROUP DELCONSUMER), task:<id>,
 --          events:<id>, reply inboxes, dlq:<cap>
@@ -17,11 +19,14 @@
 local id, now, cutoff = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local group, retention_ms, died_error = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local nk = prefix .. 'node:' .. id
--- A node is judged by the longer of the reaper's dead_after and its own.
-local theirs = tonumber(redis.call('HGET', nk, 'dead_after') or '0') or 0
-if theirs > 0 then cutoff = math.min(cutoff, now - theirs * 1000) end
 local score = redis.call('ZSCORE', KEYS[1], id)
-if not score or tonumber(score) > cutoff then return false end
+if not score then return false end
+if ARGV[8] ~= '1' then
+  -- A node is judged by the longer of the reaper's dead_after and its own.
+  local theirs = tonumber(redis.call('HGET', nk, 'dead_after') or '0') or 0
+  if theirs > 0 then cutoff = math.min(cutoff, now - theirs * 1000) end
+  if tonumber(score) > cutoff then return false end
+end
 redis.call('ZREM', KEYS[1], id)
 redis.call('HSET', nk, 'state', 'dead', 'died', now)
 redis.call('PEXPIRE', nk, 3600000)
