@@ -19,6 +19,13 @@ def test_agent_type_defaults_to_the_class_name_in_snake_case() -> None:
     assert list(ResearchAssistant.capabilities()) == ["research"]
 
 
+def test_an_agent_type_that_cannot_be_an_id_part_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="must be snake_case"):
+
+        class Bad(Agent):
+            agent_type = "Not-Snake"
+
+
 def test_capabilities_are_inherited_and_can_be_overridden() -> None:
     class Base(Agent):
         @capability("greet")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import validate_capability
+from shoal.protocol import validate_agent_type
 
 if TYPE_CHECKING:
     from shoal.client import Client, TaskHandle
@@ -183,6 +184,7 @@ class Agent:
         super().__init_subclass__(**kwargs)
         if "agent_type" not in cls.__dict__:
             cls.agent_type = _snake_case(cls.__name__)
+        validate_agent_type(cls.agent_type)  # it becomes the type part of agent ids
         found: dict[str, CapabilitySpec] = {}
         for klass in reversed(cls.__mro__):
             for attr in vars(klass).values():

@@ -23,6 +23,8 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "dead", "expi
 STATUSES = ("scheduled", "queued", "running", *sorted(TERMINAL_STATUSES))
 
 _TASK_ID_RE = re.compile(r"^[0-9a-f]{28}$")
+_AGENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_AGENT_KEY_RE = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,200}$")
 
 
 def now_ms() -> int:
@@ -43,6 +45,45 @@ def child_traceparent(parent: str | None) -> str:
         if len(parts) == 4 and len(parts[1]) == 32:
             return f"00-{parts[1]}-{span}-{parts[3]}"
     return f"00-{os.urandom(16).hex()}-{span}-01"
+
+
+def validate_agent_type(agent_type: str) -> str:
+    if not isinstance(agent_type, str) or not _AGENT_TYPE_RE.match(agent_type):
+        raise ConfigurationError(
+            f"agent type {agent_type!r} must be snake_case: a lowercase letter, then up to "
+            "63 lowercase letters, digits or '_'"
+        )
+    return agent_type
+
+
+class AgentId(msgspec.Struct, frozen=True):
+    """An agent's address, ``type/key`` (e.g. ``researcher/alice``)."""
+
+    type: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.type}/{self.key}"
+
+    @classmethod
+    def parse(cls, text: str) -> AgentId:
+        """Parse and validate ``type/key``, saying exactly what is wrong otherwise."""
+        if not isinstance(text, str) or "/" not in text:
+            raise ConfigurationError(
+                f"agent id {text!r} is not 'type/key' (for example 'researcher/alice')"
+            )
+        agent_type, _, key = text.partition("/")
+        if not _AGENT_TYPE_RE.match(agent_type):
+            raise ConfigurationError(
+                f"agent id {text!r}: type {agent_type!r} must be snake_case: a lowercase "
+                "letter, then up to 63 lowercase letters, digits or '_'"
+            )
+        if not _AGENT_KEY_RE.match(key):
+            raise ConfigurationError(
+                f"agent id {text!r}: key {key!r} must be 1-200 characters of letters, digits "
+                "and _ . : @ + = -"
+            )
+        return cls(agent_type, key)
 
 
 def validate_task_id(task_id: str) -> str:
