@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 import signal
 import subprocess
@@ -89,7 +90,7 @@ async def test_chaos_node_kills_and_an_engine_restart_lose_nothing(
     killed -9 and restarted; one engine restart. Bounded to about a minute."""
     record = own_engine.ensure()
     settings = Settings(url=record.url, namespace="chaos")
-    rng = random.Random(7)
+    rng = random.Random(int(os.environ.get("SHOAL_CHAOS_SEED", "7")))
     nodes: dict[str, subprocess.Popen[bytes]] = {}
     stack = [node_process(settings, "tests.agents", "--name", f"c{i}", "--concurrency", "32")
              for i in range(3)]  # fmt: skip

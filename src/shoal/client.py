@@ -174,7 +174,10 @@ class Client:
 
     @property
     def blocking(self) -> Any:
-        """Connections for blocking reads (XREAD BLOCK, BLPOP), apart from commands."""
+        """An unbounded connection pool, apart from the commands' bounded one: for
+        blocking reads (XREAD BLOCK, BLMPOP), and for callers whose concurrency is
+        bounded by construction (a node's fetch loop and recorder), which so skip
+        the bounded pool's wait for a free connection (about 20 µs a command)."""
         if self._blocking is None:
             raise ConfigurationError("the client is not connected: use `async with Client()`")
         return self._blocking

@@ -334,7 +334,9 @@ class Node:
             int(self.settings.retention * 1000), expired,
         ]  # fmt: skip
         async with self.client.errors():
-            started, consumed, last_ids = await self.client.scripts.fetch(queues, args)
+            started, consumed, last_ids = await self.client.scripts.fetch(
+                queues, args, on=self.client.blocking
+            )
         return started, int(consumed), last_ids
 
     async def _wait_for_work(self, queues: list[str], last_ids: list[bytes]) -> None:

@@ -161,13 +161,13 @@ class Recorder:
                 args += outcome.script_fields()
             calls.append((client.scripts.finish, args))
         async with client.errors():
-            pipe = client.redis.pipeline(transaction=False)
+            pipe = client.blocking.pipeline(transaction=False)  # one flusher: bounded
             for script, args in calls:
                 script.queue(pipe, [keys.delayed], args)
             replies = await pipe.execute(raise_on_error=False)
             for (script, args), reply in zip(calls, replies, strict=True):
                 if isinstance(reply, NoScriptError):  # engine restarted: load, run again
-                    reply = await script([keys.delayed], args)
+                    reply = await script([keys.delayed], args, on=client.blocking)
                 if isinstance(reply, Exception):
                     raise reply
                 if script is client.scripts.events:

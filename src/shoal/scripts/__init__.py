@@ -47,12 +47,16 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         self._redis = redis
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def __call__(
+        self, keys: Sequence[str], args: Sequence[Arg], *, on: Redis | None = None
+    ) -> Any:
+        """Run the script (on ``on``, another connection pool, if given)."""
+        conn = on or self._redis
         try:
-            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)
+            return await conn.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self.load()
-            return await self._redis.evalsha(self.sha, len(keys), *keys, *args)
+            await conn.script_load(self.source)
+            return await conn.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Add a call to a pipeline; on NOSCRIPT its reply is a NoScriptError and the
