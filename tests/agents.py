@@ -98,6 +98,13 @@ class Toolbox(Agent):
         await asyncio.sleep(seconds)  # the work itself
         return {"i": i, "node": self.ctx.node_id, "token": self.ctx.fencing_token}
 
+    @capability("blocks_loop")
+    async def blocks_loop(self, seconds: float = 5.0) -> dict[str, Any]:
+        """Misbehaves on purpose: blocks the node's event loop (a sync sleep in an
+        async handler) — the node must still look alive to its peers."""
+        time.sleep(seconds)  # noqa: ASYNC251 - the misbehaviour under test
+        return {"node": self.ctx.node_id, "token": self.ctx.fencing_token}
+
     @capability("poison", max_attempts=2)
     async def poison(self) -> None:
         os._exit(1)  # kills the node running it, every time

@@ -219,3 +219,18 @@ async def test_a_node_restarted_under_its_name_takes_its_work_back_at_once(
     assert [r["i"] for r in results] == list(range(20))
     assert all(r["token"] == 2 and r["node"] == "phoenix" for r in results)
     assert recovered < 2.5, f"took {recovered:.1f}s: waited for dead_after instead of reclaiming"
+
+
+async def test_a_blocked_event_loop_does_not_make_a_node_look_dead(
+    client: Client, settings: Settings
+) -> None:
+    """The heartbeat runs in its own thread: a handler blocking the loop for longer
+    than dead_after does not get its node declared dead and its task re-run."""
+    with node_process(settings, "tests.agents", "--name", "blocked"):
+        await client.wait_for_hosts("blocks_loop")
+        async with running_node([Toolbox], settings, name="watcher"):  # reaper runs
+            handle = await client.submit("blocks_loop", seconds=5.0)
+            result = await handle.result(timeout=30)
+            state = await client.cluster()
+    assert result == {"node": "blocked", "token": 1}, "ran once, never taken over"
+    assert next(n for n in state.nodes if n.id == "blocked").state == "alive"
