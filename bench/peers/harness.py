@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 PEERS = ("celery", "dramatiq", "arq", "taskiq")
 WORKLOADS = ("throughput", "latency", "failover")
 DEFAULT_N = {"throughput": 20000, "latency": 1000, "failover": 100}
@@ -150,25 +152,18 @@ def ensure_peer_env(peer: str, cache_dir: Path | None = None) -> Path:
 
 
 def _session_pids(sid: int) -> list[int]:
-    """Pids whose session id is ``sid`` (Linux /proc), i.e. the script and its workers.
+    """Pids of live processes whose session id is ``sid``: the script and its workers.
 
     The peer script runs as a session leader and puts each worker in its own process
     group inside that session, so the session is the one handle that covers everything
-    the run spawned, however deep.
+    the run spawned, however deep. (The peer scripts themselves read /proc by hand:
+    they run in the peers' venvs, which do not have psutil.)
     """
     pids: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 2 (comm) may contain spaces/parens; fields after the last ')' are fixed:
-        # state, ppid, pgrp, session. Zombies are already dead and only await a reaper.
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry.name))
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if proc.status() != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                pids.append(proc.pid)
     return pids
 
 

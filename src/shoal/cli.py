@@ -61,6 +61,11 @@ def _settings(redis: str | None, namespace: str | None, data_dir: Path | None) -
     return Settings.from_env(redis, namespace, data_dir)
 
 
+def _client(redis: str | None, namespace: str | None, data_dir: Path | None) -> Client:
+    """The client every command uses: flags, then SHOAL_* variables, then defaults."""
+    return Client(settings=_settings(redis, namespace, data_dir))
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
@@ -155,7 +160,7 @@ def submit(
     kwargs = parse_assignments(arguments or [])
 
     async def go() -> None:
-        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+        async with _client(redis, namespace, data_dir) as client:
             handle = await client.submit(
                 capability, priority=priority, delay=delay, timeout=timeout, deadline=deadline,
                 max_attempts=max_attempts, idempotency_key=idempotency_key, **kwargs,
@@ -185,7 +190,7 @@ def task(
     """Show a task: status, attempts, result or error, and optionally its events."""
 
     async def go() -> None:
-        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+        async with _client(redis, namespace, data_dir) as client:
             info = await client.status(task_id)
             result = None
             if info.status == "succeeded":
@@ -254,7 +259,7 @@ def status(
     """Show the cluster: nodes (state, load, capabilities, heartbeat age) and queues."""
 
     async def go() -> None:
-        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+        async with _client(redis, namespace, data_dir) as client:
             state = await client.cluster()
         if as_json:
             out.print_json(msgspec.json.encode(state).decode())
@@ -304,7 +309,7 @@ def cancel(
     """Cancel a task: at once if it has not started, else the node running it is told."""
 
     async def go() -> None:
-        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+        async with _client(redis, namespace, data_dir) as client:
             outcome = await client.cancel(task_id)
         messages = {
             "cancelled": "cancelled",
@@ -330,7 +335,7 @@ def dlq_list(
     """List dead-lettered tasks with their last error."""
 
     async def go() -> None:
-        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+        async with _client(redis, namespace, data_dir) as client:
             letters = await client.dead_letters(capability, limit)
         table = Table("task", "attempts", "died", "last error")
         for letter in letters:
@@ -353,7 +358,7 @@ def dlq_redrive(
     """Queue dead tasks again with fresh attempts."""
 
     async def go() -> None:
-        async with Client(settings=_settings(redis, namespace, data_dir)) as client:
+        async with _client(redis, namespace, data_dir) as client:
             done = await client.redrive(capability, task_ids or None)
         out.print(f"re-queued {len(done)} task(s)")
         for task_id in done:
