@@ -20,6 +20,7 @@ from shoal import (
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
+    protocol,
 )
 from tests.agents import Other, Toolbox
 from tests.conftest import running_node, wait_for_status
@@ -45,6 +46,23 @@ async def test_status_shows_the_whole_life_of_a_task(client: Client, settings: S
     assert info.node == "node-a"
     assert info.created_at <= info.started_at <= info.finished_at  # type: ignore[operator]
     assert info.has_result
+
+
+async def test_a_records_times_never_go_backwards_when_clocks_disagree(
+    client: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submitting client's clock is a minute ahead of the node's (as between two
+    machines, or after an NTP step): the record still reads created <= started <=
+    finished."""
+    real_now_ms = protocol.now_ms
+    monkeypatch.setattr(protocol, "now_ms", lambda: real_now_ms() + 60_000)
+    handle = await client.submit("echo", value=1)
+    monkeypatch.setattr(protocol, "now_ms", real_now_ms)
+    async with running_node([Toolbox], settings):
+        assert await handle.result(timeout=10) == 1
+    info = await handle.status()
+    assert info.created_at >= real_now_ms() + 50_000, "the client's clock was used"
+    assert info.created_at <= info.started_at <= info.finished_at  # type: ignore[operator]
 
 
 async def test_waiting_client_that_did_not_submit_is_woken_by_the_event_stream(

@@ -23,7 +23,11 @@ local refreshed = {}
 -- `rec` = {reply, follow} as read by the caller; `payload` = result or error bytes.
 local function finish_task(id, status, now, retention_ms, rec, payload, extra)
   local tk = task_key(id)
-  redis.call('HSET', tk, 'status', status, 'finished', now, unpack(extra))
+  -- Times come from the writers' clocks, which may step backwards or disagree
+  -- between machines; a record's times never go backwards all the same.
+  local t = redis.call('HMGET', tk, 'created', 'started')
+  local finished = math.max(now, tonumber(t[2] or t[1] or now))
+  redis.call('HSET', tk, 'status', status, 'finished', finished, unpack(extra))
   redis.call('PEXPIRE', tk, retention_ms)
   local ek = events_key(id)
   if rec[2] == '1' or redis.call('EXISTS', ek) == 1 then

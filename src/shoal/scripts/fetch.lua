@@ -37,9 +37,9 @@ end
 
 local function start(q, eid, id)
   local tk = task_key(id)
-  -- status, deadline, cap, max_att, timeout, args, parent, trace, reply, follow
+  -- status, deadline, cap, max_att, timeout, args, parent, trace, reply, follow, created
   local r = redis.call('HMGET', tk, 'status', 'deadline', 'cap', 'max_att', 'timeout',
-    'args', 'parent', 'trace', 'reply', 'follow')
+    'args', 'parent', 'trace', 'reply', 'follow', 'created')
   if r[1] ~= 'queued' then drop(q, eid); return end
   if r[2] and tonumber(r[2]) < now then
     finish_task(id, 'expired', now, retention_ms, {r[9], r[10]}, expired_error,
@@ -48,7 +48,9 @@ local function start(q, eid, id)
     return
   end
   local max_att, timeout = r[4], r[5]
-  local fields = {'status', 'running', 'started', now, 'node', consumer}
+  -- never before it was created, even if this node's clock is behind the client's
+  local started_at = math.max(now, tonumber(r[11] or now))
+  local fields = {'status', 'running', 'started', started_at, 'node', consumer}
   if not max_att or not timeout then
     -- options the task left open take the capability's defaults; written to the
     -- record so its status shows them
