@@ -3,7 +3,7 @@
 The public API, grouped by concept. Everything else is internal.
 """
 
-from shoal.agent import Agent, TaskContext, capability
+from shoal.agent import Agent, TaskContext, capability, handler, subscribe
 from shoal.client import Client, DeadLetter, TaskHandle
 from shoal.errors import (
     ConfigurationError,
@@ -12,6 +12,8 @@ from shoal.errors import (
     EngineUnavailable,
     NotHosted,
     QueueFull,
+    RequestFailed,
+    RequestTimeout,
     ResultTimeout,
     Retry,
     SerializationError,
@@ -20,8 +22,9 @@ from shoal.errors import (
     TaskFailed,
     TaskNotFound,
     TaskTimeout,
+    UnknownAgentType,
 )
-from shoal.protocol import ErrorInfo, Event, TaskInfo
+from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.settings import Settings
 from shoal.sync import SyncClient, connect
 
@@ -32,6 +35,8 @@ __all__ = [
     "Agent",
     "TaskContext",
     "capability",
+    "handler",
+    "subscribe",
     # clients
     "Client",
     "DeadLetter",
@@ -39,6 +44,8 @@ __all__ = [
     "TaskHandle",
     "connect",
     # data
+    "AgentInfo",
+    "AgentTypeInfo",
     "ErrorInfo",
     "Event",
     "Settings",
@@ -50,6 +57,8 @@ __all__ = [
     "EngineUnavailable",
     "NotHosted",
     "QueueFull",
+    "RequestFailed",
+    "RequestTimeout",
     "ResultTimeout",
     "Retry",
     "SerializationError",
@@ -58,5 +67,6 @@ __all__ = [
     "TaskFailed",
     "TaskNotFound",
     "TaskTimeout",
+    "UnknownAgentType",
     "__version__",
 ]

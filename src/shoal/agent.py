@@ -3,6 +3,13 @@
 A capability's options are validated where it is declared: a bad option, or a
 handler parameter whose name clashes with a task option, fails at import time with
 a message saying what is allowed.
+
+An agent class serves in two ways. A task sent to a *capability* runs on one shared,
+stateless instance per node. A task or message sent to an *agent id* (``type/key``)
+runs on that agent's own instance, activated on the node that owns its partition,
+with ``self.state`` loaded from the engine and saved after every turn that changed it.
+Messages go to the method marked ``@handler`` (or ``on_message``); published
+messages to the ``@subscribe("topic")`` methods.
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ TASK_OPTIONS = frozenset(
         "max_attempts",
         "idempotency_key",
         "result_timeout",
+        "agent",
     }
 )
 
 _CAPABILITY_ATTR = "__shoal_capability__"
+_HANDLER_ATTR = "__shoal_handler__"
+_SUBSCRIBE_ATTR = "__shoal_subscribe__"
 
 
 @dataclass(frozen=True)
@@ -166,19 +176,68 @@ def capability(
     return decorate
 
 
+@dataclass(frozen=True)
+class MessageSpec:
+    """A method that receives messages: the ``@handler`` or a ``@subscribe`` one."""
+
+    method_name: str
+    is_async: bool
+
+
+def handler(func: F) -> F:
+    """Mark the method that handles messages sent to the agent (``send``/``request``).
+    It is called with the message; what it returns is the reply to a ``request``.
+    Without one, a method named ``on_message`` plays that part."""
+    setattr(func, _HANDLER_ATTR, MessageSpec(func.__name__, inspect.iscoroutinefunction(func)))
+    return func
+
+
+def subscribe(topic: str) -> Callable[[F], F]:
+    """Deliver messages published on ``topic`` to this method, on the agent of this
+    type whose key is the message's ``source`` (durably: a down subscriber gets them
+    when it comes back). Stack it to subscribe one method to several topics."""
+    validate_topic(topic)
+
+    def decorate(func: F) -> F:
+        topics = dict(getattr(func, _SUBSCRIBE_ATTR, {}))
+        topics[topic] = MessageSpec(func.__name__, inspect.iscoroutinefunction(func))
+        setattr(func, _SUBSCRIBE_ATTR, topics)
+        return func
+
+    return decorate
+
+
+def validate_topic(topic: str) -> str:
+    """Topics become key parts, so they share the capabilities' alphabet."""
+    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+        raise ConfigurationError(
+            f"topic {topic!r} is invalid: start with a letter or '_', then up to 127 "
+            "letters, digits, '_', '.' or '-'"
+        )
+    return topic
+
+
+_TOPIC_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+
+
 def _snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 class Agent:
-    """Base class of agent types. Subclass it and mark methods with ``@capability``.
+    """Base class of agent types. Subclass it and mark methods with ``@capability``,
+    ``@handler`` and ``@subscribe``.
 
-    One instance per agent type runs on each node; concurrent tasks share it, and
-    ``self.ctx`` is the context of the task the current code runs for.
+    Tasks sent to a capability share one stateless instance per node. An agent
+    addressed by id (``type/key``) gets an instance of its own with ``self.id``,
+    ``self.key`` and a durable ``self.state``; it handles one message at a time.
+    ``self.ctx`` is the context of the task or message the current code runs for.
     """
 
     agent_type: ClassVar[str]
     _capabilities: ClassVar[dict[str, CapabilitySpec]] = {}
+    _message_handler: ClassVar[MessageSpec | None] = None
+    _subscriptions: ClassVar[dict[str, MessageSpec]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -186,16 +245,77 @@ class Agent:
             cls.agent_type = _snake_case(cls.__name__)
         validate_agent_type(cls.agent_type)  # it becomes the type part of agent ids
         found: dict[str, CapabilitySpec] = {}
+        handlers: dict[str, MessageSpec] = {}
+        topics: dict[str, MessageSpec] = {}
         for klass in reversed(cls.__mro__):
             for attr in vars(klass).values():
                 spec = getattr(attr, _CAPABILITY_ATTR, None)
                 if isinstance(spec, CapabilitySpec):
                     found[spec.name] = spec
+                if isinstance(marked := getattr(attr, _HANDLER_ATTR, None), MessageSpec):
+                    handlers[marked.method_name] = marked
+                topics.update(getattr(attr, _SUBSCRIBE_ATTR, {}))
         cls._capabilities = found
+        cls._subscriptions = topics
+        cls._message_handler = _message_handler_of(cls, handlers)
 
     @classmethod
     def capabilities(cls) -> dict[str, CapabilitySpec]:
         return dict(cls._capabilities)
+
+    @classmethod
+    def message_handler(cls) -> MessageSpec | None:
+        return cls._message_handler
+
+    @classmethod
+    def subscriptions(cls) -> dict[str, MessageSpec]:
+        return dict(cls._subscriptions)
+
+    @classmethod
+    def is_addressable(cls) -> bool:
+        """Whether instances can be addressed by id: it has anything to receive."""
+        return bool(cls._capabilities or cls._message_handler or cls._subscriptions)
+
+    # --- the addressed agent's identity and state ---------------------------------
+
+    @property
+    def id(self) -> str | None:
+        """``type/key`` of an addressed agent; None on the shared capability instance."""
+        return self.__dict__.get("_shoal_id")
+
+    @property
+    def key(self) -> str | None:
+        agent_id = self.id
+        return agent_id.partition("/")[2] if agent_id else None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The agent's durable state: loaded when it is activated, saved after every
+        turn that changed it. Values must be msgpack data (dicts, lists, str, numbers,
+        bytes, bool, None)."""
+        state = self.__dict__.get("_shoal_state")
+        if state is None:
+            raise ShoalError(
+                f"{type(self).__qualname__}.state exists only on an agent addressed by id "
+                "(submit(..., agent='type/key')); tasks sent to a capability share one "
+                "stateless instance"
+            )
+        return state  # type: ignore[no-any-return]
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise ConfigurationError(f"state must be a dict, got {type(value).__name__}")
+        if self.__dict__.get("_shoal_state") is None:
+            raise ShoalError("state can only be set on an agent addressed by id")
+        self.__dict__["_shoal_state"] = value
+
+    async def on_activate(self) -> None:
+        """Called after the agent was activated and its state loaded, before its
+        first turn on this node. Override to warm caches."""
+
+    async def on_deactivate(self) -> None:
+        """Called before an idle agent is deactivated (its state is saved after it)."""
 
     @property
     def ctx(self) -> TaskContext:
@@ -203,6 +323,20 @@ class Agent:
         if ctx is None:
             raise ShoalError("self.ctx is only available while a task runs")
         return ctx
+
+
+def _message_handler_of(cls: type, handlers: dict[str, MessageSpec]) -> MessageSpec | None:
+    if len(handlers) > 1:
+        raise ConfigurationError(
+            f"{cls.__qualname__} marks {len(handlers)} methods @handler "
+            f"({', '.join(sorted(handlers))}); an agent type has one message handler"
+        )
+    if handlers:
+        return next(iter(handlers.values()))
+    method = getattr(cls, "on_message", None)
+    if callable(method):
+        return MessageSpec("on_message", inspect.iscoroutinefunction(method))
+    return None
 
 
 class Runtime(Protocol):
@@ -228,11 +362,17 @@ class Written:
 
 
 class TaskContext:
-    """``self.ctx`` inside a handler: the running task's id, attempt, events and sub-tasks.
+    """``self.ctx`` inside a handler: the running task's id, attempt, events and
+    sub-tasks, and messaging to other agents.
 
     ``fencing_token`` grows with every delivery of the task (a re-run after its node
     died gets a larger one): a handler can pass it along with its own side effects
-    so that a store can refuse writes from a superseded run.
+    so that a store can refuse writes from a superseded run. For an addressed agent
+    it is the token of its partition's lease.
+
+    On an addressed agent, ``agent_id`` is its id; for a message, ``sender`` is the
+    sending agent's id (None from a client) and ``topic`` the topic it was
+    published on (None for a direct message). ``task_id`` is "" for a message.
     """
 
     def __init__(
@@ -244,8 +384,15 @@ class TaskContext:
         traceparent: str | None,
         flushed: Callable[[], asyncio.Future[None] | None],
         fencing_token: int = 0,
+        *,
+        agent_id: str | None = None,
+        sender: str | None = None,
+        topic: str | None = None,
     ) -> None:
         self._runtime = runtime
+        self.agent_id = agent_id
+        self.sender = sender
+        self.topic = topic
         self.node_id = runtime.node_id
         self.task_id = task_id
         self.capability = capability
@@ -257,6 +404,10 @@ class TaskContext:
         self._children: set[str] = set()
 
     def _emit(self, kind: str, data: Any) -> Written:
+        if not self.task_id:
+            raise ShoalError(
+                "progress/log/emit record events of a task; this turn handles a message"
+            )
         self._runtime.emit_event(self.task_id, self.fencing_token, kind, data)
         return Written(self._flushed())
 
@@ -290,6 +441,46 @@ class TaskContext:
         except asyncio.CancelledError:
             await asyncio.shield(handle.cancel())
             raise
+
+    # --- messaging ------------------------------------------------------------------
+
+    async def send(self, agent_id: str, message: Any) -> None:
+        """Put ``message`` into the agent's mailbox (durable, one-way)."""
+        await self._runtime.client.send(
+            agent_id, message, _sender=self.agent_id, _traceparent=self.traceparent
+        )
+
+    async def request(self, agent_id: str, message: Any, timeout: float = 30.0) -> Any:
+        """Send ``message`` and wait for the agent's reply (its handler's return value).
+        RequestTimeout after ``timeout`` seconds; RequestFailed if its handler raised.
+        An agent handles one message at a time, so a request to itself, or a cycle of
+        requests back to it, can only time out."""
+        if agent_id == self.agent_id:
+            raise ConfigurationError(
+                f"agent {agent_id} cannot request itself: it handles one message at a time, "
+                "so it would wait for its own reply until the timeout; use send()"
+            )
+        return await self._runtime.client.request(
+            agent_id, message, timeout=timeout, _sender=self.agent_id,
+            _traceparent=self.traceparent,
+        )  # fmt: skip
+
+    async def publish(self, topic: str, message: Any, *, source: str | None = None) -> int:
+        """Publish ``message`` on ``topic`` to the subscribed agent types: each type's
+        agent with key ``source`` (default: this agent's key) gets it, durably.
+        Returns the number of agent types it was delivered to."""
+        if source is None and self.agent_id is not None:
+            source = self.agent_id.partition("/")[2]
+        if source is None:
+            raise ConfigurationError("publish() needs source= outside an addressed agent")
+        return await self._runtime.client.publish(
+            topic, message, source=source, _sender=self.agent_id, _traceparent=self.traceparent
+        )
+
+    async def broadcast(self, agent_type: str, message: Any) -> None:
+        """Hand ``message`` to every *currently active* agent of ``agent_type``, on all
+        nodes (ephemeral: an agent activated later, or a node that is away, misses it)."""
+        await self._runtime.client.broadcast(agent_type, message, _sender=self.agent_id)
 
     def _blocking(self, coro: Awaitable[Any]) -> Any:
         try:

@@ -43,9 +43,10 @@ def load_agents(module_name: str) -> list[type[Agent]]:
             and obj is not Agent
             and obj.__module__ == module.__name__
         ]
-    if not agents or not any(a.capabilities() for a in agents):
+    if not agents or not any(a.is_addressable() for a in agents):
         raise ConfigurationError(
-            f"module {module_name!r} defines no Agent class with @capability methods"
+            f"module {module_name!r} defines no Agent class with @capability, @handler or "
+            "@subscribe methods"
         )
     return agents
 

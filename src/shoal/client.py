@@ -37,8 +37,9 @@ from shoal.errors import (
     TaskNotFound,
 )
 from shoal.keys import Keys, validate_capability
+from shoal.messaging import AgentPlane
 from shoal.options import TaskOptions
-from shoal.protocol import ErrorInfo, Event, TaskInfo
+from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.resilience import Backoff
 from shoal.scripts import Scripts
 from shoal.settings import Settings
@@ -110,6 +111,7 @@ class Client:
         self._waiters: dict[str, list[asyncio.Future[tuple[str, bytes]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._states = _StateReader(self)
+        self._agents = AgentPlane(self)
         self._outage_logged = 0.0
         # Own tasks whose outcome has not arrived in the inbox yet, and outcomes that
         # arrived before anyone asked (bounded; an evicted one is read from the record).
@@ -206,20 +208,26 @@ class Client:
         deadline: float | datetime | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        agent: str | None = None,
         _parent: str | None = None,
         _traceparent: str | None = None,
         **kwargs: Any,
     ) -> TaskHandle:
         """Queue one task for ``capability`` with ``kwargs`` as the handler's arguments.
 
+        With ``agent="type/key"`` the task goes to that agent (activated on the node
+        owning its partition, with its state; its tasks and messages run one at a
+        time, in arrival order — ``priority`` does not reorder them).
+
         Raises QueueFull when the queue is at its bound, SerializationError when an
-        argument is not msgpack data, ConfigurationError for a bad option.
+        argument is not msgpack data, ConfigurationError for a bad option,
+        UnknownAgentType for an agent type no node hosts or lacking the capability.
         """
         options = TaskOptions.build(
             priority=priority, delay=delay, eta=eta, timeout=timeout, deadline=deadline,
             max_attempts=max_attempts, idempotency_key=idempotency_key,
         )  # fmt: skip
-        handles = await self._submit(capability, [kwargs], options, _parent, _traceparent)
+        handles = await self._submit(capability, [kwargs], options, _parent, _traceparent, agent)
         return handles[0]
 
     async def submit_many(
@@ -234,8 +242,10 @@ class Client:
         timeout: float | None = None,
         deadline: float | datetime | None = None,
         max_attempts: int | None = None,
+        agent: str | None = None,
     ) -> list[TaskHandle]:
-        """Queue one task per kwargs mapping, pipelined; handles come back in order.
+        """Queue one task per kwargs mapping, pipelined; handles come back in order
+        (all to ``agent`` if given, in this order).
 
         If the queue fills part-way, QueueFull is raised and its ``accepted``
         attribute holds the handles of the tasks that were queued before it.
@@ -244,7 +254,7 @@ class Client:
             priority=priority, delay=delay, eta=eta, timeout=timeout, deadline=deadline,
             max_attempts=max_attempts,
         )  # fmt: skip
-        return await self._submit(capability, list(arguments), options, None, None)
+        return await self._submit(capability, list(arguments), options, None, None, agent)
 
     async def _submit(
         self,
@@ -253,8 +263,12 @@ class Client:
         options: TaskOptions,
         parent: str | None,
         traceparent: str | None,
+        agent: str | None = None,
     ) -> list[TaskHandle]:
         validate_capability(capability)
+        mbox, agent_id = (
+            ("", "") if agent is None else await self._agents.task_target(agent, capability)
+        )
         rows: list[tuple[str, bytes, str]] = []
         for kwargs in arguments:
             if not isinstance(kwargs, Mapping):
@@ -270,6 +284,7 @@ class Client:
             self.keys.prefix, protocol.now_ms(), int(self.settings.retention * 1000),
             self.settings.queue_max_length, capability, options.priority,
             *options.script_fields(), self._inbox, parent or "", options.idempotency_key or "",
+            mbox, agent_id,
         ]  # fmt: skip
         chunks = [rows[i : i + SUBMIT_CHUNK] for i in range(0, len(rows), SUBMIT_CHUNK)]
         # Safe to re-send after a lost reply: the task ids are ours and the script
@@ -322,9 +337,92 @@ class Client:
     async def call(
         self, capability: str, /, *, result_timeout: float | None = None, **kwargs: Any
     ) -> Any:
-        """Submit and wait for the result (``result_timeout`` bounds the wait)."""
+        """Submit and wait for the result (``result_timeout`` bounds the wait);
+        ``agent="type/key"`` addresses an agent as in ``submit``."""
         handle = await self.submit(capability, **kwargs)
         return await handle.result(timeout=result_timeout)
+
+    # --- agents and messages ------------------------------------------------------
+
+    async def partitions(self) -> int:
+        """The namespace's number of agent partitions (fixed when first used)."""
+        return await self._agents.partitions()
+
+    async def agent_types(self) -> dict[str, AgentTypeInfo]:
+        """The agent types nodes registered in this namespace."""
+        return await self._agents.agent_types(refresh=True)
+
+    async def send(
+        self,
+        agent_id: str,
+        message: Any,
+        *,
+        _sender: str | None = None,
+        _traceparent: str | None = None,
+    ) -> None:
+        """Put ``message`` (msgpack data) into the agent's mailbox: durable, one-way.
+        Its ``@handler`` (or ``on_message``) gets it in turn, on whichever node owns
+        the agent's partition — now, or when one comes up."""
+        await self._agents.send(agent_id, message, sender=_sender, traceparent=_traceparent)
+
+    async def request(
+        self,
+        agent_id: str,
+        message: Any,
+        *,
+        timeout: float = 30.0,
+        _sender: str | None = None,
+        _traceparent: str | None = None,
+    ) -> Any:
+        """Send ``message`` and return the agent's reply (its handler's return value).
+        RequestTimeout after ``timeout`` seconds; RequestFailed if the handler raised."""
+        return await self._agents.request(
+            agent_id, message, timeout=timeout, sender=_sender, traceparent=_traceparent
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        message: Any,
+        *,
+        source: str,
+        _sender: str | None = None,
+        _traceparent: str | None = None,
+    ) -> int:
+        """Deliver ``message`` durably to the agent keyed ``source`` of every agent type
+        subscribed to ``topic``. Returns how many types it went to (0: none subscribes)."""
+        return await self._agents.publish(
+            topic, message, source=source, sender=_sender, traceparent=_traceparent
+        )
+
+    async def broadcast(self, agent_type: str, message: Any, *, _sender: str | None = None) -> None:
+        """Hand ``message`` to every currently active agent of ``agent_type`` (ephemeral:
+        agents not active now, or on a node that is away, do not get it)."""
+        await self._agents.broadcast(agent_type, message, sender=_sender)
+
+    async def agent_state(self, agent_id: str) -> dict[str, Any] | None:
+        """The agent's last saved state, or None if it has none."""
+        return await self._agents.state(agent_id)
+
+    async def delete_agent(self, agent_id: str) -> bool:
+        """Remove the agent's state (an active instance drops it in turn). True if it had state."""
+        return await self._agents.delete(agent_id)
+
+    async def agents(
+        self,
+        agent_type: str | None = None,
+        *,
+        capability: str | None = None,
+        active: bool | None = None,
+        with_state: bool | None = None,
+        limit: int = 1000,
+    ) -> list[AgentInfo]:
+        """The agent directory: agents active on a node and/or with saved state."""
+        return await self._agents.directory(agent_type, capability, active, with_state, limit)
+
+    async def agent(self, agent_id: str) -> AgentInfo:
+        """One agent's directory entry: partition, node (if active), times, state size."""
+        return await self._agents.agent(agent_id)
 
     def task(self, task_id: str) -> TaskHandle:
         return TaskHandle(self, protocol.validate_task_id(task_id), is_new=False)

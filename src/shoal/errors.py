@@ -109,3 +109,27 @@ class NodeDied(ShoalError):
 
 class DeadlineExceeded(ShoalError):
     """A task's deadline passed before any node started it, so it was not run."""
+
+
+class UnknownAgentType(ShoalError, LookupError):
+    """An agent id names a type no node has ever hosted in this namespace (or one
+    that lacks the capability, message handler or subscription asked for)."""
+
+
+class RequestTimeout(ShoalError, TimeoutError):
+    """``request()`` got no reply in time. The message stays delivered: the agent
+    may still handle it later, and its reply is then dropped."""
+
+
+class RequestFailed(ShoalError):
+    """The agent's handler raised while handling a ``request()``."""
+
+    def __init__(self, agent_id: str, error_type: str, message: str) -> None:
+        self.agent_id = agent_id
+        self.error_type = error_type
+        self.message = message
+        super().__init__(f"agent {agent_id} failed the request: {error_type}: {message}")
+
+
+class StaleOwner(ShoalError):
+    """The partition's lease moved to another node: this node's turn was not recorded."""

@@ -24,6 +24,22 @@ later step (issue 5); only this module and the scripts' prefix argument change t
 | stats                       | hash        | counters, e.g. duplicates:<capability>       |
 | inbox:<client id>           | list        | ids of finished tasks a client waits for     |
 | cancel                      | pub/sub     | ids of tasks whose cancellation was asked    |
+| config                      | hash        | namespace settings fixed at creation         |
+|                             |             | (partitions)                                 |
+| agent_types                 | hash        | agent type -> its description (msgpack:      |
+|                             |             | capabilities, handlers, subscriptions)       |
+| agent_hosts:<type>          | sorted set  | node id -> last heartbeat, nodes hosting it  |
+| mailbox:<type>:<p>          | stream      | partition p's messages and addressed tasks,  |
+|                             |             | in arrival order; deleted once processed     |
+| lease:<type>:<p>            | string      | '<node id> <token>' of the partition's owner |
+|                             |             | (PX: expires unless renewed)                 |
+| lease_tokens                | hash        | '<type>:<p>' -> last fencing token issued    |
+| state:<type>:<p>            | hash        | agent id -> msgpack state, for partition p   |
+| active:<node>               | hash        | agent id -> msgpack [activated, last message]|
+|                             |             | of the agents active on that node            |
+| subscribers:<topic>         | set         | agent types subscribed to the topic          |
+| ownership                   | stream      | partition ownership changes (capped)         |
+| broadcast                   | pub/sub     | messages for every active agent of a type    |
 """
 
 from __future__ import annotations
@@ -116,3 +132,43 @@ class Keys:
     @property
     def cancel_channel(self) -> str:
         return f"{self.prefix}cancel"
+
+    # --- the agent plane ----------------------------------------------------------
+
+    @property
+    def config(self) -> str:
+        return f"{self.prefix}config"
+
+    @property
+    def agent_types(self) -> str:
+        return f"{self.prefix}agent_types"
+
+    def agent_hosts(self, agent_type: str) -> str:
+        return f"{self.prefix}agent_hosts:{agent_type}"
+
+    def mailbox(self, agent_type: str, partition: int) -> str:
+        return f"{self.prefix}mailbox:{agent_type}:{partition}"
+
+    def lease(self, agent_type: str, partition: int) -> str:
+        return f"{self.prefix}lease:{agent_type}:{partition}"
+
+    @property
+    def lease_tokens(self) -> str:
+        return f"{self.prefix}lease_tokens"
+
+    def state(self, agent_type: str, partition: int) -> str:
+        return f"{self.prefix}state:{agent_type}:{partition}"
+
+    def active(self, node_id: str) -> str:
+        return f"{self.prefix}active:{node_id}"
+
+    def subscribers(self, topic: str) -> str:
+        return f"{self.prefix}subscribers:{topic}"
+
+    @property
+    def ownership(self) -> str:
+        return f"{self.prefix}ownership"
+
+    @property
+    def broadcast_channel(self) -> str:
+        return f"{self.prefix}broadcast"

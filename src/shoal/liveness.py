@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -129,12 +129,20 @@ async def register(client: Any, node_id: str, description: dict[str, Any]) -> No
         pipe.hset(keys.node(node_id), mapping={**description, "state": "alive", "heartbeat": now})
         pipe.zadd(keys.nodes, {node_id: now})
         pipe.zrem(keys.dead_nodes, node_id)
-        for cap in str(description["capabilities"]).split(","):
+        for cap in _csv(description["capabilities"]):
             pipe.zadd(keys.hosts(cap), {node_id: now})
+        for agent_type in _csv(description.get("agent_types", "")):
+            pipe.zadd(keys.agent_hosts(agent_type), {node_id: now})
         await pipe.execute()
 
 
-async def deregister(client: Any, node_id: str, capabilities: list[str]) -> None:
+def _csv(value: Any) -> list[str]:
+    return [part for part in str(value).split(",") if part]
+
+
+async def deregister(
+    client: Any, node_id: str, capabilities: list[str], agent_types: Sequence[str] = ()
+) -> None:
     """Leave the live set (after draining): no survivor needs to reap this node."""
     keys = client.keys
     async with client.errors():
@@ -142,5 +150,8 @@ async def deregister(client: Any, node_id: str, capabilities: list[str]) -> None
         pipe.zrem(keys.nodes, node_id)
         for cap in capabilities:
             pipe.zrem(keys.hosts(cap), node_id)
+        for agent_type in agent_types:
+            pipe.zrem(keys.agent_hosts(agent_type), node_id)
+        pipe.delete(keys.active(node_id))
         pipe.delete(keys.node(node_id))
         await pipe.execute()

@@ -31,9 +31,10 @@ from shoal.client import Client
 from shoal.engine import translate
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.execution import Attempt, Job
+from shoal.hosting import AgentHost
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
 from shoal.liveness import Heartbeat, deregister, register
-from shoal.protocol import ErrorInfo
+from shoal.protocol import AgentTypeInfo, ErrorInfo
 from shoal.recorder import Recorder
 from shoal.recovery import Reaper
 from shoal.resilience import Backoff
@@ -60,6 +61,9 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     dead_after: float = 3.0
     stall_after: float = 10.0  # the watchdog reports a node without progress this long
+    max_active_agents: int = 10_000  # beyond this, the least recently used idle ones go
+    idle_after: float = 300.0  # an agent without a message this long is deactivated
+    lease_time: float | None = None  # partition leases; default: dead_after
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -74,6 +78,20 @@ class NodeConfig:
             raise ConfigurationError(
                 f"dead_after ({self.dead_after}s) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}s), or one late heartbeat would declare a node dead"
+            )
+
+        if self.max_active_agents < 1:
+            raise ConfigurationError(
+                f"max_active_agents must be >= 1, got {self.max_active_agents!r}"
+            )
+        if self.idle_after <= 0:
+            raise ConfigurationError(f"idle_after must be > 0 seconds, got {self.idle_after!r}")
+        if self.lease_time is None:
+            self.lease_time = self.dead_after
+        if self.lease_time < 2 * self.heartbeat_interval:
+            raise ConfigurationError(
+                f"lease_time ({self.lease_time}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}s): leases are renewed once per interval"
             )
 
     def node_id(self) -> str:
@@ -101,6 +119,10 @@ class Node:
             for name, agent in table.items()
         }
         self.client = Client(settings=self.settings)
+        self._agent_types = sorted(
+            (a for a in set(agents) if a.is_addressable()), key=lambda a: a.agent_type
+        )
+        self.agents = AgentHost(self, self._agent_types) if self._agent_types else None
         self._running: dict[str, Attempt] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()  # stop pulling work, drain
@@ -147,6 +169,8 @@ class Node:
         try:
             await self._register()
             self._start_heartbeat()
+            if self.agents is not None:
+                await self.agents.start()
             log.info("node %s joined, hosting %s", self.node_id, ", ".join(self.capabilities))
             # Background loops end when _closing is set rather than by cancellation:
             # asyncio.wait_for on 3.11 (used inside redis-py) can swallow a cancel.
@@ -156,6 +180,8 @@ class Node:
                 group.create_task(self._cancel_listener())
                 group.create_task(self._reaper.run(self._closing))
                 group.create_task(self._watchdog())
+                if self.agents is not None:
+                    group.create_task(self.agents.run(self._closing))
                 try:
                     await self._fetch_loop()
                     await self._drain()
@@ -167,7 +193,10 @@ class Node:
                 self._heartbeat.stop()
             if self._registered:  # never remove a registration that is not ours
                 with contextlib.suppress(ShoalError):
-                    await deregister(self.client, self.node_id, self.capabilities)
+                    await deregister(
+                        self.client, self.node_id, self.capabilities,
+                        [a.agent_type for a in self._agent_types],
+                    )  # fmt: skip
                 log.info("node %s left (drained, deregistered)", self.node_id)
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self.client.close()
@@ -180,6 +209,7 @@ class Node:
             "zone": self.config.zone, "started_at": protocol.now_ms(),
             "heartbeat_interval": self.config.heartbeat_interval,
             "dead_after": self.config.dead_after,
+            "agent_types": ",".join(a.agent_type for a in self._agent_types),
         }  # fmt: skip
 
     async def _register(self) -> None:
@@ -197,6 +227,12 @@ class Node:
                 stale = [f for f in ("max_attempts", "timeout", "queue_max") if f not in fields]
                 if stale:
                     pipe.hdel(self.keys.capability(name), *stale)
+            for agent_type in self._agent_types:
+                pipe.hset(
+                    self.keys.agent_types, agent_type.agent_type, _type_description(agent_type)
+                )
+                for topic in agent_type.subscriptions():
+                    pipe.sadd(self.keys.subscribers(topic), agent_type.agent_type)
             await pipe.execute()
         if taken := await self._reaper.reclaim_own_name(socket.gethostname()):
             log.warning(
@@ -224,6 +260,7 @@ class Node:
             "free": max(0, self.config.concurrency - len(self._running)),
             "completed": self.recorder.recorded,
             "stalled": self.stalled,
+            **(self.agents.load() if self.agents is not None else {}),
         }
 
     def _on_liveness(self, state: str) -> None:
@@ -268,7 +305,14 @@ class Node:
 
     async def _drain(self) -> None:
         """Stop pulling; let running tasks finish within the grace period, then hand
-        the rest back to their queues at once (the attempt not counted)."""
+        the rest back to their queues at once (the attempt not counted). Agents
+        finish the turns they started and release their partitions meanwhile."""
+        if self.agents is not None:
+            await asyncio.gather(self._drain_tasks(), self.agents.drain(self.config.grace_period))
+        else:
+            await self._drain_tasks()
+
+    async def _drain_tasks(self) -> None:
         pending = {a.task for a in self._running.values() if a.task is not None}
         if pending:
             log.info(
@@ -440,6 +484,8 @@ class Node:
 
     def _cancel_running(self, task_id: str) -> None:
         attempt = self._running.get(task_id)
+        if attempt is None and self.agents is not None:
+            attempt = self.agents.running_tasks.get(task_id)
         if attempt is not None and attempt.task is not None:
             attempt.ctx.cancel_requested = True
             attempt.task.cancel()
@@ -465,6 +511,17 @@ class Node:
                 else:
                     log.info("watchdog: node %s makes progress again", self.node_id)
                 self.stalled = reason
+
+
+def _type_description(agent_type: type[Agent]) -> bytes:
+    return protocol.encode(
+        AgentTypeInfo(
+            agent_type.agent_type,
+            sorted(agent_type.capabilities()),
+            agent_type.message_handler() is not None,
+            sorted(agent_type.subscriptions()),
+        )
+    )
 
 
 def _capability_fields(spec: CapabilitySpec) -> dict[str, Any]:

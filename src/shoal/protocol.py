@@ -227,3 +227,29 @@ def event_from_entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Event:
         data=decode(fields[b"d"]) if fields.get(b"d") else None,
         at=int(fields.get(b"t", b"0")),
     )
+
+
+class AgentTypeInfo(msgspec.Struct, frozen=True):
+    """What nodes publish about an agent type they host (``agent_types`` hash)."""
+
+    name: str
+    capabilities: list[str] = []
+    handles_messages: bool = False
+    topics: list[str] = []
+
+
+class AgentInfo(msgspec.Struct, frozen=True):
+    """A directory entry: an agent that is active on a node, or has saved state, or both.
+
+    Times are epoch milliseconds; ``node``/``activated_at``/``last_message_at`` are
+    set while it is active (published by its node about once a second);
+    ``state_size`` is the size of its saved state in bytes (0: none)."""
+
+    id: str
+    type: str
+    key: str
+    partition: int
+    node: str | None = None
+    activated_at: int | None = None
+    last_message_at: int | None = None
+    state_size: int = 0

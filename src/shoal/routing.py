@@ -21,8 +21,7 @@ import zlib
 from collections.abc import Mapping
 
 from shoal.errors import ConfigurationError
-
-DEFAULT_PARTITIONS = 256
+from shoal.settings import DEFAULT_PARTITIONS
 
 
 def partition_of(agent_id: str, partitions: int = DEFAULT_PARTITIONS) -> int:

@@ -19,6 +19,8 @@ DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_QUEUE_MAX_LENGTH = 1_000_000
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_ENGINE_TIMEOUT_S = 30.0
+DEFAULT_PARTITIONS = 256
+MAX_PARTITIONS = 16384
 
 
 def validate_namespace(namespace: str) -> str:
@@ -71,9 +73,16 @@ class Settings:
     # How long a client keeps retrying through an engine outage (reconnecting with
     # back-off) before an operation gives up with EngineUnavailable.
     engine_timeout: float = DEFAULT_ENGINE_TIMEOUT_S
+    # Agent partitions of the namespace. Fixed when the namespace is first used
+    # (agent ids hash onto them); None takes the namespace's count, or 256 for a new one.
+    partitions: int | None = None
 
     def __post_init__(self) -> None:
         validate_namespace(self.namespace)
+        if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ConfigurationError(
+                f"partitions must be within 1..{MAX_PARTITIONS}, got {self.partitions}"
+            )
         if self.retention <= 0:
             raise ConfigurationError(f"retention must be > 0 seconds, got {self.retention}")
         if self.engine_timeout <= 0:
@@ -98,6 +107,7 @@ class Settings:
             retention=_env_float("SHOAL_RETENTION", DEFAULT_RETENTION_S),
             queue_max_length=_env_int("SHOAL_QUEUE_MAX_LENGTH", DEFAULT_QUEUE_MAX_LENGTH),
             engine_timeout=_env_float("SHOAL_ENGINE_TIMEOUT", DEFAULT_ENGINE_TIMEOUT_S),
+            partitions=_env_int("SHOAL_PARTITIONS", 0) or None,
         )
 
     def with_(self, **changes: object) -> Settings:

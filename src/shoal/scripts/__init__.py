@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError
 
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
-    "reap",
+    "reap", "lease", "turn_begin", "turn_end", "send",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -78,6 +78,10 @@ class Scripts:
         self.cancel = Script(redis, "cancel")
         self.redrive = Script(redis, "redrive")
         self.follow = Script(redis, "follow")
+        self.lease = Script(redis, "lease")
+        self.turn_begin = Script(redis, "turn_begin")
+        self.turn_end = Script(redis, "turn_end")
+        self.send = Script(redis, "send")
         self.events = Script(redis, "events")
         self.beat = Script(redis, "beat")
         self.reap = Script(redis, "reap")

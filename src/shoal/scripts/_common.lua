@@ -8,6 +8,28 @@ local function task_key(id) return prefix .. 'task:' .. id end
 local function events_key(id) return prefix .. 'events:' .. id end
 local function queue_key(cap, prio) return prefix .. 'queue:' .. cap .. ':' .. prio end
 local function dlq_key(cap) return prefix .. 'dlq:' .. cap end
+local function lease_key(agent_type, p) return prefix .. 'lease:' .. agent_type .. ':' .. p end
+
+-- Queue a task: a capability task into its capability's stream, a task addressed
+-- to an agent ('mbox' and 'agent' set in its record) into that agent's mailbox.
+local function enqueue(id, cap, prio, mbox, agent)
+  if mbox and mbox ~= '' then
+    redis.call('XADD', mbox, '*', 'k', 'task', 'i', id, 'a', agent)
+  else
+    redis.call('XADD', queue_key(cap, prio), '*', 'id', id)
+  end
+end
+
+-- A capability's max_attempts and timeout, read once per script call.
+local defaults = {}
+local function capability_defaults(cap)
+  local d = defaults[cap]
+  if not d then
+    d = redis.call('HMGET', prefix .. 'capability:' .. cap, 'max_attempts', 'timeout')
+    defaults[cap] = d
+  end
+  return d
+end
 
 -- Inbox keys whose TTL this script already refreshed (once per key per call).
 local refreshed = {}
@@ -42,6 +64,44 @@ local function finish_task(id, status, now, retention_ms, rec, payload, extra)
       -- inbox of a client that went away, so it is short (10 minutes).
       redis.call('PEXPIRE', reply, 600000)
       refreshed[reply] = true
+    end
+  end
+end
+
+-- Errors are kept as err:<n>, numbered across redrives, so no round overwrites
+-- another's (the ErrorInfo inside names its attempt).
+local function history_field(tk)
+  return 'err:' .. redis.call('HINCRBY', tk, 'nerr', 1)
+end
+
+-- Record the outcome of a running task's attempt (the caller checked it may).
+-- r = {status, token, cancel, cap, reply, follow, prio, mbox, agent} as read by
+-- the caller; outcome as in finish.lua; delayed = the delayed set's key.
+local function record_outcome(id, r, outcome, payload, due, now, retention_ms, delayed)
+  local tk = task_key(id)
+  local rec = {r[5], r[6]}
+  if r[3] == '1' or outcome == 'cancelled' then
+    finish_task(id, 'cancelled', now, retention_ms, rec, '', {})
+  elseif outcome == 'ok' then
+    finish_task(id, 'succeeded', now, retention_ms, rec, payload, {'result', payload})
+  elseif outcome == 'requeue' then
+    -- handed back by a draining node: queued again at once, attempt not counted
+    redis.call('HINCRBY', tk, 'attempts', -1)
+    redis.call('HSET', tk, 'status', 'queued')
+    enqueue(id, r[4], r[7], r[8], r[9])
+  elseif outcome == 'retry' then
+    redis.call('HSET', tk, 'error', payload, history_field(tk), payload)
+    redis.call('HSET', tk, 'status', 'scheduled', 'due', due)
+    redis.call('ZADD', delayed, due, id)
+  else
+    local status = 'failed'
+    if outcome == 'dead' then status = 'dead' end
+    finish_task(id, status, now, retention_ms, rec, payload,
+      {'error', payload, history_field(tk), payload})
+    if status == 'dead' then
+      local dk = dlq_key(r[4])
+      redis.call('XADD', dk, 'MINID', '~', now - retention_ms, '*', 'id', id, 't', now)
+      redis.call('PEXPIRE', dk, retention_ms)
     end
   end
 end

@@ -19,20 +19,10 @@ local now = tonumber(ARGV[5])
 local retention_ms = tonumber(ARGV[6])
 local expired_error = ARGV[7]
 local started, consumed = {}, 0
-local defaults = {}  -- capability -> {max_attempts, timeout}, read once per call
 
 local function drop(q, eid)
   redis.call('XACK', q, group, eid)
   redis.call('XDEL', q, eid)
-end
-
-local function capability_defaults(cap)
-  local d = defaults[cap]
-  if not d then
-    d = redis.call('HMGET', prefix .. 'capability:' .. cap, 'max_attempts', 'timeout')
-    defaults[cap] = d
-  end
-  return d
 end
 
 local function start(q, eid, id)

@@ -22,21 +22,10 @@ local retention_ms = tonumber(ARGV[4])
 local recorded = 0
 local acks = {}  -- queue -> entry ids
 
--- Errors are kept as err:<n>, numbered across redrives, so no round overwrites
--- another's (the ErrorInfo inside names its attempt).
-local function history_field(tk)
-  return 'err:' .. redis.call('HINCRBY', tk, 'nerr', 1)
-end
-
-local function schedule(tk, id, due)
-  redis.call('HSET', tk, 'status', 'scheduled', 'due', due)
-  redis.call('ZADD', KEYS[1], due, id)
-end
-
 local function apply(id, attempt, token, outcome, payload, due)
   local tk = task_key(id)
-  -- status, token, cancel, cap, reply, follow, prio
-  local r = redis.call('HMGET', tk, 'status', 'token', 'cancel', 'cap', 'reply', 'follow', 'prio')
+  local r = redis.call('HMGET', tk, 'status', 'token', 'cancel', 'cap', 'reply', 'follow', 'prio',
+    'mbox', 'agent')
   if not r[1] then return end
   if r[1] ~= 'running' or r[2] ~= token then
     redis.call('HINCRBY', tk, 'dups', 1)
@@ -44,30 +33,7 @@ local function apply(id, attempt, token, outcome, payload, due)
     return
   end
   recorded = recorded + 1
-  local rec = {r[5], r[6]}
-  if r[3] == '1' or outcome == 'cancelled' then
-    finish_task(id, 'cancelled', now, retention_ms, rec, '', {})
-  elseif outcome == 'ok' then
-    finish_task(id, 'succeeded', now, retention_ms, rec, payload, {'result', payload})
-  elseif outcome == 'requeue' then
-    -- handed back by a draining node: queued again at once, attempt not counted
-    redis.call('HINCRBY', tk, 'attempts', -1)
-    redis.call('HSET', tk, 'status', 'queued')
-    redis.call('XADD', queue_key(r[4], r[7]), '*', 'id', id)
-  elseif outcome == 'retry' then
-    redis.call('HSET', tk, 'error', payload, history_field(tk), payload)
-    schedule(tk, id, due)
-  else
-    local status = 'failed'
-    if outcome == 'dead' then status = 'dead' end
-    finish_task(id, status, now, retention_ms, rec, payload,
-      {'error', payload, history_field(tk), payload})
-    if status == 'dead' then
-      local dk = dlq_key(r[4])
-      redis.call('XADD', dk, 'MINID', '~', now - retention_ms, '*', 'id', id, 't', now)
-      redis.call('PEXPIRE', dk, retention_ms)
-    end
-  end
+  record_outcome(id, r, outcome, payload, due, now, retention_ms, KEYS[1])
 end
 
 for base = 5, #ARGV, 8 do

@@ -3,7 +3,10 @@
 -- ARGV     prefix, now_ms, retention_ms, default_queue_max,
 --          capability, priority, max_attempts, timeout, deadline_ms, due_ms (0 = now),
 --          reply inbox key, parent id, idempotency key (single-task batches only),
+--          mailbox key and agent id (both '' for a capability task),
 --          then 3 fields per task: id, args (msgpack), traceparent
+--          A task addressed to an agent goes into its partition's mailbox (bounded
+--          by default_queue_max) instead of the capability's queue.
 -- Touches  task:<id> (hash), queue:<cap>:<prio> (stream), delayed (due tasks),
 --          idem:<key> (string), capability:<cap> (hash, read: queue_max)
 -- Returns  {accepted, existing}: the first `accepted` tasks were queued (fewer than
@@ -23,15 +26,21 @@ if idem ~= '' then
   if existing then return {0, existing} end
 end
 
+local mbox, agent = ARGV[14], ARGV[15]
 local q = queue_key(cap, prio)
 local qmax = tonumber(redis.call('HGET', prefix .. 'capability:' .. cap, 'queue_max') or ARGV[4])
+if mbox ~= '' then
+  q = mbox
+  qmax = tonumber(ARGV[4])
+end
 local room = qmax - redis.call('XLEN', q)
 
 local status = 'queued'
 if due > now then status = 'scheduled' end
 -- The fields every task of the batch shares; empty options are not stored.
 local common = {'cap', cap, 'prio', prio, 'status', status, 'attempts', 0, 'created', now}
-local optional = {'max_att', 7, 'timeout', 8, 'deadline', 9, 'reply', 11, 'parent', 12, 'idem', 13}
+local optional = {'max_att', 7, 'timeout', 8, 'deadline', 9, 'reply', 11, 'parent', 12, 'idem', 13,
+  'mbox', 14, 'agent', 15}
 for i = 1, #optional, 2 do
   local value = ARGV[optional[i + 1]]
   if value ~= '' then
@@ -46,7 +55,7 @@ end
 local n = #common
 
 local accepted = 0
-for base = 14, #ARGV, 3 do
+for base = 16, #ARGV, 3 do
   if room <= 0 then break end
   local id = ARGV[base]
   if redis.call('EXISTS', task_key(id)) == 0 then
@@ -56,13 +65,13 @@ for base = 14, #ARGV, 3 do
     if status == 'scheduled' then
       redis.call('ZADD', KEYS[1], due, id)
     else
-      redis.call('XADD', q, '*', 'id', id)
+      enqueue(id, cap, prio, mbox, agent)
     end
     room = room - 1
   end
   accepted = accepted + 1
 end
 if idem ~= '' and accepted == 1 then
-  redis.call('SET', prefix .. 'idem:' .. idem, ARGV[14], 'PX', retention_ms)
+  redis.call('SET', prefix .. 'idem:' .. idem, ARGV[16], 'PX', retention_ms)
 end
 return {accepted, ''}

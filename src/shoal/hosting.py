@@ -1,0 +1,792 @@
+"""The agent host: a node's side of the agent plane.
+
+For the partitions this node holds leases on (leases.py), the host reads their
+mailboxes in arrival order and hands each message to its agent's *activation*: the
+agent's own instance with its state, loaded from the engine on first use. An
+activation runs one turn at a time, so each agent sees its messages in order and
+needs no locks; different agents run concurrently up to the node's concurrency.
+
+A turn's effects — the saved state, the task outcome or request reply, and the
+deletion of its mailbox entry — are committed together by turn_end.lua, and only
+if the node still holds the partition's lease. So after a failover the new owner
+finds exactly the messages whose turns never committed, and runs them again
+(at-least-once) under a larger fencing token; a paused old owner's late commit is
+refused and changes nothing.
+
+Idle activations are deactivated: the least recently used beyond
+``max_active_agents``, and any idle longer than ``idle_after``. The node's active
+agents are published to ``active:<node>`` about once a second for the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from shoal import protocol
+from shoal.agent import Agent, MessageSpec, TaskContext, current_context
+from shoal.batching import Coalescer
+from shoal.engine import translate
+from shoal.errors import SerializationError, ShoalError
+from shoal.execution import Attempt, Job, Outcome, error_info
+from shoal.leases import Change, LeaseKeeper, Partition
+from shoal.protocol import ErrorInfo
+from shoal.resilience import Backoff
+
+if TYPE_CHECKING:
+    from shoal.node import Node
+
+log = logging.getLogger("shoal.agents")
+
+READ_BATCH = 500  # mailbox entries per XREAD
+READ_BLOCK_MS = 1000
+DIRECTORY_EVERY_S = 1.0
+SWEEP_EVERY_S = 1.0
+
+
+@dataclass(slots=True)
+class Message:
+    """One mailbox entry (or a broadcast) for one agent."""
+
+    part: Partition
+    entry_id: str  # '' for a broadcast, which is not in any mailbox
+    kind: str  # task | msg | pub | del | bcast
+    agent_id: str
+    task_id: str = ""
+    payload: bytes = b""
+    sender: str | None = None
+    reply: str = ""
+    correlation: str = ""
+    topic: str | None = None
+    traceparent: str | None = None
+
+    @classmethod
+    def from_entry(cls, part: Partition, entry_id: bytes, f: dict[bytes, bytes]) -> Message:
+        def text(name: bytes) -> str | None:
+            value = f.get(name)
+            return value.decode() if value else None
+
+        return cls(
+            part=part,
+            entry_id=entry_id.decode(),
+            kind=f.get(b"k", b"msg").decode(),
+            agent_id=f[b"a"].decode(),
+            task_id=text(b"i") or "",
+            payload=f.get(b"d", b""),
+            sender=text(b"s"),
+            reply=text(b"r") or "",
+            correlation=text(b"c") or "",
+            topic=text(b"o"),
+            traceparent=text(b"t"),
+        )
+
+
+@dataclass(slots=True)
+class Activation:
+    """An agent active on this node: its instance, saved state and pending messages."""
+
+    agent_id: str
+    part: Partition
+    agent: Agent | None = None
+    saved: bytes = b""  # the state as last committed (msgpack); b"" when none
+    queue: deque[Message] = field(default_factory=deque)
+    running: bool = False
+    turn: asyncio.Task[Any] | None = None
+    abandoned: bool = False
+    activated_at: int = 0
+    last_message_at: int = 0
+    last_commit: asyncio.Future[int] | None = None  # the latest turn's commit
+
+
+@dataclass
+class _PartitionState:
+    token: int
+    last_id: str = "0-0"
+    releasing: bool = False
+    in_flight: int = 0  # entries read whose turns have not committed yet
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Commit:
+    """One turn's effects, in turn_end.lua's field order."""
+
+    part: Partition
+    token: int
+    entry_id: str
+    agent_id: str
+    state_op: str = ""
+    state: bytes = b""
+    task_id: str = ""
+    outcome: str = ""
+    payload: bytes = b""
+    due_ms: int = 0
+    reply: str = ""
+    correlation: str = ""
+    reply_status: str = ""
+
+    def fields(self) -> list[Any]:
+        return [
+            self.part[0], self.part[1], self.token, self.entry_id, self.agent_id,
+            self.state_op, self.state, self.task_id, self.outcome, self.payload, self.due_ms,
+            self.reply, self.correlation, self.reply_status,
+        ]  # fmt: skip
+
+
+class AgentHost:
+    """Runs the addressed agents of one node (see the module docstring)."""
+
+    def __init__(self, node: Node, types: list[type[Agent]]) -> None:
+        self.node = node
+        self.client = node.client
+        self.keys = node.keys
+        self.types = {t.agent_type: t for t in types}
+        config = node.config
+        self.max_active = config.max_active_agents
+        self.idle_after = config.idle_after
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._buffer_limit = max(1000, 8 * config.concurrency)
+        self._parts: dict[Partition, _PartitionState] = {}
+        self._mailboxes: dict[str, Partition] = {}
+        self.activations: OrderedDict[str, Activation] = OrderedDict()
+        self.running_tasks: dict[str, Attempt] = {}
+        self._buffered = 0
+        self._room = asyncio.Event()
+        self._ownership_changed = asyncio.Event()
+        self._read: asyncio.Future[Any] | None = None
+        self._stopping = False
+        self._dirty: set[str] = set()  # agent ids whose directory entry changed
+        self._gone: set[str] = set()  # agent ids deactivated since the last publish
+        self._handovers: set[asyncio.Task[None]] = set()
+        self.partitions = 0
+        self.keeper: LeaseKeeper | None = None
+        self.turns = 0
+        self._load = Coalescer("loading agent state", self._load_batch)
+        self._begin = Coalescer("starting agent tasks", self._begin_batch)
+        self._commit = Coalescer("committing agent turns", self._commit_batch)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Before the node's loops: learn the partition count, start the lease keeper."""
+        self.partitions = await self.client.partitions()
+        loop = asyncio.get_running_loop()
+        config = self.node.config
+
+        def notify(change: Change) -> None:
+            loop.call_soon_threadsafe(self._on_change, change)
+
+        self.keeper = LeaseKeeper(
+            self.client.url, self.keys, self.node.node_id, sorted(self.types), self.partitions,
+            lease_time=config.lease_time or config.dead_after, interval=config.heartbeat_interval,
+            dead_after=config.dead_after, notify=notify,
+        )  # fmt: skip
+        self.keeper.start()
+
+    async def run(self, closing: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._read_loop(closing))
+            group.create_task(self._housekeeping(closing))
+            group.create_task(self._broadcast_listener(closing))
+
+    async def drain(self, grace: float) -> None:
+        """Stop reading; let read messages finish within ``grace``; give up the rest
+        (they stay in the mailboxes); release every lease so others take over now."""
+        self._stopping = True
+        if self.keeper is not None:
+            self.keeper.pause_acquiring()
+        self._wake_reader()
+        parts = set(self._parts)
+        settled = [self._parts[p].settled.wait() for p in parts if self._parts[p].in_flight]
+        if settled:
+            log.info(
+                "agents: finishing the turns of %d partition(s), grace %.1fs", len(settled), grace
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*settled)
+        for act in list(self.activations.values()):
+            if act.queue or act.running:
+                self._abandon(act)
+            else:
+                await self._deactivate(act)
+        await self._release(set(self._parts))
+        if self.keeper is not None:
+            self.keeper.stop()
+        await self._publish_directory(final=True)
+
+    def load(self) -> dict[str, Any]:
+        """What the heartbeat reports about agents (read from the heartbeat thread)."""
+        return {"active_agents": len(self.activations), "partitions": len(self._parts),
+                "turns": self.turns}  # fmt: skip
+
+    # --- ownership ---------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        if change.lost:
+            self._lose(change.lost)
+        for part, token in change.acquired.items():
+            if self._stopping:
+                break
+            self._parts[part] = _PartitionState(token)
+            self._mailboxes[self.keys.mailbox(*part)] = part
+            log.debug("acquired %s/%d (token %d)", part[0], part[1], token)
+        wanted_gone = {
+            p for p in change.unwanted if p in self._parts and not self._parts[p].releasing
+        }
+        for part in wanted_gone:
+            self._parts[part].releasing = True
+            task = asyncio.ensure_future(self._hand_over(part))
+            self._handovers.add(task)
+            task.add_done_callback(self._handovers.discard)
+        if change:
+            self._wake_reader()
+
+    def _lose(self, parts: set[Partition]) -> None:
+        """The lease is gone (or may be): stop at once; nothing more of ours commits."""
+        for part in parts:
+            if self._parts.pop(part, None) is None:
+                continue
+            self._mailboxes.pop(self.keys.mailbox(*part), None)
+            log.warning("partition %s/%d lost: its turns stop here", part[0], part[1])
+        for act in [a for a in self.activations.values() if a.part in parts]:
+            self._abandon(act)
+        if self.keeper is not None:
+            self.keeper.forget(parts)
+        self._wake_reader()
+
+    def _abandon(self, act: Activation) -> None:
+        act.abandoned = True
+        self._buffered -= len(act.queue)
+        act.queue.clear()
+        if act.turn is not None:
+            act.turn.cancel()
+        self._remove(act)
+
+    async def _hand_over(self, part: Partition) -> None:
+        """Rebalancing gave the partition to another node: finish what was read,
+        deactivate its agents, then release the lease."""
+        state = self._parts.get(part)
+        if state is None:
+            return
+        if state.in_flight:
+            await state.settled.wait()
+        for act in [a for a in self.activations.values() if a.part == part]:
+            await self._deactivate(act)
+        await self._release({part})
+
+    async def _release(self, parts: set[Partition]) -> None:
+        owned = {p: self._parts[p].token for p in parts if p in self._parts}
+        if not owned:
+            return
+        args: list[Any] = [self.keys.prefix, self.node.node_id, 1, protocol.now_ms()]
+        for (agent_type, p), token in owned.items():
+            args += ["release", agent_type, p, token]
+        try:
+            async with self.client.errors():
+                await self.client.scripts.lease([self.keys.lease_tokens], args)
+        except ShoalError as exc:
+            log.warning(
+                "releasing %d partition(s) failed (they expire instead): %s", len(owned), exc
+            )
+        for part in owned:
+            self._parts.pop(part, None)
+            self._mailboxes.pop(self.keys.mailbox(*part), None)
+        if self.keeper is not None:
+            self.keeper.forget(set(owned))
+            self.keeper.poke()
+        log.info("released %d partition(s)", len(owned))
+
+    # --- reading mailboxes ---------------------------------------------------------------
+
+    def _wake_reader(self) -> None:
+        self._ownership_changed.set()
+        if self._read is not None and not self._read.done():
+            asyncio.get_running_loop().call_soon(self._read.cancel)
+
+    async def _read_loop(self, closing: asyncio.Event) -> None:
+        backoff = Backoff()
+        while not closing.is_set() and not self._stopping:
+            streams = {
+                self.keys.mailbox(*part): state.last_id
+                for part, state in self._parts.items()
+                if not state.releasing
+            }
+            room = self._buffer_limit - self._buffered
+            if not streams or room <= 0:
+                self._ownership_changed.clear()
+                self._room.clear()
+                waiters = [
+                    asyncio.ensure_future(e.wait()) for e in (self._ownership_changed, self._room)
+                ]
+                waiters.append(asyncio.ensure_future(closing.wait()))
+                _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in pending:
+                    waiter.cancel()
+                continue
+            self._ownership_changed.clear()
+            self._read = asyncio.ensure_future(
+                self.client.blocking.xread(
+                    streams, count=min(READ_BATCH, room), block=READ_BLOCK_MS
+                )
+            )
+            try:
+                reply = await self._read
+            except asyncio.CancelledError:
+                if closing.is_set() or self._stopping:
+                    return
+                continue  # ownership changed: read again from the new set
+            except redis.RedisError as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "reading mailboxes failed: %s; retrying in %.2fs",
+                    translate(exc, self.client.url),
+                    delay,
+                )
+                await asyncio.sleep(delay)  # back-off while the engine is away
+                continue
+            finally:
+                self._read = None
+            backoff.reset()
+            for stream, entries in reply or ():
+                self._take(stream.decode(), entries)
+
+    def _take(self, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        part = self._mailboxes.get(stream)
+        state = self._parts.get(part) if part else None
+        if part is None or state is None or state.releasing:
+            return  # no longer ours: the next owner reads these from the start
+        for entry_id, fields in entries:
+            state.last_id = entry_id.decode()
+            try:
+                message = Message.from_entry(part, entry_id, fields)
+            except (KeyError, UnicodeDecodeError):
+                log.error("dropping malformed mailbox entry %s in %s", entry_id, stream)
+                self._commit(_Commit(part, state.token, entry_id.decode(), ""))
+                continue
+            state.in_flight += 1
+            state.settled.clear()
+            self._buffered += 1
+            self._dispatch(message)
+
+    def _dispatch(self, message: Message) -> None:
+        act = self.activations.get(message.agent_id)
+        if act is None:
+            act = Activation(message.agent_id, message.part)
+            self.activations[message.agent_id] = act
+        act.queue.append(message)
+        if not act.running:
+            act.running = True
+            task = asyncio.ensure_future(self._drive(act))
+            task.add_done_callback(_log_crash)
+
+    # --- turns ------------------------------------------------------------------------------
+
+    async def _drive(self, act: Activation) -> None:
+        """Run the activation's queued messages one at a time, in order."""
+        try:
+            while act.queue and not act.abandoned:
+                message = act.queue[0]
+                lease = self.keeper.valid(message.part) if self.keeper else None
+                state = self._parts.get(message.part)
+                if lease is None or state is None or lease.token != state.token:
+                    self._lose({message.part})
+                    return
+                async with self._slots:
+                    if act.abandoned:
+                        return
+                    act.turn = asyncio.current_task()
+                    try:
+                        await self._turn(act, message, state.token)
+                    except asyncio.CancelledError:
+                        if not act.abandoned:
+                            raise
+                        return
+                    finally:
+                        act.turn = None
+                if act.queue and act.queue[0] is message:
+                    act.queue.popleft()
+                    self._buffered -= 1
+                    if self._buffered < self._buffer_limit:
+                        self._room.set()
+        finally:
+            act.running = False
+        self._after_turns()
+
+    async def _turn(self, act: Activation, message: Message, token: int) -> None:
+        if act.agent is None:
+            await self._activate(act)
+        act.last_message_at = protocol.now_ms()
+        self.activations.move_to_end(act.agent_id)
+        self._dirty.add(act.agent_id)
+        commit = _Commit(message.part, token, message.entry_id, act.agent_id)
+        ok = True
+        if message.kind == "task":
+            ok = await self._task_turn(act, message, token, commit)
+        elif message.kind == "del":
+            act.agent.__dict__["_shoal_state"] = {}
+        else:
+            ok = await self._message_turn(act, message, token, commit)
+        self.turns += 1
+        if commit.task_id == "stale":
+            return
+        self._settle_state(act, commit, ok)
+        act.last_commit = self._commit(commit)
+        act.last_commit.add_done_callback(lambda fut: self._committed(message, fut))
+
+    async def _activate(self, act: Activation) -> None:
+        cls = self.types[act.agent_id.partition("/")[0]]
+        raw = await self._load((act.part, act.agent_id))
+        agent = cls()
+        state = protocol.decode(raw) if raw else {}
+        agent.__dict__["_shoal_id"] = act.agent_id
+        agent.__dict__["_shoal_state"] = state if isinstance(state, dict) else {}
+        act.agent, act.saved = agent, raw or b""
+        act.activated_at = protocol.now_ms()
+        try:
+            await _call(agent.on_activate)
+        except Exception:
+            log.exception("%s.on_activate failed for %s", cls.__qualname__, act.agent_id)
+
+    async def _task_turn(
+        self, act: Activation, message: Message, token: int, commit: _Commit
+    ) -> bool:
+        verdict = await self._begin((message, token))
+        if verdict[0] == b"stale":
+            self._lose({message.part})
+            commit.task_id = "stale"
+            return False
+        if verdict[0] != b"run":
+            return True  # nothing to run: the entry is just deleted
+        _, cap, args, attempt, max_att, timeout, parent, trace = verdict
+        capability = cap.decode()
+        assert act.agent is not None
+        spec = type(act.agent).capabilities().get(capability)
+        job = Job(
+            queue=self.keys.mailbox(*message.part), entry_id=message.entry_id,
+            task_id=message.task_id, capability=capability, args=args, attempt=int(attempt),
+            max_attempts=int(max_att), timeout=float(timeout) if timeout else None,
+            parent=parent.decode() or None, traceparent=trace.decode() or None, token=token,
+        )  # fmt: skip
+        commit.task_id = message.task_id
+        if spec is None:
+            outcome = Outcome(job, "failed", protocol.encode(ErrorInfo(
+                "shoal.errors.UnknownAgentType",
+                f"agent type {act.agent_id.partition('/')[0]!r} on node {self.node.node_id} "
+                f"has no capability {capability!r}", attempt=job.attempt, node=self.node.node_id,
+            )))  # fmt: skip
+        else:
+            ctx = self._context(act, message, token, job=job)
+            attempt_run = Attempt(job, spec, act.agent, ctx)
+            attempt_run.task = asyncio.current_task()
+            self.running_tasks[job.task_id] = attempt_run
+            try:
+                result = await attempt_run.run(self.node._executor, self.node.node_id)
+            finally:
+                self.running_tasks.pop(job.task_id, None)
+            outcome = result or Outcome(job, "requeue")
+        commit.outcome, commit.payload, commit.due_ms = (
+            outcome.kind,
+            outcome.payload,
+            outcome.due_ms,
+        )
+        return outcome.kind in ("ok", "cancelled")
+
+    async def _message_turn(
+        self, act: Activation, message: Message, token: int, commit: _Commit
+    ) -> bool:
+        assert act.agent is not None
+        cls = type(act.agent)
+        spec: MessageSpec | None
+        if message.kind == "pub":
+            spec = cls.subscriptions().get(message.topic or "")
+        else:
+            spec = cls.message_handler()
+        ctx = self._context(act, message, token)
+        commit.reply, commit.correlation = message.reply, message.correlation
+        try:
+            if spec is None:
+                what = f"topic {message.topic!r}" if message.kind == "pub" else "messages"
+                raise ShoalError(f"agent type {cls.agent_type!r} does not handle {what}")
+            body = protocol.decode(message.payload) if message.payload else None
+            current = current_context.set(ctx)
+            try:
+                method = getattr(act.agent, spec.method_name)
+                result = await _call(
+                    method, body, run_sync=self.node._executor if not spec.is_async else None
+                )
+            finally:
+                current_context.reset(current)
+            commit.reply_status, commit.payload = "replied", protocol.encode_result(result)
+            return True
+        except Exception as exc:
+            if not message.reply:
+                log.exception("agent %s failed to handle a message", act.agent_id)
+            job = Job("", message.entry_id, "", "", b"", 1, 1, None, None, None, token)
+            commit.reply_status = "failed"
+            commit.payload = protocol.encode(error_info(exc, job, self.node.node_id))
+            return False
+
+    def _context(
+        self, act: Activation, message: Message, token: int, job: Job | None = None
+    ) -> TaskContext:
+        return TaskContext(
+            self.node, job.task_id if job else "", job.capability if job else "",
+            job.attempt if job else 1, message.traceparent, self.node.recorder.flushed, token,
+            agent_id=act.agent_id, sender=message.sender, topic=message.topic,
+        )  # fmt: skip
+
+    def _settle_state(self, act: Activation, commit: _Commit, ok: bool) -> None:
+        """Save the state if the turn changed it; a failed turn's changes are undone."""
+        assert act.agent is not None
+        if not ok:
+            act.agent.__dict__["_shoal_state"] = protocol.decode(act.saved) if act.saved else {}
+            return
+        state = act.agent.__dict__["_shoal_state"]
+        try:
+            blob = protocol.encode(state) if state else b""
+        except (TypeError, OverflowError, ValueError) as exc:
+            log.error(
+                "agent %s: its state cannot be saved (%s); values must be msgpack data; "
+                "the turn's changes are undone", act.agent_id, exc,
+            )  # fmt: skip
+            act.agent.__dict__["_shoal_state"] = protocol.decode(act.saved) if act.saved else {}
+            if commit.reply and commit.reply_status == "replied":
+                commit.reply_status = "failed"
+                commit.payload = protocol.encode(ErrorInfo(
+                    "shoal.errors.SerializationError", f"state cannot be saved: {exc}"
+                ))  # fmt: skip
+            return
+        if blob != act.saved:
+            commit.state_op, commit.state = ("set", blob) if blob else ("delete", b"")
+            act.saved = blob
+
+    def _committed(self, message: Message, fut: asyncio.Future[int]) -> None:
+        state = self._parts.get(message.part)
+        if fut.cancelled() or fut.exception() is not None:
+            exc = None if fut.cancelled() else fut.exception()
+            log.error("committing a turn of %s failed: %s", message.agent_id, exc)
+            self._lose({message.part})
+        elif not fut.result():
+            log.warning(
+                "turn of %s refused: partition %s/%d belongs to another node now",
+                message.agent_id, *message.part,
+            )  # fmt: skip
+            self._lose({message.part})
+        if state is not None and message.entry_id:
+            state.in_flight -= 1
+            if state.in_flight <= 0:
+                state.in_flight = 0
+                state.settled.set()
+
+    # --- batches -------------------------------------------------------------------------
+
+    async def _load_batch(self, items: list[tuple[Partition, str]]) -> list[bytes | None]:
+        async with self.client.errors():
+            pipe = self.client.blocking.pipeline(transaction=False)
+            for part, agent_id in items:
+                pipe.hget(self.keys.state(*part), agent_id)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+    async def _begin_batch(self, items: list[tuple[Message, int]]) -> list[list[Any]]:
+        args: list[Any] = [
+            self.keys.prefix, protocol.now_ms(), int(self.client.settings.retention * 1000),
+            _EXPIRED, self.node.node_id,
+        ]  # fmt: skip
+        for message, token in items:
+            args += [message.part[0], message.part[1], token, message.task_id]
+        async with self.client.errors():
+            verdicts: list[list[Any]] = await self.client.scripts.turn_begin(
+                [self.keys.delayed], args, on=self.client.blocking
+            )
+        return verdicts
+
+    async def _commit_batch(self, items: list[_Commit]) -> list[int]:
+        args: list[Any] = [
+            self.keys.prefix, protocol.now_ms(), int(self.client.settings.retention * 1000),
+            self.node.node_id,
+        ]  # fmt: skip
+        for item in items:
+            args += item.fields()
+        async with self.client.errors():
+            committed: list[int] = await self.client.scripts.turn_end(
+                [self.keys.delayed], args, on=self.client.blocking
+            )
+        return committed
+
+    # --- deactivation, directory, broadcasts ----------------------------------------------
+
+    def _after_turns(self) -> None:
+        if len(self.activations) > self.max_active:
+            task = asyncio.ensure_future(self._evict(len(self.activations) - self.max_active))
+            task.add_done_callback(_log_crash)
+
+    async def _evict(self, count: int) -> None:
+        idle = [a for a in self.activations.values() if not a.running and not a.queue][:count]
+        for act in idle:
+            await self._deactivate(act)
+
+    async def _deactivate(self, act: Activation) -> None:
+        """Deactivate an idle agent: on_deactivate, then save its state, and only
+        then forget it — so a message arriving meanwhile re-activates it from the
+        saved state, never from an older one. (The activation counts as running
+        meanwhile: messages for it queue up.)"""
+        if (
+            act.running
+            or act.queue
+            or act.abandoned
+            or self.activations.get(act.agent_id) is not act
+        ):
+            return
+        act.running = True
+        try:
+            state = self._parts.get(act.part)
+            if act.agent is not None and state is not None:
+                try:
+                    await _call(act.agent.on_deactivate)
+                except Exception:
+                    log.exception("on_deactivate failed for %s", act.agent_id)
+                commit = _Commit(act.part, state.token, "", act.agent_id)
+                self._settle_state(act, commit, ok=True)
+                if commit.state_op:
+                    act.last_commit = self._commit(commit)
+            if act.last_commit is not None:
+                with contextlib.suppress(Exception):
+                    await act.last_commit
+        finally:
+            act.running = False
+        if act.abandoned:
+            return
+        if act.queue:  # messages arrived meanwhile: activate it afresh for them
+            act.agent = None
+            act.running = True
+            asyncio.ensure_future(self._drive(act)).add_done_callback(_log_crash)
+        else:
+            self._remove(act)
+
+    def _remove(self, act: Activation) -> None:
+        if self.activations.get(act.agent_id) is act:
+            del self.activations[act.agent_id]
+            self._dirty.discard(act.agent_id)
+            self._gone.add(act.agent_id)
+
+    async def _housekeeping(self, closing: asyncio.Event) -> None:
+        """Deactivate agents idle past ``idle_after``; publish the directory."""
+        while not await _wait(closing, DIRECTORY_EVERY_S):
+            cutoff = protocol.now_ms() - int(self.idle_after * 1000)
+            for act in list(self.activations.values()):
+                if act.last_message_at >= cutoff:
+                    break  # LRU order: the rest were used more recently
+                await self._deactivate(act)
+            try:
+                await self._publish_directory()
+            except ShoalError as exc:
+                log.warning("publishing the active agents failed: %s", exc)
+
+    async def _publish_directory(self, final: bool = False) -> None:
+        key = self.keys.active(self.node.node_id)
+        if final:
+            with contextlib.suppress(ShoalError):
+                async with self.client.errors():
+                    await self.client.redis.delete(key)
+            return
+        dirty, gone = self._dirty, self._gone
+        if not dirty and not gone:
+            return
+        self._dirty, self._gone = set(), set()
+        mapping = {}
+        for agent_id in dirty:
+            act = self.activations.get(agent_id)
+            if act is not None:
+                mapping[agent_id] = protocol.encode([act.activated_at, act.last_message_at])
+        gone -= mapping.keys()
+        async with self.client.errors():
+            pipe = self.client.redis.pipeline(transaction=False)
+            if mapping:
+                pipe.hset(key, mapping=mapping)
+            if gone:
+                pipe.hdel(key, *gone)
+            await pipe.execute()
+
+    async def _broadcast_listener(self, closing: asyncio.Event) -> None:
+        backoff = Backoff()
+        while not closing.is_set() and not self._stopping:
+            pubsub = self.client.blocking.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.broadcast_channel)
+                backoff.reset()
+                while not closing.is_set() and not self._stopping:
+                    raw = await pubsub.get_message(timeout=0.5)
+                    if raw is not None:
+                        self._on_broadcast(raw["data"])
+            except redis.RedisError as exc:
+                log.warning("broadcast listener: %s; reconnecting", translate(exc, self.client.url))
+                await _wait(closing, backoff.next_delay())
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _on_broadcast(self, data: bytes) -> None:
+        try:
+            agent_type, payload, sender = protocol.decode(data)
+        except (ValueError, TypeError):
+            log.error("ignoring a malformed broadcast")
+            return
+        for act in list(self.activations.values()):
+            if (
+                act.agent is not None
+                and act.agent_id.startswith(agent_type + "/")
+                and not act.abandoned
+            ):
+                message = Message(
+                    act.part, "", "bcast", act.agent_id, payload=payload, sender=sender
+                )
+                self._buffered += 1
+                act.queue.append(message)
+                if not act.running:
+                    act.running = True
+                    asyncio.ensure_future(self._drive(act)).add_done_callback(_log_crash)
+
+
+_EXPIRED = protocol.encode(
+    ErrorInfo("shoal.errors.DeadlineExceeded", "the deadline passed before the task started")
+)
+
+
+async def _call(method: Callable[..., Any], *args: Any, run_sync: Any = None) -> Any:
+    """Call a handler or hook that may be sync or async (sync ones in ``run_sync``,
+    an executor, when given — handlers may block; hooks are expected to be quick)."""
+    if run_sync is not None and not inspect.iscoroutinefunction(method):
+        import contextvars
+        import functools
+
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, method, *args)
+        return await loop.run_in_executor(run_sync, call)
+    result = method(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
+
+def _log_crash(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("agent host task crashed", exc_info=exc)
+
+
+__all__ = ["AgentHost", "SerializationError"]
