@@ -428,7 +428,7 @@ class AgentHost:
         self.activations.move_to_end(act.agent_id)
         self._dirty.add(act.agent_id)
         commit = _Commit(message.part, token, message.entry_id, act.agent_id)
-        ok = True
+        ok: bool | None = True
         if message.kind == "task":
             ok = await self._task_turn(act, message, token, commit)
         elif message.kind == "del":
@@ -436,8 +436,8 @@ class AgentHost:
         else:
             ok = await self._message_turn(act, message, token, commit)
         self.turns += 1
-        if commit.task_id == "stale":
-            return
+        if ok is None:
+            return  # the partition was lost before the task could start: commit nothing
         self._settle_state(act, commit, ok)
         act.last_commit = self._commit(commit)
         act.last_commit.add_done_callback(lambda fut: self._committed(message, fut))
@@ -458,12 +458,13 @@ class AgentHost:
 
     async def _task_turn(
         self, act: Activation, message: Message, token: int, commit: _Commit
-    ) -> bool:
+    ) -> bool | None:
+        """Start and run an addressed task. True/False: it succeeded/failed (a failed
+        turn's state changes are undone); None: this node no longer holds the lease."""
         verdict = await self._begin((message, token))
         if verdict[0] == b"stale":
             self._lose({message.part})
-            commit.task_id = "stale"
-            return False
+            return None
         if verdict[0] != b"run":
             return True  # nothing to run: the entry is just deleted
         _, cap, args, attempt, max_att, timeout, parent, trace = verdict

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from shoal.client import Client, DeadLetter, TaskHandle
-from shoal.protocol import Event, TaskInfo
+from shoal.protocol import AgentInfo, Event, TaskInfo
 
 T = TypeVar("T")
 
@@ -123,6 +123,27 @@ class SyncClient:
 
     def dead_letters(self, capability: str, limit: int = 100) -> list[DeadLetter]:
         return self._run(self._client.dead_letters(capability, limit))
+
+    def send(self, agent_id: str, message: Any) -> None:
+        self._run(self._client.send(agent_id, message))
+
+    def request(self, agent_id: str, message: Any, *, timeout: float = 30.0) -> Any:
+        return self._run(self._client.request(agent_id, message, timeout=timeout))
+
+    def publish(self, topic: str, message: Any, *, source: str) -> int:
+        return self._run(self._client.publish(topic, message, source=source))
+
+    def agent_state(self, agent_id: str) -> dict[str, Any] | None:
+        return self._run(self._client.agent_state(agent_id))
+
+    def delete_agent(self, agent_id: str) -> bool:
+        return self._run(self._client.delete_agent(agent_id))
+
+    def agents(self, agent_type: str | None = None, **filters: Any) -> list[AgentInfo]:
+        return self._run(self._client.agents(agent_type, **filters))
+
+    def agent(self, agent_id: str) -> AgentInfo:
+        return self._run(self._client.agent(agent_id))
 
     def redrive(self, capability: str, task_ids: Iterable[str] | None = None) -> list[str]:
         return self._run(self._client.redrive(capability, task_ids))

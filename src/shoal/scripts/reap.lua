@@ -4,8 +4,8 @@
 --          group, retention_ms, died_error (msgpack ErrorInfo "node died while running"),
 --          force ('1': the caller knows the node is gone — a restart under its name
 --          found its pid dead — so its heartbeat's age does not matter)
--- Touches  nodes, dead_nodes, node:<id>, hosts:<cap>, queue:<cap>:<prio> (XPENDING of
---          the dead consumer, XACK/XDEL, XADD, XGROUP DELCONSUMER), task:<id>,
+-- Touches  nodes, dead_nodes, node:<id>, hosts:<cap>, active:<id>, agent_hosts:<type>,
+--          queue:<cap>:<prio> (XPENDING of the dead consumer, XACK/XDEL, XADD, XGROUP DELCONSUMER), task:<id>,
 --          events:<id>, reply inboxes, dlq:<cap>
 -- Once     the node's entry in `nodes` is removed here, so of all survivors running
 --          this script for the same node exactly one does the work; a node that
@@ -32,6 +32,12 @@ redis.call('HSET', nk, 'state', 'dead', 'died', now)
 redis.call('PEXPIRE', nk, 3600000)
 redis.call('ZADD', prefix .. 'dead_nodes', now, id)
 redis.call('ZREMRANGEBYSCORE', prefix .. 'dead_nodes', '-inf', now - 3600000)
+-- Its agents are no longer active anywhere (their partitions' leases expire by
+-- themselves; survivors acquire them then).
+redis.call('DEL', prefix .. 'active:' .. id)
+for agent_type in string.gmatch(redis.call('HGET', nk, 'agent_types') or '', '[^,]+') do
+  redis.call('ZREM', prefix .. 'agent_hosts:' .. agent_type, id)
+end
 
 local requeued, buried = {}, {}
 
