@@ -165,6 +165,7 @@ class AgentHost:
         self._stopping = False
         self._dirty: set[str] = set()  # agent ids whose directory entry changed
         self._gone: set[str] = set()  # agent ids deactivated since the last publish
+        self._published: set[str] = set()  # agent ids in this node's active:<node> hash
         self._handovers: set[asyncio.Task[None]] = set()
         self.partitions = 0
         self.keeper: LeaseKeeper | None = None
@@ -708,14 +709,20 @@ class AgentHost:
             act = self.activations.get(agent_id)
             if act is not None:
                 mapping[agent_id] = protocol.encode([act.activated_at, act.last_message_at])
-        gone -= mapping.keys()
-        async with self.client.errors():
-            pipe = self.client.redis.pipeline(transaction=False)
-            if mapping:
-                pipe.hset(key, mapping=mapping)
-            if gone:
-                pipe.hdel(key, *gone)
-            await pipe.execute()
+        gone = (gone - mapping.keys()) & self._published  # never published: nothing to remove
+        try:
+            async with self.client.errors():
+                pipe = self.client.redis.pipeline(transaction=False)
+                if mapping:
+                    pipe.hset(key, mapping=mapping)
+                if gone:
+                    pipe.hdel(key, *gone)
+                await pipe.execute()
+        except ShoalError:
+            self._dirty |= dirty  # try again next round
+            self._gone |= gone
+            raise
+        self._published = (self._published - gone) | mapping.keys()
 
     async def _broadcast_listener(self, closing: asyncio.Event) -> None:
         backoff = Backoff()
