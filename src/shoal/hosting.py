@@ -205,6 +205,7 @@ class AgentHost:
         if self.keeper is not None:
             self.keeper.pause_acquiring()
         self._wake_reader()
+        await self._leave_placement()
         parts = set(self._parts)
         settled = [self._parts[p].settled.wait() for p in parts if self._parts[p].in_flight]
         if settled:
@@ -224,6 +225,22 @@ class AgentHost:
             self.keeper.stop()
         await self._publish_directory(final=True)
 
+    async def _leave_placement(self) -> None:
+        """Stop counting as a host of its types, so the other nodes plan without this
+        one and take each partition as soon as it is released (not only after the
+        node deregisters). The heartbeat re-adds a node's types from its record, so
+        the record's list is emptied too."""
+        node_id = self.node.node_id
+        try:
+            async with self.client.errors():
+                pipe = self.client.redis.pipeline(transaction=True)
+                pipe.hset(self.keys.node(node_id), "agent_types", "")
+                for agent_type in self.types:
+                    pipe.zrem(self.keys.agent_hosts(agent_type), node_id)
+                await pipe.execute()
+        except ShoalError as exc:
+            log.warning("leaving agent placement failed (others wait for the leases): %s", exc)
+
     def load(self) -> dict[str, Any]:
         """What the heartbeat reports about agents (read from the heartbeat thread)."""
         return {"active_agents": len(self.activations), "partitions": len(self._parts),
@@ -241,7 +258,9 @@ class AgentHost:
             self._mailboxes[self.keys.mailbox(*part)] = part
             log.debug("acquired %s/%d (token %d)", part[0], part[1], token)
         wanted_gone = {
-            p for p in change.unwanted if p in self._parts and not self._parts[p].releasing
+            p
+            for p in change.unwanted
+            if p in self._parts and not self._parts[p].releasing and not self._stopping
         }
         for part in wanted_gone:
             self._parts[part].releasing = True
