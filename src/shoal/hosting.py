@@ -50,6 +50,7 @@ READ_BATCH = 500  # mailbox entries per XREAD
 READ_BLOCK_MS = 1000
 DIRECTORY_EVERY_S = 1.0
 SWEEP_EVERY_S = 1.0
+LEASE_WATCH_S = 0.1
 
 
 @dataclass(slots=True)
@@ -197,6 +198,7 @@ class AgentHost:
             group.create_task(self._read_loop(closing))
             group.create_task(self._housekeeping(closing))
             group.create_task(self._broadcast_listener(closing))
+            group.create_task(self._watch_leases(closing))
 
     async def drain(self, grace: float) -> None:
         """Stop reading; let read messages finish within ``grace``; give up the rest
@@ -711,6 +713,17 @@ class AgentHost:
                 await self._publish_directory()
             except ShoalError as exc:
                 log.warning("publishing the active agents failed: %s", exc)
+
+    async def _watch_leases(self, closing: asyncio.Event) -> None:
+        """Stop every partition whose lease may have run out, even while the keeper's
+        thread is stuck waiting for the engine (turns check before they start; this
+        also stops the ones running)."""
+        while not await _wait(closing, LEASE_WATCH_S):
+            if self.keeper is None:
+                continue
+            expired = {p for p in self._parts if self.keeper.valid(p) is None}
+            if expired:
+                self._lose(expired)
 
     async def _publish_directory(self, final: bool = False) -> None:
         key = self.keys.active(self.node.node_id)

@@ -136,9 +136,11 @@ class LeaseKeeper:
     # --- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        conn = redis.Redis.from_url(
-            self._url, socket_timeout=max(self._interval, 0.5), socket_connect_timeout=1
-        )
+        # A round stuck on a slow engine must not outlive the leases it renews, so
+        # socket waits are bounded well inside the lease (valid() is what the node
+        # checks before every turn; this keeps the keeper's reports timely too).
+        wait = max(0.05, min(self._interval, self._safe_for / 3))
+        conn = redis.Redis.from_url(self._url, socket_timeout=wait, socket_connect_timeout=wait)
         script = conn.register_script(load_source("lease"))
         try:
             while not self._stop.is_set():
