@@ -266,6 +266,8 @@ async def test_directory_lists_active_agents_and_agents_with_state(
         assert one.partition == partition_of("counter/d1", await client.partitions())
         by_capability = await client.agents(capability="ask")
         assert {a.id for a in by_capability} == {"relay/d4"}
+        assert {a.id for a in await client.agents(with_state=False)} == {"relay/d4"}
+        assert await client.agents(active=False) == [], "every agent with state is active"
     stored = await client.agents("counter", with_state=True)
     assert {a.id for a in stored} >= {"counter/d1", "counter/d2", "counter/d3"}
     assert all(a.state_size > 0 and a.node is None for a in stored)

@@ -284,26 +284,35 @@ class AgentPlane:
             wanted &= {agent_type}
         if capability is not None:
             wanted &= {name for name, info in types.items() if capability in info.capabilities}
+        active_now = {info.id: info for info in await self._active(wanted)}
+        await self._fill_state_sizes(active_now)
         found: dict[str, AgentInfo] = {}
         if active is not False:
-            for info in await self._active(wanted):
-                found[info.id] = info
-        if with_state is not False or active is True:
-            sizes = await self._state_sizes(wanted, limit if active is None or not found else None)
-            for agent_id, (partition, size) in sizes.items():
-                if agent_id in found:
-                    found[agent_id] = msgspec.structs.replace(found[agent_id], state_size=size)
-                elif active is not True:
+            found.update(active_now)
+        if active is not True and with_state is not False:
+            # agents with saved state that are not active: a scan, bounded by limit
+            for agent_id, (partition, size) in (await self._stored(wanted, limit)).items():
+                if agent_id not in active_now:
                     parsed = AgentId.parse(agent_id)
                     found[agent_id] = AgentInfo(
                         agent_id, parsed.type, parsed.key, partition, state_size=size
                     )
         result = sorted(found.values(), key=lambda a: a.id)
-        if with_state is True:
-            result = [a for a in result if a.state_size]
-        elif with_state is False:
-            result = [a for a in result if not a.state_size]
+        if with_state is not None:
+            result = [a for a in result if bool(a.state_size) is with_state]
         return result[:limit]
+
+    async def _fill_state_sizes(self, infos: dict[str, AgentInfo]) -> None:
+        client = self._client
+        if not infos:
+            return
+        async with client.errors():
+            pipe = client.redis.pipeline(transaction=False)
+            for info in infos.values():
+                pipe.hstrlen(client.keys.state(info.type, info.partition), info.id)
+            sizes = await pipe.execute()
+        for (agent_id, info), size in zip(list(infos.items()), sizes, strict=True):
+            infos[agent_id] = msgspec.structs.replace(info, state_size=int(size))
 
     async def _active(self, types: set[str]) -> list[AgentInfo]:
         client = self._client
@@ -331,7 +340,9 @@ class AgentPlane:
                 )  # fmt: skip
         return out
 
-    async def _state_sizes(self, types: set[str], limit: int | None) -> dict[str, tuple[int, int]]:
+    async def _stored(self, types: set[str], limit: int) -> dict[str, tuple[int, int]]:
+        """Agents with saved state: id -> (partition, state size), up to about ``limit``
+        (more active ones may be among them, so the scan reads a little further)."""
         client = self._client
         partitions = await self.partitions()
         sizes: dict[str, tuple[int, int]] = {}
@@ -341,7 +352,7 @@ class AgentPlane:
                     key = client.keys.state(agent_type, partition)
                     async for field, value in client.redis.hscan_iter(key, count=1000):
                         sizes[field.decode()] = (partition, len(value))
-                    if limit is not None and len(sizes) >= limit:
+                    if len(sizes) >= 2 * limit:
                         return sizes
         return sizes
 
