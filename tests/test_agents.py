@@ -319,3 +319,31 @@ def test_agent_classes_are_checked_where_they_are_declared() -> None:
 
     with pytest.raises(ConfigurationError, match="topic 'bad topic' is invalid"):
         subscribe("bad topic")
+
+
+async def test_running_addressed_task_can_be_cancelled(client: Client, settings: Settings) -> None:
+    from tests.conftest import wait_for_status
+
+    async with running_node([Counter], settings):
+        handle = await client.submit("slow_append", agent="counter/z", item="never", seconds=60)
+        await wait_for_status(handle, "running")
+        assert await client.cancel(handle.id) == "cancelling"
+        with pytest.raises(TaskCancelled):
+            await handle.result(timeout=10)
+        assert await client.call("slow_append", agent="counter/z", item="next") == 1
+    assert await client.agent_state("counter/z") == {"seen": ["next"]}
+
+
+async def test_addressed_task_events_are_recorded(client: Client, settings: Settings) -> None:
+    class Reporter(Agent):
+        @capability("report_steps")
+        async def report_steps(self) -> str:
+            await self.ctx.progress(0.5, "half")
+            self.state["done"] = True
+            return "ok"
+
+    async with running_node([Reporter], settings):
+        handle = await client.submit("report_steps", agent="reporter/e")
+        assert await handle.result(timeout=10) == "ok"
+    kinds = [e.kind for e in await client.event_history(handle.id)]
+    assert kinds[0] == "progress"
