@@ -25,7 +25,7 @@ from shoal import (
     subscribe,
 )
 from shoal.routing import partition_of
-from tests.conftest import running_node
+from tests.conftest import running_node, wait_for_status
 from tests.stateful import Counter, Relay
 
 
@@ -37,6 +37,7 @@ class Guarded(Agent):
     concurrent: ClassVar[int] = 0
     max_concurrent: ClassVar[int] = 0
     activated: ClassVar[list[str]] = []
+    holding: ClassVar[bool] = False
     deactivated: ClassVar[list[str]] = []
 
     @capability("append")
@@ -63,6 +64,19 @@ class Guarded(Agent):
             raise Retry(delay=0.01)
         return int(self.state["bumps"])
 
+    @capability("hold")
+    async def hold(self, item: Any) -> int:
+        """Waits while Guarded.holding is set (a long turn a test can end), then appends."""
+        self.state["started"] = self.state.get("started", 0) + 1
+        while Guarded.holding:  # noqa: ASYNC110 - a long turn, until the test lets it go
+            await asyncio.sleep(0.01)
+        self.state.setdefault("items", []).append(item)
+        return len(self.state["items"])
+
+    @capability("store_unsendable")
+    async def store_unsendable(self) -> None:
+        self.state["bad"] = object()
+
     @capability("always_fails", max_attempts=2, backoff=0.01)
     async def always_fails(self) -> None:
         raise RuntimeError("boom")
@@ -86,6 +100,7 @@ def _reset_guarded() -> None:
     Guarded.concurrent = Guarded.max_concurrent = 0
     Guarded.activated.clear()
     Guarded.deactivated.clear()
+    Guarded.holding = False
 
 
 async def test_addressed_tasks_keep_state_per_agent(client: Client, settings: Settings) -> None:
@@ -322,8 +337,6 @@ def test_agent_classes_are_checked_where_they_are_declared() -> None:
 
 
 async def test_running_addressed_task_can_be_cancelled(client: Client, settings: Settings) -> None:
-    from tests.conftest import wait_for_status
-
     async with running_node([Counter], settings):
         handle = await client.submit("slow_append", agent="counter/z", item="never", seconds=60)
         await wait_for_status(handle, "running")
@@ -347,3 +360,59 @@ async def test_addressed_task_events_are_recorded(client: Client, settings: Sett
         assert await handle.result(timeout=10) == "ok"
     kinds = [e.kind for e in await client.event_history(handle.id)]
     assert kinds[0] == "progress"
+
+
+async def test_state_that_cannot_be_saved_fails_the_task(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Guarded], settings):
+        await client.call("append", agent="guarded/u", item=1)
+        handle = await client.submit("store_unsendable", agent="guarded/u")
+        with pytest.raises(
+            TaskFailed, match="SerializationError: the agent's state cannot be saved"
+        ):
+            await handle.result(timeout=10)
+        assert (await handle.status()).attempts == 1, "final: retrying cannot help"
+        assert await client.call("append", agent="guarded/u", item=2) == 2
+    assert await client.agent_state("guarded/u") == {"items": [1, 2], "deactivations": 1}
+
+
+async def test_draining_node_hands_a_running_task_back_in_place(
+    client: Client, settings: Settings
+) -> None:
+    """Past the grace period the running turn is stopped, its changes undone, and
+    the task queued again where it was: it runs first on the next node, and the
+    stopped attempt does not count."""
+    Guarded.holding = True
+    async with running_node([Guarded], settings, grace_period=0.2):
+        first = await client.submit("hold", agent="guarded/h", item="first")
+        second = await client.submit("append", agent="guarded/h", item="second")
+        await wait_for_status(first, "running")
+    info = await first.status()
+    assert (info.status, info.attempts) == ("queued", 0)
+    assert (await second.status()).status == "queued"
+    assert await client.agent_state("guarded/h") is None, "the stopped turn saved nothing"
+    Guarded.holding = False
+    async with running_node([Guarded], settings):
+        assert await first.result(timeout=10) == 1
+        assert await second.result(timeout=10) == 2
+    assert (await first.status()).attempts == 1
+    assert await client.agent_state("guarded/h") == {
+        "started": 1, "items": ["first", "second"], "deactivations": 1,
+    }  # fmt: skip
+
+
+async def test_a_dropped_subscription_stops_receiving(client: Client, settings: Settings) -> None:
+    async with running_node([Counter], settings):
+        assert await client.publish("findings", "x", source="s") == 1
+
+    class Quiet(Agent):  # the counter type, redeployed without its subscription
+        agent_type = "counter"
+
+        @capability("increment")
+        async def increment(self) -> int:
+            return 0
+
+    async with running_node([Quiet], settings), Client(settings=settings) as fresh:
+        # (a fresh client: a client trusts the subscribers it read for a second)
+        assert await fresh.publish("findings", "y", source="s") == 0

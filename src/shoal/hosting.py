@@ -164,6 +164,7 @@ class AgentHost:
         self._ownership_changed = asyncio.Event()
         self._read: asyncio.Future[Any] | None = None
         self._stopping = False
+        self._handing_back = False  # draining past the grace period: start no more turns
         self._dirty: set[str] = set()  # agent ids whose directory entry changed
         self._gone: set[str] = set()  # agent ids deactivated since the last publish
         self._published: set[str] = set()  # agent ids in this node's active:<node> hash
@@ -217,15 +218,42 @@ class AgentHost:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await asyncio.gather(*settled)
+        await self._hand_back_running_tasks()
         for act in list(self.activations.values()):
             if act.queue or act.running:
-                self._abandon(act)
+                self._abandon(act)  # its messages stay in the mailbox for the next owner
             else:
                 await self._deactivate(act)
+        released = len(self._parts)
         await self._release(set(self._parts))
+        log.info("released %d partition(s)", released)
         if self.keeper is not None:
             self.keeper.stop()
         await self._publish_directory(final=True)
+
+    async def _hand_back_running_tasks(self) -> None:
+        """Addressed tasks still running after the grace period are stopped and handed
+        back: queued again in place (their mailbox entry stays, so they keep their
+        order), the attempt not counted — as a draining node does with capability tasks."""
+        self._handing_back = True
+        attempts = list(self.running_tasks.values())
+        drives = set()
+        for attempt in attempts:
+            attempt.handed_back = True
+            if attempt.task is not None:
+                attempt.task.cancel()
+                drives.add(attempt.task)
+        if not drives:
+            return
+        log.info("handing %d unfinished agent task(s) back", len(drives))
+        await asyncio.wait(drives, timeout=5)
+        commits = [
+            act.last_commit
+            for attempt in attempts
+            if (act := self.activations.get(attempt.ctx.agent_id or "")) and act.last_commit
+        ]
+        if commits:
+            await asyncio.wait(commits, timeout=5)
 
     async def _leave_placement(self) -> None:
         """Stop counting as a host of its types, so the other nodes plan without this
@@ -264,6 +292,8 @@ class AgentHost:
             for p in change.unwanted
             if p in self._parts and not self._parts[p].releasing and not self._stopping
         }
+        if wanted_gone:
+            log.info("handing %d partition(s) over to other nodes", len(wanted_gone))
         for part in wanted_gone:
             self._parts[part].releasing = True
             task = asyncio.ensure_future(self._hand_over(part))
@@ -306,9 +336,16 @@ class AgentHost:
         await self._release({part})
 
     async def _release(self, parts: set[Partition]) -> None:
+        """Give the leases up. The keeper forgets them first, so a renewal racing with
+        the release is not mistaken for a lost lease."""
         owned = {p: self._parts[p].token for p in parts if p in self._parts}
         if not owned:
             return
+        if self.keeper is not None:
+            self.keeper.forget(set(owned))
+        for part in owned:
+            self._parts.pop(part, None)
+            self._mailboxes.pop(self.keys.mailbox(*part), None)
         args: list[Any] = [self.keys.prefix, self.node.node_id, 1, protocol.now_ms()]
         for (agent_type, p), token in owned.items():
             args += ["release", agent_type, p, token]
@@ -319,13 +356,9 @@ class AgentHost:
             log.warning(
                 "releasing %d partition(s) failed (they expire instead): %s", len(owned), exc
             )
-        for part in owned:
-            self._parts.pop(part, None)
-            self._mailboxes.pop(self.keys.mailbox(*part), None)
         if self.keeper is not None:
-            self.keeper.forget(set(owned))
             self.keeper.poke()
-        log.info("released %d partition(s)", len(owned))
+        log.debug("released %d partition(s)", len(owned))
 
     # --- reading mailboxes ---------------------------------------------------------------
 
@@ -415,7 +448,7 @@ class AgentHost:
     async def _drive(self, act: Activation) -> None:
         """Run the activation's queued messages one at a time, in order."""
         try:
-            while act.queue and not act.abandoned:
+            while act.queue and not act.abandoned and not self._handing_back:
                 message = act.queue[0]
                 lease = self.keeper.valid(message.part) if self.keeper else None
                 state = self._parts.get(message.part)
@@ -521,7 +554,9 @@ class AgentHost:
             outcome.payload,
             outcome.due_ms,
         )
-        return outcome.kind in ("ok", "cancelled")
+        if outcome.kind == "requeue":  # handed back by a draining node (see drain)
+            commit.outcome, commit.entry_id = "handback", ""
+        return outcome.kind == "ok"  # a cancelled or failed turn's state changes are undone
 
     async def _message_turn(
         self, act: Activation, message: Message, token: int, commit: _Commit
@@ -582,11 +617,15 @@ class AgentHost:
                 "the turn's changes are undone", act.agent_id, exc,
             )  # fmt: skip
             act.agent.__dict__["_shoal_state"] = protocol.decode(act.saved) if act.saved else {}
+            failure = protocol.encode(ErrorInfo(
+                "shoal.errors.SerializationError",
+                f"the agent's state cannot be saved ({exc}); state values must be msgpack data",
+                node=self.node.node_id, at=protocol.now_ms(),
+            ))  # fmt: skip
             if commit.reply and commit.reply_status == "replied":
-                commit.reply_status = "failed"
-                commit.payload = protocol.encode(ErrorInfo(
-                    "shoal.errors.SerializationError", f"state cannot be saved: {exc}"
-                ))  # fmt: skip
+                commit.reply_status, commit.payload = "failed", failure
+            if commit.task_id and commit.outcome == "ok":
+                commit.outcome, commit.payload = "failed", failure  # final: retrying cannot help
             return
         if blob != act.saved:
             commit.state_op, commit.state = ("set", blob) if blob else ("delete", b"")

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 TYPES_FRESH_S = 2.0  # how long the registered types are trusted before a re-read
 SUBSCRIBERS_FRESH_S = 1.0
+# Active agents are listed for nodes that heartbeated this recently (twice the default
+# dead_after: a late node still shows; a dead one is reaped and its list deleted).
+LIVE_WITHIN_MS = 6000
 
 
 class AgentPlane:
@@ -316,7 +319,7 @@ class AgentPlane:
 
     async def _active(self, types: set[str]) -> list[AgentInfo]:
         client = self._client
-        cutoff = protocol.now_ms() - int(client.settings.engine_timeout * 1000)
+        cutoff = protocol.now_ms() - LIVE_WITHIN_MS
         async with client.errors():
             nodes = await client.redis.zrangebyscore(client.keys.nodes, cutoff, "+inf")
             pipe = client.redis.pipeline(transaction=False)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis
 
 from shoal import __version__, protocol
@@ -215,6 +216,7 @@ class Node:
     async def _register(self) -> None:
         r = self.client.redis
         async with self.client.errors():
+            previous = await self._previous_topics()
             for cap in self._specs:
                 for queue in self.keys.queues(cap):
                     with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: exists
@@ -228,11 +230,12 @@ class Node:
                 if stale:
                     pipe.hdel(self.keys.capability(name), *stale)
             for agent_type in self._agent_types:
-                pipe.hset(
-                    self.keys.agent_types, agent_type.agent_type, _type_description(agent_type)
-                )
+                name = agent_type.agent_type
+                pipe.hset(self.keys.agent_types, name, _type_description(agent_type))
                 for topic in agent_type.subscriptions():
-                    pipe.sadd(self.keys.subscribers(topic), agent_type.agent_type)
+                    pipe.sadd(self.keys.subscribers(topic), name)
+                for topic in previous.get(name, set()) - agent_type.subscriptions().keys():
+                    pipe.srem(self.keys.subscribers(topic), name)  # the type dropped it
             await pipe.execute()
         if taken := await self._reaper.reclaim_own_name(socket.gethostname()):
             log.warning(
@@ -242,6 +245,19 @@ class Node:
         await register(self.client, self.node_id, self._description())
         self._registered = True
         self._serving.set()
+
+    async def _previous_topics(self) -> dict[str, set[str]]:
+        """The topics each hosted type subscribed to as last registered (by any node):
+        a topic its code no longer subscribes to must stop receiving publications."""
+        names = [a.agent_type for a in self._agent_types]
+        if not names:
+            return {}
+        raw = await self.client.redis.hmget(self.keys.agent_types, names)
+        return {
+            name: set(msgspec.msgpack.decode(value, type=AgentTypeInfo).topics)
+            for name, value in zip(names, raw, strict=True)
+            if value
+        }
 
     def _start_heartbeat(self) -> None:
         def notify(state: str) -> None:

@@ -48,6 +48,10 @@ local function begin(agent_type, p, token, id)
       died, 0, now, retention_ms, prefix .. 'delayed')
     return {'skip'}
   end
+  if redelivered then
+    -- the attempt its dead node used counts, with that reason in the error history
+    redis.call('HSET', tk, 'error', died, history_field(tk), died)
+  end
   local attempt = redis.call('HINCRBY', tk, 'attempts', 1)
   local started = math.max(now, tonumber(r[11] or now))
   redis.call('HSET', tk, 'status', 'running', 'started', started, 'node', node, 'token', token,

@@ -4,7 +4,8 @@
 -- ARGV     prefix, now_ms, retention_ms, node id, then 14 fields per turn:
 --          agent type, partition, lease token, mailbox entry id ('' for none),
 --          agent id, state op ('' unchanged | 'set' | 'delete'), state (msgpack),
---          task id ('' for a message), task outcome (as in finish.lua), payload,
+--          task id ('' for a message), task outcome (as in finish.lua, or 'handback':
+--          a draining node stopped it, it is queued again in place), payload,
 --          due_ms, reply inbox ('' for none), correlation id, reply status
 -- Touches  lease:<type>:<p> (read), state:<type>:<p>, mailbox:<type>:<p> (XDEL:
 --          the message is processed), task:<id> and what finishing it touches,
@@ -41,7 +42,12 @@ local function commit(a)
     local tk = task_key(id)
     local r = redis.call('HMGET', tk, 'status', 'token', 'cancel', 'cap', 'reply', 'follow',
       'prio', 'mbox', 'agent')
-    if r[1] == 'running' and r[2] == token then
+    if r[1] == 'running' and r[2] == token and a[9] == 'handback' then
+      -- a draining node stopped it: queued again where it was (its mailbox entry is
+      -- kept, so it keeps its place in the agent's order), the attempt not counted
+      redis.call('HINCRBY', tk, 'attempts', -1)
+      redis.call('HSET', tk, 'status', 'queued')
+    elseif r[1] == 'running' and r[2] == token then
       record_outcome(id, r, a[9], a[10], tonumber(a[11]), now, retention_ms, KEYS[1])
     elseif r[1] then
       redis.call('HINCRBY', tk, 'dups', 1)
