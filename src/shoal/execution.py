@@ -18,11 +18,19 @@ from typing import Any
 
 from shoal import protocol
 from shoal.agent import Agent, ArgumentMismatch, CapabilitySpec, TaskContext, current_context
-from shoal.errors import Retry, SerializationError, TaskTimeout
+from shoal.errors import (
+    ConfigurationError,
+    Retry,
+    SerializationError,
+    TaskTimeout,
+    UnknownAgentType,
+)
 from shoal.protocol import ErrorInfo
 
 # Errors that say the task itself is wrong: running it again cannot help.
-ALWAYS_FINAL: tuple[type[BaseException], ...] = (ArgumentMismatch, SerializationError)
+ALWAYS_FINAL: tuple[type[BaseException], ...] = (
+    ArgumentMismatch, SerializationError, ConfigurationError, UnknownAgentType,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
