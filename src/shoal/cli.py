@@ -24,7 +24,15 @@ from rich.table import Table
 from shoal import protocol
 from shoal.client import Client
 from shoal.cluster import ClusterState
-from shoal.errors import ConfigurationError, ResultTimeout, ShoalError, TaskFailed
+from shoal.errors import (
+    ConfigurationError,
+    RequestFailed,
+    RequestTimeout,
+    ResultTimeout,
+    ShoalError,
+    TaskFailed,
+    UnknownAgentType,
+)
 from shoal.settings import Settings
 
 T = TypeVar("T")
@@ -76,6 +84,46 @@ def _ts(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+def _ago(ms: int | None, now_ms: int) -> str:
+    """How long ago an epoch-ms time was, shortly: 4.2s, 3m12s, 5h03m or 2d04h ago."""
+    if ms is None:
+        return "-"
+    elapsed = max(0, now_ms - ms) / 1000
+    if elapsed < 60:
+        return f"{elapsed:.1f}s ago"
+    s = int(elapsed)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s ago"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _print_line(value: Any) -> None:
+    """One line of JSON, exactly as it is: no rich markup, emoji codes or wrapping
+    (``[true]`` would otherwise be read as markup, and a long result wrapped)."""
+    out.out(json.dumps(value, default=repr), highlight=False)
+
+
+def parse_message(text: str) -> Any:
+    """A message given on the command line: JSON (a bare word is not taken as text)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f'message {text!r} is not JSON ({exc}); pass JSON, e.g. \'{{"text": "hi"}}\', '
+            "'3', or '\"hi\"' for a string"
+        ) from None
+
+
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs; a value that parses as JSON is taken as JSON, else as text."""
     kwargs: dict[str, Any] = {}
@@ -111,6 +159,16 @@ def node(
     ] = 3.0,
     weight: Annotated[float, typer.Option(help="Relative capacity of this node.")] = 1.0,
     zone: Annotated[str, typer.Option(help="Zone / rack / region label.")] = "",
+    max_active_agents: Annotated[
+        int, typer.Option(help="Agents kept active at once; beyond, idle ones are deactivated.")
+    ] = 10_000,
+    idle_after: Annotated[
+        float, typer.Option(help="Deactivate an agent without messages this long (seconds).")
+    ] = 300.0,
+    lease_time: Annotated[
+        float | None,
+        typer.Option(help="Lifetime of partition leases, seconds (default: --dead-after)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     redis: Redis = None,
     namespace: Namespace = None,
@@ -123,11 +181,12 @@ def node(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    agents = load_agents(app_module)
     config = NodeConfig(
         concurrency=concurrency, name=name, grace_period=grace, weight=weight, zone=zone,
         heartbeat_interval=heartbeat_interval, dead_after=dead_after,
+        max_active_agents=max_active_agents, idle_after=idle_after, lease_time=lease_time,
     )  # fmt: skip
+    agents = load_agents(app_module)
     run_node(agents, _settings(redis, namespace, data_dir), config)
 
 
@@ -171,7 +230,7 @@ def submit(
                     err.print(f"note: no live node hosts {capability!r} yet; the task waits")
                 return
             result = await handle.result(timeout=wait_timeout)
-            out.print(json.dumps(result, default=repr))
+            _print_line(result)
 
     _run(go())
 
@@ -256,7 +315,8 @@ def status(
     namespace: Namespace = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Show the cluster: nodes (state, load, capabilities, heartbeat age) and queues."""
+    """Show the cluster: nodes (state, load, agents, heartbeat age), queues, and agent
+    types (partition owners, mailbox backlog, recent ownership changes)."""
 
     async def go() -> None:
         async with _client(redis, namespace, data_dir) as client:
@@ -266,6 +326,7 @@ def status(
             return
         _print_nodes(state)
         _print_queues(state)
+        _print_agent_types(state)
 
     _run(go())
 
@@ -275,14 +336,16 @@ def _print_nodes(state: ClusterState) -> None:
         out.print("no nodes (start one with: shoal node --app your.module)")
         return
     table = Table("node", "state", "host/pid", "zone", "in flight", "free", "cpu %", "rss MB",
-                  "done", "heartbeat", "capabilities", title="nodes")  # fmt: skip
+                  "done", "partitions", "active agents", "heartbeat", "capabilities",
+                  title="nodes")  # fmt: skip
     colors = {"alive": "green", "suspect": "yellow", "dead": "red"}
     for n in state.nodes:
         note = f" [red]{n.stalled}[/red]" if n.stalled else ""
         table.add_row(
             n.id, f"[{colors[n.state]}]{n.state}[/]", f"{n.host}/{n.pid}", n.zone or "-",
             str(n.in_flight), str(n.free), f"{n.cpu_percent:.0f}", f"{n.rss_bytes / 2**20:.0f}",
-            str(n.completed), f"{n.heartbeat_age_s:.1f}s ago", ",".join(n.capabilities) + note,
+            str(n.completed), str(n.partitions), str(n.active_agents),
+            f"{n.heartbeat_age_s:.1f}s ago", ",".join(n.capabilities) + note,
         )  # fmt: skip
     out.print(table)
 
@@ -297,6 +360,24 @@ def _print_queues(state: ClusterState) -> None:
     out.print(table if state.queues else "no queues yet")
     if state.delayed:
         out.print(f"{state.delayed} task(s) scheduled for later (delays, retry back-off)")
+
+
+def _print_agent_types(state: ClusterState) -> None:
+    """Partition owners and backlog per agent type; nothing if no node hosted any."""
+    if not state.agent_types:
+        return
+    table = Table("agent type", "partitions", "owned by (partitions)", "unowned", "backlog",
+                  title="agent types")  # fmt: skip
+    for t in state.agent_types:
+        owners = ", ".join(f"{node} ({count})" for node, count in t.owners.items()) or "-"
+        unowned = f"[yellow]{t.unowned}[/]" if t.unowned else "0"
+        table.add_row(t.name, str(t.partitions), owners, unowned, str(t.backlog))
+    out.print(table)
+    if state.ownership:
+        out.print("recent ownership changes (newest first):")
+        for c in state.ownership:
+            out.print(f"  {_ts(c.at)}  {c.type} partition {c.partition}  {c.event} by {c.node} "
+                      f"(token {c.token})")  # fmt: skip
 
 
 @app.command()
@@ -317,6 +398,163 @@ def cancel(
         }
         ended = outcome.removeprefix("already_")
         out.print(messages.get(outcome, f"not cancelled: the task already ended ({ended})"))
+
+    _run(go())
+
+
+# --- agents -----------------------------------------------------------------------------
+
+
+@app.command()
+def agents(
+    agent_type: Annotated[str | None, typer.Option("--type", "-t", help="Only this type.")] = None,
+    capability: Annotated[str | None, typer.Option(help="Only types with this capability.")] = None,
+    active: Annotated[
+        bool, typer.Option("--active", help="Only agents active on a node now.")
+    ] = False,
+    stored: Annotated[bool, typer.Option("--stored", help="Only agents with saved state.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """List agents: those active on a node and those with saved state."""
+
+    async def go() -> None:
+        async with _client(redis, namespace, data_dir) as client:
+            found = await client.agents(
+                agent_type, capability=capability, active=True if active else None,
+                with_state=True if stored else None, limit=limit,
+            )  # fmt: skip
+            if as_json:
+                out.print_json(msgspec.json.encode(found).decode())
+                return
+            if not found:
+                out.print(await _no_agents(client, agent_type, capability, active, stored))
+                return
+        now = protocol.now_ms()
+        table = Table("agent", "node", "partition", "activated", "last message", "state")
+        for a in found:
+            table.add_row(a.id, a.node or "-", str(a.partition), _ago(a.activated_at, now),
+                          _ago(a.last_message_at, now),
+                          _size(a.state_size) if a.state_size else "-")  # fmt: skip
+        out.print(table)
+        if len(found) == limit:
+            out.print(f"(showing {limit}; there may be more: raise --limit)")
+
+    _run(go())
+
+
+async def _no_agents(
+    client: Client, agent_type: str | None, capability: str | None, active: bool, stored: bool
+) -> str:
+    """Why the directory is empty, or an error if the filter names nothing that exists."""
+    types = await client.agent_types()
+    known = ", ".join(sorted(types)) or "none yet: start a node that hosts agent types"
+    if agent_type is not None and agent_type not in types:
+        raise UnknownAgentType(
+            f"no node has hosted agent type {agent_type!r} in namespace "
+            f"{client.settings.namespace!r} (known types: {known})"
+        )
+    if capability is not None and not any(capability in t.capabilities for t in types.values()):
+        raise UnknownAgentType(f"no agent type has capability {capability!r} (types: {known})")
+    if not types:
+        return "no agent types yet (start a node that hosts some: shoal node --app your.module)"
+    what = [
+        *([f"of type {agent_type!r}"] if agent_type else []),
+        *([f"with capability {capability!r}"] if capability else []),
+        *(["active on a node"] if active else []),
+        *(["with saved state"] if stored else []),
+    ]
+    if not what:
+        return "no agents: none is active on a node and none has saved state"
+    return " ".join(["no agents", *what])
+
+
+@app.command()
+def agent(
+    agent_id: Annotated[str, typer.Argument(help="Agent id, type/key.")],
+    state: Annotated[bool, typer.Option("--state", help="Also print its saved state.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entry as JSON.")] = False,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Show one agent: partition, node (if active), times, state size; --state: its state."""
+
+    async def go() -> None:
+        async with _client(redis, namespace, data_dir) as client:
+            info = await client.agent(agent_id)
+            saved = await client.agent_state(agent_id) if state else None
+        if as_json:
+            data = msgspec.to_builtins(info)
+            if state:
+                data["state"] = saved
+            out.print_json(json.dumps(data, default=repr))
+            return
+        _print_agent(info)
+        if state:
+            if saved is None:
+                out.print("no saved state")
+            else:
+                out.print_json(json.dumps(saved, default=repr))
+
+    _run(go())
+
+
+def _print_agent(info: protocol.AgentInfo) -> None:
+    now = protocol.now_ms()
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("id", info.id), ("type", info.type), ("key", info.key),
+        ("partition", str(info.partition)), ("node", info.node or "- (not active)"),
+        ("activated", f"{_ts(info.activated_at)}  ({_ago(info.activated_at, now)})"
+         if info.activated_at else "-"),
+        ("last message", f"{_ts(info.last_message_at)}  ({_ago(info.last_message_at, now)})"
+         if info.last_message_at else "-"),
+        ("state", _size(info.state_size) if info.state_size else "none saved"),
+    ]  # fmt: skip
+    for name, value in rows:
+        table.add_row(f"[bold]{name}[/bold]", value)
+    out.print(table)
+
+
+@app.command()
+def send(
+    agent_id: Annotated[str, typer.Argument(help="Agent id, type/key.")],
+    message: Annotated[str, typer.Argument(help="The message, as JSON.")],
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Send a message to an agent's mailbox (durable, one-way)."""
+    data = parse_message(message)
+
+    async def go() -> None:
+        async with _client(redis, namespace, data_dir) as client:
+            await client.send(agent_id, data)
+        out.print(f"sent to {agent_id}")
+
+    _run(go())
+
+
+@app.command()
+def request(
+    agent_id: Annotated[str, typer.Argument(help="Agent id, type/key.")],
+    message: Annotated[str, typer.Argument(help="The message, as JSON.")],
+    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 30.0,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Send a message to an agent and print its reply as JSON."""
+    data = parse_message(message)
+
+    async def go() -> None:
+        async with _client(redis, namespace, data_dir) as client:
+            reply = await client.request(agent_id, data, timeout=timeout)
+        _print_line(reply)
 
     _run(go())
 
@@ -417,8 +655,8 @@ def engine_status(
 def main() -> None:
     """Entry point: run the app, turning errors into one line and an exit code.
 
-    Usage errors are reported by typer itself (exit 2); a failed task exits 3, a
-    wait that ran out 4, any other Shoal error 1.
+    Usage errors are reported by typer itself (exit 2); a failed task or request
+    exits 3, a wait that ran out 4, any other Shoal error 1.
     """
     debug = "--debug" in sys.argv or os.environ.get("SHOAL_DEBUG") == "1"
     if "--debug" in sys.argv:
@@ -434,16 +672,16 @@ def main() -> None:
 
 
 def _report(exc: Exception) -> int:
-    if isinstance(exc, TaskFailed):
-        err.print(f"error: {exc}")
-        return 3
-    if isinstance(exc, ResultTimeout):
-        err.print(f"error: {exc}")
-        return 4
     if isinstance(exc, ShoalError):
-        err.print(f"error: {exc}")
-        return 1
-    err.print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)")
+        message = str(exc)
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)"
+    # As is: a message quoting user input ('[/x]', ':smile:') is not rich markup.
+    err.print(f"error: {message}", markup=False, emoji=False)
+    if isinstance(exc, TaskFailed | RequestFailed):
+        return 3
+    if isinstance(exc, ResultTimeout | RequestTimeout):
+        return 4
     return 1
 
 

@@ -1,5 +1,6 @@
-"""What the cluster looks like right now: nodes and queues (``Client.cluster()``,
-``shoal status``). Read-only; built from the node records and the streams."""
+"""What the cluster looks like right now: nodes, queues and agent types
+(``Client.cluster()``, ``shoal status``). Read-only; built from the node records,
+the streams, the partition leases and the ownership log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import msgspec
 
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
+
+OWNERSHIP_CHANGES_SHOWN = 5  # the most recent entries of the ownership stream
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -32,6 +35,8 @@ class NodeInfo(msgspec.Struct, frozen=True):
     heartbeat_age_s: float
     started_at: int
     stalled: str = ""
+    partitions: int = 0  # agent partitions whose lease it holds
+    active_agents: int = 0  # agents active (in memory) on it
 
 
 class QueueInfo(msgspec.Struct, frozen=True):
@@ -49,10 +54,37 @@ class QueueInfo(msgspec.Struct, frozen=True):
     duplicates: int
 
 
+class AgentTypeStatus(msgspec.Struct, frozen=True):
+    """One registered agent type: which nodes hold leases on its partitions, and how
+    many entries (messages and addressed tasks) wait in its mailboxes."""
+
+    name: str
+    capabilities: tuple[str, ...]
+    handles_messages: bool
+    partitions: int  # the namespace's partition count
+    owners: dict[str, int]  # node id -> partitions of this type whose lease it holds
+    unowned: int  # partitions no node holds a lease on right now
+    backlog: int  # entries in the type's mailboxes, not processed yet
+
+
+class OwnershipChange(msgspec.Struct, frozen=True):
+    """One entry of the ``ownership`` stream: a node acquired or released a lease."""
+
+    id: str
+    type: str
+    partition: int
+    node: str
+    event: str
+    token: int
+    at: int  # epoch ms, by the clock of the node that made the change
+
+
 class ClusterState(msgspec.Struct, frozen=True):
     nodes: tuple[NodeInfo, ...]
     queues: tuple[QueueInfo, ...]
     delayed: int
+    agent_types: tuple[AgentTypeStatus, ...] = ()
+    ownership: tuple[OwnershipChange, ...] = ()  # newest first
 
 
 def _text(record: dict[bytes, bytes], field: str, default: str = "") -> str:
@@ -83,12 +115,14 @@ def node_info(node_id: str, record: dict[bytes, bytes], now_ms: int) -> NodeInfo
         free=int(_number(record, "free")), cpu_percent=_number(record, "cpu"),
         rss_bytes=int(_number(record, "rss")), completed=int(_number(record, "completed")),
         heartbeat_age_s=round(age, 2), started_at=int(_number(record, "started_at")),
-        stalled=_text(record, "stalled"),
+        stalled=_text(record, "stalled"), partitions=int(_number(record, "partitions")),
+        active_agents=int(_number(record, "active_agents")),
     )  # fmt: skip
 
 
 async def read_cluster(client: Any) -> ClusterState:
-    """Nodes (live and recently dead) and every known capability's queues."""
+    """Nodes (live and recently dead), every known capability's queues, and every
+    registered agent type's partition owners and backlog."""
     keys, r = client.keys, client.redis
     now = int(time.time() * 1000)
     async with client.errors():
@@ -109,7 +143,63 @@ async def read_cluster(client: Any) -> ClusterState:
             for prio in PRIORITIES
         ]
     nodes = tuple(node_info(i, rec, now) for i, rec in zip(ids, records, strict=True) if rec)
-    return ClusterState(nodes=nodes, queues=tuple(q for q in queues if q), delayed=int(delayed))
+    agent_types, ownership = await _agent_plane(client)
+    return ClusterState(
+        nodes=nodes, queues=tuple(q for q in queues if q), delayed=int(delayed),
+        agent_types=agent_types, ownership=ownership,
+    )  # fmt: skip
+
+
+async def _agent_plane(
+    client: Any,
+) -> tuple[tuple[AgentTypeStatus, ...], tuple[OwnershipChange, ...]]:
+    """Per registered type: lease holders (one MGET of its lease keys, whose names the
+    partition count gives, so no SCAN of the keyspace) and mailbox backlog (XLEN of
+    each mailbox, pipelined); then the latest ownership changes."""
+    keys, r = client.keys, client.redis
+    types = await client.agent_types()
+    async with client.errors():
+        # Read, not Client.partitions(): that one fixes the count of a new namespace.
+        raw_count = await r.hget(keys.config, "partitions")
+        entries = await r.xrevrange(keys.ownership, count=OWNERSHIP_CHANGES_SHOWN)
+        partitions = int(raw_count or 0)
+        replies: list[Any] = []
+        if types and partitions:
+            pipe = r.pipeline(transaction=False)
+            for name in sorted(types):
+                pipe.mget([keys.lease(name, p) for p in range(partitions)])
+                for p in range(partitions):
+                    pipe.xlen(keys.mailbox(name, p))
+            replies = await pipe.execute()
+    statuses = []
+    for index, name in enumerate(sorted(types)):
+        leases, backlog = [], 0
+        if replies:
+            base = index * (partitions + 1)
+            leases, backlog = replies[base], sum(replies[base + 1 : base + 1 + partitions])
+        owners: dict[str, int] = {}
+        for value in leases:
+            if value:  # '<node id> <token>'
+                node = value.decode().rsplit(" ", 1)[0]
+                owners[node] = owners.get(node, 0) + 1
+        info = types[name]
+        statuses.append(
+            AgentTypeStatus(
+                name=name, capabilities=tuple(info.capabilities),
+                handles_messages=info.handles_messages, partitions=partitions,
+                owners=dict(sorted(owners.items())), unowned=partitions - sum(owners.values()),
+                backlog=int(backlog),
+            )
+        )  # fmt: skip
+    return tuple(statuses), tuple(_ownership_change(i, f) for i, f in entries)
+
+
+def _ownership_change(entry_id: bytes, fields: dict[bytes, bytes]) -> OwnershipChange:
+    return OwnershipChange(
+        id=entry_id.decode(), type=_text(fields, "type"), partition=int(_number(fields, "p")),
+        node=_text(fields, "node"), event=_text(fields, "event"),
+        token=int(_number(fields, "token")), at=int(_number(fields, "t")),
+    )  # fmt: skip
 
 
 async def _queue(
