@@ -34,7 +34,11 @@ class Counter(Agent):
         self.state.setdefault("seen", []).append(message)
         if isinstance(message, dict) and message.get("fail"):
             raise ValueError("asked to fail")
-        return {"count": len(self.state["seen"]), "sender": self.ctx.sender, "node": self.ctx.node_id}
+        return {
+            "count": len(self.state["seen"]),
+            "sender": self.ctx.sender,
+            "node": self.ctx.node_id,
+        }
 
     @subscribe("findings")
     async def on_finding(self, message: Any) -> None:
@@ -56,3 +60,53 @@ class Relay(Agent):
 
 
 agents = [Counter, Relay]
+
+
+# --- appended for tests/test_agent_failover.py -----------------------------------------
+
+_probes: dict[int, Any] = {}
+
+
+def _probe() -> Any:
+    """This process's own connection to the engine (outside Shoal's commits), one per
+    event loop: what a turn records there is seen even if its commit is refused."""
+    import redis.asyncio
+
+    loop = id(asyncio.get_running_loop())
+    if loop not in _probes:
+        url = os.environ.get("SHOAL_REDIS_URL")
+        if not url:
+            raise RuntimeError("Guarded needs SHOAL_REDIS_URL (node_process sets it)")
+        _probes[loop] = redis.asyncio.Redis.from_url(url)
+    return _probes[loop]
+
+
+class Guarded(Agent):
+    """Detects turns of one agent that overlap (two nodes, or two turns on one node)
+    and messages run more than once, through the engine but outside the turn's commit.
+
+    A message is ``{"probe": <key prefix>, "seq": n, "hold": seconds}``. A turn holds
+    ``<probe>:busy:<agent id>`` up by one while it runs and records itself in
+    ``<probe>:overlaps`` if another turn of the agent held it already; it counts its
+    runs in the hash ``<probe>:runs`` (field ``<agent id>:<seq>``) and per node in
+    ``<probe>:nodes``. The state keeps the sequence numbers in the order the turns
+    committed them."""
+
+    @handler
+    async def receive(self, message: dict[str, Any]) -> int:
+        probe, base, seq = _probe(), message["probe"], message["seq"]
+        me = self.ctx.agent_id
+        busy = f"{base}:busy:{me}"
+        depth = await probe.incr(busy)
+        try:
+            if depth != 1:
+                await probe.rpush(
+                    f"{base}:overlaps", f"{me} seq {seq} on {self.ctx.node_id}: depth {depth}"
+                )
+            await probe.hincrby(f"{base}:runs", f"{me}:{seq}", 1)
+            await probe.hincrby(f"{base}:nodes", self.ctx.node_id, 1)
+            await asyncio.sleep(float(message.get("hold", 0.0)))  # widens any overlap
+            self.state.setdefault("seqs", []).append(seq)
+        finally:
+            await probe.decr(busy)
+        return len(self.state["seqs"])

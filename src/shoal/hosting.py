@@ -494,6 +494,11 @@ class AgentHost:
         if ok is None:
             return  # the partition was lost before the task could start: commit nothing
         self._settle_state(act, commit, ok)
+        if self.keeper is None or self.keeper.valid(message.part) is None:
+            # The lease may have moved while the turn ran (e.g. the process was
+            # paused): write nothing; the engine would refuse it anyway.
+            self._lose({message.part})
+            return
         act.last_commit = self._commit(commit)
         act.last_commit.add_done_callback(lambda fut: self._committed(message, fut))
 
