@@ -46,7 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.agents")
 
-READ_BATCH = 500  # mailbox entries per XREAD
+READ_BATCH = 500  # mailbox entries per XREAD and stream, at most
+READ_MIN_PER_STREAM = 16
 READ_BLOCK_MS = 1000
 DIRECTORY_EVERY_S = 1.0
 SWEEP_EVERY_S = 1.0
@@ -165,6 +166,7 @@ class AgentHost:
         self._read: asyncio.Future[Any] | None = None
         self._stopping = False
         self._handing_back = False  # draining past the grace period: start no more turns
+        self._evicting = False
         self._dirty: set[str] = set()  # agent ids whose directory entry changed
         self._gone: set[str] = set()  # agent ids deactivated since the last publish
         self._published: set[str] = set()  # agent ids in this node's active:<node> hash
@@ -390,7 +392,12 @@ class AgentHost:
             self._ownership_changed.clear()
             self._read = asyncio.ensure_future(
                 self.client.blocking.xread(
-                    streams, count=min(READ_BATCH, room), block=READ_BLOCK_MS
+                    # COUNT is per stream: the room is shared among the streams (at
+                    # least a few each, so one busy partition is not read 1 by 1;
+                    # the buffer may overshoot by that much, still bounded)
+                    streams,
+                    count=max(READ_MIN_PER_STREAM, min(READ_BATCH, room // len(streams))),
+                    block=READ_BLOCK_MS,
                 )
             )
             try:
@@ -692,14 +699,27 @@ class AgentHost:
     # --- deactivation, directory, broadcasts ----------------------------------------------
 
     def _after_turns(self) -> None:
-        if len(self.activations) > self.max_active:
-            task = asyncio.ensure_future(self._evict(len(self.activations) - self.max_active))
-            task.add_done_callback(_log_crash)
+        if len(self.activations) > self.max_active and not self._evicting:
+            self._evicting = True
+            asyncio.ensure_future(self._evict()).add_done_callback(_log_crash)
 
-    async def _evict(self, count: int) -> None:
-        idle = [a for a in self.activations.values() if not a.running and not a.queue][:count]
-        for act in idle:
-            await self._deactivate(act)
+    async def _evict(self) -> None:
+        """Deactivate least recently used idle agents until at most ``max_active``
+        remain. One evictor at a time; it walks the LRU order from the oldest, so it
+        looks at about as many activations as it evicts."""
+        try:
+            while (excess := len(self.activations) - self.max_active) > 0:
+                victims: list[Activation] = []
+                for act in self.activations.values():
+                    if not act.running and not act.queue:
+                        victims.append(act)
+                        if len(victims) >= excess:
+                            break
+                if not victims:
+                    return  # every one is busy: try again after the next turns
+                await asyncio.gather(*(self._deactivate(act) for act in victims))
+        finally:
+            self._evicting = False
 
     async def _deactivate(self, act: Activation) -> None:
         """Deactivate an idle agent: on_deactivate, then save its state, and only
