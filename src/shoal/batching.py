@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -36,10 +37,14 @@ class Coalescer(Generic[I, R]):
         name: str,
         run_batch: Callable[[list[I]], Awaitable[list[R]]],
         max_batch: int = 500,
+        give_up_after: float | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
         self._max_batch = max_batch
+        # None: retry through an outage for as long as it lasts (effects that must
+        # not be dropped); else fail the batch after this many seconds of trying.
+        self._give_up_after = give_up_after
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -55,27 +60,40 @@ class Coalescer(Generic[I, R]):
         return self._flusher is None
 
     async def _flush(self) -> None:
-        backoff = Backoff()
+        backoff, failing_since = Backoff(), 0.0
         try:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 try:
                     results = await self._run_batch([item for item, _ in batch])
                 except EngineUnavailable as exc:
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if (
+                        self._give_up_after is not None
+                        and now - failing_since >= self._give_up_after
+                    ):
+                        self._fail(batch, exc)
+                        failing_since = 0.0
+                        continue
                     delay = backoff.next_delay()
                     log.warning("%s: %s; retrying in %.2fs", self.name, exc, delay)
                     await asyncio.sleep(delay)  # back-off while the engine is away
                     continue
                 except Exception as exc:
-                    del self._pending[: len(batch)]
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    self._fail(batch, exc)
                     continue
                 backoff.reset()
+                failing_since = 0.0
                 del self._pending[: len(batch)]
                 for (_, fut), result in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(result)
         finally:
             self._flusher = None
+
+    def _fail(self, batch: list[tuple[I, asyncio.Future[R]]], exc: BaseException) -> None:
+        del self._pending[: len(batch)]
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)

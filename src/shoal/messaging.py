@@ -19,9 +19,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from redis.exceptions import NoScriptError
 
 from shoal import protocol
 from shoal.agent import validate_topic
+from shoal.batching import Coalescer
 from shoal.errors import (
     ConfigurationError,
     QueueFull,
@@ -53,6 +55,11 @@ class AgentPlane:
         self._types: dict[str, AgentTypeInfo] = {}
         self._types_read = 0.0
         self._subscribers: dict[str, tuple[float, list[str]]] = {}
+        # Sends made while one is on its way share the next pipeline: thousands of
+        # agents sending at once cost a few round trips, not a queue for connections.
+        self._sends = Coalescer(
+            "sending messages", self._send_batch, give_up_after=client.settings.engine_timeout
+        )
 
     # --- namespace facts ---------------------------------------------------------
 
@@ -224,14 +231,32 @@ class AgentPlane:
         args: list[Any] = [client.keys.prefix, client.settings.queue_max_length]
         for name, value in fields.items():
             args += [name, value]
-        async with client.errors():
-            added = await client.scripts.send([mbox], args)
+        added = await self._sends((mbox, args))
+        if isinstance(added, Exception):
+            async with client.errors():  # translated into Shoal's errors
+                raise added
         if not added:
             raise QueueFull(
                 f"mailbox {mbox} is full ({client.settings.queue_max_length} messages); the "
                 "message was not sent: retry later, or raise SHOAL_QUEUE_MAX_LENGTH",
                 accepted=[],
             )
+
+    async def _send_batch(self, items: list[tuple[str, list[Any]]]) -> list[Any]:
+        """One send-script call per message, all in one pipeline."""
+        client = self._client
+        async with client.errors():
+            if len(items) == 1:
+                return [await client.scripts.send([items[0][0]], items[0][1])]
+            pipe = client.redis.pipeline(transaction=False)
+            for mbox, args in items:
+                client.scripts.send.queue(pipe, [mbox], args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            for index, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):  # the engine restarted: load and rerun
+                    mbox, args = items[index]
+                    replies[index] = await client.scripts.send([mbox], args)
+        return replies  # an error reply stays in its place: only its sender fails
 
     async def _subscribed_types(self, topic: str) -> list[str]:
         cached = self._subscribers.get(topic)

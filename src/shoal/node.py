@@ -347,6 +347,9 @@ class Node:
     # --- pulling work -------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
+        if not self._specs:  # only addressed agents with handlers: no queues to read
+            await self._stopping.wait()
+            return
         expired = protocol.encode(
             ErrorInfo(
                 "shoal.errors.DeadlineExceeded", "the deadline passed before the task started"
