@@ -416,3 +416,35 @@ async def test_a_dropped_subscription_stops_receiving(client: Client, settings: 
     async with running_node([Quiet], settings), Client(settings=settings) as fresh:
         # (a fresh client: a client trusts the subscribers it read for a second)
         assert await fresh.publish("findings", "y", source="s") == 0
+
+
+async def test_a_node_can_host_agents_that_only_handle_messages(
+    client: Client, settings: Settings
+) -> None:
+    class Listener(Agent):
+        async def on_message(self, message: Any) -> Any:
+            self.state["heard"] = message
+            return f"heard {message}"
+
+    async with running_node([Listener], settings) as node:
+        assert node.capabilities == []
+        assert await client.request("listener/l", "hello", timeout=10) == "heard hello"
+    assert await client.agent_state("listener/l") == {"heard": "hello"}
+
+
+async def test_many_concurrent_sends_all_arrive_in_order_per_sender(
+    client: Client, settings: Settings
+) -> None:
+    """Sends made at once share pipelines; each sender's messages keep their order."""
+
+    async def sender(name: str) -> None:
+        for i in range(30):
+            await client.send("counter/many", [name, i])
+
+    async with running_node([Counter], settings):
+        await asyncio.gather(*(sender(f"s{n}") for n in range(10)))
+        reply = await client.request("counter/many", "last", timeout=20)
+    assert reply["count"] == 301
+    seen = (await client.agent_state("counter/many") or {})["seen"]
+    for n in range(10):
+        assert [i for s, i in seen[:-1] if s == f"s{n}"] == list(range(30))
