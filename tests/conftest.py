@@ -66,6 +66,10 @@ async def running_node(
     async with Client(settings=settings) as probe:
         for name in node.capabilities[:1]:
             await probe.wait_for_hosts(name, timeout=10)
+        wanted = {a.agent_type for a in agents if a.is_addressable()}
+        async with asyncio.timeout(10):  # a node registers its agent types at start
+            while not wanted <= (await probe.agent_types()).keys():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
     try:
         yield node
     finally:

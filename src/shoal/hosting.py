@@ -154,7 +154,9 @@ class AgentHost:
         config = node.config
         self.max_active = config.max_active_agents
         self.idle_after = config.idle_after
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self._concurrency = config.concurrency
+        self._turns_running = 0
+        self._ready: deque[Activation] = deque()  # activations with messages, waiting for a slot
         self._buffer_limit = max(1000, 8 * config.concurrency)
         self._parts: dict[Partition, _PartitionState] = {}
         self._mailboxes: dict[str, Partition] = {}
@@ -446,14 +448,37 @@ class AgentHost:
             self.activations[message.agent_id] = act
         act.queue.append(message)
         if not act.running:
-            act.running = True
-            task = asyncio.ensure_future(self._drive(act))
-            task.add_done_callback(_log_crash)
+            self._schedule(act)
 
     # --- turns ------------------------------------------------------------------------------
 
+    def _schedule(self, act: Activation) -> None:
+        """Give an activation with messages a turn slot now, or a place in line.
+        (A slot count and a line instead of a semaphore: no task exists, and none
+        waits, for an activation that cannot run yet.)"""
+        act.running = True
+        if self._turns_running < self._concurrency and not self._handing_back:
+            self._start_drive(act)
+        else:
+            self._ready.append(act)
+
+    def _start_drive(self, act: Activation) -> None:
+        self._turns_running += 1
+        asyncio.ensure_future(self._drive(act)).add_done_callback(_log_crash)
+
+    def _pump(self) -> None:
+        """Start activations waiting in line while there are free slots."""
+        while self._ready and self._turns_running < self._concurrency and not self._handing_back:
+            act = self._ready.popleft()
+            if act.abandoned or not act.queue:
+                act.running = False
+                continue
+            self._start_drive(act)
+
     async def _drive(self, act: Activation) -> None:
-        """Run the activation's queued messages one at a time, in order."""
+        """Run the activation's queued messages one at a time, in order, holding one
+        turn slot; when others wait for a slot, it goes back in line after each turn."""
+        in_line = False
         try:
             while act.queue and not act.abandoned and not self._handing_back:
                 message = act.queue[0]
@@ -462,26 +487,30 @@ class AgentHost:
                 if lease is None or state is None or lease.token != state.token:
                     self._lose({message.part})
                     return
-                async with self._slots:
-                    if act.abandoned:
-                        return
-                    act.turn = asyncio.current_task()
-                    try:
-                        await self._turn(act, message, state.token)
-                    except asyncio.CancelledError:
-                        if not act.abandoned:
-                            raise
-                        return
-                    finally:
-                        act.turn = None
+                act.turn = asyncio.current_task()
+                try:
+                    await self._turn(act, message, state.token)
+                except asyncio.CancelledError:
+                    if not act.abandoned:
+                        raise
+                    return
+                finally:
+                    act.turn = None
                 if act.queue and act.queue[0] is message:
                     act.queue.popleft()
                     self._buffered -= 1
                     if self._buffered < self._buffer_limit:
                         self._room.set()
+                if self._ready and act.queue:  # others wait: take turns
+                    self._ready.append(act)
+                    in_line = True
+                    return
         finally:
-            act.running = False
-        self._after_turns()
+            self._turns_running -= 1
+            if not in_line:
+                act.running = False
+            self._pump()
+            self._after_turns()
 
     async def _turn(self, act: Activation, message: Message, token: int) -> None:
         if act.agent is None:
@@ -717,9 +746,21 @@ class AgentHost:
                             break
                 if not victims:
                     return  # every one is busy: try again after the next turns
-                await asyncio.gather(*(self._deactivate(act) for act in victims))
+                slow = [act for act in victims if not self._deactivate_at_once(act)]
+                if slow:
+                    await asyncio.gather(*(self._deactivate(act) for act in slow))
         finally:
             self._evicting = False
+
+    def _deactivate_at_once(self, act: Activation) -> bool:
+        """The common case without awaiting anything: no on_deactivate of its own (so
+        no state change to save) and its last commit is done. True if it is gone."""
+        plain = act.agent is None or type(act.agent).on_deactivate is Agent.on_deactivate
+        committed = act.last_commit is None or act.last_commit.done()
+        if plain and committed and not act.running and not act.queue and not act.abandoned:
+            self._remove(act)
+            return True
+        return False
 
     async def _deactivate(self, act: Activation) -> None:
         """Deactivate an idle agent: on_deactivate, then save its state, and only
@@ -754,8 +795,7 @@ class AgentHost:
             return
         if act.queue:  # messages arrived meanwhile: activate it afresh for them
             act.agent = None
-            act.running = True
-            asyncio.ensure_future(self._drive(act)).add_done_callback(_log_crash)
+            self._schedule(act)
         else:
             self._remove(act)
 
@@ -856,8 +896,7 @@ class AgentHost:
                 self._buffered += 1
                 act.queue.append(message)
                 if not act.running:
-                    act.running = True
-                    asyncio.ensure_future(self._drive(act)).add_done_callback(_log_crash)
+                    self._schedule(act)
 
 
 _EXPIRED = protocol.encode(
