@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import inspect
 import logging
 from collections import OrderedDict, deque
@@ -35,7 +37,7 @@ from shoal import protocol
 from shoal.agent import Agent, MessageSpec, TaskContext, current_context
 from shoal.batching import Coalescer
 from shoal.engine import translate
-from shoal.errors import SerializationError, ShoalError
+from shoal.errors import ShoalError
 from shoal.execution import Attempt, Job, Outcome, error_info
 from shoal.leases import Change, LeaseKeeper, Partition
 from shoal.protocol import ErrorInfo
@@ -50,7 +52,6 @@ READ_BATCH = 500  # mailbox entries per XREAD and stream, at most
 READ_MIN_PER_STREAM = 16
 READ_BLOCK_MS = 1000
 DIRECTORY_EVERY_S = 1.0
-SWEEP_EVERY_S = 1.0
 LEASE_WATCH_S = 0.1
 
 
@@ -908,9 +909,6 @@ async def _call(method: Callable[..., Any], *args: Any, run_sync: Any = None) ->
     """Call a handler or hook that may be sync or async (sync ones in ``run_sync``,
     an executor, when given — handlers may block; hooks are expected to be quick)."""
     if run_sync is not None and not inspect.iscoroutinefunction(method):
-        import contextvars
-        import functools
-
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, method, *args)
         return await loop.run_in_executor(run_sync, call)
@@ -930,6 +928,3 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
 def _log_crash(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("agent host task crashed", exc_info=exc)
-
-
-__all__ = ["AgentHost", "SerializationError"]
