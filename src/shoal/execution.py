@@ -155,12 +155,18 @@ class Attempt:
         return await loop.run_in_executor(executor, call)
 
     def _failure(self, exc: BaseException, node_id: str) -> Outcome:
-        payload = protocol.encode(error_info(exc, self.job, node_id))
-        if isinstance(exc, ALWAYS_FINAL + self.spec.non_retryable):
-            return Outcome(self.job, "failed", payload)
-        if self.job.attempt >= self.job.max_attempts:
-            return Outcome(self.job, "dead", payload)
-        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
-        if delay is None:
-            delay = backoff_delay(self.spec, self.job.attempt)
-        return Outcome(self.job, "retry", payload, protocol.now_ms() + int(delay * 1000))
+        return failure_outcome(self.job, self.spec, exc, node_id)
+
+
+def failure_outcome(job: Job, spec: CapabilitySpec, exc: BaseException, node_id: str) -> Outcome:
+    """What a failed attempt leads to: failed (final errors), dead (last attempt), or
+    a retry after the back-off (or the delay a ``Retry`` asked for)."""
+    payload = protocol.encode(error_info(exc, job, node_id))
+    if isinstance(exc, ALWAYS_FINAL + spec.non_retryable):
+        return Outcome(job, "failed", payload)
+    if job.attempt >= job.max_attempts:
+        return Outcome(job, "dead", payload)
+    delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+    if delay is None:
+        delay = backoff_delay(spec, job.attempt)
+    return Outcome(job, "retry", payload, protocol.now_ms() + int(delay * 1000))

@@ -37,8 +37,8 @@ from shoal import protocol
 from shoal.agent import Agent, MessageSpec, TaskContext, current_context
 from shoal.batching import Coalescer
 from shoal.engine import translate
-from shoal.errors import ShoalError
-from shoal.execution import Attempt, Job, Outcome, error_info
+from shoal.errors import SerializationError, ShoalError
+from shoal.execution import Attempt, Job, Outcome, error_info, failure_outcome
 from shoal.leases import Change, LeaseKeeper, Partition
 from shoal.protocol import ErrorInfo
 from shoal.resilience import Backoff
@@ -107,6 +107,7 @@ class Activation:
     activated_at: int = 0
     last_message_at: int = 0
     last_commit: asyncio.Future[int] | None = None  # the latest turn's commit
+    token: int = 0  # the partition lease it was activated under
 
 
 @dataclass
@@ -310,8 +311,10 @@ class AgentHost:
     def _lose(self, parts: set[Partition]) -> None:
         """The lease is gone (or may be): stop at once; nothing more of ours commits."""
         for part in parts:
-            if self._parts.pop(part, None) is None:
+            state = self._parts.pop(part, None)
+            if state is None:
                 continue
+            state.settled.set()  # a hand-over waiting for it has nothing left to do
             self._mailboxes.pop(self.keys.mailbox(*part), None)
             log.warning("partition %s/%d lost: its turns stop here", part[0], part[1])
         for act in [a for a in self.activations.values() if a.part in parts]:
@@ -336,6 +339,8 @@ class AgentHost:
             return
         if state.in_flight:
             await state.settled.wait()
+        if self._parts.get(part) is not state:
+            return  # lost meanwhile
         for act in [a for a in self.activations.values() if a.part == part]:
             await self._deactivate(act)
         await self._release({part})
@@ -351,6 +356,8 @@ class AgentHost:
         for part in owned:
             self._parts.pop(part, None)
             self._mailboxes.pop(self.keys.mailbox(*part), None)
+        for act in [a for a in self.activations.values() if a.part in owned]:
+            self._abandon(act)  # still busy (e.g. a broadcast turn): not ours any more
         args: list[Any] = [self.keys.prefix, self.node.node_id, 1, protocol.now_ms()]
         for (agent_type, p), token in owned.items():
             args += ["release", agent_type, p, token]
@@ -480,6 +487,7 @@ class AgentHost:
         """Run the activation's queued messages one at a time, in order, holding one
         turn slot; when others wait for a slot, it goes back in line after each turn."""
         in_line = False
+        backoff = Backoff()
         try:
             while act.queue and not act.abandoned and not self._handing_back:
                 message = act.queue[0]
@@ -488,6 +496,10 @@ class AgentHost:
                 if lease is None or state is None or lease.token != state.token:
                     self._lose({message.part})
                     return
+                if act.token != state.token:
+                    # first turn under this lease: an instance from an earlier
+                    # ownership may hold state older than the saved one
+                    act.agent, act.token = None, state.token
                 act.turn = asyncio.current_task()
                 try:
                     await self._turn(act, message, state.token)
@@ -495,8 +507,20 @@ class AgentHost:
                     if not act.abandoned:
                         raise
                     return
+                except Exception as exc:
+                    # An engine error while loading or starting (or a bug): the
+                    # message stays first in line and is tried again after a pause.
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "turn of %s failed (%s: %s); trying again in %.2fs",
+                        act.agent_id, type(exc).__name__, exc, delay,
+                        exc_info=not isinstance(exc, ShoalError),
+                    )  # fmt: skip
+                    await asyncio.sleep(delay)  # back-off before the same message again
+                    continue
                 finally:
                     act.turn = None
+                backoff.reset()
                 if act.queue and act.queue[0] is message:
                     act.queue.popleft()
                     self._buffered -= 1
@@ -514,17 +538,31 @@ class AgentHost:
             self._after_turns()
 
     async def _turn(self, act: Activation, message: Message, token: int) -> None:
+        """One turn. Engine errors while loading or starting propagate (the caller
+        tries the message again); a failure of the agent's own code fails the turn."""
+        activation_error: Exception | None = None
         if act.agent is None:
-            await self._activate(act)
+            try:
+                await self._activate(act)
+            except ShoalError:
+                raise
+            except Exception as exc:  # the class's __init__, or a state it cannot load
+                log.exception("activating %s failed", act.agent_id)
+                activation_error = exc
         act.last_message_at = protocol.now_ms()
         self.activations.move_to_end(act.agent_id)
         self._dirty.add(act.agent_id)
         commit = _Commit(message.part, token, message.entry_id, act.agent_id)
         ok: bool | None = True
         if message.kind == "task":
-            ok = await self._task_turn(act, message, token, commit)
+            ok = await self._task_turn(act, message, token, commit, activation_error)
+        elif activation_error is not None:
+            ok = self._failed_message(act, message, token, commit, activation_error)
         elif message.kind == "del":
+            assert act.agent is not None
             act.agent.__dict__["_shoal_state"] = {}
+            commit.reply, commit.correlation = message.reply, message.correlation
+            commit.reply_status, commit.payload = "replied", protocol.encode_result(None)
         else:
             ok = await self._message_turn(act, message, token, commit)
         self.turns += 1
@@ -537,15 +575,17 @@ class AgentHost:
             self._lose({message.part})
             return
         act.last_commit = self._commit(commit)
-        act.last_commit.add_done_callback(lambda fut: self._committed(message, fut))
+        act.last_commit.add_done_callback(lambda fut: self._committed(message, token, fut))
 
     async def _activate(self, act: Activation) -> None:
         cls = self.types[act.agent_id.partition("/")[0]]
         raw = await self._load((act.part, act.agent_id))
-        agent = cls()
         state = protocol.decode(raw) if raw else {}
+        if not isinstance(state, dict):
+            raise SerializationError(f"the saved state of {act.agent_id} is not a dict")
+        agent = cls()
         agent.__dict__["_shoal_id"] = act.agent_id
-        agent.__dict__["_shoal_state"] = state if isinstance(state, dict) else {}
+        agent.__dict__["_shoal_state"] = state
         act.agent, act.saved = agent, raw or b""
         act.activated_at = protocol.now_ms()
         try:
@@ -554,7 +594,12 @@ class AgentHost:
             log.exception("%s.on_activate failed for %s", cls.__qualname__, act.agent_id)
 
     async def _task_turn(
-        self, act: Activation, message: Message, token: int, commit: _Commit
+        self,
+        act: Activation,
+        message: Message,
+        token: int,
+        commit: _Commit,
+        activation_error: Exception | None = None,
     ) -> bool | None:
         """Start and run an addressed task. True/False: it succeeded/failed (a failed
         turn's state changes are undone); None: this node no longer holds the lease."""
@@ -566,8 +611,7 @@ class AgentHost:
             return True  # nothing to run: the entry is just deleted
         _, cap, args, attempt, max_att, timeout, parent, trace = verdict
         capability = cap.decode()
-        assert act.agent is not None
-        spec = type(act.agent).capabilities().get(capability)
+        spec = self.types[act.agent_id.partition("/")[0]].capabilities().get(capability)
         job = Job(
             queue=self.keys.mailbox(*message.part), entry_id=message.entry_id,
             task_id=message.task_id, capability=capability, args=args, attempt=int(attempt),
@@ -581,6 +625,9 @@ class AgentHost:
                 f"agent type {act.agent_id.partition('/')[0]!r} on node {self.node.node_id} "
                 f"has no capability {capability!r}", attempt=job.attempt, node=self.node.node_id,
             )))  # fmt: skip
+        elif activation_error is not None or act.agent is None:
+            failure = activation_error or ShoalError(f"{act.agent_id} is not activated")
+            outcome = failure_outcome(job, spec, failure, self.node.node_id)
         else:
             ctx = self._context(act, message, token, job=job)
             attempt_run = Attempt(job, spec, act.agent, ctx)
@@ -591,6 +638,8 @@ class AgentHost:
             finally:
                 self.running_tasks.pop(job.task_id, None)
             outcome = result or Outcome(job, "requeue")
+            if not spec.is_async and outcome.kind in ("cancelled", "requeue", "retry", "dead"):
+                self._drop_instance(act, outcome)
         commit.outcome, commit.payload, commit.due_ms = (
             outcome.kind,
             outcome.payload,
@@ -599,6 +648,24 @@ class AgentHost:
         if outcome.kind == "requeue":  # handed back by a draining node (see drain)
             commit.outcome, commit.entry_id = "handback", ""
         return outcome.kind == "ok"  # a cancelled or failed turn's state changes are undone
+
+    def _drop_instance(self, act: Activation, outcome: Outcome) -> None:
+        """A sync handler's thread cannot be stopped: after a timeout or cancel it may
+        still run and write to the instance. The next turn gets a fresh instance from
+        the saved state, so nothing that thread does is ever saved."""
+        if outcome.kind != "retry" or b"TaskTimeout" in outcome.payload:
+            act.agent = None
+
+    def _failed_message(
+        self, act: Activation, message: Message, token: int, commit: _Commit, exc: Exception
+    ) -> bool:
+        if not message.reply:
+            log.error("agent %s could not handle a message: %s", act.agent_id, exc)
+        job = Job("", message.entry_id, "", "", b"", 1, 1, None, None, None, token)
+        commit.reply, commit.correlation = message.reply, message.correlation
+        commit.reply_status = "failed"
+        commit.payload = protocol.encode(error_info(exc, job, self.node.node_id))
+        return False
 
     async def _message_turn(
         self, act: Activation, message: Message, token: int, commit: _Commit
@@ -646,7 +713,8 @@ class AgentHost:
 
     def _settle_state(self, act: Activation, commit: _Commit, ok: bool) -> None:
         """Save the state if the turn changed it; a failed turn's changes are undone."""
-        assert act.agent is not None
+        if act.agent is None:
+            return  # not activated (or dropped after a sync handler timed out)
         if not ok:
             act.agent.__dict__["_shoal_state"] = protocol.decode(act.saved) if act.saved else {}
             return
@@ -673,8 +741,10 @@ class AgentHost:
             commit.state_op, commit.state = ("set", blob) if blob else ("delete", b"")
             act.saved = blob
 
-    def _committed(self, message: Message, fut: asyncio.Future[int]) -> None:
+    def _committed(self, message: Message, token: int, fut: asyncio.Future[int]) -> None:
         state = self._parts.get(message.part)
+        if state is None or state.token != token:
+            return  # a commit of an earlier ownership: that one is over already
         if fut.cancelled() or fut.exception() is not None:
             exc = None if fut.cancelled() else fut.exception()
             log.error("committing a turn of %s failed: %s", message.agent_id, exc)
@@ -778,7 +848,7 @@ class AgentHost:
         act.running = True
         try:
             state = self._parts.get(act.part)
-            if act.agent is not None and state is not None:
+            if act.agent is not None and state is not None and act.token == state.token:
                 try:
                     await _call(act.agent.on_deactivate)
                 except Exception:
