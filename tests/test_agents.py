@@ -235,13 +235,24 @@ async def test_broadcast_reaches_active_agents_only(client: Client, settings: Se
         assert (await client.request("counter/b3", "after", timeout=10))["count"] == 1
 
 
-async def test_delete_agent_removes_its_state(client: Client, settings: Settings) -> None:
+async def test_delete_agent_removes_its_state_in_order(
+    client: Client, settings: Settings
+) -> None:
     async with running_node([Counter], settings):
         assert await client.call("increment", agent="counter/d", by=5) == 5
         assert await client.delete_agent("counter/d") is True
         assert await client.agent_state("counter/d") is None
         assert await client.call("increment", agent="counter/d") == 1, "the active one forgot it"
-    assert await client.delete_agent("counter/none") is False
+        assert await client.delete_agent("counter/none") is False
+    # without a node, the deletion waits in line behind a message sent before it
+    await client.send("counter/d", "sent before the deletion")
+    with pytest.raises(RequestTimeout, match=r"not deleted within 0\.2s"):
+        await client.delete_agent("counter/d", timeout=0.2)
+    assert await client.agent_state("counter/d") == {"n": 1}, "nothing deleted yet"
+    async with running_node([Counter], settings):
+        reply = await client.request("counter/d", "after", timeout=10)
+    assert reply["count"] == 1, "the message before the deletion saw the state, then it went"
+    assert await client.agent_state("counter/d") == {"seen": ["after"]}
 
 
 async def test_idle_agents_are_deactivated_lru_with_hooks(

@@ -38,6 +38,7 @@ class Coalescer(Generic[I, R]):
         run_batch: Callable[[list[I]], Awaitable[list[R]]],
         max_batch: int = 500,
         give_up_after: float | None = None,
+        retry_on: tuple[type[Exception], ...] = (EngineUnavailable,),
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -45,6 +46,7 @@ class Coalescer(Generic[I, R]):
         # None: retry through an outage for as long as it lasts (effects that must
         # not be dropped); else fail the batch after this many seconds of trying.
         self._give_up_after = give_up_after
+        self._retry_on = retry_on
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -66,7 +68,7 @@ class Coalescer(Generic[I, R]):
                 batch = self._pending[: self._max_batch]
                 try:
                     results = await self._run_batch([item for item, _ in batch])
-                except EngineUnavailable as exc:
+                except self._retry_on as exc:
                     now = time.monotonic()
                     failing_since = failing_since or now
                     if (

@@ -404,9 +404,12 @@ class Client:
         """The agent's last saved state, or None if it has none."""
         return await self._agents.state(agent_id)
 
-    async def delete_agent(self, agent_id: str) -> bool:
-        """Remove the agent's state (an active instance drops it in turn). True if it had state."""
-        return await self._agents.delete(agent_id)
+    async def delete_agent(self, agent_id: str, *, timeout: float = 30.0) -> bool:
+        """Remove the agent's state, in order: after the messages sent before, by its
+        owner (which also drops an active instance). Waits up to ``timeout`` for it
+        (RequestTimeout if no node handled it by then: it stays queued). True if the
+        agent had state."""
+        return await self._agents.delete(agent_id, timeout)
 
     async def agents(
         self,

@@ -37,7 +37,7 @@ from shoal import protocol
 from shoal.agent import Agent, MessageSpec, TaskContext, current_context
 from shoal.batching import Coalescer
 from shoal.engine import translate
-from shoal.errors import SerializationError, ShoalError
+from shoal.errors import EngineError, EngineUnavailable, SerializationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome, error_info, failure_outcome
 from shoal.leases import Change, LeaseKeeper, Partition
 from shoal.protocol import ErrorInfo
@@ -180,7 +180,12 @@ class AgentHost:
         self.turns = 0
         self._load = Coalescer("loading agent state", self._load_batch)
         self._begin = Coalescer("starting agent tasks", self._begin_batch)
-        self._commit = Coalescer("committing agent turns", self._commit_batch)
+        # A commit that fails is tried again, whatever the engine said (out of memory,
+        # read-only replica, ...): dropping it would let the agent's next turn commit
+        # over it, and the message would run again later, out of order.
+        self._commit = Coalescer(
+            "committing agent turns", self._commit_batch, retry_on=(EngineUnavailable, EngineError)
+        )
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -288,11 +293,13 @@ class AgentHost:
         if change.lost:
             self._lose(change.lost)
         for part, token in change.acquired.items():
-            if self._stopping:
-                break
             self._parts[part] = _PartitionState(token)
             self._mailboxes[self.keys.mailbox(*part)] = part
             log.debug("acquired %s/%d (token %d)", part[0], part[1], token)
+        if self._stopping and change.acquired:  # acquired just as the drain began
+            task = asyncio.ensure_future(self._release(set(change.acquired)))
+            self._handovers.add(task)
+            task.add_done_callback(self._handovers.discard)
         wanted_gone = {
             p
             for p in change.unwanted
@@ -560,9 +567,10 @@ class AgentHost:
             ok = self._failed_message(act, message, token, commit, activation_error)
         elif message.kind == "del":
             assert act.agent is not None
+            had_state = bool(act.agent.__dict__["_shoal_state"]) or bool(act.saved)
             act.agent.__dict__["_shoal_state"] = {}
             commit.reply, commit.correlation = message.reply, message.correlation
-            commit.reply_status, commit.payload = "replied", protocol.encode_result(None)
+            commit.reply_status, commit.payload = "replied", protocol.encode_result(had_state)
         else:
             ok = await self._message_turn(act, message, token, commit)
         self.turns += 1
@@ -954,6 +962,13 @@ class AgentHost:
             agent_type, payload, sender = protocol.decode(data)
         except (ValueError, TypeError):
             log.error("ignoring a malformed broadcast")
+            return
+        if self._buffered >= self._buffer_limit:
+            # broadcasts are ephemeral by contract: under a backlog they are dropped
+            # rather than let memory grow without bound
+            log.warning(
+                "dropping a broadcast to %s: %d messages wait here", agent_type, self._buffered
+            )
             return
         for act in list(self.activations.values()):
             if (

@@ -149,6 +149,9 @@ class LeaseKeeper:
                 except redis.RedisError as exc:
                     log.warning("node %s: lease round failed: %s", self.node_id, exc)
                     self._drop_expired()
+                except Exception:  # a bug must not end the thread and let leases lapse
+                    log.exception("node %s: lease round crashed", self.node_id)
+                    self._drop_expired()
                 self._wake.wait(self._interval)
                 self._wake.clear()
         finally:

@@ -179,6 +179,12 @@ class AgentPlane:
             try:
                 async with asyncio.timeout(timeout):
                     status, payload = await waiter
+                    while not status:
+                        # the inbox reader was interrupted (an engine blip): the reply
+                        # may still come, so wait on
+                        client._remove_waiter(correlation, waiter)
+                        waiter = client._add_waiter(correlation)
+                        status, payload = await waiter
             except TimeoutError:
                 raise RequestTimeout(
                     f"agent {agent_id} did not reply within {timeout}s (the message stays "
@@ -279,18 +285,35 @@ class AgentPlane:
             raw = await client.redis.hget(client.keys.state(parsed.type, partition), str(parsed))
         return protocol.decode(raw) if raw else None
 
-    async def delete(self, agent_id: str) -> bool:
-        """Remove the agent's saved state; an active instance drops it in order (a
-        'del' message behind the ones already sent). True if there was state."""
-        parsed, mbox, partition = await self.mailbox(agent_id)
+    async def delete(self, agent_id: str, timeout: float) -> bool:
+        """Remove the agent's state in order: a 'del' message goes behind the ones
+        already sent, and its turn (on the agent's owner) deletes the state. Waits
+        for that turn; True if the agent had state."""
+        parsed, mbox, _ = await self.mailbox(agent_id)
         await self.type_info(parsed.type)
         client = self._client
-        async with client.errors():
-            pipe = client.redis.pipeline(transaction=True)
-            pipe.hdel(client.keys.state(parsed.type, partition), str(parsed))
-            pipe.xadd(mbox, {"k": "del", "a": str(parsed)})
-            removed, _ = await pipe.execute()
-        return bool(removed)
+        correlation = protocol.new_id()
+        waiter = client._add_waiter(correlation)
+        client._ensure_reader()
+        try:
+            await self._xadd(
+                mbox, {"k": "del", "a": str(parsed), "r": client._inbox, "c": correlation}
+            )
+            try:
+                async with asyncio.timeout(timeout):
+                    status, payload = await waiter
+                    while not status:  # the inbox reader was interrupted: wait on
+                        client._remove_waiter(correlation, waiter)
+                        waiter = client._add_waiter(correlation)
+                        status, payload = await waiter
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"{agent_id} was not deleted within {timeout}s: no node handled the "
+                    "deletion yet (it stays queued and happens when one does)"
+                ) from None
+        finally:
+            client._remove_waiter(correlation, waiter)
+        return bool(protocol.decode(payload)) if payload else False
 
     async def directory(
         self,

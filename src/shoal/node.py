@@ -522,7 +522,8 @@ class Node:
             idle = now - self._last_progress
             free = self.config.concurrency - len(self._running)
             # (an idle node blocks up to IDLE_BLOCK_MS per fetch: that is progress too)
-            if not reason and free > 0 and self._serving.is_set() and idle > limit + 1:
+            fetching = bool(self._specs)  # a node of addressed agents only has no queues
+            if not reason and fetching and free > 0 and self._serving.is_set() and idle > limit + 1:
                 reason = f"has {free} free slot(s) but fetched nothing for {idle:.0f}s"
             if reason != self.stalled:
                 if reason:

@@ -136,8 +136,8 @@ class SyncClient:
     def agent_state(self, agent_id: str) -> dict[str, Any] | None:
         return self._run(self._client.agent_state(agent_id))
 
-    def delete_agent(self, agent_id: str) -> bool:
-        return self._run(self._client.delete_agent(agent_id))
+    def delete_agent(self, agent_id: str, *, timeout: float = 30.0) -> bool:
+        return self._run(self._client.delete_agent(agent_id, timeout=timeout))
 
     def agents(self, agent_type: str | None = None, **filters: Any) -> list[AgentInfo]:
         return self._run(self._client.agents(agent_type, **filters))
