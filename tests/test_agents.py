@@ -235,9 +235,7 @@ async def test_broadcast_reaches_active_agents_only(client: Client, settings: Se
         assert (await client.request("counter/b3", "after", timeout=10))["count"] == 1
 
 
-async def test_delete_agent_removes_its_state_in_order(
-    client: Client, settings: Settings
-) -> None:
+async def test_delete_agent_removes_its_state_in_order(client: Client, settings: Settings) -> None:
     async with running_node([Counter], settings):
         assert await client.call("increment", agent="counter/d", by=5) == 5
         assert await client.delete_agent("counter/d") is True
@@ -459,3 +457,26 @@ async def test_many_concurrent_sends_all_arrive_in_order_per_sender(
     seen = (await client.agent_state("counter/many") or {})["seen"]
     for n in range(10):
         assert [i for s, i in seen[:-1] if s == f"s{n}"] == list(range(30))
+
+
+async def test_a_repeated_turn_begin_runs_the_task_again_without_counting(
+    client: Client, settings: Settings
+) -> None:
+    """A connection retry can run turn_begin twice (its first reply lost): the second
+    call must hand the task out again, not skip it (which would lose it for good)."""
+    from shoal import protocol
+
+    async with running_node([Counter], settings):
+        await client.call("increment", agent="counter/b0")  # registers the type
+    handle = await client.submit("increment", agent="counter/rb")
+    partition = partition_of("counter/rb", await client.partitions())
+    keys = client.keys
+    token = await client.redis.hincrby(keys.lease_tokens, f"counter:{partition}", 1)
+    await client.redis.set(keys.lease("counter", partition), f"n1 {token}", px=10_000)
+    args: list[Any] = [keys.prefix, protocol.now_ms(), 60_000, b"", "n1"]
+    args += ["counter", partition, token, handle.id]
+    first = await client.scripts.turn_begin([keys.delayed], args)
+    again = await client.scripts.turn_begin([keys.delayed], args)
+    assert first[0][0] == again[0][0] == b"run"
+    assert first[0][3] == again[0][3] == 1, "the same attempt, counted once"
+    assert (await handle.status()).attempts == 1
