@@ -138,14 +138,15 @@ def test_a_keeper_that_cannot_renew_stops_before_its_leases_expire(
     turn) and reports them lost before the last renewal's lease ran out."""
     keys = Keys(settings.namespace)
     register(engine, keys, "a")
-    k, recorder = keeper(settings, "a", lease=1.0)
+    lease_time = 2.0  # long enough that scheduling delays on a busy CI machine do not matter
+    k, recorder = keeper(settings, "a", lease=lease_time)
     k.start()
     try:
         wait_until(lambda: len(k.owned()) == PARTS)
         part = (TYPE, 0)
         lease = k.valid(part)
         assert lease is not None
-        engine.execute_command("CLIENT", "PAUSE", 2500, "WRITE")
+        engine.execute_command("CLIENT", "PAUSE", int(lease_time * 1000) + 1000, "WRITE")
         paused_at = time.monotonic()
         wait_until(lambda: k.valid(part) is None, timeout=5)
         invalid_at = time.monotonic()
@@ -153,9 +154,10 @@ def test_a_keeper_that_cannot_renew_stops_before_its_leases_expire(
         lost_at = recorder.lost_at()
         assert lost_at is not None
         # The last renewal that got through was sent before the pause, so every lease
-        # lives until at least paused_at + 1.0 in the engine.
-        assert invalid_at < paused_at + 1.0, "valid() must turn None before the lease expires"
-        assert lost_at < paused_at + 1.0, "the loss must be reported before the lease expires"
+        # lives until at least paused_at + lease_time in the engine.
+        expires = paused_at + lease_time
+        assert invalid_at < expires, "valid() must turn None before the lease expires"
+        assert lost_at < expires, "the loss must be reported before the lease expires"
         assert k.owned() == {}
     finally:
         engine.execute_command("CLIENT", "UNPAUSE")
