@@ -13,16 +13,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from shoal import Agent, Client, Settings, TaskHandle
 from shoal.engine import EmbeddedEngine
 from shoal.node import Node, NodeConfig
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,3 +115,21 @@ def node_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]],
+    what: str = "the condition",
+    timeout: float = 10.0,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``probe`` until it returns something truthy (node processes change the
+    engine; nothing announces it); fail saying ``what`` and the last value seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what} (last seen: {value!r})")
+        await asyncio.sleep(interval)  # another process moves it: look again

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,28 +26,13 @@ import pytest
 from shoal import Client, Settings
 from shoal.engine import EmbeddedEngine
 from shoal.routing import assignment, owner_of, partition_of
-from tests.conftest import node_process, wait_for_status
+from tests.conftest import eventually, node_process, wait_for_status
 
 T = TypeVar("T")
 POLL_S = 0.02  # how often a wait looks at the engine again
 TAKEOVER_S = 3.0 + 1.0 + 2.0  # lease time (dead_after) + a keeper round + slack
 
 # --- waiting for what another process does ----------------------------------------------
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T | None]], what: str, timeout: float, interval: float = POLL_S
-) -> T:
-    """Poll ``probe`` until it returns something truthy (node processes change the
-    engine; nothing announces it); fail saying ``what`` and the last value seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what} (last seen: {value!r})")
-        await asyncio.sleep(interval)  # another process moves it: look again
 
 
 def parse_lease(raw: bytes | None) -> tuple[str, int] | None:

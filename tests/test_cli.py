@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,14 @@ import pytest
 from shoal import Client, Settings
 from shoal.routing import partition_of
 from tests.agents import Toolbox
-from tests.conftest import REPO, node_env, node_process, running_node, wait_for_status
+from tests.conftest import (
+    REPO,
+    eventually,
+    node_env,
+    node_process,
+    running_node,
+    wait_for_status,
+)
 from tests.stateful import Counter, Relay
 
 
@@ -253,14 +259,6 @@ async def test_status_lists_nodes_and_queues(settings: Settings, client: Client)
 # --- the agent plane -------------------------------------------------------------------
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Wait until ``check()`` (async) is true: nodes publish what is looked at here
-    (the directory, heartbeats) about once a second, so this looks again every 50 ms."""
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - another actor publishes it
-            await asyncio.sleep(0.05)
-
-
 async def test_node_options_for_agents_reach_the_node(settings: Settings, client: Client) -> None:
     """--lease-time sets the leases' lifetime; --max-active-agents 1 deactivates the
     least recently used agent; --idle-after deactivates an idle one."""
@@ -275,14 +273,14 @@ async def test_node_options_for_agents_reach_the_node(settings: Settings, client
         async def only_b_active() -> bool:
             return [a.id for a in await client.agents(active=True)] == ["counter/b"]
 
-        await wait_until(only_b_active)
+        await eventually(only_b_active)
         code, out, _ = await shoal(settings, "agents", "--active")
         assert code == 0 and "counter/b" in out and "opts-node" in out and "counter/a" not in out
 
         async def none_active() -> bool:
             return not await client.agents(active=True)
 
-        await wait_until(none_active)
+        await eventually(none_active)
         code, out, _ = await shoal(settings, "agents", "--stored")
         assert code == 0 and "counter/a" in out and "counter/b" in out
 
@@ -297,7 +295,7 @@ async def test_agents_lists_the_directory(settings: Settings, client: Client) ->
         async def both_active() -> bool:
             return len(await client.agents(active=True)) == 2
 
-        await wait_until(both_active)
+        await eventually(both_active)
         code, out, _ = await shoal(settings, "agents")
         assert code == 0
         rows = [line for line in out.splitlines() if "counter/" in line]
@@ -333,7 +331,7 @@ async def test_agent_shows_its_entry_and_state(settings: Settings, client: Clien
         async def active() -> bool:
             return (await client.agent("counter/a")).node == "one-node"
 
-        await wait_until(active)
+        await eventually(active)
         partition = partition_of("counter/a", await client.partitions())
         code, out, _ = await shoal(settings, "agent", "counter/a", "--state")
         assert code == 0
@@ -384,7 +382,7 @@ async def test_status_shows_agent_partitions_backlog_and_ownership(
             node = state.nodes[0]
             return node.partitions == 16 and node.active_agents == 1
 
-        await wait_until(settled)
+        await eventually(settled)
         code, out, _ = await shoal(settings, "status")
         assert code == 0 and "agent types" in out and "agent-node (8)" in out
         assert "recent ownership changes" in out and "acquired by agent-node" in out

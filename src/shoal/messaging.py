@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -167,37 +168,47 @@ class AgentPlane:
     ) -> Any:
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
-        client = self._client
-        correlation = protocol.new_id()
-        waiter = client._add_waiter(correlation)
-        client._ensure_reader()
+
+        async def put(reply: tuple[str, str]) -> None:
+            await self.send(agent_id, message, sender=sender, traceparent=traceparent, reply=reply)
+
         try:
-            await self.send(
-                agent_id, message, sender=sender, traceparent=traceparent,
-                reply=(client._inbox, correlation),
-            )  # fmt: skip
-            try:
-                async with asyncio.timeout(timeout):
-                    status, payload = await waiter
-                    while not status:
-                        # the inbox reader was interrupted (an engine blip): the reply
-                        # may still come, so wait on
-                        client._remove_waiter(correlation, waiter)
-                        waiter = client._add_waiter(correlation)
-                        status, payload = await waiter
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"agent {agent_id} did not reply within {timeout}s (the message stays "
-                    "delivered; a late reply is dropped)"
-                ) from None
-        finally:
-            client._remove_waiter(correlation, waiter)
+            status, payload = await self._with_reply(put, timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"agent {agent_id} did not reply within {timeout}s (the message stays "
+                "delivered; a late reply is dropped)"
+            ) from None
         if status == "replied":
             return protocol.decode(payload) if payload else None
         error = msgspec.msgpack.decode(payload, type=ErrorInfo) if payload else None
         raise RequestFailed(
             agent_id, error.type if error else "Unknown", error.message if error else "no error"
         )
+
+    async def _with_reply(
+        self, put: Callable[[tuple[str, str]], Awaitable[None]], timeout: float
+    ) -> tuple[str, bytes]:
+        """Put a message that asks for a reply (``put`` gets this client's inbox and a
+        fresh correlation id) and wait up to ``timeout`` for the reply's status and
+        payload; TimeoutError if none came."""
+        client = self._client
+        correlation = protocol.new_id()
+        waiter = client._add_waiter(correlation)
+        client._ensure_reader()
+        try:
+            await put((client._inbox, correlation))
+            async with asyncio.timeout(timeout):
+                status, payload = await waiter
+                while not status:
+                    # the inbox reader was interrupted (an engine blip): the reply may
+                    # still come, so wait on
+                    client._remove_waiter(correlation, waiter)
+                    waiter = client._add_waiter(correlation)
+                    status, payload = await waiter
+            return status, payload
+        finally:
+            client._remove_waiter(correlation, waiter)
 
     async def publish(
         self,
@@ -291,28 +302,17 @@ class AgentPlane:
         for that turn; True if the agent had state."""
         parsed, mbox, _ = await self.mailbox(agent_id)
         await self.type_info(parsed.type)
-        client = self._client
-        correlation = protocol.new_id()
-        waiter = client._add_waiter(correlation)
-        client._ensure_reader()
+
+        async def put(reply: tuple[str, str]) -> None:
+            await self._xadd(mbox, {"k": "del", "a": str(parsed), "r": reply[0], "c": reply[1]})
+
         try:
-            await self._xadd(
-                mbox, {"k": "del", "a": str(parsed), "r": client._inbox, "c": correlation}
-            )
-            try:
-                async with asyncio.timeout(timeout):
-                    status, payload = await waiter
-                    while not status:  # the inbox reader was interrupted: wait on
-                        client._remove_waiter(correlation, waiter)
-                        waiter = client._add_waiter(correlation)
-                        status, payload = await waiter
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"{agent_id} was not deleted within {timeout}s: no node handled the "
-                    "deletion yet (it stays queued and happens when one does)"
-                ) from None
-        finally:
-            client._remove_waiter(correlation, waiter)
+            _, payload = await self._with_reply(put, timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"{agent_id} was not deleted within {timeout}s: no node handled the "
+                "deletion yet (it stays queued and happens when one does)"
+            ) from None
         return bool(protocol.decode(payload)) if payload else False
 
     async def directory(

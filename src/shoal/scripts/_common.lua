@@ -10,6 +10,15 @@ local function queue_key(cap, prio) return prefix .. 'queue:' .. cap .. ':' .. p
 local function dlq_key(cap) return prefix .. 'dlq:' .. cap end
 local function lease_key(agent_type, p) return prefix .. 'lease:' .. agent_type .. ':' .. p end
 
+-- Whether `node` holds the partition's lease with `token` (each lease read once
+-- per script call: a batch's turns share it).
+local leases = {}
+local function holds(node, agent_type, p, token)
+  local lk = lease_key(agent_type, p)
+  if leases[lk] == nil then leases[lk] = redis.call('GET', lk) or false end
+  return leases[lk] == node .. ' ' .. token
+end
+
 -- Queue a task: a capability task into its capability's stream, a task addressed
 -- to an agent ('mbox' and 'agent' set in its record) into that agent's mailbox.
 local function enqueue(id, cap, prio, mbox, agent)

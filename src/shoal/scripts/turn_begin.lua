@@ -17,16 +17,9 @@ local now, retention_ms, expired_error, node = tonumber(ARGV[2]), tonumber(ARGV[
 local died = cmsgpack.pack({type = 'shoal.errors.NodeDied',
   message = 'node died while running the task', traceback = '', attempt = 0, node = '', at = now})
 local out = {}
-local leases = {}
-
-local function holds(agent_type, p, token)
-  local lk = lease_key(agent_type, p)
-  if leases[lk] == nil then leases[lk] = redis.call('GET', lk) or false end
-  return leases[lk] == node .. ' ' .. token
-end
 
 local function begin(agent_type, p, token, id)
-  if not holds(agent_type, p, token) then return {'stale'} end
+  if not holds(node, agent_type, p, token) then return {'stale'} end
   local tk = task_key(id)
   local r = redis.call('HMGET', tk, 'status', 'deadline', 'cap', 'max_att', 'timeout', 'args',
     'parent', 'trace', 'reply', 'follow', 'created', 'token', 'cancel', 'attempts', 'prio',

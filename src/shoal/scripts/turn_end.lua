@@ -16,17 +16,10 @@
 -- Returns  one integer per turn: 1 committed, 0 refused (lease lost)
 local now, retention_ms, node = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local out = {}
-local leases = {}
-
-local function holds(agent_type, p, token)
-  local lk = lease_key(agent_type, p)
-  if leases[lk] == nil then leases[lk] = redis.call('GET', lk) or false end
-  return leases[lk] == node .. ' ' .. token
-end
 
 local function commit(a)
   local agent_type, p, token = a[1], a[2], a[3]
-  if not holds(agent_type, p, token) then
+  if not holds(node, agent_type, p, token) then
     redis.call('HINCRBY', prefix .. 'stats', 'stale_turns:' .. agent_type, 1)
     return 0
   end
