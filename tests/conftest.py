@@ -24,6 +24,7 @@ import pytest
 from shoal import Agent, Client, Settings, TaskHandle
 from shoal.engine import EmbeddedEngine
 from shoal.node import Node, NodeConfig
+from shoal.testing.topologies import LocalCluster, LocalSentinelGroup
 
 T = TypeVar("T")
 
@@ -35,12 +36,68 @@ def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("engine")
 
 
+ENGINES = ("standalone", "cluster", "sentinel")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--engine",
+        choices=("all", *ENGINES),
+        default="all",
+        help="the engine topologies to run on: tests marked 'topology' run on each of "
+        "standalone, a local 3-shard Cluster and a Sentinel group (1 primary, 2 replicas, "
+        "3 Sentinels); every other test on standalone. Default: all",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked 'topology' that use the engine run once per topology."""
+    if "engine_kind" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker("topology") is not None
+        kinds = list(ENGINES) if marked else ["standalone"]
+        metafunc.parametrize("engine_kind", kinds, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--engine=cluster`` (say) keeps only the tests that run on a Cluster."""
+    wanted = config.getoption("engine")
+    if wanted == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        kind = params.params.get("engine_kind", "standalone") if params else "standalone"
+        (keep if kind == wanted else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
-def engine_url(engine_dir: Path) -> Iterator[str]:
-    engine = EmbeddedEngine(engine_dir)
-    record = engine.ensure()
-    yield record.url
-    engine.stop()
+def engine_kind() -> str:
+    return "standalone"  # replaced by the parametrization above where it applies
+
+
+@pytest.fixture(scope="session")
+def engine_url(
+    engine_kind: str, engine_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The session's engine of that topology, started from the bundled server binary."""
+    if engine_kind == "standalone":
+        engine = EmbeddedEngine(engine_dir)
+        record = engine.ensure()
+        yield record.url
+        engine.stop()
+        return
+    base = tmp_path_factory.mktemp(engine_kind)
+    password = uuid.uuid4().hex
+    topology: LocalCluster | LocalSentinelGroup = (
+        LocalCluster(n_primaries=3, password=password, base_dir=base)
+        if engine_kind == "cluster"
+        else LocalSentinelGroup(replicas=2, sentinels=3, password=password, base_dir=base)
+    )
+    with topology:
+        yield topology.url
 
 
 @pytest.fixture

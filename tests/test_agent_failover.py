@@ -84,8 +84,9 @@ async def settled(
 
 
 async def stale_turns(client: Client, agent_type: str) -> int:
-    raw = await client.redis.hget(client.keys.stats, f"stale_turns:{agent_type}")
-    return int(raw or 0)
+    field = f"stale_turns:{agent_type}"
+    raws = [await client.redis.hget(client.keys.stats(g), field) for g in range(client.keys.groups)]
+    return sum(int(raw or 0) for raw in raws)
 
 
 @contextlib.contextmanager
@@ -105,6 +106,7 @@ LONG_TURN_S = 4.0  # long enough to be surely mid-turn at the kill; it runs twic
 
 
 @pytest.mark.slow
+@pytest.mark.topology
 async def test_kill_9_of_the_owner_mid_turn_moves_the_agent_with_its_state_and_queue(
     client: Client, settings: Settings
 ) -> None:
@@ -446,6 +448,7 @@ async def test_agent_state_survives_engine_restarts(own_engine: EmbeddedEngine) 
 # --- messages between nodes -------------------------------------------------------------
 
 
+@pytest.mark.topology
 async def test_an_agent_asks_an_agent_hosted_only_on_another_node(
     client: Client, settings: Settings
 ) -> None:
@@ -548,7 +551,7 @@ async def test_a_joining_node_takes_a_third_of_the_partitions_without_double_pro
     with nodes(settings, "tests.stateful_guarded", "n1", "n2"):
         await client.wait_for_hosts("increment", count=2)
         before = {t: await settled(client, t, ["n1", "n2"]) for t in ("counter", "guarded")}
-        since = (await client.redis.xinfo_stream(client.keys.ownership))["last-generated-id"]
+        since = (await client.redis.xinfo_stream(client.keys.ownership()))["last-generated-id"]
         traffic = asyncio.create_task(send_traffic(client, agents, probe, sent, stop))
 
         async def turns_on(*names: str) -> dict[bytes, bytes] | None:
@@ -573,7 +576,7 @@ async def test_a_joining_node_takes_a_third_of_the_partitions_without_double_pro
 
                 await eventually(all_processed, "every message processed", 30, interval=0.1)
                 states = await asyncio.gather(*(client.agent_state(a) for a in agents))
-                changes = await client.redis.xrange(client.keys.ownership, f"({since.decode()}")
+                changes = await client.redis.xrange(client.keys.ownership(), f"({since.decode()}")
         finally:
             stop.set()
             await traffic

@@ -103,6 +103,7 @@ def _reset_guarded() -> None:
     Guarded.holding = False
 
 
+@pytest.mark.topology
 async def test_addressed_tasks_keep_state_per_agent(client: Client, settings: Settings) -> None:
     async with running_node([Counter, Relay], settings):
         assert [await client.call("increment", agent="counter/a", by=2) for _ in range(3)] == [
@@ -120,6 +121,7 @@ async def test_addressed_tasks_keep_state_per_agent(client: Client, settings: Se
             await failing.result(timeout=10)
 
 
+@pytest.mark.topology
 async def test_one_turn_at_a_time_per_agent_in_arrival_order(
     client: Client, settings: Settings
 ) -> None:
@@ -188,6 +190,7 @@ async def test_queued_addressed_task_can_be_cancelled_and_idempotent(
         await handle.result(timeout=1)
 
 
+@pytest.mark.topology
 async def test_messages_requests_and_failures(client: Client, settings: Settings) -> None:
     async with running_node([Counter, Relay], settings):
         await client.send("counter/m", "first")
@@ -211,6 +214,7 @@ async def test_request_times_out_without_a_node(client: Client, settings: Settin
         assert (await client.request("counter/t", "now", timeout=10))["count"] == 2
 
 
+@pytest.mark.topology
 async def test_publish_reaches_the_subscribed_type_by_source_key(
     client: Client, settings: Settings
 ) -> None:
@@ -224,6 +228,7 @@ async def test_publish_reaches_the_subscribed_type_by_source_key(
     assert (await client.agent_state("counter/k2") or {})["findings"] == ["from a client"]
 
 
+@pytest.mark.topology
 async def test_broadcast_reaches_active_agents_only(client: Client, settings: Settings) -> None:
     async with running_node([Counter], settings):
         await client.call("increment", agent="counter/b1")
@@ -235,6 +240,7 @@ async def test_broadcast_reaches_active_agents_only(client: Client, settings: Se
         assert (await client.request("counter/b3", "after", timeout=10))["count"] == 1
 
 
+@pytest.mark.topology
 async def test_delete_agent_removes_its_state_in_order(client: Client, settings: Settings) -> None:
     async with running_node([Counter], settings):
         assert await client.call("increment", agent="counter/d", by=5) == 5
@@ -269,6 +275,7 @@ async def test_idle_agents_are_deactivated_lru_with_hooks(
         assert Guarded.activated.count("guarded/lru-0") == 2
 
 
+@pytest.mark.topology
 async def test_directory_lists_active_agents_and_agents_with_state(
     client: Client, settings: Settings
 ) -> None:
@@ -345,6 +352,7 @@ def test_agent_classes_are_checked_where_they_are_declared() -> None:
         subscribe("bad topic")
 
 
+@pytest.mark.topology
 async def test_running_addressed_task_can_be_cancelled(client: Client, settings: Settings) -> None:
     async with running_node([Counter], settings):
         handle = await client.submit("slow_append", agent="counter/z", item="never", seconds=60)
@@ -471,12 +479,13 @@ async def test_a_repeated_turn_begin_runs_the_task_again_without_counting(
     handle = await client.submit("increment", agent="counter/rb")
     partition = partition_of("counter/rb", await client.partitions())
     keys = client.keys
-    token = await client.redis.hincrby(keys.lease_tokens, f"counter:{partition}", 1)
+    group = keys.partition_group(partition)
+    token = await client.redis.hincrby(keys.lease_tokens(group), f"counter:{partition}", 1)
     await client.redis.set(keys.lease("counter", partition), f"n1 {token}", px=10_000)
-    args: list[Any] = [keys.prefix, protocol.now_ms(), 60_000, b"", "n1"]
+    args: list[Any] = [keys.group_prefix(group), protocol.now_ms(), 60_000, b"", "n1"]
     args += ["counter", partition, token, handle.id]
-    first = await client.scripts.turn_begin([keys.delayed], args)
-    again = await client.scripts.turn_begin([keys.delayed], args)
+    first = await client.scripts.turn_begin([keys.delayed(group)], args)
+    again = await client.scripts.turn_begin([keys.delayed(group)], args)
     assert first[0][0] == again[0][0] == b"run"
     assert first[0][3] == again[0][3] == 1, "the same attempt, counted once"
     assert (await handle.status()).attempts == 1

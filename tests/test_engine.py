@@ -108,7 +108,7 @@ async def test_wrong_password_is_reported_as_refused_credentials(engine_url: str
 
 
 def test_unsupported_url_scheme_is_refused_with_the_allowed_ones() -> None:
-    with pytest.raises(ConfigurationError, match="use redis://, rediss:// or unix://"):
+    with pytest.raises(ConfigurationError, match="use redis://, rediss://, unix://, redis"):
         resolve_url("http://localhost:6379", ".")
 
 

@@ -26,6 +26,7 @@ async def wait_all_running(client: Client, handles: list, timeout: float = 20) -
             await asyncio.sleep(0.02)  # another process moves them
 
 
+@pytest.mark.topology
 async def test_kill_9_of_a_node_with_100_running_tasks_loses_none(
     client: Client, settings: Settings
 ) -> None:
@@ -145,6 +146,7 @@ async def test_a_second_live_node_with_the_same_name_is_refused(
         assert await client.hosts("echo") == ["only-one"], "the refused one left it alone"
 
 
+@pytest.mark.topology
 async def test_cluster_shows_nodes_and_queues(client: Client, settings: Settings) -> None:
     waiting = await client.submit_many("nap", [{"seconds": 5.0}] * 3)
     async with running_node([Toolbox], settings, name="seen", concurrency=2, zone="eu-1"):

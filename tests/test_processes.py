@@ -36,6 +36,7 @@ async def test_quickstart_runs_end_to_end_with_two_node_processes(
 
 
 @pytest.mark.slow
+@pytest.mark.topology
 async def test_ten_thousand_tasks_across_two_nodes_each_succeed_exactly_once(
     client: Client, settings: Settings
 ) -> None:

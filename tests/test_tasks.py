@@ -26,6 +26,7 @@ from tests.agents import Other, Toolbox
 from tests.conftest import running_node, wait_for_status
 
 
+@pytest.mark.topology
 async def test_async_and_sync_handlers_return_results(client: Client, settings: Settings) -> None:
     async with running_node([Toolbox], settings):
         assert await client.call("echo", value={"a": [1, 2.5, "x", None]}) == {
@@ -36,6 +37,7 @@ async def test_async_and_sync_handlers_return_results(client: Client, settings: 
         assert added["thread"].startswith("shoal"), "sync handlers run in the node's thread pool"
 
 
+@pytest.mark.topology
 async def test_status_shows_the_whole_life_of_a_task(client: Client, settings: Settings) -> None:
     async with running_node([Toolbox], settings, name="node-a"):
         handle = await client.submit("echo", value=1)
@@ -90,6 +92,7 @@ async def test_sequential_round_trips_are_woken_without_polling(
     assert elapsed < 2.0, f"200 round trips took {elapsed:.2f}s"
 
 
+@pytest.mark.topology
 async def test_events_are_ordered_and_resumable_from_an_id(
     client: Client, settings: Settings
 ) -> None:
@@ -131,6 +134,7 @@ async def test_following_events_live_ends_with_the_terminal_event(
     assert seen[-1] == "done" and seen.count("progress") == 2
 
 
+@pytest.mark.topology
 async def test_high_priority_task_starts_before_a_thousand_low_ones(
     client: Client, settings: Settings
 ) -> None:
@@ -140,11 +144,14 @@ async def test_high_priority_task_starts_before_a_thousand_low_ones(
         await high.result(timeout=30)
         high_started = (await high.status()).started_at
         await asyncio.gather(*(h.result(timeout=60) for h in low))
-        low_started = [(await h.status()).started_at for h in low[:50]]
-    assert high_started is not None
-    assert all(high_started <= s for s in low_started if s is not None)
-    first_low = await low[0].status()
-    assert first_low.started_at is not None and high_started <= first_low.started_at
+        low_started = [(await h.status()).started_at for h in low]
+    assert high_started is not None and all(s is not None for s in low_started)
+    before = [s for s in low_started if s is not None and s < high_started]
+    # Priorities order the queues of one key group, and a node reads the groups in
+    # turn: with one group (standalone, Sentinel) no low task starts first; with
+    # several (a Cluster) the high one may follow one fetch — here of one task,
+    # concurrency=1 — from each other group.
+    assert len(before) <= client.keys.groups - 1, (len(before), client.keys.groups)
 
 
 async def test_delayed_task_runs_after_its_delay_and_not_before(
@@ -169,6 +176,7 @@ async def test_eta_schedules_at_an_absolute_time(client: Client, settings: Setti
     assert started is not None and started / 1000 >= eta.timestamp() - 0.01
 
 
+@pytest.mark.topology
 async def test_delayed_tasks_are_released_once_with_several_nodes(
     client: Client, settings: Settings
 ) -> None:
@@ -206,6 +214,7 @@ async def test_deadline_passed_before_start_means_the_task_is_not_run(
     assert failure.value.status == "expired"
 
 
+@pytest.mark.topology
 async def test_retries_back_off_and_then_succeed(client: Client, settings: Settings) -> None:
     async with running_node([Toolbox], settings):
         handle = await client.submit("flaky", succeed_on=3)
@@ -264,6 +273,7 @@ async def test_failed_result_carries_type_message_and_traceback_on_request(
     assert any("remote traceback" in note for note in failure.value.__notes__)
 
 
+@pytest.mark.topology
 async def test_exhausted_task_goes_to_the_dead_letters_and_can_be_redriven(
     client: Client, settings: Settings
 ) -> None:
@@ -294,6 +304,7 @@ async def test_redrive_of_an_unknown_id_is_refused_clearly(client: Client) -> No
         await client.redrive("always_fails", ["0" * 28])
 
 
+@pytest.mark.topology
 async def test_cancel_a_queued_task(client: Client, settings: Settings) -> None:
     handle = await client.submit("echo", value=1)
     assert await handle.cancel() == "cancelled"
@@ -314,6 +325,7 @@ async def test_cancel_a_scheduled_task(client: Client, settings: Settings) -> No
     assert info.status == "cancelled" and info.attempts == 0
 
 
+@pytest.mark.topology
 async def test_cancel_a_running_task_on_another_node(client: Client, settings: Settings) -> None:
     async with running_node([Toolbox], settings):
         handle = await client.submit("sleepy", seconds=30)
@@ -345,12 +357,14 @@ async def test_cancelling_a_parent_cancels_the_sub_task_it_awaits(
             await client.result(child_id, timeout=5)
 
 
+@pytest.mark.topology
 async def test_sub_tasks_run_through_ctx_call(client: Client, settings: Settings) -> None:
     async with running_node([Toolbox], settings, concurrency=8):
         handle = await client.submit("parent", n=3)
         assert await handle.result(timeout=10) == [0, 1, 2]
 
 
+@pytest.mark.topology
 async def test_idempotency_key_returns_the_same_task(client: Client, settings: Settings) -> None:
     first = await client.submit("echo", value=1, idempotency_key="order-7")
     second = await client.submit("echo", value=2, idempotency_key="order-7")

@@ -611,7 +611,8 @@ def dlq_redrive(
 @engine_app.command("start")
 def engine_start(data_dir: DataDir = None) -> None:
     """Start the embedded engine (or report the one already running)."""
-    from shoal.engine import EmbeddedEngine, mask_url
+    from shoal.addresses import mask_url
+    from shoal.engine import EmbeddedEngine
 
     engine = EmbeddedEngine(data_dir or Settings.from_env().data_dir)
     already = engine.running()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
@@ -23,9 +24,16 @@ import redis.asyncio as aioredis
 from cachetools import LRUCache
 from redis.exceptions import NoScriptError
 
-from shoal import protocol
+from shoal import protocol, replication
+from shoal.addresses import mask_url
 from shoal.cluster import ClusterState, read_cluster
-from shoal.engine import engine_errors, mask_url, open_connection, resolve_url, translate
+from shoal.engine import (
+    engine_errors,
+    engine_kind,
+    open_connection,
+    resolve_url,
+    translate,
+)
 from shoal.errors import (
     ConfigurationError,
     EngineUnavailable,
@@ -36,7 +44,7 @@ from shoal.errors import (
     TaskFailed,
     TaskNotFound,
 )
-from shoal.keys import Keys, validate_capability
+from shoal.keys import CLUSTER_GROUPS, Keys, validate_capability
 from shoal.messaging import AgentPlane
 from shoal.options import TaskOptions
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
@@ -103,13 +111,13 @@ class Client:
         self.settings = settings or Settings.from_env(url, namespace, data_dir)
         self.keys = Keys(self.settings.namespace)
         self.client_id = protocol.new_id()
-        self._inbox = self.keys.inbox(self.client_id)
         self._url = ""
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._scripts: Scripts | None = None
         self._waiters: dict[str, list[asyncio.Future[tuple[str, bytes]]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: dict[int, asyncio.Task[None]] = {}  # inbox readers, by key group
+        self._next_group = int.from_bytes(os.urandom(2), "big")  # clients start apart
         self._states = _StateReader(self)
         self._agents = AgentPlane(self)
         self._outage_logged = 0.0
@@ -135,15 +143,35 @@ class Client:
         self._redis, self._scripts = conn, Scripts(conn)
         async with engine_errors(self._url):
             await self._scripts.load_all()
+            self.keys = await self._namespace_keys(conn)
         self._blocking = open_connection(self._url, for_blocking=True)
         return self
 
+    async def _namespace_keys(self, conn: Any) -> Keys:
+        """The namespace's key layout: its hash-tag group count is fixed by whoever
+        used it first (1 on a standalone engine or Sentinel group, 16 on a Cluster)."""
+        wanted = self.settings.key_groups
+        default = CLUSTER_GROUPS if engine_kind(self._url) == "cluster" else 1
+        config = self.keys.config
+        pipe = conn.pipeline(transaction=False)
+        pipe.hsetnx(config, "groups", wanted or default)
+        pipe.hget(config, "groups")
+        _, raw = await pipe.execute()
+        groups = int(raw)
+        if wanted is not None and wanted != groups:
+            raise ConfigurationError(
+                f"namespace {self.settings.namespace!r} spreads over {groups} hash-tag groups "
+                f"(fixed when it was first used); key_groups={wanted} cannot change that. "
+                "Drop the setting, or use a new namespace"
+            )
+        return Keys(self.settings.namespace, groups)
+
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for reader in self._readers.values():
+            reader.cancel()
             with contextlib.suppress(BaseException):
-                await self._reader
-            self._reader = None
+                await reader
+        self._readers.clear()
         for futures in self._waiters.values():
             for fut in futures:
                 fut.cancel()
@@ -266,48 +294,79 @@ class Client:
         agent: str | None = None,
     ) -> list[TaskHandle]:
         validate_capability(capability)
-        mbox, agent_id = (
-            ("", "") if agent is None else await self._agents.task_target(agent, capability)
-        )
-        rows: list[tuple[str, bytes, str]] = []
+        fixed_group: int | None = None
+        mbox, agent_id = "", ""
+        if agent is not None:
+            mbox, agent_id, fixed_group = await self._agents.task_target(agent, capability)
+        elif options.idempotency_key:
+            fixed_group = self.keys.key_group(options.idempotency_key)
+        payloads: list[tuple[bytes, str]] = []
         for kwargs in arguments:
             if not isinstance(kwargs, Mapping):
                 raise ConfigurationError(
                     f"submit_many takes mappings of keyword arguments, got {type(kwargs).__name__}"
                 )
             payload = protocol.encode_arguments(kwargs)
-            rows.append((protocol.new_id(), payload, protocol.child_traceparent(traceparent)))
-        if not rows:
+            payloads.append((payload, protocol.child_traceparent(traceparent)))
+        if not payloads:
             return []
-        self._ensure_reader()
-        head: list[str | int | bytes] = [
-            self.keys.prefix, protocol.now_ms(), int(self.settings.retention * 1000),
-            self.settings.queue_max_length, capability, options.priority,
-            *options.script_fields(), self._inbox, parent or "", options.idempotency_key or "",
-            mbox, agent_id,
-        ]  # fmt: skip
-        chunks = [rows[i : i + SUBMIT_CHUNK] for i in range(0, len(rows), SUBMIT_CHUNK)]
+        # Each chunk lives in one key group (one hash slot): an agent's tasks in its
+        # partition's group (their order is the mailbox's), an idempotent task in its
+        # key's group, other chunks in turn in every group, spreading the work.
+        chunks: list[tuple[int, list[tuple[str, bytes, str]]]] = []
+        for i in range(0, len(payloads), SUBMIT_CHUNK):
+            group = fixed_group if fixed_group is not None else self._take_group()
+            chunk = [(self.keys.new_task_id(group), *row) for row in payloads[i : i + SUBMIT_CHUNK]]
+            chunks.append((group, chunk))
+        calls: list[tuple[list[str], list[str | int | bytes]]] = []
+        now = protocol.now_ms()
+        for group, chunk in chunks:
+            self._ensure_reader(group)
+            head: list[str | int | bytes] = [
+                self.keys.group_prefix(group), now, int(self.settings.retention * 1000),
+                self.settings.queue_max_length, capability, options.priority,
+                *options.script_fields(), self.inbox(group), parent or "",
+                options.idempotency_key or "", mbox, agent_id,
+            ]  # fmt: skip
+            calls.append(([self.keys.delayed(group)], head + [f for row in chunk for f in row]))
         # Safe to re-send after a lost reply: the task ids are ours and the script
         # skips ids it already stored, so a retry never queues a task twice.
-        replies = await self._through_outages(lambda: self._run_submit(head, chunks))
-        return self._handles(capability, chunks, replies)
+        replies = await self._through_outages(lambda: self._run_submit(calls))
+        return self._handles(capability, [chunk for _, chunk in chunks], replies)
+
+    def _take_group(self) -> int:
+        self._next_group += 1
+        return self._next_group % self.keys.groups
+
+    def inbox(self, group: int) -> str:
+        """This client's inbox in a key group (finished tasks of that group land there)."""
+        return self.keys.inbox(self.client_id, group)
 
     async def _run_submit(
-        self, head: list[str | int | bytes], chunks: list[list[tuple[str, bytes, str]]]
+        self, calls: list[tuple[list[str], list[str | int | bytes]]]
     ) -> list[list[Any]]:
-        """One submit-script call per chunk, all in one pipeline."""
-        keys = [self.keys.delayed]
-        calls = [head + [field for row in chunk for field in row] for chunk in chunks]
+        """One submit-script call per chunk, all in one pipeline (and with
+        ``ack_replicas``, WAITs on the same connections: see shoal.replication)."""
+        acks = self.settings.ack_replicas
         async with self.errors():
-            if len(calls) == 1:
-                return [await self.scripts.submit(keys, calls[0])]
+            if len(calls) == 1 and not acks:
+                return [await self.scripts.submit(*calls[0])]
             pipe = self.redis.pipeline(transaction=False)
-            for args in calls:
+            for keys, args in calls:
                 self.scripts.submit.queue(pipe, keys, args)
+            waits = 0
+            if acks:
+                shard_keys = [keys[0] for keys, _ in calls]
+                waits = replication.queue_waits(
+                    pipe, self.redis, shard_keys, acks, self.settings.ack_timeout
+                )
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if waits:
+                replication.check_acks(replies[-waits:], acks, "the submitted task(s)")
+                replies = replies[:-waits]
             for index, reply in enumerate(replies):
                 if isinstance(reply, NoScriptError):  # engine restarted meanwhile: run again
-                    replies[index] = await self.scripts.submit(keys, calls[index])
+                    replies[index] = await self.scripts.submit(*calls[index])
                 elif isinstance(reply, Exception):
                     raise reply
         return replies
@@ -496,7 +555,7 @@ class Client:
                     raise TaskNotFound(task_id)  # (only if it appeared and vanished meanwhile)
                 if status.decode() in protocol.TERMINAL_STATUSES:
                     return _outcome(task_id, status.decode(), result, error, with_traceback)
-                if reply == self._inbox.encode():
+                if reply == self.inbox(self.keys.task_group(task_id)).encode():
                     arrived = await waiter
                     if arrived[0] in protocol.TERMINAL_STATUSES:
                         return _inbox_outcome(task_id, arrived, with_traceback)
@@ -542,12 +601,16 @@ class Client:
             if not futures:
                 del self._waiters[task_id]
 
-    def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_inbox(), name="shoal-inbox")
+    def _ensure_reader(self, group: int) -> None:
+        reader = self._readers.get(group)
+        if reader is None or reader.done():
+            self._readers[group] = asyncio.create_task(
+                self._read_inbox(self.inbox(group)), name=f"shoal-inbox-{group}"
+            )
 
-    async def _read_inbox(self) -> None:
-        """Wake local waiters as finished task ids arrive in this client's inbox.
+    async def _read_inbox(self, inbox: str) -> None:
+        """Wake local waiters as finished task ids arrive in this client's inbox (one
+        reader per key group the client submitted to: a blocking pop reads one slot).
 
         On an engine error every waiter is woken to re-read its record (which
         surfaces the error to it if the engine is still away), and reading resumes
@@ -557,7 +620,7 @@ class Client:
         while True:
             try:
                 popped = await self.blocking.execute_command(
-                    "BLMPOP", 0, 1, self._inbox, "LEFT", "COUNT", 1000
+                    "BLMPOP", 0, 1, inbox, "LEFT", "COUNT", 1000
                 )
                 delay = 0.05
             except redis.RedisError as exc:
@@ -609,7 +672,10 @@ class Client:
         key = self.keys.events(task_id)
         last = after or "0-0"
         async with self.errors():
-            status = await self.scripts.follow([self.keys.task(task_id)], [self.keys.prefix])
+            status = await self.scripts.follow(
+                [self.keys.task(task_id)],
+                [self.keys.group_prefix(self.keys.task_group(task_id))],
+            )
         if not status:
             await self._record(task_id)  # raises TaskNotFound
         final = status.decode() in protocol.TERMINAL_STATUSES
@@ -656,12 +722,13 @@ class Client:
         'cancelling' (it runs: the node running it is told, and it ends 'cancelled'),
         or 'already_<status>' when it had ended before (e.g. 'already_succeeded')."""
         protocol.validate_task_id(task_id)
+        group = self.keys.task_group(task_id)
         args: list[str | int] = [
-            self.keys.prefix, task_id, protocol.now_ms(), int(self.settings.retention * 1000),
-            self.keys.cancel_channel,
+            self.keys.group_prefix(group), task_id, protocol.now_ms(),
+            int(self.settings.retention * 1000), self.keys.cancel_channel(group),
         ]  # fmt: skip
         async with self.errors():
-            outcome: str = (await self.scripts.cancel([self.keys.delayed], args)).decode()
+            outcome: str = (await self.scripts.cancel([self.keys.delayed(group)], args)).decode()
         if outcome == "missing":
             await self._record(task_id)
         return outcome
@@ -669,8 +736,8 @@ class Client:
     async def dead_letters(self, capability: str, limit: int = 100) -> list[DeadLetter]:
         """Dead tasks of ``capability``, oldest first, with their error history."""
         validate_capability(capability)
+        entries = (await self._dead_entries(capability, limit))[:limit]
         async with self.errors():
-            entries = await self.redis.xrange(self.keys.dlq(capability), count=limit)
             pipe = self.redis.pipeline(transaction=False)
             for _, fields in entries:
                 pipe.hgetall(self.keys.task(fields[b"id"].decode()))
@@ -686,26 +753,40 @@ class Client:
         """Queue dead tasks again with fresh attempts: the given ids, or all of them."""
         validate_capability(capability)
         wanted = None if task_ids is None else {protocol.validate_task_id(t) for t in task_ids}
-        key = self.keys.dlq(capability)
-        async with self.errors():
-            entries = await self.redis.xrange(key)
-        pairs: list[str] = []
-        for entry_id, fields in entries:
+        pairs: dict[int, list[str]] = {}  # group -> (entry id, task id) pairs
+        found: set[str] = set()
+        for entry_id, fields in await self._dead_entries(capability, None):
             tid = fields[b"id"].decode()
             if wanted is None or tid in wanted:
-                pairs += [entry_id.decode(), tid]
-        if wanted is not None and (missing := wanted - set(pairs[1::2])):
+                pairs.setdefault(self.keys.task_group(tid), []).extend([entry_id.decode(), tid])
+                found.add(tid)
+        if wanted is not None and (missing := wanted - found):
             raise TaskNotFound(
                 f"not in the dead-letter queue of {capability!r}: {', '.join(sorted(missing))}"
             )
-        if not pairs:
-            return []
-        async with self.errors():
-            done = await self.scripts.redrive([key], [self.keys.prefix, protocol.now_ms(), *pairs])
-        redriven = [d.decode() for d in done]
+        redriven: list[str] = []
+        for group, group_pairs in sorted(pairs.items()):
+            args: list[str | int] = [self.keys.group_prefix(group), protocol.now_ms(), *group_pairs]
+            async with self.errors():
+                done = await self.scripts.redrive([self.keys.dlq(capability, group)], args)
+            redriven += [d.decode() for d in done]
         for task_id in redriven:  # an outcome this client kept is no longer the answer
             self._arrived.pop(task_id, None)
         return redriven
+
+    async def _dead_entries(
+        self, capability: str, limit: int | None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The dead-letter entries of every key group, oldest first (entry ids are
+        times, so the groups' streams merge by id)."""
+        async with self.errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for group in range(self.keys.groups):
+                pipe.xrange(self.keys.dlq(capability, group), count=limit)
+            streams = await pipe.execute()
+        entries = [entry for stream in streams for entry in stream]
+        entries.sort(key=lambda e: tuple(int(x) for x in e[0].split(b"-")))
+        return entries
 
     async def cluster(self) -> ClusterState:
         """Nodes (alive, suspect, dead; load; capabilities; heartbeat age) and queues

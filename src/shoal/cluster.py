@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 
-from shoal.keys import CONSUMER_GROUP, PRIORITIES
+from shoal.keys import CONSUMER_GROUP, PRIORITIES, slot_of
 
 OWNERSHIP_CHANGES_SHOWN = 5  # the most recent entries of the ownership stream
 
@@ -79,12 +80,22 @@ class OwnershipChange(msgspec.Struct, frozen=True):
     at: int  # epoch ms, by the clock of the node that made the change
 
 
+class KeyGroup(msgspec.Struct, frozen=True):
+    """Where one hash-tag group of the namespace lives (see shoal.keys)."""
+
+    group: int
+    tag: str
+    slot: int
+    shard: str = ""  # on a Cluster: host:port of the primary serving the slot
+
+
 class ClusterState(msgspec.Struct, frozen=True):
     nodes: tuple[NodeInfo, ...]
     queues: tuple[QueueInfo, ...]
     delayed: int
     agent_types: tuple[AgentTypeStatus, ...] = ()
     ownership: tuple[OwnershipChange, ...] = ()  # newest first
+    key_groups: tuple[KeyGroup, ...] = ()
 
 
 def _text(record: dict[bytes, bytes], field: str, default: str = "") -> str:
@@ -121,9 +132,11 @@ def node_info(node_id: str, record: dict[bytes, bytes], now_ms: int) -> NodeInfo
 
 
 async def read_cluster(client: Any) -> ClusterState:
-    """Nodes (live and recently dead), every known capability's queues, and every
-    registered agent type's partition owners and backlog."""
+    """Nodes (live and recently dead), every known capability's queues, every
+    registered agent type's partition owners and backlog, and where the key groups
+    live. Per-group keys (queues, delayed tasks, counters) are summed over groups."""
     keys, r = client.keys, client.redis
+    groups = range(keys.groups)
     now = int(time.time() * 1000)
     async with client.errors():
         live = [m.decode() for m in await r.zrange(keys.nodes, 0, -1)]
@@ -133,10 +146,14 @@ async def read_cluster(client: Any) -> ClusterState:
         ids = live + [d for d in dead if d not in live]
         for node_id in ids:
             pipe.hgetall(keys.node(node_id))
-        pipe.zcard(keys.delayed)
-        pipe.hgetall(keys.stats)
+        for group in groups:
+            pipe.zcard(keys.delayed(group))
+        for group in groups:
+            pipe.hgetall(keys.stats(group))
         replies = await pipe.execute()
-        records, delayed, stats = replies[: len(ids)], replies[-2], replies[-1]
+        records = replies[: len(ids)]
+        delayed = sum(replies[len(ids) : len(ids) + keys.groups])
+        stats = _sum_counters(replies[len(ids) + keys.groups :])
         queues = [
             await _queue(client, cap, prio, stats, now)
             for cap in capabilities
@@ -146,28 +163,53 @@ async def read_cluster(client: Any) -> ClusterState:
     agent_types, ownership = await _agent_plane(client)
     return ClusterState(
         nodes=nodes, queues=tuple(q for q in queues if q), delayed=int(delayed),
-        agent_types=agent_types, ownership=ownership,
+        agent_types=agent_types, ownership=ownership, key_groups=key_groups(client),
     )  # fmt: skip
+
+
+def key_groups(client: Any) -> tuple[KeyGroup, ...]:
+    """Each key group's tag and slot, and on a Cluster the primary serving it."""
+    keys, conn = client.keys, client.redis
+    out = []
+    for group, tag in enumerate(keys.tags):
+        shard = ""
+        if isinstance(conn, RedisCluster):
+            node = conn.get_node_from_key(keys.delayed(group))
+            shard = node.name if node is not None else "?"
+        out.append(KeyGroup(group=group, tag=tag, slot=slot_of(tag), shard=shard))
+    return tuple(out)
+
+
+def _sum_counters(hashes: list[dict[bytes, bytes]]) -> dict[bytes, bytes]:
+    total: dict[bytes, int] = {}
+    for counters in hashes:
+        for name, value in counters.items():
+            total[name] = total.get(name, 0) + int(value)
+    return {name: str(value).encode() for name, value in total.items()}
 
 
 async def _agent_plane(
     client: Any,
 ) -> tuple[tuple[AgentTypeStatus, ...], tuple[OwnershipChange, ...]]:
-    """Per registered type: lease holders (one MGET of its lease keys, whose names the
+    """Per registered type: lease holders (GETs of its lease keys, whose names the
     partition count gives, so no SCAN of the keyspace) and mailbox backlog (XLEN of
-    each mailbox, pipelined); then the latest ownership changes."""
+    each mailbox, pipelined); then the latest ownership changes of every group."""
     keys, r = client.keys, client.redis
     types = await client.agent_types()
     async with client.errors():
         # Read, not Client.partitions(): that one fixes the count of a new namespace.
         raw_count = await r.hget(keys.config, "partitions")
-        entries = await r.xrevrange(keys.ownership, count=OWNERSHIP_CHANGES_SHOWN)
+        pipe = r.pipeline(transaction=False)
+        for group in range(keys.groups):
+            pipe.xrevrange(keys.ownership(group), count=OWNERSHIP_CHANGES_SHOWN)
+        logs = await pipe.execute()
         partitions = int(raw_count or 0)
         replies: list[Any] = []
         if types and partitions:
             pipe = r.pipeline(transaction=False)
             for name in sorted(types):
-                pipe.mget([keys.lease(name, p) for p in range(partitions)])
+                for p in range(partitions):
+                    pipe.get(keys.lease(name, p))  # not MGET: partitions span slots
                 for p in range(partitions):
                     pipe.xlen(keys.mailbox(name, p))
             replies = await pipe.execute()
@@ -175,8 +217,9 @@ async def _agent_plane(
     for index, name in enumerate(sorted(types)):
         leases, backlog = [], 0
         if replies:
-            base = index * (partitions + 1)
-            leases, backlog = replies[base], sum(replies[base + 1 : base + 1 + partitions])
+            base = index * 2 * partitions
+            leases = replies[base : base + partitions]
+            backlog = sum(replies[base + partitions : base + 2 * partitions])
         owners: dict[str, int] = {}
         for value in leases:
             if value:  # '<node id> <token>'
@@ -191,7 +234,13 @@ async def _agent_plane(
                 backlog=int(backlog),
             )
         )  # fmt: skip
-    return tuple(statuses), tuple(_ownership_change(i, f) for i, f in entries)
+    entries = sorted((e for log in logs for e in log), key=_entry_order, reverse=True)
+    changes = tuple(_ownership_change(i, f) for i, f in entries[:OWNERSHIP_CHANGES_SHOWN])
+    return tuple(statuses), changes
+
+
+def _entry_order(entry: tuple[bytes, Any]) -> tuple[int, ...]:
+    return tuple(int(x) for x in entry[0].split(b"-"))
 
 
 def _ownership_change(entry_id: bytes, fields: dict[bytes, bytes]) -> OwnershipChange:
@@ -205,22 +254,31 @@ def _ownership_change(entry_id: bytes, fields: dict[bytes, bytes]) -> OwnershipC
 async def _queue(
     client: Any, capability: str, priority: str, stats: dict[bytes, bytes], now: int
 ) -> QueueInfo | None:
+    """One capability and priority, summed over the key groups' streams."""
     keys, r = client.keys, client.redis
-    key = keys.queue(capability, priority)
-    if not await r.exists(key):
+    depth = pending = consumers = dlq = 0
+    oldest: float | None = None
+    seen = False
+    for group in range(keys.groups):
+        key = keys.queue(capability, priority, group)
+        if not await r.exists(key):
+            continue
+        seen = True
+        pipe = r.pipeline(transaction=False)
+        pipe.xlen(key)
+        pipe.xrange(key, count=1)
+        pipe.xlen(keys.dlq(capability, group))
+        length, first, dead = await pipe.execute()
+        depth, dlq = depth + length, dlq + dead
+        for info in await r.xinfo_groups(key):
+            if info["name"] == CONSUMER_GROUP.encode():
+                pending += int(info["pending"])
+                consumers = max(consumers, int(info["consumers"]))
+        if first:
+            age = round(max(0.0, (now - int(first[0][0].split(b"-")[0])) / 1000), 2)
+            oldest = age if oldest is None else max(oldest, age)
+    if not seen:
         return None
-    pipe = r.pipeline(transaction=False)
-    pipe.xlen(key)
-    pipe.xrange(key, count=1)
-    pipe.xlen(keys.dlq(capability))
-    depth, first, dlq = await pipe.execute()
-    pending, consumers = 0, 0
-    for group in await r.xinfo_groups(key):
-        if group["name"] == CONSUMER_GROUP.encode():
-            pending, consumers = int(group["pending"]), int(group["consumers"])
-    oldest = None
-    if first:
-        oldest = round(max(0.0, (now - int(first[0][0].split(b"-")[0])) / 1000), 2)
     if priority != "normal" and depth == 0 and not dlq:
         return None  # keep the table short: empty high/low queues are not shown
     return QueueInfo(

@@ -22,67 +22,70 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.retry import Retry as SyncRetry
 
-from shoal.errors import ConfigurationError, EngineError, EngineUnavailable
+from shoal.addresses import EngineAddress, mask_url, parse
+from shoal.errors import EngineError, EngineUnavailable
 
 RECORD_FILE = "engine.json"
 LOCK_FILE = "engine.lock"
 LOG_FILE = "engine.log"
 START_TIMEOUT_S = 15.0
-_SCHEMES = ("redis", "rediss", "unix")
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" if user else f":***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def validate_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme not in _SCHEMES:
-        raise ConfigurationError(
-            f"engine URL {mask_url(url)!r} has scheme {scheme!r}: use redis://, rediss:// "
-            "or unix:// (for example redis://:password@127.0.0.1:6379/0)"
-        )
+    """Check an engine URL's form (see shoal.addresses for the forms accepted)."""
+    parse(url)
     return url
 
 
 COMMAND_TIMEOUT_S = 30.0  # a reply slower than this means the engine is in trouble
 COMMAND_POOL_SIZE = 32  # plenty for pipelined work; waiters queue for a free one
+# How often a command retries a lost connection, and how long between tries: long
+# enough together (~6 s) to ride out a Sentinel failover or a Cluster shard restart.
+RETRIES = 8
+RETRY_CAP_S = 1.0
+
+
+def _retry_options() -> dict[str, Any]:
+    # Only connection errors are retried: a timed-out script may have run, and
+    # running a submit twice would queue a task twice.
+    return {
+        "retry": AsyncRetry(ExponentialBackoff(cap=RETRY_CAP_S, base=0.05), retries=RETRIES),
+        "retry_on_error": [redis.ConnectionError],
+    }
 
 
 def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
-    """An async connection pool to ``url``, retrying transient connection errors.
+    """An async client for ``url``: one server, a Cluster or a Sentinel-managed primary.
 
     Commands share a bounded pool whose callers wait for a free connection (so
     20,000 concurrent awaits never open 20,000 sockets). Blocking reads (XREAD
     BLOCK, BLPOP) hold their connection while they wait, so they get a separate,
     unbounded pool and can never starve ordinary commands.
+
+    A Cluster client is typed as ``Redis`` here: it answers the same commands
+    (routed by key slot), and Shoal's code never uses what differs.
     """
-    validate_url(url)
-    # Only connection errors are retried: a timed-out script may have run, and
-    # running a submit twice would queue a task twice.
+    address = parse(url)
     options: dict[str, Any] = {
-        "retry": AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        "retry_on_error": [redis.ConnectionError],
+        **_retry_options(),
         "socket_connect_timeout": 5,
         "socket_timeout": None if for_blocking else COMMAND_TIMEOUT_S,
     }
+    if address.kind == "cluster":
+        return cast(aioredis.Redis, _open_cluster(address, options))
+    if address.kind == "sentinel":
+        return _open_sentinel(address, options)
     if urlsplit(url).scheme != "unix":
         options["socket_keepalive"] = True  # TCP only
     if not for_blocking:
@@ -93,12 +96,114 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **options)
 
 
-def translate(exc: redis.RedisError, url: str) -> Exception:
+def _open_cluster(address: EngineAddress, options: dict[str, Any]) -> AsyncRedisCluster:
+    """redis-py's Cluster client follows MOVED/ASK itself; a lost shard connection
+    makes it reload the slot map and retry (``retry``), which rides out a restart."""
+    from redis.asyncio.cluster import ClusterNode
+
+    retry = options.pop("retry")
+    options.pop("retry_on_error")
+    return AsyncRedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in address.hosts],
+        username=address.username, password=address.password, ssl=address.tls,
+        retry=retry, socket_keepalive=True, **options,
+    )  # fmt: skip
+
+
+def _open_sentinel(address: EngineAddress, options: dict[str, Any]) -> aioredis.Redis:
+    """The current primary, asked of the Sentinels on every new connection: after a
+    failover, connections to the old primary fail (or answer READONLY, which redis-py
+    turns into a connection error) and the retry connects to the new one."""
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(address.hosts),
+        sentinel_kwargs=_sentinel_kwargs(address),
+        username=address.username, password=address.password, ssl=address.tls, db=address.db,
+        socket_keepalive=True, **options,
+    )  # fmt: skip
+    primary: _SentinelPrimary = sentinel.master_for(address.service, redis_class=_SentinelPrimary)
+    primary.sentinel_clients = list(sentinel.sentinels)
+    return primary
+
+
+class _SentinelPrimary(aioredis.Redis):
+    """The primary's client, which also closes its connections to the Sentinels
+    (redis-py leaves them open when the client is closed)."""
+
+    sentinel_clients: list[aioredis.Redis]
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for client in getattr(self, "sentinel_clients", ()):
+            await client.aclose()
+
+
+class _SyncSentinelPrimary(redis.Redis):
+    """As ``_SentinelPrimary``, for the blocking client."""
+
+    sentinel_clients: list[redis.Redis]
+
+    def close(self) -> None:
+        super().close()
+        for client in getattr(self, "sentinel_clients", ()):
+            client.close()
+
+
+def _sentinel_kwargs(address: EngineAddress) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 2, "ssl": address.tls}
+    if address.sentinel_password:
+        kwargs["password"] = address.sentinel_password
+    return kwargs
+
+
+def open_sync_connection(url: str, *, timeout: float) -> redis.Redis:
+    """A blocking client for the threads that must not share the event loop (lease
+    keeper, heartbeat): same topologies as ``open_connection``, ``timeout`` on every
+    socket operation, no retries (the callers decide what a failure means)."""
+    address = parse(url)
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if address.kind == "cluster":
+        from redis.cluster import ClusterNode as SyncClusterNode
+        from redis.cluster import RedisCluster
+
+        cluster = RedisCluster(
+            startup_nodes=[
+                SyncClusterNode(host, port)  # type: ignore[no-untyped-call]
+                for host, port in address.hosts
+            ],
+            username=address.username, password=address.password, ssl=address.tls,
+            retry=SyncRetry(NoBackoff(), retries=1), **options,
+        )  # fmt: skip
+        return cast(redis.Redis, cluster)
+    if address.kind == "sentinel":
+        from redis.sentinel import Sentinel as SyncSentinel
+
+        sentinel = SyncSentinel(  # type: ignore[no-untyped-call]
+            list(address.hosts),
+            sentinel_kwargs=_sentinel_kwargs(address),
+            username=address.username, password=address.password, ssl=address.tls,
+            db=address.db, **options,
+        )  # fmt: skip
+        primary: _SyncSentinelPrimary = sentinel.master_for(  # type: ignore[no-untyped-call]
+            address.service, redis_class=_SyncSentinelPrimary
+        )
+        primary.sentinel_clients = list(sentinel.sentinels)
+        return primary
+    return redis.Redis.from_url(url, **options)
+
+
+def engine_kind(url: str) -> str:
+    """'standalone', 'cluster' or 'sentinel'."""
+    return parse(url).kind
+
+
+def translate(exc: redis.RedisError | RedisClusterException, url: str) -> Exception:
     """Map an engine client error onto Shoal's exceptions, naming the (masked) URL."""
     where = mask_url(url)
     if isinstance(exc, redis.AuthenticationError):
         return EngineUnavailable(f"engine at {where} refused the credentials: {exc}")
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | ClusterDownError):
         return EngineUnavailable(f"cannot reach the engine at {where}: {exc}")
     return EngineError(f"engine at {where} answered with an error: {exc}")
 
@@ -121,7 +226,7 @@ class engine_errors:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if isinstance(exc, redis.RedisError):
+        if isinstance(exc, redis.RedisError | RedisClusterException):
             raise translate(exc, self.url) from None
 
     async def __aenter__(self) -> None:
@@ -366,12 +471,15 @@ def resolve_url(url: str | None, data_dir: str | Path) -> str:
 
 
 def describe(url: str) -> dict[str, Any]:
-    """Server facts for status output."""
-    with engine_errors(url), redis.Redis.from_url(url, socket_connect_timeout=2) as conn:
+    """Server facts for status output (of the node the client reaches first)."""
+    with engine_errors(url), open_sync_connection(url, timeout=2) as conn:
         info = conn.info("server")
         mem = conn.info("memory")
+    if info and all(isinstance(v, dict) for v in info.values()):  # per node: take one
+        info, mem = next(iter(info.values())), next(iter(mem.values()))
     return {
         "url": mask_url(url),
+        "topology": engine_kind(url),
         "server": info.get("server_name", "redis"),
         "version": info.get("valkey_version") or info.get("redis_version"),
         "pid": info.get("process_id"),

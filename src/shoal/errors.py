@@ -133,3 +133,9 @@ class RequestFailed(ShoalError):
 
 class StaleOwner(ShoalError):
     """The partition's lease moved to another node: this node's turn was not recorded."""
+
+
+class ReplicationTimeout(EngineError):
+    """Fewer replicas than ``ack_replicas`` acknowledged a write within ``ack_timeout``.
+    The primary has the write (it is not undone): a failover before the replicas
+    catch up could lose it. Re-submitting with the same idempotency key is safe."""

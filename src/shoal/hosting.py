@@ -27,15 +27,16 @@ import functools
 import inspect
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
 from shoal import protocol
 from shoal.agent import Agent, MessageSpec, TaskContext, current_context
 from shoal.batching import Coalescer
+from shoal.channels import ShardSubscription
 from shoal.engine import translate
 from shoal.errors import EngineError, EngineUnavailable, SerializationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome, error_info, failure_outcome
@@ -46,6 +47,7 @@ from shoal.resilience import Backoff
 if TYPE_CHECKING:
     from shoal.node import Node
 
+T = TypeVar("T")
 log = logging.getLogger("shoal.agents")
 
 READ_BATCH = 500  # mailbox entries per XREAD and stream, at most
@@ -151,7 +153,6 @@ class AgentHost:
     def __init__(self, node: Node, types: list[type[Agent]]) -> None:
         self.node = node
         self.client = node.client
-        self.keys = node.keys
         self.types = {t.agent_type: t for t in types}
         config = node.config
         self.max_active = config.max_active_agents
@@ -166,8 +167,9 @@ class AgentHost:
         self.running_tasks: dict[str, Attempt] = {}
         self._buffered = 0
         self._room = asyncio.Event()
-        self._ownership_changed = asyncio.Event()
-        self._read: asyncio.Future[Any] | None = None
+        # per key group: a blocking read covers one slot, so each group has a reader
+        self._ownership_changed: dict[int, asyncio.Event] = {}
+        self._reads: dict[int, asyncio.Future[Any]] = {}
         self._stopping = False
         self._handing_back = False  # draining past the grace period: start no more turns
         self._evicting = False
@@ -189,6 +191,11 @@ class AgentHost:
 
     # --- lifecycle -------------------------------------------------------------------
 
+    @property
+    def keys(self) -> Any:
+        """The client's key layout (known once it connected: the group count)."""
+        return self.node.keys
+
     async def start(self) -> None:
         """Before the node's loops: learn the partition count, start the lease keeper."""
         self.partitions = await self.client.partitions()
@@ -207,7 +214,8 @@ class AgentHost:
 
     async def run(self, closing: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._read_loop(closing))
+            for key_group in range(self.keys.groups):
+                group.create_task(self._read_loop(key_group, closing))
             group.create_task(self._housekeeping(closing))
             group.create_task(self._broadcast_listener(closing))
             group.create_task(self._watch_leases(closing))
@@ -365,12 +373,16 @@ class AgentHost:
             self._mailboxes.pop(self.keys.mailbox(*part), None)
         for act in [a for a in self.activations.values() if a.part in owned]:
             self._abandon(act)  # still busy (e.g. a broadcast turn): not ours any more
-        args: list[Any] = [self.keys.prefix, self.node.node_id, 1, protocol.now_ms()]
+        by_group: dict[int, list[Any]] = {}
         for (agent_type, p), token in owned.items():
-            args += ["release", agent_type, p, token]
+            by_group.setdefault(self.keys.partition_group(p), []).extend(
+                ["release", agent_type, p, token]
+            )
         try:
-            async with self.client.errors():
-                await self.client.scripts.lease([self.keys.lease_tokens], args)
+            for key_group, ops in by_group.items():
+                args = [self.keys.group_prefix(key_group), self.node.node_id, 1, protocol.now_ms()]
+                async with self.client.errors():
+                    await self.client.scripts.lease([self.keys.lease_tokens(key_group)], args + ops)
         except ShoalError as exc:
             log.warning(
                 "releasing %d partition(s) failed (they expire instead): %s", len(owned), exc
@@ -382,32 +394,36 @@ class AgentHost:
     # --- reading mailboxes ---------------------------------------------------------------
 
     def _wake_reader(self) -> None:
-        self._ownership_changed.set()
-        if self._read is not None and not self._read.done():
-            asyncio.get_running_loop().call_soon(self._read.cancel)
+        for changed in self._ownership_changed.values():
+            changed.set()
+        for read in self._reads.values():
+            if not read.done():
+                asyncio.get_running_loop().call_soon(read.cancel)
 
-    async def _read_loop(self, closing: asyncio.Event) -> None:
+    async def _read_loop(self, key_group: int, closing: asyncio.Event) -> None:
+        """Read the mailboxes of the owned partitions of one key group."""
         backoff = Backoff()
+        groups = self.keys.groups
+        changed = self._ownership_changed.setdefault(key_group, asyncio.Event())
         while not closing.is_set() and not self._stopping:
             streams = {
                 self.keys.mailbox(*part): state.last_id
                 for part, state in self._parts.items()
-                if not state.releasing
+                if not state.releasing and part[1] % groups == key_group
             }
-            room = self._buffer_limit - self._buffered
+            # the buffer's room is shared among the groups' readers
+            room = (self._buffer_limit - self._buffered) // groups
             if not streams or room <= 0:
-                self._ownership_changed.clear()
+                changed.clear()
                 self._room.clear()
-                waiters = [
-                    asyncio.ensure_future(e.wait()) for e in (self._ownership_changed, self._room)
-                ]
+                waiters = [asyncio.ensure_future(e.wait()) for e in (changed, self._room)]
                 waiters.append(asyncio.ensure_future(closing.wait()))
                 _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in pending:
                     waiter.cancel()
                 continue
-            self._ownership_changed.clear()
-            self._read = asyncio.ensure_future(
+            changed.clear()
+            read = self._reads[key_group] = asyncio.ensure_future(
                 self.client.blocking.xread(
                     # COUNT is per stream: the room is shared among the streams (at
                     # least a few each, so one busy partition is not read 1 by 1;
@@ -418,7 +434,7 @@ class AgentHost:
                 )
             )
             try:
-                reply = await self._read
+                reply = await read
             except asyncio.CancelledError:
                 if closing.is_set() or self._stopping:
                     return
@@ -433,7 +449,7 @@ class AgentHost:
                 await asyncio.sleep(delay)  # back-off while the engine is away
                 continue
             finally:
-                self._read = None
+                self._reads.pop(key_group, None)
             backoff.reset()
             for stream, entries in reply or ():
                 self._take(stream.decode(), entries)
@@ -779,30 +795,59 @@ class AgentHost:
             return await pipe.execute()  # type: ignore[no-any-return]
 
     async def _begin_batch(self, items: list[tuple[Message, int]]) -> list[list[Any]]:
-        args: list[Any] = [
-            self.keys.prefix, protocol.now_ms(), int(self.client.settings.retention * 1000),
-            _EXPIRED, self.node.node_id,
-        ]  # fmt: skip
-        for message, token in items:
-            args += [message.part[0], message.part[1], token, message.task_id]
-        async with self.client.errors():
-            verdicts: list[list[Any]] = await self.client.scripts.turn_begin(
-                [self.keys.delayed], args, on=self.client.blocking
-            )
-        return verdicts
+        async def begin(key_group: int, batch: list[tuple[Message, int]]) -> list[Any]:
+            args: list[Any] = [
+                self.keys.group_prefix(key_group), protocol.now_ms(),
+                int(self.client.settings.retention * 1000), _EXPIRED, self.node.node_id,
+            ]  # fmt: skip
+            for message, token in batch:
+                args += [message.part[0], message.part[1], token, message.task_id]
+            async with self.client.errors():
+                verdicts: list[Any] = await self.client.scripts.turn_begin(
+                    [self.keys.delayed(key_group)], args, on=self.client.blocking
+                )
+            return verdicts
+
+        return await self._per_group(items, lambda item: item[0].part[1], begin)
 
     async def _commit_batch(self, items: list[_Commit]) -> list[int]:
-        args: list[Any] = [
-            self.keys.prefix, protocol.now_ms(), int(self.client.settings.retention * 1000),
-            self.node.node_id,
-        ]  # fmt: skip
-        for item in items:
-            args += item.fields()
-        async with self.client.errors():
-            committed: list[int] = await self.client.scripts.turn_end(
-                [self.keys.delayed], args, on=self.client.blocking
-            )
-        return committed
+        async def commit(key_group: int, batch: list[_Commit]) -> list[Any]:
+            args: list[Any] = [
+                self.keys.group_prefix(key_group), protocol.now_ms(),
+                int(self.client.settings.retention * 1000), self.node.node_id,
+            ]  # fmt: skip
+            for item in batch:
+                args += item.fields()
+            async with self.client.errors():
+                committed: list[Any] = await self.client.scripts.turn_end(
+                    [self.keys.delayed(key_group)], args, on=self.client.blocking
+                )
+            return committed
+
+        return await self._per_group(items, lambda item: item.part[1], commit)
+
+    async def _per_group(
+        self,
+        items: list[T],
+        partition: Callable[[T], int],
+        run: Callable[[int, list[T]], Awaitable[list[Any]]],
+    ) -> list[Any]:
+        """Run a batch script once per key group (a script runs in one slot), the
+        groups concurrently, and give the replies back in the items' order."""
+        groups = self.keys.groups
+        if groups == 1:
+            return await run(0, items)
+        positions: dict[int, list[int]] = {}
+        for index, item in enumerate(items):
+            positions.setdefault(partition(item) % groups, []).append(index)
+        replies = await asyncio.gather(
+            *(run(g, [items[i] for i in idx]) for g, idx in positions.items())
+        )
+        out: list[Any] = [None] * len(items)
+        for idx, reply in zip(positions.values(), replies, strict=True):
+            for i, value in zip(idx, reply, strict=True):
+                out[i] = value
+        return out
 
     # --- deactivation, directory, broadcasts ----------------------------------------------
 
@@ -942,20 +987,19 @@ class AgentHost:
     async def _broadcast_listener(self, closing: asyncio.Event) -> None:
         backoff = Backoff()
         while not closing.is_set() and not self._stopping:
-            pubsub = self.client.blocking.pubsub(ignore_subscribe_messages=True)
+            subscription = ShardSubscription(self.client.blocking, [self.keys.broadcast_channel])
             try:
-                await pubsub.subscribe(self.keys.broadcast_channel)
+                await subscription.open()
                 backoff.reset()
                 while not closing.is_set() and not self._stopping:
-                    raw = await pubsub.get_message(timeout=0.5)
-                    if raw is not None:
-                        self._on_broadcast(raw["data"])
+                    data = await subscription.next(timeout=0.5)
+                    if data is not None:
+                        self._on_broadcast(data)
             except redis.RedisError as exc:
                 log.warning("broadcast listener: %s; reconnecting", translate(exc, self.client.url))
                 await _wait(closing, backoff.next_delay())
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                await subscription.close()
 
     def _on_broadcast(self, data: bytes) -> None:
         try:

@@ -1,52 +1,71 @@
 """The whole key schema, in one place.
 
-Every key of a namespace starts with ``shoal:{<namespace>}:``. The braces are a
-Redis Cluster hash tag: all keys of one namespace live in one hash slot, so the Lua
-scripts (which build task keys from ids inside the script, from the prefix passed
-as an argument) are valid on Cluster too. Spreading a namespace over shards is a
-later step (issue 5); only this module and the scripts' prefix argument change then.
+A namespace's keys spread over ``groups`` hash tags (fixed when the namespace is
+first used: 1 on a standalone server or Sentinel group, 16 on a Cluster). Every key
+that a Lua script, MULTI or multi-key command touches together shares one tag, so
+every such operation runs inside one hash slot — on one shard of a Cluster:
 
-| key                         | type        | holds                                        |
-|-----------------------------|-------------|----------------------------------------------|
-| task:<id>                   | hash        | the task record (protocol.TaskInfo reads it) |
-| events:<id>                 | stream      | the task's events; 'done' ends it if the     |
-|                             |             | task emitted events or a client follows it   |
-| queue:<capability>:<prio>   | stream      | ids of queued tasks; consumer group "nodes"  |
-| delayed                     | sorted set  | task id -> due time (ms) for delays/retries  |
-| dlq:<capability>            | stream      | dead tasks: id, reason                       |
-| idem:<key>                  | string      | task id for an idempotency key (with TTL)    |
-| capability:<name>           | hash        | per-capability settings published by nodes   |
-| hosts:<capability>          | sorted set  | node id -> last heartbeat (ms)               |
-| capabilities                | set         | every capability any node ever hosted        |
-| nodes                       | sorted set  | live node id -> last heartbeat (ms)          |
-| node:<id>                   | hash        | node description, load, state                |
-| dead_nodes                  | sorted set  | node id -> when declared dead (last hour)    |
-| stats                       | hash        | counters, e.g. duplicates:<capability>       |
-| inbox:<client id>           | list        | ids of finished tasks a client waits for     |
-| cancel                      | pub/sub     | ids of tasks whose cancellation was asked    |
-| config                      | hash        | namespace settings fixed at creation         |
-|                             |             | (partitions)                                 |
-| agent_types                 | hash        | agent type -> its description (msgpack:      |
-|                             |             | capabilities, handlers, subscriptions)       |
-| agent_hosts:<type>          | sorted set  | node id -> last heartbeat, nodes hosting it  |
-| mailbox:<type>:<p>          | stream      | partition p's messages and addressed tasks,  |
-|                             |             | in arrival order; deleted once processed     |
-| lease:<type>:<p>            | string      | '<node id> <token>' of the partition's owner |
-|                             |             | (PX: expires unless renewed)                 |
-| lease_tokens                | hash        | '<type>:<p>' -> last fencing token issued    |
-| state:<type>:<p>            | hash        | agent id -> msgpack state, for partition p   |
-| active:<node>               | hash        | agent id -> msgpack [activated, last message]|
-|                             |             | of the agents active on that node            |
-| subscribers:<topic>         | set         | agent types subscribed to the topic          |
-| ownership                   | stream      | partition ownership changes (capped)         |
-| broadcast                   | pub/sub     | messages for every active agent of a type    |
+* the **control** keys (nodes, capabilities, agent types, the directory) live
+  under ``shoal:{<namespace>}:`` — group 0's prefix;
+* a **task** lives in the group its id names (``task_group``): its record, its
+  events, the queue entry that carries it, the delayed set, the dead letters, the
+  submitter's reply inbox (one per group), the idempotency key that found it;
+* an **agent partition** p lives in group ``p % groups``: its mailbox, its lease,
+  its fencing tokens and its agents' state — and tasks addressed to its agents.
+
+With one group every key shares the namespace's tag (one slot). With more, group
+g's tag ``<namespace>/<n>`` is chosen so that the groups' slots are evenly spaced
+over the 16,384 slots: a Cluster whose shards own equal slot ranges gets an equal
+share of the groups (``shoal status`` shows the spread).
+
+| key                         | group   | type        | holds                                |
+|-----------------------------|---------|-------------|--------------------------------------|
+| task:<id>                   | task's  | hash        | the task record (TaskInfo reads it)  |
+| events:<id>                 | task's  | stream      | the task's events; 'done' ends it if |
+|                             |         |             | it emitted events or a client        |
+|                             |         |             | follows it                           |
+| queue:<capability>:<prio>   | each    | stream      | ids of queued tasks; consumer group  |
+|                             |         |             | "nodes"                              |
+| delayed                     | each    | sorted set  | task id -> due time (ms)             |
+| dlq:<capability>            | each    | stream      | dead tasks: id, reason               |
+| idem:<key>                  | key's   | string      | task id for an idempotency key (TTL) |
+| capability:<name>           | each    | hash        | per-capability settings published by |
+|                             |         |             | nodes (a copy in every group)        |
+| stats                       | each    | hash        | counters, e.g. duplicates:<cap>      |
+| inbox:<client id>           | each    | list        | '<id> <status> <outcome>' of finished|
+|                             |         |             | tasks the client waits for           |
+| cancel                      | each    | shard chan. | ids of tasks whose cancellation was  |
+|                             |         |             | asked (SPUBLISH)                     |
+| mailbox:<type>:<p>          | p's     | stream      | partition p's messages and addressed |
+|                             |         |             | tasks; deleted once processed        |
+| lease:<type>:<p>            | p's     | string      | '<node id> <token>' of the owner (PX)|
+| lease_tokens                | each    | hash        | '<type>:<p>' -> last token issued    |
+| state:<type>:<p>            | p's     | hash        | agent id -> msgpack state            |
+| hosts:<capability>          | control | sorted set  | node id -> last heartbeat (ms)       |
+| capabilities                | control | set         | every capability any node hosted     |
+| nodes                       | control | sorted set  | live node id -> last heartbeat (ms)  |
+| node:<id>                   | control | hash        | node description, load, state        |
+| dead_nodes                  | control | sorted set  | node id -> when declared dead        |
+| config                      | control | hash        | fixed at creation: partitions, groups|
+| agent_types                 | control | hash        | agent type -> description (msgpack)  |
+| agent_hosts:<type>          | control | sorted set  | node id -> last heartbeat            |
+| active:<node>               | control | hash        | agent id -> [activated, last message]|
+| subscribers:<topic>         | control | set         | agent types subscribed to the topic  |
+| ownership                   | each    | stream      | partition ownership changes (capped) |
+| broadcast                   | control | shard chan. | messages for every active agent of a |
+|                             |         |             | type (SPUBLISH)                      |
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import zlib
+
+from redis.crc import key_slot
 
 from shoal.errors import ConfigurationError
+from shoal.protocol import new_id
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 CONSUMER_GROUP = "nodes"
@@ -71,38 +90,140 @@ def validate_priority(priority: str) -> str:
     return priority
 
 
-class Keys:
-    """Key names for one namespace."""
+SLOTS = 16384  # Redis Cluster's hash slots
+MAX_GROUPS = 256
+CLUSTER_GROUPS = 16  # the default on a Cluster: enough to spread over a few dozen shards
 
-    def __init__(self, namespace: str) -> None:
+
+def validate_groups(groups: int) -> int:
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 1 <= groups <= MAX_GROUPS:
+        raise ConfigurationError(
+            f"hash tag groups must be a whole number from 1 to {MAX_GROUPS}, got {groups!r}"
+        )
+    return groups
+
+
+@functools.lru_cache(maxsize=64)
+def group_tags(namespace: str, groups: int) -> tuple[str, ...]:
+    """The hash tag of each group: the namespace itself for group 0, then tags
+    ``<namespace>/<n>`` whose slots fall one in each of ``groups`` equal stripes of
+    the slot range (measured from group 0's slot), so the groups spread evenly over
+    shards that own equal slot ranges. Found by trying n = 0, 1, 2, …: about
+    groups·ln(groups) CRC16s, once per process."""
+    validate_groups(groups)
+    base = key_slot(namespace.encode())
+    tags: list[str | None] = [namespace] + [None] * (groups - 1)
+    missing, n = groups - 1, 0
+    while missing:
+        tag = f"{namespace}/{n}"
+        stripe = (key_slot(tag.encode()) - base) % SLOTS * groups // SLOTS
+        if tags[stripe] is None:
+            tags[stripe] = tag
+            missing -= 1
+        n += 1
+    return tuple(t for t in tags if t is not None)
+
+
+def slot_of(tag: str) -> int:
+    return key_slot(tag.encode())
+
+
+class Keys:
+    """Key names for one namespace spread over ``groups`` hash tags."""
+
+    def __init__(self, namespace: str, groups: int = 1) -> None:
         self.namespace = namespace
-        self.prefix = f"shoal:{{{namespace}}}:"
+        self.groups = validate_groups(groups)
+        self.tags = group_tags(namespace, groups)
+        self.prefixes = tuple(f"shoal:{{{tag}}}:" for tag in self.tags)
+        self.prefix = self.prefixes[0]  # the control keys' prefix (and group 0's)
+
+    # --- groups ----------------------------------------------------------------------
+
+    def task_group(self, task_id: str) -> int:
+        """The group a task id names: hex digits 12-15 (its first random ones)."""
+        if self.groups == 1:
+            return 0
+        return int(task_id[12:16], 16) % self.groups
+
+    def new_task_id(self, group: int) -> str:
+        """A new time-ordered task id (see protocol.new_id) that lives in ``group``."""
+        task_id = new_id()
+        if self.groups == 1:
+            return task_id
+        high = int(task_id[12:16], 16)
+        high = high - high % self.groups + group
+        if high > 0xFFFF:
+            high -= self.groups
+        return f"{task_id[:12]}{high:04x}{task_id[16:]}"
+
+    def partition_group(self, partition: int) -> int:
+        return partition % self.groups
+
+    def key_group(self, key: str) -> int:
+        """The group of an idempotency key (stable across processes)."""
+        return zlib.crc32(key.encode()) % self.groups if self.groups > 1 else 0
+
+    def group_prefix(self, group: int) -> str:
+        return self.prefixes[group]
+
+    def partition_prefix(self, partition: int) -> str:
+        return self.prefixes[partition % self.groups]
+
+    # --- tasks (in their group) ------------------------------------------------------
 
     def task(self, task_id: str) -> str:
-        return f"{self.prefix}task:{task_id}"
+        return f"{self.prefixes[self.task_group(task_id)]}task:{task_id}"
 
     def events(self, task_id: str) -> str:
-        return f"{self.prefix}events:{task_id}"
+        return f"{self.prefixes[self.task_group(task_id)]}events:{task_id}"
 
-    def queue(self, capability: str, priority: str) -> str:
-        return f"{self.prefix}queue:{capability}:{priority}"
+    def queue(self, capability: str, priority: str, group: int = 0) -> str:
+        return f"{self.prefixes[group]}queue:{capability}:{priority}"
 
-    def queues(self, capability: str) -> list[str]:
-        """The capability's streams, highest priority first (the order nodes read them)."""
-        return [self.queue(capability, p) for p in PRIORITIES]
+    def queues(self, capability: str, group: int = 0) -> list[str]:
+        """The capability's streams in a group, highest priority first (the order
+        nodes read them)."""
+        return [self.queue(capability, p, group) for p in PRIORITIES]
 
-    @property
-    def delayed(self) -> str:
-        return f"{self.prefix}delayed"
+    def delayed(self, group: int = 0) -> str:
+        return f"{self.prefixes[group]}delayed"
 
-    def dlq(self, capability: str) -> str:
-        return f"{self.prefix}dlq:{capability}"
+    def dlq(self, capability: str, group: int = 0) -> str:
+        return f"{self.prefixes[group]}dlq:{capability}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}idem:{key}"
+    def idempotency(self, key: str, group: int | None = None) -> str:
+        """An idempotency key lives in its task's group: the key's own group
+        (``key_group``), or for a task addressed to an agent, the partition's."""
+        return f"{self.prefixes[self.key_group(key) if group is None else group]}idem:{key}"
 
-    def capability(self, name: str) -> str:
-        return f"{self.prefix}capability:{name}"
+    def capability(self, name: str, group: int = 0) -> str:
+        return f"{self.prefixes[group]}capability:{name}"
+
+    def stats(self, group: int = 0) -> str:
+        return f"{self.prefixes[group]}stats"
+
+    def inbox(self, client_id: str, group: int = 0) -> str:
+        return f"{self.prefixes[group]}inbox:{client_id}"
+
+    def cancel_channel(self, group: int = 0) -> str:
+        return f"{self.prefixes[group]}cancel"
+
+    # --- agent partitions (in the partition's group) ---------------------------------
+
+    def mailbox(self, agent_type: str, partition: int) -> str:
+        return f"{self.partition_prefix(partition)}mailbox:{agent_type}:{partition}"
+
+    def lease(self, agent_type: str, partition: int) -> str:
+        return f"{self.partition_prefix(partition)}lease:{agent_type}:{partition}"
+
+    def lease_tokens(self, group: int = 0) -> str:
+        return f"{self.prefixes[group]}lease_tokens"
+
+    def state(self, agent_type: str, partition: int) -> str:
+        return f"{self.partition_prefix(partition)}state:{agent_type}:{partition}"
+
+    # --- control (group 0's tag) -----------------------------------------------------
 
     def hosts(self, capability: str) -> str:
         return f"{self.prefix}hosts:{capability}"
@@ -116,24 +237,11 @@ class Keys:
         return f"{self.prefix}nodes"
 
     @property
-    def stats(self) -> str:
-        return f"{self.prefix}stats"
-
-    @property
     def dead_nodes(self) -> str:
         return f"{self.prefix}dead_nodes"
 
     def node(self, node_id: str) -> str:
         return f"{self.prefix}node:{node_id}"
-
-    def inbox(self, client_id: str) -> str:
-        return f"{self.prefix}inbox:{client_id}"
-
-    @property
-    def cancel_channel(self) -> str:
-        return f"{self.prefix}cancel"
-
-    # --- the agent plane ----------------------------------------------------------
 
     @property
     def config(self) -> str:
@@ -146,28 +254,15 @@ class Keys:
     def agent_hosts(self, agent_type: str) -> str:
         return f"{self.prefix}agent_hosts:{agent_type}"
 
-    def mailbox(self, agent_type: str, partition: int) -> str:
-        return f"{self.prefix}mailbox:{agent_type}:{partition}"
-
-    def lease(self, agent_type: str, partition: int) -> str:
-        return f"{self.prefix}lease:{agent_type}:{partition}"
-
-    @property
-    def lease_tokens(self) -> str:
-        return f"{self.prefix}lease_tokens"
-
-    def state(self, agent_type: str, partition: int) -> str:
-        return f"{self.prefix}state:{agent_type}:{partition}"
-
     def active(self, node_id: str) -> str:
         return f"{self.prefix}active:{node_id}"
 
     def subscribers(self, topic: str) -> str:
         return f"{self.prefix}subscribers:{topic}"
 
-    @property
-    def ownership(self) -> str:
-        return f"{self.prefix}ownership"
+    def ownership(self, group: int = 0) -> str:
+        """Each group's lease script logs the changes of its partitions here."""
+        return f"{self.prefixes[group]}ownership"
 
     @property
     def broadcast_channel(self) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from shoal.engine import open_sync_connection
 from shoal.keys import Keys
 from shoal.routing import owner_of
 from shoal.scripts import load_source
@@ -140,7 +141,7 @@ class LeaseKeeper:
         # socket waits are bounded well inside the lease (valid() is what the node
         # checks before every turn; this keeps the keeper's reports timely too).
         wait = max(0.05, min(self._interval, self._safe_for / 3))
-        conn = redis.Redis.from_url(self._url, socket_timeout=wait, socket_connect_timeout=wait)
+        conn = open_sync_connection(self._url, timeout=wait)
         script = conn.register_script(load_source("lease"))
         try:
             while not self._stop.is_set():
@@ -169,14 +170,24 @@ class LeaseKeeper:
         ops += [("acquire", part, "") for part in to_acquire]
         if not ops:
             return
-        args: list[Any] = [self._keys.prefix, self.node_id, self._lease_ms, int(time.time() * 1000)]
-        for op, (agent_type, p), token in ops:
-            args += [op, agent_type, p, token]
-        sent_at = time.monotonic()
-        results = script(keys=[self._keys.lease_tokens], args=args)
+        by_group: dict[int, list[tuple[str, Partition, int | str]]] = {}
+        for item in ops:
+            by_group.setdefault(self._keys.partition_group(item[1][1]), []).append(item)
+        ops, results, sent = [], [], []
+        for group, group_ops in sorted(by_group.items()):  # one call per slot
+            args: list[Any] = [
+                self._keys.group_prefix(group), self.node_id, self._lease_ms,
+                int(time.time() * 1000),
+            ]  # fmt: skip
+            for verb, (agent_type, p), token in group_ops:
+                args += [verb, agent_type, p, token]
+            sent_at = time.monotonic()
+            results += script(keys=[self._keys.lease_tokens(group)], args=args)
+            ops += group_ops
+            sent += [sent_at] * len(group_ops)
         change = Change()
         with self._lock:
-            for (op, part, _), result in zip(ops, results, strict=True):
+            for (op, part, _), result, sent_at in zip(ops, results, sent, strict=True):
                 if op == "renew":
                     if part not in self._owned:
                         continue  # released by the node meanwhile

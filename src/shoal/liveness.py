@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import redis
 
+from shoal.engine import open_sync_connection
 from shoal.keys import Keys
 from shoal.scripts import load_source
 
@@ -74,9 +75,7 @@ class Heartbeat:
             self._thread.join(timeout=self._interval + 5)
 
     def _run(self) -> None:
-        conn = redis.Redis.from_url(
-            self._url, socket_timeout=max(self._interval, 0.5), socket_connect_timeout=1
-        )
+        conn = open_sync_connection(self._url, timeout=max(self._interval, 0.5))
         beat = conn.register_script(load_source("beat"))
         try:
             while not self._stop.wait(self._interval):

@@ -117,9 +117,9 @@ class AgentPlane:
         partition = partition_of(str(parsed), await self.partitions())
         return parsed, self._client.keys.mailbox(parsed.type, partition), partition
 
-    async def task_target(self, agent_id: str, capability: str) -> tuple[str, str]:
-        """(mailbox key, agent id) for a task addressed to an agent, checked."""
-        parsed, mbox, _ = await self.mailbox(agent_id)
+    async def task_target(self, agent_id: str, capability: str) -> tuple[str, str, int]:
+        """(mailbox key, agent id, key group) for a task addressed to an agent, checked."""
+        parsed, mbox, partition = await self.mailbox(agent_id)
         info = await self.type_info(parsed.type)
         if capability not in info.capabilities:
             info = (await self.agent_types(refresh=True)).get(parsed.type, info)
@@ -128,7 +128,7 @@ class AgentPlane:
             raise UnknownAgentType(
                 f"agent type {parsed.type!r} has no capability {capability!r} (it has: {has})"
             )
-        return mbox, str(parsed)
+        return mbox, str(parsed), self._client.keys.partition_group(partition)
 
     # --- messages ------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class AgentPlane:
             await self.send(agent_id, message, sender=sender, traceparent=traceparent, reply=reply)
 
         try:
-            status, payload = await self._with_reply(put, timeout)
+            status, payload = await self._with_reply(put, timeout, await self._group_of(agent_id))
         except TimeoutError:
             raise RequestTimeout(
                 f"agent {agent_id} did not reply within {timeout}s (the message stays "
@@ -186,18 +186,23 @@ class AgentPlane:
             agent_id, error.type if error else "Unknown", error.message if error else "no error"
         )
 
+    async def _group_of(self, agent_id: str) -> int:
+        _, _, partition = await self.mailbox(agent_id)
+        return self._client.keys.partition_group(partition)
+
     async def _with_reply(
-        self, put: Callable[[tuple[str, str]], Awaitable[None]], timeout: float
+        self, put: Callable[[tuple[str, str]], Awaitable[None]], timeout: float, group: int
     ) -> tuple[str, bytes]:
-        """Put a message that asks for a reply (``put`` gets this client's inbox and a
+        """Put a message that asks for a reply (``put`` gets this client's inbox in
+        the agent partition's key group — the turn that replies writes there — and a
         fresh correlation id) and wait up to ``timeout`` for the reply's status and
         payload; TimeoutError if none came."""
         client = self._client
         correlation = protocol.new_id()
         waiter = client._add_waiter(correlation)
-        client._ensure_reader()
+        client._ensure_reader(group)
         try:
-            await put((client._inbox, correlation))
+            await put((client.inbox(group), correlation))
             async with asyncio.timeout(timeout):
                 status, payload = await waiter
                 while not status:
@@ -241,11 +246,11 @@ class AgentPlane:
         client = self._client
         data = protocol.encode([agent_type, _encode_message(message), sender])
         async with client.errors():
-            await client.redis.publish(client.keys.broadcast_channel, data)
+            await client.redis.spublish(client.keys.broadcast_channel, data)
 
     async def _xadd(self, mbox: str, fields: dict[str, Any]) -> None:
         client = self._client
-        args: list[Any] = [client.keys.prefix, client.settings.queue_max_length]
+        args: list[Any] = ["", client.settings.queue_max_length]  # no prefix: one key
         for name, value in fields.items():
             args += [name, value]
         added = await self._sends((mbox, args))
@@ -307,7 +312,7 @@ class AgentPlane:
             await self._xadd(mbox, {"k": "del", "a": str(parsed), "r": reply[0], "c": reply[1]})
 
         try:
-            _, payload = await self._with_reply(put, timeout)
+            _, payload = await self._with_reply(put, timeout, await self._group_of(agent_id))
         except TimeoutError:
             raise RequestTimeout(
                 f"{agent_id} was not deleted within {timeout}s: no node handled the "

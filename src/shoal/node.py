@@ -28,6 +28,7 @@ import redis
 
 from shoal import __version__, protocol
 from shoal.agent import Agent, CapabilitySpec, TaskContext
+from shoal.channels import ShardSubscription
 from shoal.client import Client
 from shoal.engine import translate
 from shoal.errors import ConfigurationError, ShoalError
@@ -129,8 +130,11 @@ class Node:
         self._stopping = asyncio.Event()  # stop pulling work, drain
         self._closing = asyncio.Event()  # drained: background loops end by themselves
         self._serving = asyncio.Event()  # cleared while the node may have been declared dead
-        self._idle_read: asyncio.Future[Any] | None = None  # the blocking wait for work
+        # the blocking reads for work (one per key group) and the wait on them
+        self._idle_reads: dict[int, asyncio.Future[Any]] = {}
+        self._idle_wait: asyncio.Future[Any] | None = None
         self._turn = 0  # rotates which capability is read first (see _queue_order)
+        self._group_turn = 0  # rotates which key group is read first
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._heartbeat: Heartbeat | None = None
         self._registered = False
@@ -156,10 +160,13 @@ class Node:
         """Ask the node to drain and stop (call on the node's loop, e.g. a signal handler)."""
         self._stopping.set()
         self._serving.set()  # a paused fetch loop must see the stop too
-        if self._idle_read is not None:
-            # call_soon: the read's first step (already scheduled) runs first, so the
-            # cancel never hits a coroutine that has not started (which would warn).
-            asyncio.get_running_loop().call_soon(self._idle_read.cancel)
+        # call_soon: a read's first step (already scheduled) runs first, so the
+        # cancel never hits a coroutine that has not started (which would warn).
+        loop = asyncio.get_running_loop()
+        if self._idle_wait is not None:
+            loop.call_soon(self._idle_wait.cancel)
+        for read in self._idle_reads.values():
+            loop.call_soon(read.cancel)
 
     async def run(self) -> None:
         """Register, consume until stop() is called, then drain and deregister."""
@@ -217,18 +224,20 @@ class Node:
         r = self.client.redis
         async with self.client.errors():
             previous = await self._previous_topics()
+            groups = range(self.keys.groups)
             for cap in self._specs:
-                for queue in self.keys.queues(cap):
+                for queue in (q for g in groups for q in self.keys.queues(cap, g)):
                     with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: exists
                         await r.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
             pipe = r.pipeline(transaction=False)
             for name, (spec, _) in self._specs.items():
                 pipe.sadd(self.keys.capabilities, name)
                 fields = _capability_fields(spec)
-                pipe.hset(self.keys.capability(name), mapping=fields)
                 stale = [f for f in ("max_attempts", "timeout", "queue_max") if f not in fields]
-                if stale:
-                    pipe.hdel(self.keys.capability(name), *stale)
+                for group in groups:  # the scripts of each group read their group's copy
+                    pipe.hset(self.keys.capability(name, group), mapping=fields)
+                    if stale:
+                        pipe.hdel(self.keys.capability(name, group), *stale)
             for agent_type in self._agent_types:
                 name = agent_type.agent_type
                 pipe.hset(self.keys.agent_types, name, _type_description(agent_type))
@@ -355,6 +364,15 @@ class Node:
                 "shoal.errors.DeadlineExceeded", "the deadline passed before the task started"
             )
         )
+        try:
+            await self._fetch_until_stopped(expired)
+        finally:
+            for read in self._idle_reads.values():
+                read.cancel()
+            await asyncio.gather(*self._idle_reads.values(), return_exceptions=True)
+            self._idle_reads.clear()
+
+    async def _fetch_until_stopped(self, expired: bytes) -> None:
         backoff = Backoff()
         while not self._stopping.is_set():
             if not self._serving.is_set():
@@ -365,9 +383,8 @@ class Node:
                 self._slot_freed.clear()
                 await self._until(self._slot_freed)
                 continue
-            queues = self._queue_order()
             try:
-                started, consumed, last_ids = await self._fetch(queues, free, expired)
+                idle = await self._fetch_round(free, expired)
             except ShoalError as exc:
                 delay = backoff.next_delay()
                 log.warning("fetching work failed: %s; retrying in %.2fs", exc, delay)
@@ -375,25 +392,45 @@ class Node:
                 continue
             backoff.reset()
             self._last_progress = time.monotonic()
+            if len(idle) == self.keys.groups:
+                await self._wait_for_work(idle)
+
+    async def _fetch_round(
+        self, free: int, expired: bytes
+    ) -> dict[int, tuple[list[str], list[bytes]]]:
+        """Fetch from the key groups in turn (each group's queues are in one slot)
+        until ``free`` tasks started or every group was asked once; returns the
+        groups that had nothing, with where to block on their streams."""
+        idle: dict[int, tuple[list[str], list[bytes]]] = {}
+        groups = self.keys.groups
+        self._group_turn += 1
+        for step in range(groups):
+            group = (self._group_turn + step) % groups
+            queues = self._queue_order(group)
+            started, consumed, last_ids = await self._fetch(group, queues, free, expired)
             for row in started:
                 self._start(Job.from_reply(row))
+            free -= len(started)
             if consumed == 0:
-                await self._wait_for_work(queues, last_ids)
+                idle[group] = (queues, last_ids)
+            if free <= 0:
+                break
+        return idle
 
-    def _queue_order(self) -> list[str]:
+    def _queue_order(self, group: int) -> list[str]:
         """Priorities in order; within one, the capabilities take turns going first,
         so a busy capability cannot starve the others hosted by this node."""
         self._turn += 1
         caps = list(self._specs)
         shift = self._turn % len(caps)
         caps = caps[shift:] + caps[:shift]
-        return [self.keys.queue(cap, prio) for prio in PRIORITIES for cap in caps]
+        return [self.keys.queue(cap, prio, group) for prio in PRIORITIES for cap in caps]
 
     async def _fetch(
-        self, queues: list[str], count: int, expired: bytes
+        self, group: int, queues: list[str], count: int, expired: bytes
     ) -> tuple[list[Any], int, list[bytes]]:
         args = [
-            self.keys.prefix, CONSUMER_GROUP, self.node_id, count, protocol.now_ms(),
+            self.keys.group_prefix(group), CONSUMER_GROUP, self.node_id, count, protocol.now_ms(),
             int(self.settings.retention * 1000), expired,
         ]  # fmt: skip
         async with self.client.errors():
@@ -402,22 +439,37 @@ class Node:
             )
         return started, int(consumed), last_ids
 
-    async def _wait_for_work(self, queues: list[str], last_ids: list[bytes]) -> None:
-        """Block until any of ``queues`` gets an entry past ``last_ids`` (or stop)."""
-        streams = dict(zip(queues, last_ids, strict=True))
-        self._idle_read = asyncio.ensure_future(
-            self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
+    async def _wait_for_work(self, idle: dict[int, tuple[list[str], list[bytes]]]) -> None:
+        """Block until a queue of any group gets an entry past its last id (or stop).
+
+        A blocking read covers one slot, so each group has its own; a read still
+        waiting from an earlier round is kept (not cancelled: cancelling closes its
+        connection), and the first one to return ends the wait."""
+        for group, (queues, last_ids) in idle.items():
+            if group not in self._idle_reads:
+                streams = dict(zip(queues, last_ids, strict=True))
+                self._idle_reads[group] = asyncio.ensure_future(
+                    self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
+                )
+        self._idle_wait = asyncio.ensure_future(
+            asyncio.wait(self._idle_reads.values(), return_when=asyncio.FIRST_COMPLETED)
         )
         try:
-            await self._idle_read  # stop() cancels it
+            done, _ = await self._idle_wait  # stop() cancels it
         except asyncio.CancelledError:
             if not self._stopping.is_set():
                 raise
-        except redis.RedisError as exc:
-            log.warning("waiting for work failed: %s", translate(exc, self.client.url))
-            await self._until(self._stopping, timeout=0.5)
+            return
         finally:
-            self._idle_read = None
+            self._idle_wait = None
+        for group, read in list(self._idle_reads.items()):
+            if read in done:
+                del self._idle_reads[group]
+                if not read.cancelled() and (exc := read.exception()) is not None:
+                    if not isinstance(exc, redis.RedisError):
+                        raise exc
+                    log.warning("waiting for work failed: %s", translate(exc, self.client.url))
+                    await self._until(self._stopping, timeout=0.5)
 
     async def _until(self, event: asyncio.Event, timeout: float | None = None) -> bool:
         """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""
@@ -464,21 +516,31 @@ class Node:
         backoff = Backoff()
         while not self._closing.is_set():
             try:
-                async with self.client.errors():
-                    released, next_due = await self.client.scripts.release(
-                        [self.keys.delayed], [self.keys.prefix, protocol.now_ms(), RELEASE_BATCH]
-                    )
+                released, next_due = await self._release_round()
                 backoff.reset()
             except ShoalError as exc:
                 log.warning("releasing delayed tasks failed: %s", exc)
                 await self._until(self._closing, timeout=backoff.next_delay())
                 continue
-            if released >= RELEASE_BATCH:
+            if released:
                 continue
             wait = RELEASE_INTERVAL_S
             if next_due >= 0:
                 wait = min(wait, max(0.0, (next_due - protocol.now_ms()) / 1000))
             await self._until(self._closing, timeout=wait)  # until the next due task
+
+    async def _release_round(self) -> tuple[bool, int]:
+        """Release due tasks in every key group; (whether a group had a full batch,
+        the earliest next due time, -1 if none)."""
+        full, next_due = False, -1
+        for group in range(self.keys.groups):
+            args = [self.keys.group_prefix(group), protocol.now_ms(), RELEASE_BATCH]
+            async with self.client.errors():
+                released, due = await self.client.scripts.release([self.keys.delayed(group)], args)
+            full = full or released >= RELEASE_BATCH
+            if due >= 0 and (next_due < 0 or due < next_due):
+                next_due = due
+        return full, next_due
 
     async def _cancel_listener(self) -> None:
         """Cancel running handlers whose cancellation was asked (pub/sub; the record's
@@ -486,20 +548,20 @@ class Node:
         the listener reconnects)."""
         backoff = Backoff()
         while not self._closing.is_set():
-            pubsub = self.client.blocking.pubsub(ignore_subscribe_messages=True)
+            channels = [self.keys.cancel_channel(g) for g in range(self.keys.groups)]
+            subscription = ShardSubscription(self.client.blocking, channels)
             try:
-                await pubsub.subscribe(self.keys.cancel_channel)
+                await subscription.open()
                 backoff.reset()
                 while not self._closing.is_set():
-                    message = await pubsub.get_message(timeout=CANCEL_LISTEN_S)
-                    if message is not None:
-                        self._cancel_running(message["data"].decode())
+                    data = await subscription.next(timeout=CANCEL_LISTEN_S)
+                    if data is not None:
+                        self._cancel_running(data.decode())
             except redis.RedisError as exc:
                 log.warning("cancel listener: %s; reconnecting", translate(exc, self.client.url))
                 await self._until(self._closing, timeout=backoff.next_delay())
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                await subscription.close()
 
     def _cancel_running(self, task_id: str) -> None:
         attempt = self._running.get(task_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from shoal import protocol
+from shoal import protocol, replication
 from shoal.client import Client
 from shoal.errors import SerializationError, ShoalError
 from shoal.execution import Outcome
@@ -50,6 +50,7 @@ class Recorder:
         self._backoff = Backoff()
         self.recorded = 0  # outcomes written
         self.refused_events = 0  # events of superseded attempts (fencing)
+        self.unreplicated = 0  # flushes whose WAIT counted fewer replicas than asked
         self.pending_since: float | None = None  # monotonic time of the oldest unwritten item
 
     # --- producers ------------------------------------------------------------------
@@ -127,6 +128,38 @@ class Recorder:
             buffers.flushed.set_result(None)
         return True
 
+    def _script_calls(self, buffers: _Buffers) -> list[tuple[Any, int, list[Any]]]:
+        """(script, key group, arguments) of each call: events and outcomes grouped
+        by their task's key group (a script runs inside one slot)."""
+        client, keys = self._client, self._client.keys
+        calls: list[tuple[Any, int, list[Any]]] = []  # (script, key group, arguments)
+        events: dict[int, list[Any]] = {}
+        for task_id, token, kind, data, at in buffers.events:
+            events.setdefault(keys.task_group(task_id), []).extend([task_id, token, kind, data, at])
+        for group, fields in sorted(events.items()):
+            calls.append((client.scripts.events, group, [keys.group_prefix(group), *fields]))
+        outcomes: dict[int, list[Any]] = {}
+        for outcome in buffers.outcomes:
+            outcomes.setdefault(keys.task_group(outcome.job.task_id), []).append(outcome)
+        now, retention_ms = protocol.now_ms(), int(client.settings.retention * 1000)
+        for group, batch in sorted(outcomes.items()):
+            head: list[Any] = [keys.group_prefix(group), CONSUMER_GROUP, now, retention_ms]
+            for start in range(0, len(batch), FINISH_CHUNK):
+                args = list(head)
+                for outcome in batch[start : start + FINISH_CHUNK]:
+                    args += outcome.script_fields()
+                calls.append((client.scripts.finish, group, args))
+        return calls
+
+    def _check_acks(self, replies: list[Any], replicas: int) -> None:
+        """Results are recorded on the primary whatever the replicas say (undoing them
+        would lose more): a short count is logged and counted, not raised."""
+        try:
+            replication.check_acks(replies, replicas, "recorded results")
+        except ShoalError as exc:
+            self.unreplicated += 1
+            log.warning("%s", exc)
+
     def _keep(self, failed: _Buffers) -> None:
         """Put unwritten events and outcomes back in front, in order, for the next try."""
         self._buffers.events[:0] = failed.events
@@ -143,31 +176,26 @@ class Recorder:
         would be written twice — the one duplication a retry can cause.
         """
         client, keys = self._client, self._client.keys
-        calls: list[tuple[Any, list[Any]]] = []
-        if buffers.events:
-            args: list[Any] = [keys.prefix]
-            for task_id, token, kind, data, at in buffers.events:
-                args += [task_id, token, kind, data, at]
-            calls.append((client.scripts.events, args))
-        head: list[Any] = [
-            keys.prefix,
-            CONSUMER_GROUP,
-            protocol.now_ms(),
-            int(client.settings.retention * 1000),
-        ]
-        for start in range(0, len(buffers.outcomes), FINISH_CHUNK):
-            args = list(head)
-            for outcome in buffers.outcomes[start : start + FINISH_CHUNK]:
-                args += outcome.script_fields()
-            calls.append((client.scripts.finish, args))
+        calls = self._script_calls(buffers)
+        outcomes = {keys.task_group(o.job.task_id) for o in buffers.outcomes}
+        acks = client.settings.ack_replicas if outcomes else 0
         async with client.errors():
             pipe = client.blocking.pipeline(transaction=False)  # one flusher: bounded
-            for script, args in calls:
-                script.queue(pipe, [keys.delayed], args)
+            for script, group, args in calls:
+                script.queue(pipe, [keys.delayed(group)], args)
+            waits = 0
+            if acks:
+                shard_keys = [keys.delayed(group) for group in outcomes]
+                waits = replication.queue_waits(
+                    pipe, client.blocking, shard_keys, acks, client.settings.ack_timeout
+                )
             replies = await pipe.execute(raise_on_error=False)
-            for (script, args), reply in zip(calls, replies, strict=True):
+            if waits:
+                self._check_acks(replies[-waits:], acks)
+                replies = replies[:-waits]
+            for (script, group, args), reply in zip(calls, replies, strict=True):
                 if isinstance(reply, NoScriptError):  # engine restarted: load, run again
-                    reply = await script([keys.delayed], args, on=client.blocking)
+                    reply = await script([keys.delayed(group)], args, on=client.blocking)
                 if isinstance(reply, Exception):
                     raise reply
                 if script is client.scripts.events:

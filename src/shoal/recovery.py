@@ -25,6 +25,7 @@ from shoal.protocol import ErrorInfo
 log = logging.getLogger("shoal.recovery")
 
 DIED_WHILE_RUNNING = "node died while running"
+SWEEP_INTERVAL_S = 60.0  # how often a reaper re-claims for recently dead nodes
 
 
 def _pid_alive(pid: int) -> bool:
@@ -93,14 +94,13 @@ class Reaper:
             )
         )
         args: list[str | int | bytes] = [
-            client.keys.prefix, node_id, protocol.now_ms(), cutoff, CONSUMER_GROUP,
-            int(client.settings.retention * 1000), died, "1" if force else "0",
+            client.keys.prefix, node_id, protocol.now_ms(), cutoff, "1" if force else "0",
         ]  # fmt: skip
         async with client.errors():
-            result = await client.scripts.reap([client.keys.nodes], args)
-        if not result:
-            return None  # another survivor reaped it, or it came back, or nothing was there
-        requeued, buried = ([i.decode() for i in ids] for ids in result)
+            capabilities = await client.scripts.reap([client.keys.nodes], args)
+        if capabilities is False or capabilities is None:
+            return None  # another survivor reaped it, or it came back
+        requeued, buried = await self.claim(node_id, capabilities.decode(), died)
         takeover = Takeover(node_id, tuple(requeued), tuple(buried))
         log.warning(
             "node %s declared dead (silent > %.1fs): %d task(s) re-queued, %d dead-lettered%s",
@@ -108,6 +108,48 @@ class Reaper:
             f": {', '.join(requeued[:10])}" if requeued else "",
         )  # fmt: skip
         return takeover
+
+    async def claim(
+        self, node_id: str, capabilities: str, died: bytes
+    ) -> tuple[list[str], list[str]]:
+        """Take over what a dead node had started, in every key group (each group's
+        queues live in its own slot, so one claim script call per group)."""
+        client, keys = self._client, self._client.keys
+        requeued: list[str] = []
+        buried: list[str] = []
+        if not capabilities:
+            return requeued, buried
+        for group in range(keys.groups):
+            args: list[str | int | bytes] = [
+                keys.group_prefix(group), node_id, protocol.now_ms(), CONSUMER_GROUP,
+                int(client.settings.retention * 1000), died, capabilities,
+            ]  # fmt: skip
+            async with client.errors():
+                result = await client.scripts.claim([keys.delayed(group)], args)
+            requeued += [i.decode() for i in result[0]]
+            buried += [i.decode() for i in result[1]]
+        return requeued, buried
+
+    async def sweep_dead(self) -> int:
+        """Claim again for every node declared dead in the last hour: finishes the
+        work of a reaper that died between declaring a node dead and claiming its
+        tasks in every group (claiming twice finds nothing the second time)."""
+        client, keys = self._client, self._client.keys
+        async with client.errors():
+            dead = await client.redis.zrange(keys.dead_nodes, 0, -1)
+            pipe = client.redis.pipeline(transaction=False)
+            for raw in dead:
+                pipe.hget(keys.node(raw.decode()), "capabilities")
+            capabilities = await pipe.execute()
+        died = protocol.encode(
+            ErrorInfo("shoal.errors.NodeDied", DIED_WHILE_RUNNING, at=protocol.now_ms())
+        )
+        taken = 0
+        for raw, caps in zip(dead, capabilities, strict=True):
+            if caps:
+                requeued, buried = await self.claim(raw.decode(), caps.decode(), died)
+                taken += len(requeued) + len(buried)
+        return taken
 
     async def reclaim_own_name(self, host: str) -> Takeover | None:
         """Before a node registers under a name, take over what an earlier process of
@@ -144,8 +186,12 @@ class Reaper:
     async def run(self, closing: asyncio.Event) -> None:
         """Reap until ``closing`` is set; engine errors are logged and retried."""
         failing = False
+        next_sweep = 0.0
         while not closing.is_set():
             try:
+                if asyncio.get_running_loop().time() >= next_sweep:
+                    await self.sweep_dead()
+                    next_sweep = asyncio.get_running_loop().time() + SWEEP_INTERVAL_S
                 await self.reap_once()
                 if failing:
                     failing, self._reconnected_at = False, asyncio.get_running_loop().time()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shoal.errors import ConfigurationError
+from shoal.keys import validate_groups
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -21,6 +22,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_ENGINE_TIMEOUT_S = 30.0
 DEFAULT_PARTITIONS = 256
 MAX_PARTITIONS = 16384
+DEFAULT_ACK_TIMEOUT_S = 1.0
 
 
 def validate_namespace(namespace: str) -> str:
@@ -76,9 +78,24 @@ class Settings:
     # Agent partitions of the namespace. Fixed when the namespace is first used
     # (agent ids hash onto them); None takes the namespace's count, or 256 for a new one.
     partitions: int | None = None
+    # Hash-tag groups the namespace's keys spread over (see shoal.keys). Fixed when
+    # the namespace is first used; None takes the namespace's count, or for a new
+    # one 1 on a standalone server or Sentinel group and 16 on a Cluster.
+    key_groups: int | None = None
+    # Replicas that must have a submit or a result before it counts as written
+    # (WAIT). 0 = the primary's acknowledgement is enough (asynchronous replication:
+    # a primary failover can lose the last writes); see docs/scale-out.md.
+    ack_replicas: int = 0
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT_S
 
     def __post_init__(self) -> None:
         validate_namespace(self.namespace)
+        if self.key_groups is not None:
+            validate_groups(self.key_groups)
+        if not isinstance(self.ack_replicas, int) or self.ack_replicas < 0:
+            raise ConfigurationError(f"ack_replicas must be >= 0, got {self.ack_replicas!r}")
+        if self.ack_timeout <= 0:
+            raise ConfigurationError(f"ack_timeout must be > 0 seconds, got {self.ack_timeout}")
         if self.partitions is not None and not 1 <= self.partitions <= MAX_PARTITIONS:
             raise ConfigurationError(
                 f"partitions must be within 1..{MAX_PARTITIONS}, got {self.partitions}"
@@ -108,6 +125,9 @@ class Settings:
             queue_max_length=_env_int("SHOAL_QUEUE_MAX_LENGTH", DEFAULT_QUEUE_MAX_LENGTH),
             engine_timeout=_env_float("SHOAL_ENGINE_TIMEOUT", DEFAULT_ENGINE_TIMEOUT_S),
             partitions=_env_int("SHOAL_PARTITIONS", 0) or None,
+            key_groups=_env_int("SHOAL_KEY_GROUPS", 0) or None,
+            ack_replicas=_env_int("SHOAL_ACK_REPLICAS", 0),
+            ack_timeout=_env_float("SHOAL_ACK_TIMEOUT", DEFAULT_ACK_TIMEOUT_S),
         )
 
     def with_(self, **changes: object) -> Settings:

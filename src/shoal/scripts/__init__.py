@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError
 
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
-    "reap", "lease", "turn_begin", "turn_end", "send",
+    "reap", "claim", "lease", "turn_begin", "turn_end", "send",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -61,7 +61,9 @@ class Script:
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Add a call to a pipeline; on NOSCRIPT its reply is a NoScriptError and the
         caller re-runs it with ``__call__`` (which loads the script)."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # execute_command, not pipe.evalsha: redis-py's Cluster pipeline refuses the
+        # latter outright, though EVALSHA routes by its first key like any command
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self) -> None:
         await self._redis.script_load(self.source)
@@ -85,6 +87,7 @@ class Scripts:
         self.events = Script(redis, "events")
         self.beat = Script(redis, "beat")
         self.reap = Script(redis, "reap")
+        self.claim = Script(redis, "claim")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -20,7 +20,7 @@ if status == 'scheduled' or status == 'queued' then
 end
 if status == 'running' then
   redis.call('HSET', tk, 'cancel', '1')
-  redis.call('PUBLISH', ARGV[5], id)
+  redis.call('SPUBLISH', ARGV[5], id)  -- a shard channel of the task's slot
   return 'cancelling'
 end
 return 'already_' .. status

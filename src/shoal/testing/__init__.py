@@ -1,0 +1,1 @@
+"""Helpers for testing and benchmarking Shoal against real local Valkey topologies."""
