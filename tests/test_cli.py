@@ -244,7 +244,10 @@ async def test_task_events_of_a_running_task_print_at_once(
     assert code == 0 and "running" in out
 
 
-async def test_status_lists_nodes_and_queues(settings: Settings, client: Client) -> None:
+@pytest.mark.topology
+async def test_status_lists_nodes_and_queues(
+    settings: Settings, client: Client, engine_kind: str
+) -> None:
     await client.submit("echo", value=1)
     async with running_node([Toolbox], settings, name="status-node"):
         code, out, _ = await shoal(settings, "status")
@@ -254,6 +257,13 @@ async def test_status_lists_nodes_and_queues(settings: Settings, client: Client)
     data = json.loads(out)
     assert [n["id"] for n in data["nodes"]] == ["status-node"]
     assert any(q["capability"] == "echo" for q in data["queues"])
+    groups = data["key_groups"]
+    if engine_kind == "cluster":  # 16 groups over 3 shards of equal slot ranges: 5-6 each,
+        shards = [g["shard"] for g in groups]  # give or take the stripe a boundary cuts
+        counts = [shards.count(s) for s in set(shards)]
+        assert len(groups) == 16 and len(counts) == 3 and min(counts) >= 4, counts
+    else:
+        assert [g["tag"] for g in groups] == [settings.namespace]
 
 
 # --- the agent plane -------------------------------------------------------------------

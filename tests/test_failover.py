@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -236,3 +237,33 @@ async def test_a_blocked_event_loop_does_not_make_a_node_look_dead(
             state = await client.cluster()
     assert result == {"node": "blocked", "token": 1}, "ran once, never taken over"
     assert next(n for n in state.nodes if n.id == "blocked").state == "alive"
+
+
+async def test_tasks_fetched_before_the_node_learnt_it_was_dead_go_back_not_run(
+    client: Client, settings: Settings
+) -> None:
+    """A fetch reply that arrives after the node learnt it was declared dead (a link
+    cut mid-reply, then restored) must not start its tasks — a survivor may run them
+    already. Here the news lands while the fetch is on its way: the task goes back
+    to its queue with its attempt not counted, and runs once, after."""
+    async with running_node([Toolbox], settings, name="late") as node:
+        fetch = node._fetch
+        bumped = False
+
+        async def fetch_while_declared_dead(*args: Any) -> Any:
+            nonlocal bumped
+            reply = await fetch(*args)
+            if reply[0] and not bumped:
+                bumped = True
+                node._lives += 1  # what _on_liveness("dead") does, minus re-registering
+            return reply
+
+        node._fetch = fetch_while_declared_dead  # type: ignore[method-assign]
+        handle = await client.submit("whoami", i=7)
+        result = await handle.result(timeout=10)
+    info = await handle.status()
+    assert bumped, "the fetch that carried the task was seen"
+    assert result["i"] == 7 and info.status == "succeeded"
+    assert info.attempts == 1, "the handed-back delivery is not counted as an attempt"
+    token = await client.redis.hget(client.keys.task(handle.id), "token")
+    assert token == b"2", "it was delivered twice and ran on the second delivery"

@@ -327,8 +327,25 @@ def status(
         _print_nodes(state)
         _print_queues(state)
         _print_agent_types(state)
+        _print_key_groups(state)
 
     _run(go())
+
+
+def _print_key_groups(state: ClusterState) -> None:
+    """Where the namespace's keys live: one line for a single group, else how the
+    groups spread over the Cluster's shards."""
+    groups = state.key_groups
+    if len(groups) <= 1:
+        return
+    shards: dict[str, list[int]] = {}
+    for g in groups:
+        shards.setdefault(g.shard or "-", []).append(g.group)
+    table = Table("shard", "key groups", "slots", title=f"{len(groups)} key groups")
+    for shard, members in sorted(shards.items()):
+        slots = ", ".join(str(groups[m].slot) for m in members)
+        table.add_row(shard, ", ".join(map(str, members)), slots)
+    out.print(table)
 
 
 def _print_nodes(state: ClusterState) -> None:

@@ -50,17 +50,21 @@ def validate_url(url: str) -> str:
 
 COMMAND_TIMEOUT_S = 30.0  # a reply slower than this means the engine is in trouble
 COMMAND_POOL_SIZE = 32  # plenty for pipelined work; waiters queue for a free one
-# How often a command retries a lost connection, and how long between tries: long
-# enough together (~6 s) to ride out a Sentinel failover or a Cluster shard restart.
-RETRIES = 8
+# How often a command retries a lost connection before the error reaches Shoal's
+# own loops (which keep retrying with their own back-off: clients for
+# engine_timeout, nodes while they run). Short, so that a node reconnects promptly
+# once the engine is back; a Cluster client retries longer, because each retry
+# also reloads its slot map (a shard restart or a replica promotion).
+RETRIES = 3
+CLUSTER_RETRIES = 6
 RETRY_CAP_S = 1.0
 
 
-def _retry_options() -> dict[str, Any]:
+def _retry_options(retries: int = RETRIES) -> dict[str, Any]:
     # Only connection errors are retried: a timed-out script may have run, and
     # running a submit twice would queue a task twice.
     return {
-        "retry": AsyncRetry(ExponentialBackoff(cap=RETRY_CAP_S, base=0.05), retries=RETRIES),
+        "retry": AsyncRetry(ExponentialBackoff(cap=RETRY_CAP_S, base=0.05), retries=retries),
         "retry_on_error": [redis.ConnectionError],
     }
 
@@ -78,7 +82,7 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
     """
     address = parse(url)
     options: dict[str, Any] = {
-        **_retry_options(),
+        **_retry_options(CLUSTER_RETRIES if address.kind == "cluster" else RETRIES),
         "socket_connect_timeout": 5,
         "socket_timeout": None if for_blocking else COMMAND_TIMEOUT_S,
     }

@@ -32,7 +32,7 @@ from shoal.channels import ShardSubscription
 from shoal.client import Client
 from shoal.engine import translate
 from shoal.errors import ConfigurationError, ShoalError
-from shoal.execution import Attempt, Job
+from shoal.execution import Attempt, Job, Outcome
 from shoal.hosting import AgentHost
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
 from shoal.liveness import Heartbeat, deregister, register
@@ -135,6 +135,7 @@ class Node:
         self._idle_wait: asyncio.Future[Any] | None = None
         self._turn = 0  # rotates which capability is read first (see _queue_order)
         self._group_turn = 0  # rotates which key group is read first
+        self._lives = 0  # +1 each time the node learns it was declared dead
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._heartbeat: Heartbeat | None = None
         self._registered = False
@@ -297,6 +298,7 @@ class Node:
             self._serving.set()
         elif state == "dead":
             self._serving.clear()
+            self._lives += 1
             abandoned = self._abandon_running()
             log.warning(
                 "node %s was declared dead; %d running task(s) now belong to survivors; "
@@ -397,17 +399,27 @@ class Node:
 
     async def _fetch_round(
         self, free: int, expired: bytes
-    ) -> dict[int, tuple[list[str], list[bytes]]]:
+    ) -> dict[int, tuple[list[str], list[bytes]] | None]:
         """Fetch from the key groups in turn (each group's queues are in one slot)
         until ``free`` tasks started or every group was asked once; returns the
         groups that had nothing, with where to block on their streams."""
-        idle: dict[int, tuple[list[str], list[bytes]]] = {}
+        idle: dict[int, tuple[list[str], list[bytes]] | None] = {}
         groups = self.keys.groups
         self._group_turn += 1
         for step in range(groups):
             group = (self._group_turn + step) % groups
+            read = self._idle_reads.get(group)
+            if read is not None and not read.done():
+                # empty at its last fetch, and its blocking read has seen nothing
+                # new since: asking again would cost a round trip for nothing
+                idle[group] = None
+                continue
             queues = self._queue_order(group)
+            lives = self._lives
             started, consumed, last_ids = await self._fetch(group, queues, free, expired)
+            if self._lives != lives:
+                self._hand_back([Job.from_reply(row) for row in started])
+                return idle  # declared dead while the fetch was on its way
             for row in started:
                 self._start(Job.from_reply(row))
             free -= len(started)
@@ -416,6 +428,18 @@ class Node:
             if free <= 0:
                 break
         return idle
+
+    def _hand_back(self, jobs: list[Job]) -> None:
+        """Tasks whose fetch reply arrived after this node learnt it was declared dead
+        are not run: a survivor may run them already. Each goes back to its queue if
+        the fetch ran after the takeover (it is still ours); if it ran before, the
+        takeover re-queued it and the hand-back is refused as stale."""
+        if jobs:
+            log.warning(
+                "handing back %d task(s) fetched before this node was declared dead", len(jobs)
+            )
+            for job in jobs:
+                self.recorder.add_outcome(Outcome(job, "requeue"))
 
     def _queue_order(self, group: int) -> list[str]:
         """Priorities in order; within one, the capabilities take turns going first,
@@ -439,14 +463,15 @@ class Node:
             )
         return started, int(consumed), last_ids
 
-    async def _wait_for_work(self, idle: dict[int, tuple[list[str], list[bytes]]]) -> None:
+    async def _wait_for_work(self, idle: dict[int, tuple[list[str], list[bytes]] | None]) -> None:
         """Block until a queue of any group gets an entry past its last id (or stop).
 
         A blocking read covers one slot, so each group has its own; a read still
         waiting from an earlier round is kept (not cancelled: cancelling closes its
         connection), and the first one to return ends the wait."""
-        for group, (queues, last_ids) in idle.items():
-            if group not in self._idle_reads:
+        for group, where in idle.items():
+            if where is not None and group not in self._idle_reads:
+                queues, last_ids = where
                 streams = dict(zip(queues, last_ids, strict=True))
                 self._idle_reads[group] = asyncio.ensure_future(
                     self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
