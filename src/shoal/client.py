@@ -10,7 +10,6 @@ last entry is the terminal ``done`` event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -52,6 +51,8 @@ from shoal.resilience import Backoff
 from shoal.scripts import Scripts
 from shoal.settings import Settings
 
+INBOX_BLOCK_S = 1.0  # longest block of an inbox read (then it looks at close())
+RECHECK_S = 5.0  # a wait for an own task's outcome checks its record this often
 T = TypeVar("T")
 
 log = logging.getLogger("shoal.client")
@@ -117,6 +118,7 @@ class Client:
         self._scripts: Scripts | None = None
         self._waiters: dict[str, list[asyncio.Future[tuple[str, bytes]]]] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}  # inbox readers, by key group
+        self._closing = False
         self._next_group = int.from_bytes(os.urandom(2), "big")  # clients start apart
         self._states = _StateReader(self)
         self._agents = AgentPlane(self)
@@ -131,6 +133,7 @@ class Client:
     async def connect(self) -> Client:
         if self._redis is not None:
             return self
+        self._closing = False
         self._url = await asyncio.to_thread(resolve_url, self.settings.url, self.settings.data_dir)
         conn = open_connection(self._url)
         try:
@@ -167,10 +170,12 @@ class Client:
         return Keys(self.settings.namespace, groups)
 
     async def close(self) -> None:
-        for reader in self._readers.values():
+        self._closing = True
+        readers = list(self._readers.values())
+        for reader in readers:
             reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+        if readers:
+            await asyncio.wait(readers, timeout=INBOX_BLOCK_S + 1)
         self._readers.clear()
         for futures in self._waiters.values():
             for fut in futures:
@@ -583,9 +588,20 @@ class Client:
                 await asyncio.sleep(delay)  # back-off while the engine is away
 
     async def _wait_inbox(self, task_id: str) -> tuple[str, bytes]:
+        """Wait for an own task's outcome in the inbox; every RECHECK_S make sure the
+        record still exists (an engine that lost its data — a shard restarted empty
+        — will never deliver an outcome: TaskNotFound then, not a wait forever)."""
         waiter = self._add_waiter(task_id)
         try:
-            return await waiter
+            while True:
+                done, _ = await asyncio.wait([waiter], timeout=RECHECK_S)
+                if done:
+                    return waiter.result()
+                async with self.errors():
+                    exists = await self.redis.exists(self.keys.task(task_id))
+                if not exists:
+                    self._in_flight.discard(task_id)
+                    await self._record(task_id)  # raises TaskNotFound with the message
         finally:
             self._remove_waiter(task_id, waiter)
 
@@ -617,10 +633,13 @@ class Client:
         after a back-off.
         """
         delay = 0.05
-        while True:
+        while not self._closing:
             try:
+                # A bounded block: close() sets _closing, and the reader sees it
+                # within a second even if a cancellation was swallowed on the way
+                # (redis-py can lose one while a connection is being set up).
                 popped = await self.blocking.execute_command(
-                    "BLMPOP", 0, 1, inbox, "LEFT", "COUNT", 1000
+                    "BLMPOP", INBOX_BLOCK_S, 1, inbox, "LEFT", "COUNT", 1000
                 )
                 delay = 0.05
             except redis.RedisError as exc:

@@ -28,7 +28,9 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry as SyncRetry
@@ -50,6 +52,10 @@ def validate_url(url: str) -> str:
 
 COMMAND_TIMEOUT_S = 30.0  # a reply slower than this means the engine is in trouble
 COMMAND_POOL_SIZE = 32  # plenty for pipelined work; waiters queue for a free one
+# redis-py's async Cluster client cannot make callers wait for a free connection
+# (it raises MaxConnectionsError at its cap, 100 per shard by default), so its cap
+# is set high: bounded by the caller's concurrency rather than by the pool.
+CLUSTER_POOL_SIZE = 4096
 # How often a command retries a lost connection before the error reaches Shoal's
 # own loops (which keep retrying with their own back-off: clients for
 # engine_timeout, nodes while they run). Short, so that a node reconnects promptly
@@ -89,7 +95,7 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
     if address.kind == "cluster":
         return cast(aioredis.Redis, _open_cluster(address, options))
     if address.kind == "sentinel":
-        return _open_sentinel(address, options)
+        return _open_sentinel(address, options, bounded=not for_blocking)
     if urlsplit(url).scheme != "unix":
         options["socket_keepalive"] = True  # TCP only
     if not for_blocking:
@@ -110,11 +116,13 @@ def _open_cluster(address: EngineAddress, options: dict[str, Any]) -> AsyncRedis
     return AsyncRedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in address.hosts],
         username=address.username, password=address.password, ssl=address.tls,
-        retry=retry, socket_keepalive=True, **options,
+        retry=retry, socket_keepalive=True, max_connections=CLUSTER_POOL_SIZE, **options,
     )  # fmt: skip
 
 
-def _open_sentinel(address: EngineAddress, options: dict[str, Any]) -> aioredis.Redis:
+def _open_sentinel(
+    address: EngineAddress, options: dict[str, Any], *, bounded: bool
+) -> aioredis.Redis:
     """The current primary, asked of the Sentinels on every new connection: after a
     failover, connections to the old primary fail (or answer READONLY, which redis-py
     turns into a connection error) and the retry connects to the new one."""
@@ -126,9 +134,24 @@ def _open_sentinel(address: EngineAddress, options: dict[str, Any]) -> aioredis.
         username=address.username, password=address.password, ssl=address.tls, db=address.db,
         socket_keepalive=True, **options,
     )  # fmt: skip
-    primary: _SentinelPrimary = sentinel.master_for(address.service, redis_class=_SentinelPrimary)
+    pool: dict[str, Any] = {"max_connections": 2**31}  # blocking reads: unbounded
+    if bounded:  # commands wait for a free connection, as on a single server
+        pool = {
+            "connection_pool_class": _BlockingSentinelPool,
+            "max_connections": COMMAND_POOL_SIZE,
+            "timeout": None,
+        }
+    primary: _SentinelPrimary = sentinel.master_for(
+        address.service, redis_class=_SentinelPrimary, **pool
+    )
     primary.sentinel_clients = list(sentinel.sentinels)
     return primary
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel-managed pool whose callers wait for a free connection (redis-py's
+    Sentinel pool raises MaxConnectionsError instead): the Sentinel pool finds the
+    primary, the blocking pool's get_connection waits."""
 
 
 class _SentinelPrimary(aioredis.Redis):

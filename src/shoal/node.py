@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ log = logging.getLogger("shoal.node")
 
 RELEASE_INTERVAL_S = 0.25  # longest gap between two looks at due delayed tasks
 RELEASE_BATCH = 1000
+FETCH_WARN_EVERY_S = 5.0  # at most one warning this often for failing group fetches
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
 EXIT_FORCED = 130  # exit code of a node stopped by a second signal
@@ -136,6 +138,7 @@ class Node:
         self._turn = 0  # rotates which capability is read first (see _queue_order)
         self._group_turn = 0  # rotates which key group is read first
         self._lives = 0  # +1 each time the node learns it was declared dead
+        self._fetch_warned = 0.0  # when a failed group fetch was last logged
         self._executor = ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="shoal")
         self._heartbeat: Heartbeat | None = None
         self._registered = False
@@ -222,14 +225,26 @@ class Node:
         }  # fmt: skip
 
     async def _register(self) -> None:
+        await self._publish()
+        if taken := await self._reaper.reclaim_own_name(socket.gethostname()):
+            log.warning(
+                "node %s: took over %d task(s) an earlier process of this name left running",
+                self.node_id, len(taken.requeued) + len(taken.dead_lettered),
+            )  # fmt: skip
+        await register(self.client, self.node_id, self._description())
+        self._registered = True
+        self._serving.set()
+
+    async def _publish(self) -> None:
+        """What the namespace must know of this node's code: its queues (streams and
+        consumer groups), its capabilities' settings, its agent types and their
+        topics. Idempotent: done at start and again on rejoining (the engine may
+        have lost it, e.g. a Cluster shard restarted without its data)."""
         r = self.client.redis
         async with self.client.errors():
             previous = await self._previous_topics()
             groups = range(self.keys.groups)
-            for cap in self._specs:
-                for queue in (q for g in groups for q in self.keys.queues(cap, g)):
-                    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: exists
-                        await r.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
+            await self._create_consumer_groups(groups)
             pipe = r.pipeline(transaction=False)
             for name, (spec, _) in self._specs.items():
                 pipe.sadd(self.keys.capabilities, name)
@@ -247,14 +262,16 @@ class Node:
                 for topic in previous.get(name, set()) - agent_type.subscriptions().keys():
                     pipe.srem(self.keys.subscribers(topic), name)  # the type dropped it
             await pipe.execute()
-        if taken := await self._reaper.reclaim_own_name(socket.gethostname()):
-            log.warning(
-                "node %s: took over %d task(s) an earlier process of this name left running",
-                self.node_id, len(taken.requeued) + len(taken.dead_lettered),
-            )  # fmt: skip
-        await register(self.client, self.node_id, self._description())
-        self._registered = True
-        self._serving.set()
+
+    async def _create_consumer_groups(self, groups: Iterable[int]) -> None:
+        """The queues' streams and their consumer group (kept if they exist)."""
+        for group in groups:
+            for cap in self._specs:
+                for queue in self.keys.queues(cap, group):
+                    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: exists
+                        await self.client.redis.xgroup_create(
+                            queue, CONSUMER_GROUP, id="0", mkstream=True
+                        )
 
     async def _previous_topics(self) -> dict[str, set[str]]:
         """The topics each hosted type subscribed to as last registered (by any node):
@@ -316,9 +333,16 @@ class Node:
         return len(attempts)
 
     async def _rejoin(self) -> None:
+        """Register again after being declared dead — or after the engine forgot this
+        node (its record is gone: a shard restarted without its data). In that case
+        nobody took its started tasks over, so it does so itself first (a survivor
+        that did leaves nothing to take), then publishes what the engine may have
+        lost with the record, and registers."""
         backoff = Backoff()
         while not self._closing.is_set():
             try:
+                await self._reaper.claim_own(",".join(self.capabilities))
+                await self._publish()
                 await register(self.client, self.node_id, self._description())
             except ShoalError as exc:
                 log.warning("registering again failed: %s", exc)
@@ -404,6 +428,7 @@ class Node:
         until ``free`` tasks started or every group was asked once; returns the
         groups that had nothing, with where to block on their streams."""
         idle: dict[int, tuple[list[str], list[bytes]] | None] = {}
+        failures: list[ShoalError] = []
         groups = self.keys.groups
         self._group_turn += 1
         for step in range(groups):
@@ -416,7 +441,12 @@ class Node:
                 continue
             queues = self._queue_order(group)
             lives = self._lives
-            started, consumed, last_ids = await self._fetch(group, queues, free, expired)
+            try:
+                started, consumed, last_ids = await self._fetch(group, queues, free, expired)
+            except ShoalError as exc:
+                failures.append(exc)
+                await self._after_fetch_error(group, exc)
+                continue  # the other groups (shards) may be fine
             if self._lives != lives:
                 self._hand_back([Job.from_reply(row) for row in started])
                 return idle  # declared dead while the fetch was on its way
@@ -427,7 +457,21 @@ class Node:
                 idle[group] = (queues, last_ids)
             if free <= 0:
                 break
+        if failures and len(failures) + len(idle) >= groups:
+            raise failures[0]  # no group gave work: back off
         return idle
+
+    async def _after_fetch_error(self, group: int, exc: ShoalError) -> None:
+        """A queue stream or its consumer group can vanish (a shard restarted without
+        its data, a FLUSHALL): create them again, so the group is read again."""
+        if "NOGROUP" in str(exc):
+            log.warning("key group %d lost its queues; creating them again", group)
+            with contextlib.suppress(ShoalError):
+                async with self.client.errors():
+                    await self._create_consumer_groups([group])
+        elif time.monotonic() - self._fetch_warned > FETCH_WARN_EVERY_S:
+            self._fetch_warned = time.monotonic()
+            log.warning("fetching from key group %d failed: %s", group, exc)
 
     def _hand_back(self, jobs: list[Job]) -> None:
         """Tasks whose fetch reply arrived after this node learnt it was declared dead

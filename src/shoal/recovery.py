@@ -26,6 +26,7 @@ log = logging.getLogger("shoal.recovery")
 
 DIED_WHILE_RUNNING = "node died while running"
 SWEEP_INTERVAL_S = 60.0  # how often a reaper re-claims for recently dead nodes
+STALL_S = 0.5  # a heartbeat read slower than this, or this late, means an outage
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,6 +56,7 @@ class Reaper:
         self._dead_after_ms = int(dead_after * 1000)
         self.interval = max(0.1, dead_after / 6)
         self._reconnected_at = 0.0  # loop time the engine came back after an outage
+        self._last_round = 0.0  # loop time of the last round that read the heartbeats
 
     async def reap_once(self) -> list[Takeover]:
         """Reap every node silent for longer than ``dead_after`` (not this one).
@@ -65,9 +67,12 @@ class Reaper:
         then would take live nodes' work away.
         """
         client, keys = self._client, self._client.keys
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
         cutoff = protocol.now_ms() - self._dead_after_ms
         async with client.errors():
             silent = await client.redis.zrangebyscore(keys.nodes, "-inf", cutoff)
+        self._note_stall(asked)
         silent = [s for s in silent if s.decode() != self._node_id]
         if not silent or not await self._fair_to_judge():
             return []
@@ -77,6 +82,15 @@ class Reaper:
             if node_id != self._node_id and (done := await self._reap(node_id, cutoff)):
                 takeovers.append(done)
         return takeovers
+
+    def _note_stall(self, asked: float) -> None:
+        """An outage can hide inside one command (redis-py retries a lost connection
+        before any error reaches Shoal) or between rounds: a read that took long, or
+        a round long after the previous one, restarts the fairness window too."""
+        now = asyncio.get_running_loop().time()
+        previous, self._last_round = self._last_round, now
+        if now - asked > STALL_S or (previous and asked - previous > self.interval + STALL_S):
+            self._reconnected_at = now
 
     async def _fair_to_judge(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -129,6 +143,23 @@ class Reaper:
             requeued += [i.decode() for i in result[0]]
             buried += [i.decode() for i in result[1]]
         return requeued, buried
+
+    async def claim_own(self, capabilities: str) -> int:
+        """Take over this node's own started tasks (it abandoned them: it learnt it
+        was declared dead, or that the engine forgot it)."""
+        died = protocol.encode(
+            ErrorInfo(
+                "shoal.errors.NodeDied", DIED_WHILE_RUNNING, node=self._node_id,
+                at=protocol.now_ms(),
+            )
+        )  # fmt: skip
+        requeued, buried = await self.claim(self._node_id, capabilities, died)
+        if requeued or buried:
+            log.warning(
+                "node %s: %d task(s) it had started re-queued, %d dead-lettered",
+                self._node_id, len(requeued), len(buried),
+            )  # fmt: skip
+        return len(requeued) + len(buried)
 
     async def sweep_dead(self) -> int:
         """Claim again for every node declared dead in the last hour: finishes the
@@ -185,18 +216,18 @@ class Reaper:
 
     async def run(self, closing: asyncio.Event) -> None:
         """Reap until ``closing`` is set; engine errors are logged and retried."""
-        failing = False
+        loop = asyncio.get_running_loop()
         next_sweep = 0.0
         while not closing.is_set():
             try:
-                if asyncio.get_running_loop().time() >= next_sweep:
+                if loop.time() >= next_sweep:
                     await self.sweep_dead()
-                    next_sweep = asyncio.get_running_loop().time() + SWEEP_INTERVAL_S
+                    next_sweep = loop.time() + SWEEP_INTERVAL_S
                 await self.reap_once()
-                if failing:
-                    failing, self._reconnected_at = False, asyncio.get_running_loop().time()
             except ShoalError as exc:
-                failing = True
+                # nobody can be judged on heartbeats written while this reaper could
+                # not read them: the fairness window restarts at every failure
+                self._reconnected_at = loop.time()
                 log.warning("looking for dead nodes failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(closing.wait(), self.interval)

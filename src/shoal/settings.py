@@ -47,7 +47,7 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -55,8 +55,8 @@ def _env_int(name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name}={raw!r} must be > 0")
+    if value < minimum:
+        raise ConfigurationError(f"{name}={raw!r} must be >= {minimum}")
     return value
 
 
@@ -126,7 +126,7 @@ class Settings:
             engine_timeout=_env_float("SHOAL_ENGINE_TIMEOUT", DEFAULT_ENGINE_TIMEOUT_S),
             partitions=_env_int("SHOAL_PARTITIONS", 0) or None,
             key_groups=_env_int("SHOAL_KEY_GROUPS", 0) or None,
-            ack_replicas=_env_int("SHOAL_ACK_REPLICAS", 0),
+            ack_replicas=_env_int("SHOAL_ACK_REPLICAS", 0, minimum=0),
             ack_timeout=_env_float("SHOAL_ACK_TIMEOUT", DEFAULT_ACK_TIMEOUT_S),
         )
 

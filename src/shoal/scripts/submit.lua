@@ -8,7 +8,8 @@
 --          A task addressed to an agent goes into its partition's mailbox (bounded
 --          by default_queue_max) instead of the capability's queue.
 -- Touches  task:<id> (hash), queue:<cap>:<prio> (stream), delayed (due tasks),
---          idem:<key> (string), capability:<cap> (hash, read: queue_max)
+--          idem:<key> (string), capability:<cap> (hash, read: queue_max),
+--          stats (resubmits: calls that wrote nothing new)
 -- Returns  {accepted, existing}: the first `accepted` tasks were queued (fewer than
 --          the batch means the queue reached its bound: the rest were not written);
 --          `existing` is the id of the task an idempotency key already named (then
@@ -21,9 +22,20 @@ local cap, prio = ARGV[5], ARGV[6]
 local due = tonumber(ARGV[10])
 local idem = ARGV[13]
 
+-- A call that writes nothing (an idempotency key found its task, or a re-sent batch
+-- whose tasks all exist) still counts itself: the write puts this connection at the
+-- end of the replication stream, so a WAIT after it (ack_replicas) covers the tasks
+-- that an earlier call wrote — not only this connection's (empty) writes.
+local function count_resubmit()
+  redis.call('HINCRBY', prefix .. 'stats', 'resubmits', 1)
+end
+
 if idem ~= '' then
   local existing = redis.call('GET', prefix .. 'idem:' .. idem)
-  if existing then return {0, existing} end
+  if existing then
+    count_resubmit()
+    return {0, existing}
+  end
 end
 
 local mbox, agent = ARGV[14], ARGV[15]
@@ -54,7 +66,7 @@ if status == 'scheduled' then
 end
 local n = #common
 
-local accepted = 0
+local accepted, written = 0, false
 for base = 16, #ARGV, 3 do
   if room <= 0 then break end
   local id = ARGV[base]
@@ -68,9 +80,11 @@ for base = 16, #ARGV, 3 do
       enqueue(id, cap, prio, mbox, agent)
     end
     room = room - 1
+    written = true
   end
   accepted = accepted + 1
 end
+if not written and accepted > 0 then count_resubmit() end
 if idem ~= '' and accepted == 1 then
   redis.call('SET', prefix .. 'idem:' .. idem, ARGV[16], 'PX', retention_ms)
 end
