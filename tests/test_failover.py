@@ -249,9 +249,11 @@ async def test_tasks_fetched_before_the_node_learnt_it_was_dead_go_back_not_run(
     async with running_node([Toolbox], settings, name="late") as node:
         fetch = node._fetch
         bumped = False
+        wrapped = asyncio.Event()
 
         async def fetch_while_declared_dead(*args: Any) -> Any:
             nonlocal bumped
+            wrapped.set()
             reply = await fetch(*args)
             if reply[0] and not bumped:
                 bumped = True
@@ -259,6 +261,9 @@ async def test_tasks_fetched_before_the_node_learnt_it_was_dead_go_back_not_run(
             return reply
 
         node._fetch = fetch_while_declared_dead  # type: ignore[method-assign]
+        # a fetch that began before the swap may still be on its way: submit once
+        # the fetch loop has come round to the wrapper (within its idle block)
+        await asyncio.wait_for(wrapped.wait(), 10)
         handle = await client.submit("whoami", i=7)
         result = await handle.result(timeout=10)
     info = await handle.status()
