@@ -2,32 +2,56 @@
 one node process; p50/p90/p99 in ms, with the peers' figures from the same run.
 
     python -m bench.latency [-n 1000] [--peers celery dramatiq arq taskiq]
+    python -m bench.latency --engine sentinel --ack-replicas 0 1 [--repeat K] [--save NAME]
+
+``--engine``, ``--ack-replicas`` and the rest as in bench.throughput (peers:
+standalone only). Each run also reports the engine's commands and CPU per round
+trip (with ack_replicas, two WAITs: the submit's and the result's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 from typing import Any
 
-from bench.common import emit, machine, node_processes, percentile, private_engine
-from shoal import Client
+from bench.common import (
+    PEERS_STANDALONE_ONLY,
+    Engine,
+    add_engine_arguments,
+    check_engine_arguments,
+    code_version,
+    emit,
+    engine_report,
+    engine_snapshot,
+    machine,
+    node_processes,
+    percentile,
+    private_topology,
+    save,
+    shoal_env,
+)
+from shoal import Client, Settings
 
 WARMUP = 50
 
 
-async def _measure(url: str, namespace: str, n: int) -> dict[str, Any]:
-    async with Client(url, namespace=namespace) as client:
+async def _measure(engine: Engine, namespace: str, n: int, ack_replicas: int) -> dict[str, Any]:
+    settings = Settings(url=engine.url, namespace=namespace, ack_replicas=ack_replicas)
+    async with Client(settings=settings) as client:
         await client.wait_for_hosts("noop")
         for i in range(WARMUP):
             await client.call("noop", i=i)
+        before = await asyncio.to_thread(engine_snapshot, engine)
         samples = []
         for i in range(n):
             start = time.perf_counter()
             await client.call("noop", i=i)
             samples.append((time.perf_counter() - start) * 1000)
+        after = await asyncio.to_thread(engine_snapshot, engine)
     samples.sort()
     return {
         "n": n,
@@ -35,14 +59,24 @@ async def _measure(url: str, namespace: str, n: int) -> dict[str, Any]:
         "p90_ms": round(percentile(samples, 0.90), 3),
         "p99_ms": round(percentile(samples, 0.99), 3),
         "mean_ms": round(statistics.fmean(samples), 3),
+        # per round trip: the engine's commands (WAITs: the submit's and the result's)
+        "engine": engine_report(before, after, n),
     }
 
 
-def run_shoal(url: str, n: int) -> dict[str, Any]:
+def run_shoal(engine: Engine, n: int, ack_replicas: int = 0) -> dict[str, Any]:
     namespace = f"bench-lat-{time.monotonic_ns()}"
-    with node_processes(url, namespace, 1):
-        result = asyncio.run(_measure(url, namespace, n))
-    return {"system": "shoal", "workload": "latency", **result}
+    load = os.getloadavg()[0]
+    with node_processes(engine.url, namespace, 1, env=shoal_env(ack_replicas)):
+        result = asyncio.run(_measure(engine, namespace, n, ack_replicas))
+    return {
+        "system": "shoal",
+        "workload": "latency",
+        "engine_kind": engine.kind,
+        "ack_replicas": ack_replicas,
+        "load_avg_1m_before": round(load, 2),
+        **result,
+    }
 
 
 def main() -> None:
@@ -51,18 +85,34 @@ def main() -> None:
     )
     parser.add_argument("-n", type=int, default=1000, help="round trips")
     parser.add_argument("--peers", nargs="*", default=["celery", "dramatiq", "arq", "taskiq"])
+    add_engine_arguments(parser)
     args = parser.parse_args()
+    check_engine_arguments(parser, args)
+    peers = args.peers if args.engine == "standalone" else []
     runs: list[dict[str, Any]] = []
-    with private_engine() as url:
-        runs.append(run_shoal(url, args.n))
-        for peer in args.peers:
+    with private_topology(args.engine, args.cluster_replicas, args.aof) as engine:
+        for _ in range(args.repeat):
+            runs += [run_shoal(engine, args.n, ack) for ack in args.ack_replicas]
+        for peer in peers:
             from bench.peers.harness import run_peer
 
             try:
-                runs.append(run_peer(peer, url, "latency", args.n))
+                runs.append(run_peer(peer, engine.url, "latency", args.n))
             except Exception as exc:
                 runs.append({"peer": peer, "workload": "latency", "error": str(exc)})
-    emit({"benchmark": "latency", "machine": machine(), "runs": runs})
+    result = {
+        "benchmark": "latency",
+        "machine": machine(),
+        "code": code_version(),
+        "engine": {"kind": engine.kind, **engine.topology},
+        "ack_replicas": args.ack_replicas,
+        "runs": runs,
+    }
+    if args.peers and not peers:
+        result["peers_skipped"] = {"peers": args.peers, "why": PEERS_STANDALONE_ONLY}
+    if args.save:
+        save(args.save, result)
+    emit(result)
 
 
 if __name__ == "__main__":

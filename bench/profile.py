@@ -1,8 +1,11 @@
 """Where the time goes: one throughput run (N no-op tasks, one node process) with
 the node under pyinstrument, the client timed, and the engine's own CPU time and
-per-command statistics. Prints JSON; writes the node's profile as text.
+per-command statistics (summed over the primaries of a Cluster), and the growth of
+the engine's used_memory per task (the finished records kept for the retention
+period). Prints JSON; writes the node's profile as text.
 
     python -m bench.profile [-n 20000] [--profile-out node-profile.txt]
+    python -m bench.profile --engine cluster --profile-out node-profile-cluster.txt
 """
 
 from __future__ import annotations
@@ -18,45 +21,60 @@ from typing import Any
 
 import redis
 
-from bench.common import REPO, emit, machine, private_engine
-from shoal import Client
+from bench.common import (
+    REPO,
+    Engine,
+    add_engine_arguments,
+    check_engine_arguments,
+    code_version,
+    emit,
+    engine_report,
+    engine_snapshot,
+    machine,
+    private_topology,
+    process_cpu,
+    save,
+    shoal_env,
+)
+from shoal import Client, Settings
 
 
-def _engine_cpu(conn: redis.Redis) -> float:
-    cpu = conn.info("cpu")
-    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+def _used_memory(engine: Engine) -> int:
+    total = 0
+    for url in engine.primaries:
+        with redis.Redis.from_url(url) as conn:
+            total += int(conn.info("memory")["used_memory"])
+    return total
 
 
-async def _run(url: str, namespace: str, n: int) -> dict[str, Any]:
-    conn = redis.Redis.from_url(url)
-    async with Client(url, namespace=namespace) as client:
+async def _run(
+    engine: Engine, namespace: str, n: int, node: subprocess.Popen[bytes], ack_replicas: int
+) -> dict[str, Any]:
+    settings = Settings(url=engine.url, namespace=namespace, ack_replicas=ack_replicas)
+    async with Client(settings=settings) as client:
         await client.wait_for_hosts("noop")
         await client.call("noop", i=0)
-        conn.config_resetstat()
-        cpu_before, wall = _engine_cpu(conn), time.perf_counter()
+        memory = await asyncio.to_thread(_used_memory, engine)
+        before = await asyncio.to_thread(engine_snapshot, engine)
+        wall, node_cpu = time.perf_counter(), process_cpu([node])
         process_before = time.process_time()
         handles = await client.submit_many("noop", [{"i": i} for i in range(n)])
         submitted = time.perf_counter()
         await asyncio.gather(*(h.result() for h in handles))
         done = time.perf_counter()
         client_cpu = time.process_time() - process_before
-        engine_cpu = _engine_cpu(conn) - cpu_before
-    stats = conn.info("commandstats")
-    top = sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:8]
+        node_cpu = process_cpu([node]) - node_cpu
+        after = await asyncio.to_thread(engine_snapshot, engine)
+    report = engine_report(before, after, n)
     return {
         "n": n,
         "tasks_per_s": round(n / (done - wall)),
         "submit_s": round(submitted - wall, 3),
         "client_cpu_us_per_task": round(client_cpu / n * 1e6, 1),
-        "engine_cpu_us_per_task": round(engine_cpu / n * 1e6, 1),
-        "engine_memory_bytes_per_finished_task": round(conn.info("memory")["used_memory"] / n),
-        "engine_commands": {
-            name.removeprefix("cmdstat_"): {
-                "calls": v["calls"],
-                "usec_per_call": v["usec_per_call"],
-            }
-            for name, v in top
-        },
+        "node_cpu_us_per_task_under_profiler": round(node_cpu / n * 1e6, 1),
+        "engine_cpu_us_per_task": report.pop("engine_cpu_us_per_task"),
+        "engine_memory_bytes_per_finished_task": round((_used_memory(engine) - memory) / n),
+        "engine": report,
     }
 
 
@@ -66,21 +84,35 @@ def main() -> None:
     )
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument("--profile-out", default="node-profile.txt")
+    add_engine_arguments(parser, several=False)
     args = parser.parse_args()
-    with private_engine() as url:
-        env = {**os.environ, "SHOAL_REDIS_URL": url, "SHOAL_NAMESPACE": "profile"}
+    check_engine_arguments(parser, args)
+    with private_topology(args.engine, args.cluster_replicas, args.aof) as engine:
+        namespace = f"profile-{time.monotonic_ns()}"
+        env = {**os.environ, "SHOAL_REDIS_URL": engine.url, "SHOAL_NAMESPACE": namespace}
         node = subprocess.Popen(
             [sys.executable, "-m", "pyinstrument", "-i", "0.0005", "-r", "text", "-o",
              os.path.abspath(args.profile_out), "-m", "shoal.cli", "node", "--app",
              "bench.noop_app", "--concurrency", "256", "--log-level", "warning"],
-            cwd=REPO, env=env,
+            cwd=REPO, env={**env, **shoal_env(args.ack_replicas)},
         )  # fmt: skip
         try:
-            result = asyncio.run(_run(url, "profile", args.n))
+            result = asyncio.run(_run(engine, namespace, args.n, node, args.ack_replicas))
         finally:
             node.send_signal(signal.SIGTERM)
             node.wait(60)
-    emit({"benchmark": "profile", "machine": machine(), "node_profile": args.profile_out, **result})
+    out = {
+        "benchmark": "profile",
+        "machine": machine(),
+        "code": code_version(),
+        "engine_kind": engine.kind,
+        "ack_replicas": args.ack_replicas,
+        "node_profile": args.profile_out,
+        **result,
+    }
+    if args.save:
+        save(args.save, out)
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -3,42 +3,106 @@ processes; tasks/s end to end (first submit to last result), and the peers' figu
 from the same run on the same engine.
 
     python -m bench.throughput [-n 20000] [--nodes 1 2] [--peers celery dramatiq arq taskiq]
+    python -m bench.throughput --engine cluster|sentinel [--ack-replicas N [N ...]]
+        [--cluster-replicas N] [--no-aof] [--repeat K] [--save NAME]
+
+``--engine`` picks the engine: the embedded standalone server (default), a local
+Cluster of 3 primaries, or a local Sentinel group (1 primary, 2 replicas, 3
+Sentinels); all on this machine, so a Cluster shows its overhead and how the work
+spreads over the shards, not how it scales. Peers run on standalone only.
+``--ack-replicas 0 1`` runs each setting in turn on the same engine. Each run also
+reports, from the engine's INFO before and after it, the commands and engine CPU per
+task (summed over the primaries), each primary's share, and the CPU time of the
+node processes and of the client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import os
 import time
 from typing import Any
 
-from bench.common import emit, machine, node_processes, private_engine
-from shoal import Client
+from bench.common import (
+    PEERS_STANDALONE_ONLY,
+    Engine,
+    add_engine_arguments,
+    check_engine_arguments,
+    code_version,
+    emit,
+    engine_report,
+    engine_snapshot,
+    machine,
+    node_processes,
+    private_topology,
+    process_cpu,
+    save,
+    shard_of,
+    shoal_env,
+    slot_owners,
+)
+from shoal import Client, Settings
 
 
-async def _measure(url: str, namespace: str, n: int) -> dict[str, Any]:
-    async with Client(url, namespace=namespace) as client:
+async def _measure(
+    engine: Engine, namespace: str, n: int, procs: list[Any], ack_replicas: int
+) -> dict[str, Any]:
+    settings = Settings(url=engine.url, namespace=namespace, ack_replicas=ack_replicas)
+    async with Client(settings=settings) as client:
         await client.wait_for_hosts("noop")
         await client.call("noop", i=0)  # warm: scripts loaded, groups created
+        before = await asyncio.to_thread(engine_snapshot, engine)
+        nodes_cpu, client_cpu = process_cpu(procs), time.process_time()
         start = time.perf_counter()
         handles = await client.submit_many("noop", [{"i": i} for i in range(n)])
         submitted = time.perf_counter()
         results = await asyncio.gather(*(h.result() for h in handles))
         done = time.perf_counter()
+        client_cpu, nodes_cpu = time.process_time() - client_cpu, process_cpu(procs) - nodes_cpu
+        after = await asyncio.to_thread(engine_snapshot, engine)
+        groups = (await client.cluster()).key_groups
+        task_keys = [client.keys.task(h.id) for h in handles]
     assert results == list(range(n)), "a result is missing or wrong"
+    spread = _spread(engine, task_keys, [g.shard for g in groups])
     return {
         "n": n,
         "submit_s": round(submitted - start, 3),
         "seconds": round(done - start, 3),
         "tasks_per_s": round(n / (done - start)),
+        "client_cpu_us_per_task": round(client_cpu / n * 1e6, 1),
+        "nodes_cpu_us_per_task": round(nodes_cpu / n * 1e6, 1),
+        "key_groups": {"count": len(groups), "per_shard": spread["groups"]},
+        "engine": engine_report(before, after, n, spread["tasks"]),
     }
 
 
-def run_shoal(url: str, n: int, nodes: int) -> dict[str, Any]:
+def _spread(engine: Engine, task_keys: list[str], group_shards: list[str]) -> dict[str, Any]:
+    """Tasks (by their record's key slot) and key groups per primary."""
+    owners = slot_owners(engine)
+    if not owners:  # one primary holds everything
+        (address,) = engine.primary_addresses
+        return {"tasks": {address: len(task_keys)}, "groups": {address: len(group_shards)}}
+    tasks = collections.Counter(shard_of(key, owners) for key in task_keys)
+    return {"tasks": dict(tasks), "groups": dict(collections.Counter(group_shards))}
+
+
+def run_shoal(engine: Engine, n: int, nodes: int, ack_replicas: int = 0) -> dict[str, Any]:
     namespace = f"bench-tp-{nodes}-{time.monotonic_ns()}"
-    with node_processes(url, namespace, nodes):
-        result = asyncio.run(_measure(url, namespace, n))
-    return {"system": "shoal", "workload": "throughput", "nodes": nodes, **result}
+    load = os.getloadavg()[0]  # anything else running on the machine shows here
+    env = shoal_env(ack_replicas)
+    with node_processes(engine.url, namespace, nodes, env=env) as procs:
+        result = asyncio.run(_measure(engine, namespace, n, procs, ack_replicas))
+    return {
+        "system": "shoal",
+        "workload": "throughput",
+        "engine_kind": engine.kind,
+        "ack_replicas": ack_replicas,
+        "nodes": nodes,
+        "load_avg_1m_before": round(load, 2),
+        **result,
+    }
 
 
 def run_peers(url: str, n: int, nodes: int, peers: list[str]) -> list[dict[str, Any]]:
@@ -62,13 +126,29 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20_000, help="tasks per run")
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--peers", nargs="*", default=["celery", "dramatiq", "arq", "taskiq"])
+    add_engine_arguments(parser)
     args = parser.parse_args()
+    check_engine_arguments(parser, args)
+    peers = args.peers if args.engine == "standalone" else []
     runs: list[dict[str, Any]] = []
-    with private_engine() as url:
+    with private_topology(args.engine, args.cluster_replicas, args.aof) as engine:
         for nodes in args.nodes:
-            runs.append(run_shoal(url, args.n, nodes))
-            runs += run_peers(url, args.n, nodes, args.peers)
-    emit({"benchmark": "throughput", "machine": machine(), "runs": runs})
+            for _ in range(args.repeat):
+                runs += [run_shoal(engine, args.n, nodes, ack) for ack in args.ack_replicas]
+            runs += run_peers(engine.url, args.n, nodes, peers)
+    result = {
+        "benchmark": "throughput",
+        "machine": machine(),
+        "code": code_version(),
+        "engine": {"kind": engine.kind, **engine.topology},
+        "ack_replicas": args.ack_replicas,
+        "runs": runs,
+    }
+    if args.peers and not peers:
+        result["peers_skipped"] = {"peers": args.peers, "why": PEERS_STANDALONE_ONLY}
+    if args.save:
+        save(args.save, result)
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -606,3 +606,19 @@ def test_engines_older_than_redis_7_are_refused_clearly() -> None:
     with pytest.raises(EngineUnavailable, match=r"runs Redis 6\.2\.14; Shoal needs Redis >= 7\.0"):
         _check_engine_version({"redis_version": "6.2.14"}, "redis://:pw@h:1/0")
     _check_engine_version({"redis_version": "7.2.4"}, "redis://h:1/0")
+
+
+@pytest.mark.topology
+async def test_a_first_burst_of_concurrent_calls_all_return_through_the_inbox(
+    settings: Settings,
+) -> None:
+    """A fresh client's first 2,000 concurrent calls: every outcome arrives through
+    the inboxes (one per key group on a Cluster); none had to be found by the
+    periodic recheck of the records, which is what a lost inbox entry costs."""
+    async with running_node([Toolbox], settings), Client(settings=settings) as fresh:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(fresh.call("echo", value=i) for i in range(2000))), 60
+        )
+        rechecked = fresh.rechecked
+    assert results == list(range(2000))
+    assert rechecked == 0, f"{rechecked} outcome(s) were lost on their way to the inbox"

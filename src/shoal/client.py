@@ -21,6 +21,7 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 from cachetools import LRUCache
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from shoal import protocol, replication
@@ -39,6 +40,7 @@ from shoal.errors import (
     NotHosted,
     QueueFull,
     ResultTimeout,
+    ShoalError,
     TaskCancelled,
     TaskFailed,
     TaskNotFound,
@@ -52,7 +54,7 @@ from shoal.scripts import Scripts
 from shoal.settings import Settings
 
 INBOX_BLOCK_S = 1.0  # longest block of an inbox read (then it looks at close())
-RECHECK_S = 5.0  # a wait for an own task's outcome checks its record this often
+RECHECK_S = 5.0  # how often the records of awaited own tasks are looked at
 T = TypeVar("T")
 
 log = logging.getLogger("shoal.client")
@@ -119,6 +121,8 @@ class Client:
         self._waiters: dict[str, list[asyncio.Future[tuple[str, bytes]]]] = {}
         self._readers: dict[int, asyncio.Task[None]] = {}  # inbox readers, by key group
         self._closing = False
+        self._rechecker: asyncio.Task[None] | None = None
+        self.rechecked = 0  # outcomes found by the recheck, not in the inbox (see there)
         self._next_group = int.from_bytes(os.urandom(2), "big")  # clients start apart
         self._states = _StateReader(self)
         self._agents = AgentPlane(self)
@@ -148,6 +152,12 @@ class Client:
             await self._scripts.load_all()
             self.keys = await self._namespace_keys(conn)
         self._blocking = open_connection(self._url, for_blocking=True)
+        if isinstance(self._blocking, RedisCluster):
+            # Load the slot map now: a first burst of blocking pops sent before it
+            # is known meets MOVED, and the reload that follows drops connections
+            # a pop may have been answered on (its entries then lost).
+            async with engine_errors(self._url):
+                await self._blocking.initialize()
         return self
 
     async def _namespace_keys(self, conn: Any) -> Keys:
@@ -172,6 +182,9 @@ class Client:
     async def close(self) -> None:
         self._closing = True
         readers = list(self._readers.values())
+        if self._rechecker is not None:
+            readers.append(self._rechecker)
+            self._rechecker = None
         for reader in readers:
             reader.cancel()
         if readers:
@@ -588,22 +601,39 @@ class Client:
                 await asyncio.sleep(delay)  # back-off while the engine is away
 
     async def _wait_inbox(self, task_id: str) -> tuple[str, bytes]:
-        """Wait for an own task's outcome in the inbox; every RECHECK_S make sure the
-        record still exists (an engine that lost its data — a shard restarted empty
-        — will never deliver an outcome: TaskNotFound then, not a wait forever)."""
         waiter = self._add_waiter(task_id)
         try:
-            while True:
-                done, _ = await asyncio.wait([waiter], timeout=RECHECK_S)
-                if done:
-                    return waiter.result()
-                async with self.errors():
-                    exists = await self.redis.exists(self.keys.task(task_id))
-                if not exists:
-                    self._in_flight.discard(task_id)
-                    await self._record(task_id)  # raises TaskNotFound with the message
+            return await waiter
         finally:
             self._remove_waiter(task_id, waiter)
+
+    async def _recheck_loop(self) -> None:
+        """Every RECHECK_S, look at the records of the own tasks still awaited: wake
+        the waiters of those that ended (or vanished) to read the outcome from the
+        record. An inbox entry can be lost without an error reaching this client (a
+        blocking pop answered on a connection redis-py then dropped and retried,
+        seen on a Cluster), and an engine that lost its data never sends one; this
+        bounds the wait to RECHECK_S either way, with one pipelined read per round."""
+        while not self._closing:
+            await asyncio.sleep(RECHECK_S)  # a timer, not a stand-in for an event
+            waited = [t for t in list(self._waiters) if t in self._in_flight]
+            if not waited:
+                continue
+            try:
+                async with self.errors():
+                    pipe = self.redis.pipeline(transaction=False)
+                    for task_id in waited:
+                        pipe.hget(self.keys.task(task_id), "status")
+                    statuses = await pipe.execute()
+            except ShoalError:
+                continue  # the engine is away: the waiters re-read when it is back
+            for task_id, status in zip(waited, statuses, strict=True):
+                if status is None or status.decode() in protocol.TERMINAL_STATUSES:
+                    self.rechecked += 1
+                    self._in_flight.discard(task_id)
+                    for fut in self._waiters.get(task_id, ()):
+                        if not fut.done():
+                            fut.set_result(("", b""))  # read the record instead
 
     def _add_waiter(self, task_id: str) -> asyncio.Future[tuple[str, bytes]]:
         fut: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
@@ -618,6 +648,8 @@ class Client:
                 del self._waiters[task_id]
 
     def _ensure_reader(self, group: int) -> None:
+        if self._rechecker is None or self._rechecker.done():
+            self._rechecker = asyncio.create_task(self._recheck_loop(), name="shoal-recheck")
         reader = self._readers.get(group)
         if reader is None or reader.done():
             self._readers[group] = asyncio.create_task(
