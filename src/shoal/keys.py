@@ -14,9 +14,9 @@ every such operation runs inside one hash slot — on one shard of a Cluster:
   its fencing tokens and its agents' state — and tasks addressed to its agents.
 
 With one group every key shares the namespace's tag (one slot). With more, group
-g's tag ``<namespace>/<n>`` is chosen so that the groups' slots are evenly spaced
-over the 16,384 slots: a Cluster whose shards own equal slot ranges gets an equal
-share of the groups (``shoal status`` shows the spread).
+g's tag ``<namespace>/<n>`` is chosen so that each group's slot lies in its own
+1/groups stripe of the 16,384 slots: a Cluster whose shards own equal slot ranges
+gets a near-equal share of the groups (``shoal status`` shows the spread).
 
 | key                         | group   | type        | holds                                |
 |-----------------------------|---------|-------------|--------------------------------------|
