@@ -360,3 +360,21 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+def report(benchmark: str, engine: Engine, args: Any, runs: list[Any], peers: list[str]) -> None:
+    """Print (and with ``--save``, keep) a benchmark's JSON: the machine, the code,
+    the engine's topology and every run; says why peers were skipped off standalone."""
+    result: dict[str, Any] = {
+        "benchmark": benchmark,
+        "machine": machine(),
+        "code": code_version(),
+        "engine": {"kind": engine.kind, **engine.topology},
+        "ack_replicas": args.ack_replicas,
+        "runs": runs,
+    }
+    if args.peers and not peers:
+        result["peers_skipped"] = {"peers": args.peers, "why": PEERS_STANDALONE_ONLY}
+    if args.save:
+        save(args.save, result)
+    emit(result)

@@ -19,19 +19,15 @@ import time
 from typing import Any
 
 from bench.common import (
-    PEERS_STANDALONE_ONLY,
     Engine,
     add_engine_arguments,
     check_engine_arguments,
-    code_version,
-    emit,
     engine_report,
     engine_snapshot,
-    machine,
     node_processes,
     percentile,
     private_topology,
-    save,
+    report,
     shoal_env,
 )
 from shoal import Client, Settings
@@ -100,19 +96,7 @@ def main() -> None:
                 runs.append(run_peer(peer, engine.url, "latency", args.n))
             except Exception as exc:
                 runs.append({"peer": peer, "workload": "latency", "error": str(exc)})
-    result = {
-        "benchmark": "latency",
-        "machine": machine(),
-        "code": code_version(),
-        "engine": {"kind": engine.kind, **engine.topology},
-        "ack_replicas": args.ack_replicas,
-        "runs": runs,
-    }
-    if args.peers and not peers:
-        result["peers_skipped"] = {"peers": args.peers, "why": PEERS_STANDALONE_ONLY}
-    if args.save:
-        save(args.save, result)
-    emit(result)
+    report("latency", engine, args, runs, peers)
 
 
 if __name__ == "__main__":

@@ -26,19 +26,15 @@ import time
 from typing import Any
 
 from bench.common import (
-    PEERS_STANDALONE_ONLY,
     Engine,
     add_engine_arguments,
     check_engine_arguments,
-    code_version,
-    emit,
     engine_report,
     engine_snapshot,
-    machine,
     node_processes,
     private_topology,
     process_cpu,
-    save,
+    report,
     shard_of,
     shoal_env,
     slot_owners,
@@ -136,19 +132,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 runs += [run_shoal(engine, args.n, nodes, ack) for ack in args.ack_replicas]
             runs += run_peers(engine.url, args.n, nodes, peers)
-    result = {
-        "benchmark": "throughput",
-        "machine": machine(),
-        "code": code_version(),
-        "engine": {"kind": engine.kind, **engine.topology},
-        "ack_replicas": args.ack_replicas,
-        "runs": runs,
-    }
-    if args.peers and not peers:
-        result["peers_skipped"] = {"peers": args.peers, "why": PEERS_STANDALONE_ONLY}
-    if args.save:
-        save(args.save, result)
-    emit(result)
+    report("throughput", engine, args, runs, peers)
 
 
 if __name__ == "__main__":
