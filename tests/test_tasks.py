@@ -622,3 +622,22 @@ async def test_a_first_burst_of_concurrent_calls_all_return_through_the_inbox(
         rechecked = fresh.rechecked
     assert results == list(range(2000))
     assert rechecked == 0, f"{rechecked} outcome(s) were lost on their way to the inbox"
+
+
+async def test_key_groups_are_fixed_per_namespace_and_work_on_one_server(
+    settings: Settings,
+) -> None:
+    """Several key groups on a single server (as on a Cluster): tasks spread over the
+    groups and all complete; the count is fixed by the first user, and asking for
+    another is refused with a message that says so."""
+    grouped = settings.with_(key_groups=4)
+    async with running_node([Toolbox], grouped), Client(settings=grouped) as c:
+        assert c.keys.groups == 4
+        handles = await c.submit_many("echo", [{"value": i} for i in range(2000)])  # 4 chunks
+        assert {c.keys.task_group(h.id) for h in handles} == {0, 1, 2, 3}
+        assert await asyncio.gather(*(h.result(timeout=30) for h in handles)) == list(range(2000))
+    async with Client(settings=settings) as later:  # no setting: takes the namespace's
+        assert later.keys.groups == 4
+    with pytest.raises(ConfigurationError, match="has 4 hash-tag groups"):
+        async with Client(settings=settings.with_(key_groups=8)):
+            pass

@@ -51,7 +51,7 @@ from shoal.options import TaskOptions
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.resilience import Backoff
 from shoal.scripts import Scripts
-from shoal.settings import Settings
+from shoal.settings import Settings, fixed_setting
 
 INBOX_BLOCK_S = 1.0  # longest block of an inbox read (then it looks at close())
 RECHECK_S = 5.0  # how often the records of awaited own tasks are looked at
@@ -143,14 +143,14 @@ class Client:
         try:
             async with engine_errors(self._url):
                 info = await conn.info("server")
-            _check_engine_version(info, self._url)
+                _check_engine_version(info, self._url)
+                scripts = Scripts(conn)
+                await scripts.load_all()
+                self.keys = await self._namespace_keys(conn)
         except BaseException:
-            await conn.aclose()
+            await conn.aclose()  # a refused namespace setting must not leak the pool
             raise
-        self._redis, self._scripts = conn, Scripts(conn)
-        async with engine_errors(self._url):
-            await self._scripts.load_all()
-            self.keys = await self._namespace_keys(conn)
+        self._redis, self._scripts = conn, scripts
         self._blocking = open_connection(self._url, for_blocking=True)
         if isinstance(self._blocking, RedisCluster):
             # Load the slot map now: a first burst of blocking pops sent before it
@@ -163,20 +163,11 @@ class Client:
     async def _namespace_keys(self, conn: Any) -> Keys:
         """The namespace's key layout: its hash-tag group count is fixed by whoever
         used it first (1 on a standalone engine or Sentinel group, 16 on a Cluster)."""
-        wanted = self.settings.key_groups
         default = CLUSTER_GROUPS if engine_kind(self._url) == "cluster" else 1
-        config = self.keys.config
-        pipe = conn.pipeline(transaction=False)
-        pipe.hsetnx(config, "groups", wanted or default)
-        pipe.hget(config, "groups")
-        _, raw = await pipe.execute()
-        groups = int(raw)
-        if wanted is not None and wanted != groups:
-            raise ConfigurationError(
-                f"namespace {self.settings.namespace!r} spreads over {groups} hash-tag groups "
-                f"(fixed when it was first used); key_groups={wanted} cannot change that. "
-                "Drop the setting, or use a new namespace"
-            )
+        groups = await fixed_setting(
+            conn, self.keys.config, self.settings.namespace, "groups", "key_groups",
+            self.settings.key_groups, default, "hash-tag groups",
+        )  # fmt: skip
         return Keys(self.settings.namespace, groups)
 
     async def close(self) -> None:

@@ -35,7 +35,7 @@ from shoal.errors import (
 )
 from shoal.protocol import AgentId, AgentInfo, AgentTypeInfo, ErrorInfo
 from shoal.routing import partition_of
-from shoal.settings import DEFAULT_PARTITIONS
+from shoal.settings import DEFAULT_PARTITIONS, fixed_setting
 
 if TYPE_CHECKING:
     from shoal.client import Client
@@ -69,19 +69,11 @@ class AgentPlane:
         if self._partitions is not None:
             return self._partitions
         client = self._client
-        wanted = client.settings.partitions
         async with client.errors():
-            pipe = client.redis.pipeline(transaction=False)
-            pipe.hsetnx(client.keys.config, "partitions", wanted or DEFAULT_PARTITIONS)
-            pipe.hget(client.keys.config, "partitions")
-            _, raw = await pipe.execute()
-        count = int(raw)
-        if wanted is not None and wanted != count:
-            raise ConfigurationError(
-                f"namespace {client.settings.namespace!r} has {count} agent partitions (fixed "
-                f"when it was first used); partitions={wanted} cannot change that. Drop the "
-                "setting, or use a new namespace"
-            )
+            count = await fixed_setting(
+                client.redis, client.keys.config, client.settings.namespace, "partitions",
+                "partitions", client.settings.partitions, DEFAULT_PARTITIONS, "agent partitions",
+            )  # fmt: skip
         self._partitions = count
         return count
 

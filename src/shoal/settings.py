@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from shoal.errors import ConfigurationError
 from shoal.keys import validate_groups
@@ -133,3 +134,23 @@ class Settings:
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+async def fixed_setting(
+    conn: Any, config: str, namespace: str, field: str, option: str,
+    wanted: int | None, default: int, what: str,
+) -> int:  # fmt: skip
+    """A namespace setting fixed by whoever used the namespace first (the layout of
+    its keys depends on it): set if absent, then read; asking for another value is a
+    clear error rather than a silent mismatch."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.hsetnx(config, field, wanted or default)
+    pipe.hget(config, field)
+    _, raw = await pipe.execute()
+    value = int(raw)
+    if wanted is not None and wanted != value:
+        raise ConfigurationError(
+            f"namespace {namespace!r} has {value} {what} (fixed when it was first used); "
+            f"{option}={wanted} cannot change that. Drop the setting, or use a new namespace"
+        )
+    return value
