@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -44,16 +43,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.common import REPO, emit, machine, percentile, private_engine
+from bench.common import REPO, code_version, emit, machine, percentile, private_engine, save
 from shoal import Client, protocol
 from shoal.routing import assignment, partition_of
 
-RESULTS = REPO / "bench" / "results"
 COUNTER = "bench_counter"
 
 
@@ -187,24 +184,6 @@ async def node_records(client: Client, names: list[str]) -> dict[str, dict[str, 
         name: {k.decode(): v.decode() for k, v in row.items()}
         for name, row in zip(names, rows, strict=True)
     }
-
-
-def code_version() -> dict[str, Any]:
-    """The commit measured, and whether src/ had uncommitted changes."""
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "src_modified": bool(git("status", "--porcelain", "--", "src"))}  # fmt: skip
-
-
-def save(name: str, result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"agents-{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 # --- 1. many agents, one message each -----------------------------------------------
@@ -708,7 +687,7 @@ def main() -> None:
             result = {"benchmark": "agents", "machine": machine(), "code": code,
                       **run_many(url, args.agents, args.nodes, args)}  # fmt: skip
             mode = "" if args.send_mode == "send" else f"-{args.send_mode}"
-            save(f"many-{args.agents}-{args.nodes}node{mode}", result)
+            save(f"agents-many-{args.agents}-{args.nodes}node{mode}", result)
             emit(result)
         if args.request_rtt:
             result = {
@@ -717,12 +696,12 @@ def main() -> None:
                 "code": code,
                 **run_rtt(url, args.k, args),
             }
-            save("request-rtt", result)
+            save("agents-request-rtt", result)
             emit(result)
         if args.conversations is not None:
             result = {"benchmark": "agents", "machine": machine(), "code": code,
                       **run_conversations(url, args.conversations, args)}  # fmt: skip
-            save(f"conversations-{args.conversations}", result)
+            save(f"agents-conversations-{args.conversations}", result)
             emit(result)
 
 

@@ -84,3 +84,22 @@ def test_group_counts_out_of_range_are_refused() -> None:
     for bad in (0, 257, True, 2.0):
         with pytest.raises(ConfigurationError, match="hash tag groups"):
             Keys("x", bad)  # type: ignore[arg-type]
+
+
+async def test_unreachable_clusters_and_sentinels_are_one_clear_error() -> None:
+    """Nothing listens on port 1: each topology says it cannot reach the engine, with
+    the masked URL, and never dumps redis-py's internals."""
+    from shoal import Client
+    from shoal.errors import EngineUnavailable
+
+    for url, says in (
+        (
+            "redis+cluster://:pw@127.0.0.1:1",
+            r"cannot reach the engine at redis\+cluster://:\*\*\*@",
+        ),
+        ("redis+sentinel://127.0.0.1:1/svc", "no Sentinel there names a primary"),
+    ):
+        with pytest.raises(EngineUnavailable, match=says) as caught:
+            async with Client(url, namespace="t"):
+                pass
+        assert "ConnectionPool" not in str(caught.value) and ":pw@" not in str(caught.value)

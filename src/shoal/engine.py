@@ -30,10 +30,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry as SyncRetry
+from redis.sentinel import MasterNotFoundError as SyncMasterNotFoundError
 
 from shoal.addresses import EngineAddress, mask_url, parse
 from shoal.errors import EngineError, EngineUnavailable
@@ -230,7 +231,15 @@ def translate(exc: redis.RedisError | RedisClusterException, url: str) -> Except
     where = mask_url(url)
     if isinstance(exc, redis.AuthenticationError):
         return EngineUnavailable(f"engine at {where} refused the credentials: {exc}")
+    if isinstance(exc, MasterNotFoundError | SyncMasterNotFoundError):  # text: a repr of a pool
+        return EngineUnavailable(
+            f"cannot reach the engine at {where}: no Sentinel there names a primary for "
+            "the service (check the addresses, the service name and that the Sentinels run)"
+        )
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | ClusterDownError):
+        return EngineUnavailable(f"cannot reach the engine at {where}: {exc}")
+    if isinstance(exc, RedisClusterException) and not isinstance(exc, redis.RedisError):
+        # e.g. no seed node reachable, a slot no shard serves
         return EngineUnavailable(f"cannot reach the engine at {where}: {exc}")
     return EngineError(f"engine at {where} answered with an error: {exc}")
 
