@@ -142,3 +142,21 @@ async def test_unix_socket_url_connects(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_a_connection_torn_down_inside_redis_py_is_engine_unavailable() -> None:
+    """redis-py's Cluster client can close a connection while another task writes on
+    it: the write then fails inside redis-py with an AttributeError. That is a lost
+    connection and must surface as EngineUnavailable; an AttributeError of our own
+    code stays what it is."""
+    from redis.asyncio.connection import Connection
+
+    from shoal.engine import engine_errors
+
+    torn = Connection()  # its stream writer is None, as after a concurrent disconnect
+    with pytest.raises(EngineUnavailable, match="closed while a command was being sent"):
+        async with engine_errors("redis://:pw@127.0.0.1:1/0"):
+            await torn._send_packed_command([b"PING\r\n"])
+    with pytest.raises(AttributeError):
+        async with engine_errors("redis://127.0.0.1:1/0"):
+            getattr(None, "writelines")  # noqa: B009 - a bug of our own, raised here

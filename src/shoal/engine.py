@@ -244,6 +244,16 @@ def translate(exc: redis.RedisError | RedisClusterException, url: str) -> Except
     return EngineError(f"engine at {where} answered with an error: {exc}")
 
 
+def _raised_in_redis_py(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is redis-py's own code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 class engine_errors:
     """Translate engine errors raised inside the block (``raise ... from None``).
 
@@ -264,6 +274,14 @@ class engine_errors:
     ) -> None:
         if isinstance(exc, redis.RedisError | RedisClusterException):
             raise translate(exc, self.url) from None
+        if isinstance(exc, AttributeError) and _raised_in_redis_py(exc):
+            # redis-py 8.1's Cluster client can tear down a connection while another
+            # task writes on it (a slot-map reload during a failover): the writer
+            # then finds its stream gone. It is a lost connection, so say so.
+            raise EngineUnavailable(
+                f"cannot reach the engine at {mask_url(self.url)}: the connection was "
+                "closed while a command was being sent"
+            ) from None
 
     async def __aenter__(self) -> None:
         return None
