@@ -190,6 +190,42 @@ def node(
     run_node(agents, _settings(redis, namespace, data_dir), config)
 
 
+@app.command()
+def gateway(
+    host: Annotated[
+        str, typer.Option(help="Address to bind; off loopback, API keys are required.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve.", min=0, max=65535)] = 8000,
+    insecure: Annotated[
+        bool, typer.Option(help="Serve a non-loopback address even without API keys.")
+    ] = False,
+    max_body: Annotated[int, typer.Option(help="Largest request body (bytes).", min=1)] = (
+        1024 * 1024
+    ),
+    key_rate: Annotated[
+        float, typer.Option(help="Requests/s per API key unless the key sets its own.", min=0)
+    ] = 100.0,
+    key_burst: Annotated[int, typer.Option(help="Burst per API key (default).", min=1)] = 200,
+    no_dashboard: Annotated[bool, typer.Option(help="Do not serve the dashboard at /.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Serve the HTTP API (/v1, OpenAPI at /docs), /metrics and the dashboard at /."""
+    from shoal.gateway.server import run_gateway
+    from shoal.gateway.state import GatewayConfig
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = GatewayConfig(
+        host=host, port=port, insecure=insecure, max_body=max_body,
+        key_rate=key_rate or None, key_burst=key_burst, dashboard=not no_dashboard,
+    )  # fmt: skip
+    run_gateway(_settings(redis, namespace, data_dir), config, log_level)
+
+
 # --- tasks -------------------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.resilience import Backoff
 from shoal.scripts import Scripts
 from shoal.settings import Settings, fixed_setting
+from shoal.tasklist import TaskPage, list_tasks
 
 INBOX_BLOCK_S = 1.0  # longest block of an inbox read (then it looks at close())
 RECHECK_S = 5.0  # how often the records of awaited own tasks are looked at
@@ -829,6 +830,21 @@ class Client:
         entries = [entry for stream in streams for entry in stream]
         entries.sort(key=lambda e: tuple(int(x) for x in e[0].split(b"-")))
         return entries
+
+    async def list_tasks(
+        self,
+        *,
+        capability: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Tasks newest first (those created within the retention period), optionally
+        of one capability and/or in one status; pass a page's ``next`` as ``cursor``
+        for the following page."""
+        return await list_tasks(
+            self, capability=capability, status=status, limit=limit, cursor=cursor
+        )
 
     async def cluster(self) -> ClusterState:
         """Nodes (alive, suspect, dead; load; capabilities; heartbeat age) and queues

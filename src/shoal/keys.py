@@ -178,6 +178,11 @@ class Keys:
     def events(self, task_id: str) -> str:
         return f"{self.prefixes[self.task_group(task_id)]}events:{task_id}"
 
+    def task_index(self, group: int) -> str:
+        """The group's task ids for listing (sorted set, ordered by member: ids start
+        with their creation time; trimmed to the retention period by submit.lua)."""
+        return f"{self.prefixes[group]}tasks"
+
     def queue(self, capability: str, priority: str, group: int = 0) -> str:
         return f"{self.prefixes[group]}queue:{capability}:{priority}"
 

@@ -9,7 +9,10 @@
 --          by default_queue_max) instead of the capability's queue.
 -- Touches  task:<id> (hash), queue:<cap>:<prio> (stream), delayed (due tasks),
 --          idem:<key> (string), capability:<cap> (hash, read: queue_max),
---          stats (resubmits: calls that wrote nothing new)
+--          stats (resubmits: calls that wrote nothing new), tasks (the group's
+--          index of task ids for listing: a sorted set ordered by member, since ids
+--          start with their creation time in hex; ids older than the retention
+--          period are trimmed here)
 -- Returns  {accepted, existing}: the first `accepted` tasks were queued (fewer than
 --          the batch means the queue reached its bound: the rest were not written);
 --          `existing` is the id of the task an idempotency key already named (then
@@ -74,6 +77,7 @@ for base = 16, #ARGV, 3 do
     common[n + 1], common[n + 2] = 'args', ARGV[base + 1]
     common[n + 3], common[n + 4] = 'trace', ARGV[base + 2]
     redis.call('HSET', task_key(id), unpack(common))
+    redis.call('ZADD', prefix .. 'tasks', 0, id)
     if status == 'scheduled' then
       redis.call('ZADD', KEYS[1], due, id)
     else
@@ -85,6 +89,9 @@ for base = 16, #ARGV, 3 do
   accepted = accepted + 1
 end
 if not written and accepted > 0 then count_resubmit() end
+if written then
+  redis.call('ZREMRANGEBYLEX', prefix .. 'tasks', '-', '(' .. string.format('%012x', now - retention_ms))
+end
 if idem ~= '' and accepted == 1 then
   redis.call('SET', prefix .. 'idem:' .. idem, ARGV[16], 'PX', retention_ms)
 end

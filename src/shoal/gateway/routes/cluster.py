@@ -1,0 +1,100 @@
+"""Cluster state, dead letters, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
+
+from shoal.errors import ShoalError
+from shoal.gateway import responses
+from shoal.gateway.auth import Admin, Read
+from shoal.gateway.problems import schema_responses
+from shoal.gateway.schemas import CAPABILITY_PATTERN, Health, RedriveBody, Redriven, ok
+from shoal.gateway.state import GatewayState
+
+router = APIRouter()
+
+Capability = Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Capability name.")]
+COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+READY_TIMEOUT_S = 2.0
+
+
+def _state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+@router.get(
+    "/v1/cluster",
+    tags=["cluster"],
+    summary="Nodes, queues, agent types and partitions",
+    response_class=Response,
+    responses=ok("ClusterState", "The cluster as the engine sees it now.") | COMMON_ERRORS,
+)
+async def cluster(request: Request, caller: Read) -> Response:
+    return responses.json(await _state(request).client.cluster())
+
+
+@router.get(
+    "/v1/dead-letters/{capability}",
+    tags=["dead letters"],
+    summary="Dead-lettered tasks of a capability",
+    response_class=Response,
+    responses=ok("DeadLetter", "Dead tasks, oldest first.", array=True) | COMMON_ERRORS,
+)
+async def dead_letters(
+    capability: Capability,
+    request: Request,
+    caller: Read,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Response:
+    return responses.json(await _state(request).client.dead_letters(capability, limit))
+
+
+@router.post(
+    "/v1/dead-letters/{capability}/redrive",
+    tags=["dead letters"],
+    summary="Queue dead tasks again",
+    response_class=Response,
+    responses=ok("Redriven", "The tasks queued again.") | schema_responses(404) | COMMON_ERRORS,
+)
+async def redrive(
+    capability: Capability, body: RedriveBody, request: Request, caller: Admin
+) -> Response:
+    """Queue the given dead tasks (or all of the capability's) again with fresh
+    attempts. An id that is not in the dead-letter queue is a 404 and nothing moves."""
+    redriven = await _state(request).client.redrive(capability, body.task_ids)
+    return responses.json(Redriven(redriven))
+
+
+@router.get(
+    "/healthz",
+    tags=["health"],
+    summary="The gateway process is up",
+    response_class=Response,
+    responses=ok("Health", "Always ok while the process serves."),
+)
+async def healthz() -> Response:
+    return responses.json(Health("ok"))
+
+
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="The gateway can serve: the engine answers",
+    response_class=Response,
+    responses=ok("Health", "Ready.") | {503: ok("Health", "Not ready.")[200]},
+)
+async def readyz(request: Request) -> Response:
+    """200 when the engine answers a PING within 2 s; 503 (with the reason) when not,
+    so a load balancer sends traffic to other gateways meanwhile."""
+    client = _state(request).client
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S), client.errors():
+            await client.redis.ping()
+    except (ShoalError, TimeoutError) as exc:
+        return responses.json(Health("unavailable", str(exc)), status=503)
+    return responses.json(Health("ready"))

@@ -1,0 +1,176 @@
+"""/v1/tasks: submit, inspect, wait for, cancel, list and follow tasks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import Response, StreamingResponse
+
+from shoal.errors import ResultTimeout, TaskCancelled, TaskFailed
+from shoal.gateway import responses, sse
+from shoal.gateway.auth import Read, Submit
+from shoal.gateway.problems import schema_responses
+from shoal.gateway.schemas import (
+    CAPABILITY_PATTERN,
+    MAX_WAIT_S,
+    Cancelled,
+    Submitted,
+    TaskResult,
+    TaskSubmission,
+    ok,
+)
+from shoal.gateway.state import GatewayState
+from shoal.protocol import STATUSES
+from shoal.tasklist import MAX_LIMIT
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+TASK_ID = r"^[0-9a-f]{28}$"
+TaskId = Annotated[str, Path(pattern=TASK_ID, description="A task id (28 hex digits).")]
+Wait = Annotated[
+    float | None,
+    Query(ge=0, le=MAX_WAIT_S, description="Wait up to this many seconds for the task to end."),
+]
+COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+
+
+def _state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+async def task_result(state: GatewayState, task_id: str, wait: float | None) -> TaskResult:
+    """The task, after waiting up to ``wait`` seconds for it to end."""
+    client = state.client
+    result: Any = None
+    if wait:
+        try:
+            result = await client.result(task_id, timeout=wait)
+        except (TaskFailed, TaskCancelled, ResultTimeout):
+            pass  # the record says how it ended (or that it goes on)
+    info = await client.status(task_id)
+    if info.status == "succeeded" and result is None and info.has_result:
+        result = await client.result(task_id)
+    return TaskResult(info, result)
+
+
+@router.post(
+    "",
+    summary="Submit a task",
+    status_code=201,
+    response_class=Response,
+    responses={**ok("Submitted", "The task is queued.", status=201), **schema_responses(404)}
+    | COMMON_ERRORS,
+)
+async def submit_task(
+    body: TaskSubmission, request: Request, caller: Submit, wait: Wait = None
+) -> Response:
+    """Queue a task. With ``?wait=seconds`` the answer also carries the task after
+    waiting for it to end (or the wait to run out: then ``outcome.task.status`` says
+    where it is). A full queue is a 503 with Retry-After: nothing was queued."""
+    state = _state(request)
+    handle = await state.client.submit(
+        body.capability,
+        priority=body.priority, delay=body.delay, eta=body.eta, timeout=body.timeout,
+        deadline=body.deadline, max_attempts=body.max_attempts,
+        idempotency_key=body.idempotency_key, agent=body.agent,
+        _traceparent=request.state.traceparent, **body.args,
+    )  # fmt: skip
+    state.metrics.submitted(body.capability)
+    outcome = await task_result(state, handle.id, wait) if wait is not None else None
+    return responses.json(
+        Submitted(handle.id, existing=not handle.is_new, outcome=outcome),
+        status=201,
+        headers={"Location": f"/v1/tasks/{handle.id}"},
+    )
+
+
+@router.get(
+    "",
+    summary="List tasks",
+    response_class=Response,
+    responses=ok("TaskPage", "Tasks, newest first.") | COMMON_ERRORS,
+)
+async def list_tasks(
+    request: Request,
+    caller: Read,
+    capability: Annotated[str | None, Query(pattern=CAPABILITY_PATTERN)] = None,
+    status: Annotated[
+        str | None, Query(pattern="^(" + "|".join(STATUSES) + ")$", description="Status.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[
+        str | None, Query(pattern=TASK_ID, description="A page's `next`: continue after it.")
+    ] = None,
+) -> Response:
+    """Tasks created within the retention period, newest first. Pass ``next`` back
+    as ``cursor`` for the following page (null: nothing older)."""
+    page = await _state(request).client.list_tasks(
+        capability=capability, status=status, limit=limit, cursor=cursor
+    )
+    return responses.json(page)
+
+
+@router.get(
+    "/{task_id}",
+    summary="Get a task",
+    response_class=Response,
+    responses=ok("TaskResult", "The task and its result.") | schema_responses(404)
+    | COMMON_ERRORS,
+)
+async def get_task(task_id: TaskId, request: Request, caller: Read, wait: Wait = None) -> Response:
+    """Status, attempts, timing, error history and, once it succeeded, the result.
+    ``?wait=seconds`` long-polls: the answer comes when the task ends or the wait
+    runs out, whichever is first."""
+    return responses.json(await task_result(_state(request), task_id, wait))
+
+
+@router.post(
+    "/{task_id}/cancel",
+    summary="Cancel a task",
+    response_class=Response,
+    responses=ok("Cancelled", "What the cancel did.") | schema_responses(404) | COMMON_ERRORS,
+)
+async def cancel_task(task_id: TaskId, request: Request, caller: Submit) -> Response:
+    """'cancelled' (it had not started and never will), 'cancelling' (it runs: it
+    ends 'cancelled'), or 'already_<status>' if it had ended."""
+    return responses.json(Cancelled(await _state(request).client.cancel(task_id)))
+
+
+@router.get(
+    "/{task_id}/events",
+    summary="Follow a task's events (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The task's events as SSE; `id` resumes after the event, the "
+            "data is an Event; the stream ends after the 'done' event.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    }
+    | schema_responses(404)
+    | COMMON_ERRORS,
+)
+async def task_events(
+    task_id: TaskId,
+    request: Request,
+    caller: Read,
+    last_event_id: Annotated[
+        str | None,
+        Header(pattern=r"^\d+-\d+$", description="Resume after this event (SSE reconnect)."),
+    ] = None,
+    after: Annotated[
+        str | None, Query(pattern=r"^\d+-\d+$", description="Resume after this event id.")
+    ] = None,
+) -> StreamingResponse:
+    """Every event of the task in order, live until it ends. Reconnecting with
+    ``Last-Event-ID`` (or ``?after=``) continues after that event: each event is
+    delivered once, even when the node running the task died and another took over."""
+    state = _state(request)
+    await state.client.status(task_id)  # 404 now, not after the stream has begun
+    return StreamingResponse(
+        sse.stream(state.client, task_id, last_event_id or after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,167 @@
+"""The shapes of the HTTP API.
+
+Request bodies are pydantic models: FastAPI validates them (422 naming the field)
+and documents them. Responses are Shoal's own msgspec structs (TaskInfo,
+ClusterState ...), encoded by msgspec and documented from their msgspec JSON
+schema (see ``openapi_components``): one definition per shape, so the document
+cannot drift from what the API sends.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.apikeys import ApiKey, CreatedKey
+from shoal.client import DeadLetter
+from shoal.cluster import ClusterState
+from shoal.gateway.problems import ErrorResponse
+from shoal.protocol import AgentInfo, AgentTypeInfo, Event, TaskInfo
+from shoal.tasklist import TaskPage
+
+CAPABILITY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
+AGENT_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}/[A-Za-z0-9_.:@+=-]{1,200}$"
+MAX_WAIT_S = 300.0
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSubmission(_Body):
+    """A task to queue: for a capability (any node hosting it runs it), or with
+    ``agent`` for one agent (its tasks and messages run one at a time, in order)."""
+
+    capability: str = Field(pattern=CAPABILITY_PATTERN, description="Capability to run.")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="The handler's keyword arguments (JSON values)."
+    )
+    agent: str | None = Field(
+        default=None, pattern=AGENT_ID_PATTERN, description="Address one agent, 'type/key'."
+    )
+    priority: Literal["high", "normal", "low"] = "normal"
+    delay: float | None = Field(default=None, ge=0, description="Start no sooner (seconds).")
+    eta: datetime | None = Field(default=None, description="Start no sooner than this time.")
+    timeout: float | None = Field(default=None, gt=0, description="Per-attempt limit (s).")
+    deadline: float | None = Field(
+        default=None, gt=0, description="Give up if not started within this many seconds."
+    )
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="Submitting again with the same key returns the first task.",
+    )  # fmt: skip
+
+
+class MessageBody(_Body):
+    message: Any = Field(description="Any JSON value; the agent's handler receives it.")
+
+
+class RequestBody(_Body):
+    message: Any = Field(description="Any JSON value; the agent's handler receives it.")
+    timeout: float = Field(default=30.0, gt=0, le=MAX_WAIT_S, description="Seconds to wait.")
+
+
+class PublishBody(_Body):
+    message: Any = Field(description="Any JSON value.")
+    source: str = Field(
+        pattern=r"^[A-Za-z0-9_.:@+=-]{1,200}$",
+        description="The agent key that receives it in every subscribed agent type.",
+    )
+
+
+class RedriveBody(_Body):
+    task_ids: list[str] | None = Field(
+        default=None, description="Dead tasks to queue again (default: all of the capability)."
+    )
+
+
+class KeyRequest(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    scopes: list[Literal["read", "submit", "message", "admin"]] = Field(min_length=1)
+    rate: float | None = Field(default=None, gt=0, description="Requests per second.")
+    burst: int | None = Field(default=None, ge=1, description="Requests allowed at once.")
+
+
+# --- responses (msgspec) ---------------------------------------------------------------
+
+
+class TaskResult(msgspec.Struct, frozen=True):
+    """A task and, once it succeeded, its result (``result`` is null otherwise; a
+    failure is in ``task.error``)."""
+
+    task: TaskInfo
+    result: Any = None
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """A queued task. ``existing``: the idempotency key named an earlier task, whose
+    id this is. ``outcome``: with ``?wait=``, the task after the wait."""
+
+    id: str
+    existing: bool = False
+    outcome: TaskResult | None = None
+
+
+class Cancelled(msgspec.Struct, frozen=True):
+    """'cancelled', 'cancelling' (it runs; it will end cancelled) or 'already_<status>'."""
+
+    outcome: str
+
+
+class Delivered(msgspec.Struct, frozen=True):
+    accepted: bool = True
+
+
+class Reply(msgspec.Struct, frozen=True):
+    reply: Any
+
+
+class Published(msgspec.Struct, frozen=True):
+    agent_types: int  # how many subscribed agent types got it (0: nobody subscribes)
+
+
+class AgentState(msgspec.Struct, frozen=True):
+    agent: str
+    state: dict[str, Any] | None  # null: no saved state
+
+
+class Redriven(msgspec.Struct, frozen=True):
+    task_ids: list[str]
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    detail: str | None = None
+
+
+RESPONSE_TYPES: tuple[Any, ...] = (
+    TaskInfo, TaskResult, Submitted, TaskPage, Cancelled, Event, Delivered, Reply, Published,
+    AgentInfo, AgentTypeInfo, AgentState, ClusterState, DeadLetter, Redriven, ApiKey,
+    CreatedKey, Health, ErrorResponse,
+)  # fmt: skip
+
+
+def openapi_components() -> dict[str, Any]:
+    """JSON schemas of the response structs, named as OpenAPI components."""
+    _, components = msgspec.json.schema_components(
+        RESPONSE_TYPES, ref_template="#/components/schemas/{name}"
+    )
+    return components
+
+
+def ref(name: str, *, array: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"$ref": f"#/components/schemas/{name}"}
+    return {"type": "array", "items": schema} if array else schema
+
+
+def ok(name: str, description: str, *, status: int = 200, array: bool = False) -> dict[int, Any]:
+    return {
+        status: {
+            "description": description,
+            "content": {"application/json": {"schema": ref(name, array=array)}},
+        }
+    }

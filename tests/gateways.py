@@ -1,0 +1,87 @@
+"""Gateways for tests: in this process (uvicorn on the test's event loop, a real
+socket) or as a separate ``shoal gateway`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import uvicorn
+
+from shoal import Settings
+from shoal.gateway import GatewayConfig, create_app
+
+from .conftest import REPO, node_env
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, config: GatewayConfig | None = None) -> AsyncIterator[str]:
+    """A gateway on a free loopback port of this process; yields its base URL."""
+    config = config or GatewayConfig(port=0)
+    app = create_app(settings, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=0, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
+            if task.done():
+                task.result()  # startup failed: raise its error
+            await asyncio.sleep(0.005)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def gateway_process(settings: Settings, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``shoal gateway`` as a separate process, ready when this yields (base URL, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "gateway", "--port", str(port),
+         "--log-level", "warning", *args],
+        cwd=REPO, env=node_env(settings),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {proc.returncode} before serving")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # the process is starting: look again
+    raise AssertionError(f"gateway at {url} not ready within {timeout}s")
