@@ -23,7 +23,7 @@ async def test_a_full_bucket_allows_its_burst_then_refuses_saying_when_to_retry(
     assert [round(d.remaining) for d in decisions[:3]] == [2, 1, 0]
     refused = decisions[3]
     assert refused.remaining < 0.1
-    assert 1.8 < refused.retry_after <= 2.0  # one token at 0.5/s: 2 s, less what refilled
+    assert 1.5 < refused.retry_after <= 2.0  # one token at 0.5/s: 2 s, less what refilled
     assert all(d.retry_after == 0 for d in decisions[:3])
 
 
@@ -32,20 +32,24 @@ async def test_retry_after_counts_the_whole_cost(client: Client) -> None:
     bucket = TokenBucket(client, "test")
     assert (await bucket.take("k", rate=1, burst=4, cost=4)).allowed
     refused = await bucket.take("k", rate=1, burst=4, cost=3)
-    assert not refused.allowed and 2.8 < refused.retry_after <= 3.0
+    assert not refused.allowed and 2.5 < refused.retry_after <= 3.0
 
 
 @pytest.mark.topology
 async def test_a_bucket_refills_over_time(client: Client) -> None:
     bucket = TokenBucket(client, "test")
     assert (await bucket.take("k", rate=20, burst=1)).allowed
+    start = time.monotonic()
     refused = await bucket.take("k", rate=20, burst=1)
     assert not refused.allowed and 0 < refused.retry_after <= 0.05
-    start = time.monotonic()
-    async with asyncio.timeout(5):
-        while not (decision := await bucket.take("k", rate=20, burst=1)).allowed:
-            await asyncio.sleep(decision.retry_after)  # the bucket says when: wait that long
-    assert time.monotonic() - start >= refused.retry_after - 0.01  # the engine's clock
+    for _ in range(50):  # bounded: each wait is what the bucket says it needs
+        decision = await bucket.take("k", rate=20, burst=1)
+        if decision.allowed:
+            break
+        await asyncio.sleep(decision.retry_after)
+    else:
+        pytest.fail(f"no token 50 waits after a refusal (last: {decision})")
+    assert time.monotonic() - start >= refused.retry_after - 0.005  # on the engine's clock
 
 
 @pytest.mark.topology
@@ -56,6 +60,17 @@ async def test_two_clients_share_one_bucket(client: Client, settings: Settings) 
         assert (await theirs.take("shared", rate=0.1, burst=2)).allowed
         assert not (await mine.take("shared", rate=0.1, burst=2)).allowed
         assert not (await theirs.take("shared", rate=0.1, burst=2)).allowed
+
+
+@pytest.mark.topology
+async def test_concurrent_takes_never_spend_a_token_twice(
+    client: Client, settings: Settings
+) -> None:
+    async with Client(settings=settings) as other:
+        buckets = [TokenBucket(c, "test") for c in (client, other)]
+        takes = [buckets[i % 2].take("busy", rate=0.01, burst=10) for i in range(60)]
+        decisions = await asyncio.gather(*takes)
+    assert sum(d.allowed for d in decisions) == 10
 
 
 @pytest.mark.topology
@@ -71,10 +86,10 @@ async def test_keys_and_names_have_buckets_of_their_own(client: Client) -> None:
 async def test_a_bucket_expires_once_it_would_be_full_again(client: Client) -> None:
     bucket = TokenBucket(client, "test")
     key = client.keys.ratelimit("test", "idle")
-    await bucket.take("idle", rate=10, burst=5, cost=1)
-    assert 0 < await client.redis.pttl(key) <= 100  # one token at 10/s
-    await bucket.take("idle", rate=10, burst=5, cost=4)
-    assert 400 < await client.redis.pttl(key) <= 500  # five tokens short of full
+    await bucket.take("idle", rate=1, burst=5, cost=1)
+    assert 0 < await client.redis.pttl(key) <= 1000  # one token short of full, at 1/s
+    await bucket.take("idle", rate=1, burst=5, cost=4)
+    assert 4000 < await client.redis.pttl(key) <= 5000  # five tokens short
 
     await bucket.take("gone", rate=100, burst=1)
     gone = client.keys.ratelimit("test", "gone")
