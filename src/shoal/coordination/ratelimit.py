@@ -32,7 +32,7 @@ from shoal.errors import ConfigurationError
 if TYPE_CHECKING:  # the client may use the limiter itself one day: no import cycle
     from shoal.client import Client
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_KEY_LENGTH = 512  # a bucket key names a caller (an API key id, an address): short
 
 
@@ -88,7 +88,7 @@ class TokenBucket:
     """
 
     def __init__(self, client: Client, name: str) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigurationError(
                 f"rate-limit name {name!r} is invalid: start with a letter or '_', then up to "
                 "63 letters, digits, '_', '.' or '-'"
