@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal import protocol
+from shoal.cli_keys import keys_app
 from shoal.client import Client
 from shoal.cluster import ClusterState
 from shoal.errors import (
@@ -47,6 +48,7 @@ dlq_app = typer.Typer(help="Inspect and re-drive dead-lettered tasks.", no_args_
 engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
+app.add_typer(keys_app, name="keys")
 
 # Piped output is not wrapped at 80 columns, so ids and errors stay on one line.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)

@@ -131,6 +131,10 @@ class RequestFailed(ShoalError):
         super().__init__(f"agent {agent_id} failed the request: {error_type}: {message}")
 
 
+class KeyNotFound(ShoalError, LookupError):
+    """No API key has this id (or this name): never created, or revoked."""
+
+
 class StaleOwner(ShoalError):
     """The partition's lease moved to another node: this node's turn was not recorded."""
 

@@ -54,6 +54,11 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 | ownership                   | each    | stream      | partition ownership changes (capped) |
 | broadcast                   | control | shard chan. | messages for every active agent of a |
 |                             |         |             | type (SPUBLISH)                      |
+| apikeys                     | control | hash        | API key id -> msgpack record: name,  |
+|                             |         |             | scopes, limits, sha256 of the secret |
+|                             |         |             | (never the secret itself)            |
+| ratelimit:<name>:<key>      | control | hash        | a token bucket: tokens, ts (engine   |
+|                             |         |             | ms); PX the time to refill to full   |
 """
 
 from __future__ import annotations
@@ -272,3 +277,14 @@ class Keys:
     @property
     def broadcast_channel(self) -> str:
         return f"{self.prefix}broadcast"
+
+    @property
+    def api_keys(self) -> str:
+        """The gateway's API keys: one hash, field = key id (see shoal.apikeys)."""
+        return f"{self.prefix}apikeys"
+
+    def ratelimit(self, name: str, key: str) -> str:
+        """One token bucket (see shoal.coordination.ratelimit). In the control group:
+        a bucket is one key, so any slot would do; the control tag keeps every
+        namespace's buckets under its own ``{namespace}``."""
+        return f"{self.prefix}ratelimit:{name}:{key}"

@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError
 
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
-    "reap", "claim", "lease", "turn_begin", "turn_end", "send",
+    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -88,6 +88,7 @@ class Scripts:
         self.beat = Script(redis, "beat")
         self.reap = Script(redis, "reap")
         self.claim = Script(redis, "claim")
+        self.ratelimit = Script(redis, "ratelimit")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -1,0 +1,39 @@
+-- ratelimit: take `cost` tokens from one token bucket, on the engine's clock.
+-- KEYS[1]  the bucket: ratelimit:<name>:<key> (hash: tokens, ts)
+-- ARGV     prefix (as for every script; unused here), rate (tokens per second),
+--          burst (the bucket's size), cost (tokens to take)
+-- Touches  KEYS[1] only
+-- Model    the bucket holds up to `burst` tokens and gains `rate` a second. A
+--          missing key is a full bucket, so a bucket is only stored while it is
+--          short of full: its PEXPIRE is the time it takes to refill, after which
+--          it is full again anyway and the key vanishes (idle buckets cost nothing).
+-- Clock    the engine's (TIME), not the callers': every gateway process shares the
+--          bucket, and their clocks disagree. 'ts' never goes backwards, so a
+--          clock stepped back (a failover to a replica) grants no tokens twice.
+-- Writes   only when tokens are taken: a refused call changes nothing (the refill
+--          is a function of 'ts'), so a flood of refused requests costs no writes.
+-- Returns  {allowed (1 or 0), tokens left (string), seconds until `cost` tokens
+--          are there (string; '0' when allowed)} — strings, because Lua numbers
+--          come back from a script truncated to integers.
+local rate, burst, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local key = KEYS[1]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000  -- ms, with fraction
+
+local stored = redis.call('HMGET', key, 'tokens', 'ts')
+local tokens, ts = tonumber(stored[1]), tonumber(stored[2])
+if tokens == nil or ts == nil then
+  tokens, ts = burst, now
+end
+if now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+  ts = now
+end
+
+if tokens < cost then
+  return {0, tostring(tokens), tostring((cost - tokens) / rate)}
+end
+tokens = tokens - cost  -- cost >= 1 (checked by the caller): the bucket is short of full
+redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(ts))
+redis.call('PEXPIRE', key, math.ceil((burst - tokens) * 1000 / rate))
+return {1, tostring(tokens), '0'}
