@@ -31,7 +31,7 @@ async def serving(settings: Settings, config: GatewayConfig | None = None) -> As
     )
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
-        while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
+        while not server.started:  # uvicorn has no started event to await
             if task.done():
                 task.result()  # startup failed: raise its error
             await asyncio.sleep(0.005)
@@ -51,7 +51,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gateway_process(settings: Settings, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def gateway_process(
+    settings: Settings, *args: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``shoal gateway`` as a separate process, ready when this yields (base URL, process)."""
     port = free_port()
     proc = subprocess.Popen(

@@ -42,9 +42,7 @@ def validate_query(
     if capability is not None:
         validate_capability(capability)
     if status is not None and status not in protocol.STATUSES:
-        raise ConfigurationError(
-            f"status {status!r} is not one of: {', '.join(protocol.STATUSES)}"
-        )
+        raise ConfigurationError(f"status {status!r} is not one of: {', '.join(protocol.STATUSES)}")
     if not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise ConfigurationError(f"limit must be within 1..{MAX_LIMIT}, got {limit!r}")
     if cursor is not None:
