@@ -1,0 +1,60 @@
+"""Listing tasks: newest first over every key group, filtered, paginated, and
+trimmed to the retention period."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoal import Client, ConfigurationError, Settings
+
+from .agents import Toolbox
+from .conftest import eventually, running_node
+
+
+@pytest.mark.topology
+async def test_pages_cover_every_task_once_newest_first_with_filters(
+    client: Client, settings: Settings
+) -> None:
+    handles = [await client.submit("echo" if i % 3 else "add", a=i, b=1) for i in range(40)]
+    async with running_node([Toolbox], settings):
+        adds = [h for i, h in enumerate(handles) if i % 3 == 0]
+        for h in adds:
+            await h.result(timeout=20)
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await client.list_tasks(limit=7, cursor=cursor)
+            assert len(page.tasks) <= 7
+            seen += [t.id for t in page.tasks]
+            cursor = page.next
+            if cursor is None:
+                break
+        assert seen == sorted((h.id for h in handles), reverse=True)
+
+        page = await client.list_tasks(capability="add", status="succeeded", limit=100)
+        assert [t.id for t in page.tasks] == sorted((h.id for h in adds), reverse=True)
+        assert all(t.capability == "add" and t.status == "succeeded" for t in page.tasks)
+        assert page.next is None
+
+
+async def test_bad_listing_arguments_are_refused_with_the_reason(client: Client) -> None:
+    with pytest.raises(ConfigurationError, match="status 'done' is not one of"):
+        await client.list_tasks(status="done")
+    with pytest.raises(ConfigurationError, match="limit must be within"):
+        await client.list_tasks(limit=0)
+    with pytest.raises(ConfigurationError, match="capability name"):
+        await client.list_tasks(capability="no spaces")
+
+
+async def test_the_index_forgets_tasks_older_than_the_retention(settings: Settings) -> None:
+    async with Client(settings=settings.with_(retention=0.5)) as short:
+        old = await short.submit("echo", value=1)
+
+        async def old_trimmed() -> bool:
+            await short.submit("echo", value=2)  # each submit trims the index
+            ids = [t.id for t in (await short.list_tasks(limit=1000)).tasks]
+            return old.id not in ids
+
+        await eventually(old_trimmed, "the old id trimmed from the index", timeout=10, interval=0.1)
+        index = short.keys.task_index(short.keys.task_group(old.id))
+        assert await short.redis.zscore(index, old.id) is None
