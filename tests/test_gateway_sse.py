@@ -4,7 +4,6 @@ event exactly once and in order."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
