@@ -134,6 +134,7 @@ async def test_bad_arguments_are_refused_before_the_engine_is_asked(
         await TokenBucket(client, "test").take("k", **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_bucket_name_must_be_a_safe_key_part(settings: Settings) -> None:
+@pytest.mark.parametrize("name", ["has space", "line\n", "", "x" * 65, "-dash"])
+def test_a_bucket_name_must_be_a_safe_key_part(settings: Settings, name: str) -> None:
     with pytest.raises(ConfigurationError, match="rate-limit name"):
-        TokenBucket(Client(settings=settings), "has space")
+        TokenBucket(Client(settings=settings), name)
