@@ -102,6 +102,15 @@ async def _missing(client: Client, key: str) -> bool:
 
 
 @pytest.mark.topology
+async def test_a_smaller_burst_applies_at_once(client: Client) -> None:
+    bucket = TokenBucket(client, "test")
+    assert (await bucket.take("k", rate=0.01, burst=10)).remaining > 8.9
+    lowered = await bucket.take("k", rate=0.01, burst=2)
+    assert lowered.allowed and 0.9 < lowered.remaining < 1.1
+    assert 0 < await client.redis.pttl(client.keys.ratelimit("test", "k")) <= 100_000
+
+
+@pytest.mark.topology
 async def test_a_refused_take_writes_nothing(client: Client) -> None:
     bucket = TokenBucket(client, "test")
     key = client.keys.ratelimit("test", "k")
