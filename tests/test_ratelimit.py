@@ -102,6 +102,15 @@ async def _missing(client: Client, key: str) -> bool:
 
 
 @pytest.mark.topology
+async def test_a_smaller_burst_applies_at_once(client: Client) -> None:
+    bucket = TokenBucket(client, "test")
+    assert (await bucket.take("k", rate=0.01, burst=10)).remaining > 8.9
+    lowered = await bucket.take("k", rate=0.01, burst=2)
+    assert lowered.allowed and 0.9 < lowered.remaining < 1.1
+    assert 0 < await client.redis.pttl(client.keys.ratelimit("test", "k")) <= 100_000
+
+
+@pytest.mark.topology
 async def test_a_refused_take_writes_nothing(client: Client) -> None:
     bucket = TokenBucket(client, "test")
     key = client.keys.ratelimit("test", "k")
@@ -134,6 +143,7 @@ async def test_bad_arguments_are_refused_before_the_engine_is_asked(
         await TokenBucket(client, "test").take("k", **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_bucket_name_must_be_a_safe_key_part(settings: Settings) -> None:
+@pytest.mark.parametrize("name", ["has space", "line\n", "", "x" * 65, "-dash"])
+def test_a_bucket_name_must_be_a_safe_key_part(settings: Settings, name: str) -> None:
     with pytest.raises(ConfigurationError, match="rate-limit name"):
-        TokenBucket(Client(settings=settings), "has space")
+        TokenBucket(Client(settings=settings), name)

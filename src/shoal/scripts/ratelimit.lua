@@ -26,9 +26,10 @@ if tokens == nil or ts == nil then
   tokens, ts = burst, now
 end
 if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+  tokens = tokens + (now - ts) * rate / 1000
   ts = now
 end
+tokens = math.min(burst, tokens)  -- a burst smaller than the last call's applies at once
 
 if tokens < cost then
   return {0, tostring(tokens), tostring((cost - tokens) / rate)}
