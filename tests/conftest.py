@@ -154,13 +154,19 @@ def node_env(settings: Settings) -> dict[str, str]:
 
 @contextlib.contextmanager
 def node_process(
-    settings: Settings, app: str = "tests.agents", *args: str
+    settings: Settings,
+    app: str = "tests.agents",
+    *args: str,
+    env: dict[str, str] | None = None,
+    stderr: int | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``shoal node`` as a separate process; SIGTERM (drain) on exit."""
+    """``shoal node`` as a separate process; SIGTERM (drain) on exit. ``env`` adds to
+    its environment; ``stderr=subprocess.PIPE`` captures its log."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli", "node", "--app", app, "--log-level", "warning", *args],
         cwd=REPO,
-        env=node_env(settings),
+        env={**node_env(settings), **(env or {})},
+        stderr=stderr,
     )
     try:
         yield proc

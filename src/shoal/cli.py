@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -171,7 +170,24 @@ def node(
         float | None,
         typer.Option(help="Lifetime of partition leases, seconds (default: --dead-after)."),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics on this port (0: any free one).", min=0),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address /metrics listens on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug, info, warning, error or critical [env SHOAL_LOG_LEVEL; info]."),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="json, text or auto: text on a terminal, JSON lines otherwise "
+            "[env SHOAL_LOG_FORMAT; auto]."
+        ),
+    ] = None,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
@@ -179,14 +195,14 @@ def node(
     """Run a worker node that hosts the agents of --app until SIGINT/SIGTERM."""
     from shoal.app import load_agents
     from shoal.node import NodeConfig, run_node
+    from shoal.observability.logs import configure_logging
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, log_format)
     config = NodeConfig(
         concurrency=concurrency, name=name, grace_period=grace, weight=weight, zone=zone,
         heartbeat_interval=heartbeat_interval, dead_after=dead_after,
         max_active_agents=max_active_agents, idle_after=idle_after, lease_time=lease_time,
+        metrics_port=metrics_port, metrics_host=metrics_host,
     )  # fmt: skip
     agents = load_agents(app_module)
     run_node(agents, _settings(redis, namespace, data_dir), config)

@@ -47,6 +47,7 @@ from shoal.errors import (
 )
 from shoal.keys import CLUSTER_GROUPS, Keys, validate_capability
 from shoal.messaging import AgentPlane
+from shoal.observability import tracing
 from shoal.options import TaskOptions
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.resilience import Backoff
@@ -138,6 +139,7 @@ class Client:
     async def connect(self) -> Client:
         if self._redis is not None:
             return self
+        tracing.configure("shoal-client")  # a node or gateway configured it first, if any
         self._closing = False
         self._url = await asyncio.to_thread(resolve_url, self.settings.url, self.settings.data_dir)
         conn = open_connection(self._url)
@@ -265,7 +267,10 @@ class Client:
             priority=priority, delay=delay, eta=eta, timeout=timeout, deadline=deadline,
             max_attempts=max_attempts, idempotency_key=idempotency_key,
         )  # fmt: skip
-        handles = await self._submit(capability, [kwargs], options, _parent, _traceparent, agent)
+        with tracing.producer("submit", capability, _traceparent, _attrs(capability, agent)) as p:
+            trace = p.traceparent
+            handles = await self._submit(capability, [kwargs], options, _parent, trace, agent)
+            p.annotate("shoal.task_id", handles[0].id)
         return handles[0]
 
     async def submit_many(
@@ -292,7 +297,11 @@ class Client:
             priority=priority, delay=delay, eta=eta, timeout=timeout, deadline=deadline,
             max_attempts=max_attempts,
         )  # fmt: skip
-        return await self._submit(capability, list(arguments), options, None, None, agent)
+        with tracing.producer("submit", capability, None, _attrs(capability, agent)) as p:
+            rows = list(arguments)
+            handles = await self._submit(capability, rows, options, None, p.traceparent, agent)
+            p.annotate("shoal.tasks", len(handles))
+        return handles
 
     async def _submit(
         self,
@@ -317,7 +326,7 @@ class Client:
                     f"submit_many takes mappings of keyword arguments, got {type(kwargs).__name__}"
                 )
             payload = protocol.encode_arguments(kwargs)
-            payloads.append((payload, protocol.child_traceparent(traceparent)))
+            payloads.append((payload, tracing.carried_traceparent(traceparent)))
         if not payloads:
             return []
         # Each chunk lives in one key group (one hash slot): an agent's tasks in its
@@ -432,7 +441,9 @@ class Client:
         """Put ``message`` (msgpack data) into the agent's mailbox: durable, one-way.
         Its ``@handler`` (or ``on_message``) gets it in turn, on whichever node owns
         the agent's partition — now, or when one comes up."""
-        await self._agents.send(agent_id, message, sender=_sender, traceparent=_traceparent)
+        target = _type_of(agent_id)
+        with tracing.producer("send", target, _traceparent, {"shoal.agent_id": agent_id}) as p:
+            await self._agents.send(agent_id, message, sender=_sender, traceparent=p.traceparent)
 
     async def request(
         self,
@@ -445,9 +456,11 @@ class Client:
     ) -> Any:
         """Send ``message`` and return the agent's reply (its handler's return value).
         RequestTimeout after ``timeout`` seconds; RequestFailed if the handler raised."""
-        return await self._agents.request(
-            agent_id, message, timeout=timeout, sender=_sender, traceparent=_traceparent
-        )
+        target = _type_of(agent_id)
+        with tracing.producer("request", target, _traceparent, {"shoal.agent_id": agent_id}) as p:
+            return await self._agents.request(
+                agent_id, message, timeout=timeout, sender=_sender, traceparent=p.traceparent
+            )
 
     async def publish(
         self,
@@ -460,9 +473,10 @@ class Client:
     ) -> int:
         """Deliver ``message`` durably to the agent keyed ``source`` of every agent type
         subscribed to ``topic``. Returns how many types it went to (0: none subscribes)."""
-        return await self._agents.publish(
-            topic, message, source=source, sender=_sender, traceparent=_traceparent
-        )
+        with tracing.producer("publish", topic, _traceparent, {"shoal.topic": topic}) as p:
+            return await self._agents.publish(
+                topic, message, source=source, sender=_sender, traceparent=p.traceparent
+            )
 
     async def broadcast(self, agent_type: str, message: Any, *, _sender: str | None = None) -> None:
         """Hand ``message`` to every currently active agent of ``agent_type`` (ephemeral:
@@ -867,6 +881,16 @@ class Client:
             await asyncio.sleep(delay)  # nodes register from other processes: look again
             delay = min(delay * 2, 0.2)
         return hosts
+
+
+def _attrs(capability: str, agent: str | None) -> dict[str, str]:
+    """The attributes of a submit span."""
+    return {"shoal.capability": capability, **({"shoal.agent_id": agent} if agent else {})}
+
+
+def _type_of(agent_id: str) -> str:
+    """Span names take the agent type, not the id: names must stay few."""
+    return agent_id.partition("/")[0]
 
 
 MIN_REDIS = (7, 0)  # BLMPOP, XAUTOCLAIM, Lua with XREADGROUP: Redis >= 7.0 / Valkey >= 7.2

@@ -38,6 +38,7 @@ class NodeInfo(msgspec.Struct, frozen=True):
     stalled: str = ""
     partitions: int = 0  # agent partitions whose lease it holds
     active_agents: int = 0  # agents active (in memory) on it
+    metrics_port: int | None = None  # where it serves /metrics (on its host), if it does
 
 
 class QueueInfo(msgspec.Struct, frozen=True):
@@ -128,6 +129,7 @@ def node_info(node_id: str, record: dict[bytes, bytes], now_ms: int) -> NodeInfo
         heartbeat_age_s=round(age, 2), started_at=int(_number(record, "started_at")),
         stalled=_text(record, "stalled"), partitions=int(_number(record, "partitions")),
         active_agents=int(_number(record, "active_agents")),
+        metrics_port=int(_number(record, "metrics_port")) or None,
     )  # fmt: skip
 
 

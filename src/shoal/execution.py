@@ -25,6 +25,7 @@ from shoal.errors import (
     TaskTimeout,
     UnknownAgentType,
 )
+from shoal.observability.hooks import AttemptWatch
 from shoal.protocol import ErrorInfo
 
 # Errors that say the task itself is wrong: running it again cannot help.
@@ -118,11 +119,24 @@ class Attempt:
         self.handed_back = False  # set when the node stops: the task is re-queued
         self.abandoned = False  # set when this node was declared dead: record nothing
         self.task: asyncio.Task[None] | None = None  # the asyncio task running it
+        self.error: BaseException | None = None  # what made it fail, if it did
 
     async def run(self, executor: Executor, node_id: str) -> Outcome | None:
         """The attempt's outcome, or None if it was abandoned (another node owns the
         task now; anything this attempt recorded would be refused anyway)."""
-        current_context.set(self.ctx)
+        current = current_context.set(self.ctx)  # self.ctx, and the ids on log lines
+        watch = AttemptWatch(self.job, node_id, self.ctx)  # metrics and span
+        try:
+            outcome = await self._run(executor, node_id)
+        except BaseException as exc:
+            watch.end(None, exc)
+            raise
+        finally:
+            current_context.reset(current)
+        watch.end(outcome, self.error)
+        return outcome
+
+    async def _run(self, executor: Executor, node_id: str) -> Outcome | None:
         timeout = self.job.timeout
         try:
             async with asyncio.timeout(timeout) as scope:
@@ -155,6 +169,7 @@ class Attempt:
         return await loop.run_in_executor(executor, call)
 
     def _failure(self, exc: BaseException, node_id: str) -> Outcome:
+        self.error = exc
         return failure_outcome(self.job, self.spec, exc, node_id)
 
 

@@ -41,6 +41,8 @@ from shoal.engine import translate
 from shoal.errors import EngineError, EngineUnavailable, SerializationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome, error_info, failure_outcome
 from shoal.leases import Change, LeaseKeeper, Partition
+from shoal.observability import metrics
+from shoal.observability.hooks import TurnWatch
 from shoal.protocol import ErrorInfo
 from shoal.resilience import Backoff
 
@@ -300,6 +302,7 @@ class AgentHost:
     def _on_change(self, change: Change) -> None:
         if change.lost:
             self._lose(change.lost)
+        metrics.partitions_changed("acquired", change.acquired)
         for part, token in change.acquired.items():
             self._parts[part] = _PartitionState(token)
             self._mailboxes[self.keys.mailbox(*part)] = part
@@ -329,6 +332,7 @@ class AgentHost:
             state = self._parts.pop(part, None)
             if state is None:
                 continue
+            metrics.partitions_changed("lost", [part])
             state.settled.set()  # a hand-over waiting for it has nothing left to do
             self._mailboxes.pop(self.keys.mailbox(*part), None)
             log.warning("partition %s/%d lost: its turns stop here", part[0], part[1])
@@ -368,6 +372,7 @@ class AgentHost:
             return
         if self.keeper is not None:
             self.keeper.forget(set(owned))
+        metrics.partitions_changed("released", owned)
         for part in owned:
             self._parts.pop(part, None)
             self._mailboxes.pop(self.keys.mailbox(*part), None)
@@ -590,6 +595,7 @@ class AgentHost:
         else:
             ok = await self._message_turn(act, message, token, commit)
         self.turns += 1
+        metrics.agent_turn(act.agent_id.partition("/")[0], message.kind)
         if ok is None:
             return  # the partition was lost before the task could start: commit nothing
         self._settle_state(act, commit, ok)
@@ -612,6 +618,7 @@ class AgentHost:
         agent.__dict__["_shoal_state"] = state
         act.agent, act.saved = agent, raw or b""
         act.activated_at = protocol.now_ms()
+        metrics.AGENT_ACTIVATIONS.labels(cls.agent_type).inc()
         try:
             await _call(agent.on_activate)
         except Exception:
@@ -703,6 +710,7 @@ class AgentHost:
             spec = cls.message_handler()
         ctx = self._context(act, message, token)
         commit.reply, commit.correlation = message.reply, message.correlation
+        watch = TurnWatch(message.kind, self.node.node_id, ctx)  # span, log context
         try:
             if spec is None:
                 what = f"topic {message.topic!r}" if message.kind == "pub" else "messages"
@@ -717,10 +725,12 @@ class AgentHost:
             finally:
                 current_context.reset(current)
             commit.reply_status, commit.payload = "replied", protocol.encode_result(result)
+            watch.end(None)
             return True
         except Exception as exc:
             if not message.reply:
                 log.exception("agent %s failed to handle a message", act.agent_id)
+            watch.end(exc)
             job = Job("", message.entry_id, "", "", b"", 1, 1, None, None, None, token)
             commit.reply_status = "failed"
             commit.payload = protocol.encode(error_info(exc, job, self.node.node_id))
@@ -928,6 +938,8 @@ class AgentHost:
             del self.activations[act.agent_id]
             self._dirty.discard(act.agent_id)
             self._gone.add(act.agent_id)
+            if act.activated_at:  # it got as far as being activated
+                metrics.AGENT_DEACTIVATIONS.labels(act.agent_id.partition("/")[0]).inc()
 
     async def _housekeeping(self, closing: asyncio.Event) -> None:
         """Deactivate agents idle past ``idle_after``; publish the directory."""

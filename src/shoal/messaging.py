@@ -33,6 +33,7 @@ from shoal.errors import (
     SerializationError,
     UnknownAgentType,
 )
+from shoal.observability import tracing
 from shoal.protocol import AgentId, AgentInfo, AgentTypeInfo, ErrorInfo
 from shoal.routing import partition_of
 from shoal.settings import DEFAULT_PARTITIONS, fixed_setting
@@ -144,7 +145,7 @@ class AgentPlane:
         if sender:
             fields["s"] = sender
         if traceparent:
-            fields["t"] = protocol.child_traceparent(traceparent)
+            fields["t"] = tracing.carried_traceparent(traceparent)
         if reply:
             fields["r"], fields["c"] = reply
         await self._xadd(mbox, fields)
@@ -226,7 +227,7 @@ class AgentPlane:
             if sender:
                 fields["s"] = sender
             if traceparent:
-                fields["t"] = protocol.child_traceparent(traceparent)
+                fields["t"] = tracing.carried_traceparent(traceparent)
             await self._xadd(mbox, fields)
         return len(types)
 

@@ -37,6 +37,8 @@ from shoal.execution import Attempt, Job, Outcome
 from shoal.hosting import AgentHost
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
 from shoal.liveness import Heartbeat, deregister, register
+from shoal.observability.hooks import NodeTelemetry
+from shoal.observability.logs import set_process_node
 from shoal.protocol import AgentTypeInfo, ErrorInfo
 from shoal.recorder import Recorder
 from shoal.recovery import Reaper
@@ -68,6 +70,8 @@ class NodeConfig:
     max_active_agents: int = 10_000  # beyond this, the least recently used idle ones go
     idle_after: float = 300.0  # an agent without a message this long is deactivated
     lease_time: float | None = None  # partition leases; default: dead_after
+    metrics_port: int | None = None  # serve /metrics here (0: a free port, published)
+    metrics_host: str = "127.0.0.1"  # loopback by default: metrics name the cluster's work
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -97,6 +101,8 @@ class NodeConfig:
                 f"lease_time ({self.lease_time}s) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}s): leases are renewed once per interval"
             )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"metrics_port must be 0..65535, got {self.metrics_port!r}")
 
     def node_id(self) -> str:
         return self.name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
@@ -145,6 +151,9 @@ class Node:
         self._last_progress = time.monotonic()
         self.stalled = ""  # why the watchdog thinks the node is stuck, or ""
         self.recorder: Recorder
+        self.telemetry = NodeTelemetry(
+            self.node_id, self.config.metrics_host, self.config.metrics_port, self._load
+        )
 
     @property
     def capabilities(self) -> list[str]:
@@ -177,8 +186,9 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self.recorder = Recorder(self.client, self.loop)
         self._reaper = Reaper(self.client, self.node_id, self.config.dead_after)
-        await self.client.connect()
+        self.telemetry.start()
         try:
+            await self.client.connect()
             await self._register()
             self._start_heartbeat()
             if self.agents is not None:
@@ -212,6 +222,7 @@ class Node:
                 log.info("node %s left (drained, deregistered)", self.node_id)
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self.client.close()
+            await self.telemetry.stop()
 
     def _description(self) -> dict[str, Any]:
         return {
@@ -222,6 +233,7 @@ class Node:
             "heartbeat_interval": self.config.heartbeat_interval,
             "dead_after": self.config.dead_after,
             "agent_types": ",".join(a.agent_type for a in self._agent_types),
+            "metrics_port": self.telemetry.metrics_port or "",
         }  # fmt: skip
 
     async def _register(self) -> None:
@@ -692,6 +704,7 @@ def run_node(agents: list[type[Agent]], settings: Settings, config: NodeConfig) 
 
     async def main() -> None:
         node = Node(agents, settings, config)
+        set_process_node(node.node_id)  # the one node of this process: its threads' lines too
         loop = asyncio.get_running_loop()
 
         def on_signal(sig: signal.Signals) -> None:

@@ -24,6 +24,7 @@ from shoal.client import Client
 from shoal.errors import SerializationError, ShoalError
 from shoal.execution import Outcome
 from shoal.keys import CONSUMER_GROUP
+from shoal.observability import metrics
 from shoal.resilience import Backoff
 
 log = logging.getLogger("shoal.node")
@@ -200,3 +201,10 @@ class Recorder:
                     raise reply
                 if script is client.scripts.events:
                     self.refused_events += int(reply)
+                elif refused := _outcomes_in(args) - int(reply):  # finish: counts recorded ones
+                    metrics.DUPLICATE_OUTCOMES.inc(refused)
+
+
+def _outcomes_in(finish_args: list[Any]) -> int:
+    """How many outcomes a finish-script call carries (4 head fields, then 8 each)."""
+    return (len(finish_args) - 4) // 8

@@ -20,6 +20,7 @@ from shoal import protocol
 from shoal.client import Client
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import CONSUMER_GROUP
+from shoal.observability import metrics
 from shoal.protocol import ErrorInfo
 
 log = logging.getLogger("shoal.recovery")
@@ -114,6 +115,7 @@ class Reaper:
             capabilities = await client.scripts.reap([client.keys.nodes], args)
         if capabilities is False or capabilities is None:
             return None  # another survivor reaped it, or it came back
+        metrics.NODES_DECLARED_DEAD.inc()
         requeued, buried = await self.claim(node_id, capabilities.decode(), died)
         takeover = Takeover(node_id, tuple(requeued), tuple(buried))
         log.warning(
@@ -142,6 +144,7 @@ class Reaper:
                 result = await client.scripts.claim([keys.delayed(group)], args)
             requeued += [i.decode() for i in result[0]]
             buried += [i.decode() for i in result[1]]
+            metrics.tasks_reclaimed(len(result[0]), len(result[1]))
         return requeued, buried
 
     async def claim_own(self, capabilities: str) -> int:
