@@ -225,7 +225,17 @@ def gateway(
     ] = 100.0,
     key_burst: Annotated[int, typer.Option(help="Burst per API key (default).", min=1)] = 200,
     no_dashboard: Annotated[bool, typer.Option(help="Do not serve the dashboard at /.")] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug, info, warning, error or critical [env SHOAL_LOG_LEVEL; info]."),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            help="json, text or auto: text on a terminal, JSON lines otherwise "
+            "[env SHOAL_LOG_FORMAT; auto]."
+        ),
+    ] = None,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
@@ -233,15 +243,14 @@ def gateway(
     """Serve the HTTP API (/v1, OpenAPI at /docs), /metrics and the dashboard at /."""
     from shoal.gateway.server import run_gateway
     from shoal.gateway.state import GatewayConfig
+    from shoal.observability.logs import configure_logging
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, log_format)
     config = GatewayConfig(
         host=host, port=port, insecure=insecure, max_body=max_body,
         key_rate=key_rate or None, key_burst=key_burst, dashboard=not no_dashboard,
     )  # fmt: skip
-    run_gateway(_settings(redis, namespace, data_dir), config, log_level)
+    run_gateway(_settings(redis, namespace, data_dir), config)
 
 
 # --- tasks -------------------------------------------------------------------------

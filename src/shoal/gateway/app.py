@@ -25,6 +25,7 @@ from shoal.gateway.routes import admin, agents, cluster, tasks
 from shoal.gateway.schemas import openapi_components
 from shoal.gateway.state import GatewayConfig, GatewayState
 from shoal.gateway.telemetry import GatewayMetrics
+from shoal.observability import tracing
 from shoal.settings import Settings
 
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -37,6 +38,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> FastA
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracing.configure("shoal-gateway")  # before the Client, which would say "client"
         async with Client(settings=settings) as client:
             app.state.gateway = GatewayState(
                 config, client, KeyStore(client), TokenBucket(client, "apikey"), metrics
@@ -54,7 +56,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> FastA
     for router in (tasks.router, agents.router, cluster.router, admin.router):
         app.include_router(router)
     _install_errors(app)
-    app.add_middleware(Observed, metrics=metrics)
+    app.add_middleware(Observed, metrics=metrics, routes=app.routes)
     app.add_middleware(BodyLimit, max_body=config.max_body)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     if config.dashboard and DASHBOARD.is_dir():

@@ -4,16 +4,16 @@ by route and status, the incoming W3C ``traceparent``."""
 
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.gateway.problems import ApiError, ErrorBody, encode
 from shoal.gateway.telemetry import GatewayMetrics
-
-_TRACEPARENT_RE = re.compile(rb"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+from shoal.observability import tracing
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -26,12 +26,8 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 def incoming_traceparent(scope: Scope) -> str | None:
     """A well-formed W3C traceparent from the request, else None (then a new trace)."""
     raw = _header(scope, b"traceparent")
-    if raw is None or not _TRACEPARENT_RE.match(raw.strip().lower()):
-        return None
-    parts = raw.strip().lower().split(b"-")
-    if parts[1] == b"0" * 32 or parts[2] == b"0" * 16:  # all-zero ids are invalid
-        return None
-    return raw.strip().lower().decode()
+    parsed = tracing.parse_traceparent(raw.decode("latin-1") if raw else None)
+    return "00-{}-{}-{}".format(*parsed) if parsed else None
 
 
 class BodyLimit:
@@ -71,16 +67,18 @@ class BodyLimit:
 
 class Observed:
     """Counts each request by route template (not raw path: ids would explode the
-    label set) and status, times it, and hands the incoming traceparent to routes."""
+    label set) and status, times it, and hands routes the traceparent tasks and
+    messages should carry: with tracing on, that of a SERVER span for the request
+    (a child of the caller's ``traceparent``); off, the caller's own."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: Sequence[BaseRoute]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["traceparent"] = incoming_traceparent(scope)
+        state = scope.setdefault("state", {})
         started = time.perf_counter()
         status = 500
 
@@ -91,14 +89,30 @@ class Observed:
             await send(message)
 
         try:
-            await self.app(scope, receive, observed_send)
+            if tracing.ENABLED:  # the route is needed before routing, for the span name
+                with tracing.http_server_span(
+                    scope["method"], self._template(scope), incoming_traceparent(scope)
+                ) as span:
+                    state["traceparent"] = span.traceparent
+                    await self.app(scope, receive, observed_send)
+                    span.status(status)
+            else:
+                state["traceparent"] = incoming_traceparent(scope)
+                await self.app(scope, receive, observed_send)
         finally:
-            self.metrics.request(
-                scope["method"], _route(scope), status, time.perf_counter() - started
-            )
+            route = _route(scope)
+            self.metrics.request(scope["method"], route, status, time.perf_counter() - started)
+
+    def _template(self, scope: Scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return str(getattr(route, "path", "unmatched")) or "/"
+        return "unmatched"
 
 
 def _route(scope: Scope) -> str:
+    """The template of the route that answered (set by the router as it matched)."""
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
     return str(path) if path else "unmatched"

@@ -37,11 +37,13 @@ async def check_bind(settings: Settings, config: GatewayConfig) -> None:
             )
 
 
-def run_gateway(settings: Settings, config: GatewayConfig, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight first)."""
+def run_gateway(settings: Settings, config: GatewayConfig) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight first).
+    Logging is the caller's (``configure_logging``): uvicorn's own config is off, so
+    its lines go through the same handler, as JSON or text."""
     asyncio.run(check_bind(settings, config))
     app = create_app(settings, config)
     uvicorn.run(
-        app, host=config.host, port=config.port, log_level=log_level.lower(),
-        access_log=False, proxy_headers=False, server_header=False,
+        app, host=config.host, port=config.port, log_config=None, access_log=False,
+        proxy_headers=False, server_header=False,
     )  # fmt: skip

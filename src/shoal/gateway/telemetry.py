@@ -1,17 +1,27 @@
 """The gateway's own metrics: requests by route and status, their latency,
-rate-limit rejections and submitted tasks (see shoal.observability.metrics)."""
+rate-limit rejections and submitted tasks; and its ``/metrics`` body, which adds
+the cluster-wide gauges read from the engine (see shoal.observability.metrics)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from shoal.observability import metrics
+
 
 class GatewayMetrics:
-    """Thin facade so routes and middleware do not know metric names."""
+    """Thin facade, so routes and middleware do not know metric names."""
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
-        pass
+        metrics.observe_http(route, method, status, seconds)
 
     def rate_limited(self, key: str) -> None:
-        pass
+        metrics.rate_limited(key)
 
     def submitted(self, capability: str, count: int = 1) -> None:
-        pass
+        metrics.tasks_submitted(capability, count)
+
+    async def exposition(self, client: Any) -> tuple[bytes, str]:
+        """This process's metrics and the cluster's, read from the engine now."""
+        await metrics.refresh_cluster_gauges(client)
+        return metrics.render()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
@@ -20,6 +20,12 @@ router = APIRouter()
 Capability = Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Capability name.")]
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 READY_TIMEOUT_S = 2.0
+PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "This gateway's metrics and the cluster's, in Prometheus' text format.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def _state(request: Request) -> GatewayState:
@@ -68,6 +74,21 @@ async def redrive(
     attempts. An id that is not in the dead-letter queue is a 404 and nothing moves."""
     redriven = await _state(request).client.redrive(capability, body.task_ids)
     return responses.json(Redriven(redriven))
+
+
+@router.get(
+    "/metrics",
+    tags=["health"],
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses=PROMETHEUS_TEXT | COMMON_ERRORS,
+)
+async def metrics(request: Request, caller: Read) -> Response:
+    """The gateway's own metrics (HTTP requests, rate limiting, submissions) and
+    cluster-wide gauges read from the engine now (queues, nodes, partitions)."""
+    state = _state(request)
+    body, content_type = await state.metrics.exposition(state.client)
+    return Response(body, media_type=content_type)
 
 
 @router.get(
