@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import shoal
@@ -52,11 +53,15 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> FastA
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        # FastAPI's own OpenTelemetry middleware would make a second server span per
+        # request; ours (middleware.Observed) names it by route and hands its context
+        # to the tasks a request submits.
+        telemetry=TelemetryConfig(tracing=False, metrics=False, logs=False),
     )
     for router in (tasks.router, agents.router, cluster.router, admin.router):
         app.include_router(router)
     _install_errors(app)
-    app.add_middleware(Observed, metrics=metrics, routes=app.routes)
+    app.add_middleware(Observed, metrics=metrics)
     app.add_middleware(BodyLimit, max_body=config.max_body)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     if config.dashboard and DASHBOARD.is_dir():

@@ -5,10 +5,8 @@ by route and status, the incoming W3C ``traceparent``."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.gateway.problems import ApiError, ErrorBody, encode
@@ -71,8 +69,8 @@ class Observed:
     messages should carry: with tracing on, that of a SERVER span for the request
     (a child of the caller's ``traceparent``); off, the caller's own."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: Sequence[BaseRoute]) -> None:
-        self.app, self.metrics, self.routes = app, metrics, routes
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,12 +87,13 @@ class Observed:
             await send(message)
 
         try:
-            if tracing.ENABLED:  # the route is needed before routing, for the span name
+            if tracing.ENABLED:
                 with tracing.http_server_span(
-                    scope["method"], self._template(scope), incoming_traceparent(scope)
+                    scope["method"], scope["path"], incoming_traceparent(scope)
                 ) as span:
                     state["traceparent"] = span.traceparent
                     await self.app(scope, receive, observed_send)
+                    span.route(_route(scope))
                     span.status(status)
             else:
                 state["traceparent"] = incoming_traceparent(scope)
@@ -102,13 +101,6 @@ class Observed:
         finally:
             route = _route(scope)
             self.metrics.request(scope["method"], route, status, time.perf_counter() - started)
-
-    def _template(self, scope: Scope) -> str:
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return str(getattr(route, "path", "unmatched")) or "/"
-        return "unmatched"
 
 
 def _route(scope: Scope) -> str:

@@ -359,9 +359,10 @@ class HttpSpan:
     """``with http_server_span(...) as span:`` in a gateway; ``span.status(code)`` once
     the response status is known. A no-op with tracing off."""
 
-    __slots__ = ("_span", "_token", "traceparent")
+    __slots__ = ("_method", "_span", "_token", "traceparent")
 
     def __init__(self, method: str, route: str, traceparent: str | None) -> None:
+        self._method = method
         self._span: Span | None = None
         self._token: object = None
         self.traceparent: str | None = None
@@ -374,6 +375,12 @@ class HttpSpan:
         )  # fmt: skip
         self.traceparent = _format(self._span)
         self._token = _state.context.attach(_state.trace.set_span_in_context(self._span, parent))
+
+    def route(self, template: str) -> None:
+        """Name the span after the route that answered, once routing found it."""
+        if self._span is not None:
+            self._span.update_name(f"{self._method} {template}")
+            self._span.set_attribute("http.route", template)
 
     def status(self, code: int) -> None:
         if self._span is not None:
