@@ -13,7 +13,8 @@ import msgspec
 
 from shoal import Client, Settings
 
-from .conftest import eventually, node_process
+from .agents import Toolbox
+from .conftest import eventually, node_process, running_node
 from .gateways import gateway_process
 
 
@@ -109,3 +110,20 @@ async def test_sse_stream_of_an_unknown_task_is_a_404(client: Client, settings: 
             reply = await http.get(f"/v1/tasks/{'0' * 28}/events")
     assert reply.status_code == 404
     assert reply.json()["error"]["type"] == "TaskNotFound"
+
+
+async def test_a_task_that_ended_unfollowed_streams_its_done_event(
+    client: Client, settings: Settings
+) -> None:
+    """Nobody followed it and it emitted nothing, so it had no stream; following it
+    now still ends with 'done' (an SSE client would otherwise reconnect forever)."""
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("echo", value=1)
+        await handle.result(timeout=10)
+    assert await client.redis.exists(client.keys.events(handle.id)) == 0
+    with gateway_process(settings) as (gateway, _):
+        first = await read_until(gateway, handle.id, None, lambda e: e["event"] == "done")
+        again = await read_until(gateway, handle.id, None, lambda e: e["event"] == "done")
+    assert [e["event"] for e in first] == ["done"] == [e["event"] for e in again]
+    assert first[0]["id"] == again[0]["id"], "written once"
+    assert first[0]["data"]["data"] == {"status": "succeeded"}

@@ -510,7 +510,7 @@ def test_sync_client_for_scripts(settings: Settings) -> None:
         server.join(30)
 
 
-async def test_a_task_nobody_follows_leaves_no_event_stream(
+async def test_a_task_nobody_follows_leaves_no_event_stream_until_followed(
     client: Client, settings: Settings
 ) -> None:
     async with running_node([Toolbox], settings):
@@ -518,8 +518,11 @@ async def test_a_task_nobody_follows_leaves_no_event_stream(
         assert await handle.result(timeout=10) == 1
     assert await client.redis.exists(client.keys.events(handle.id)) == 0
     start = time.perf_counter()
-    assert [e async for e in handle.events()] == []  # finished: ends at once, no wait
+    events = [e async for e in handle.events()]  # finished: ends at once, no wait
     assert time.perf_counter() - start < 1.0
+    assert [(e.kind, e.data) for e in events] == [("done", {"status": "succeeded"})]
+    ttl = await client.redis.pttl(client.keys.events(handle.id))
+    assert 0 < ttl <= await client.redis.pttl(client.keys.task(handle.id)) + 50
 
 
 async def test_following_a_quiet_task_gets_its_done_event(

@@ -723,7 +723,8 @@ class Client:
         beginning), following live until the task ends. Resume with the last id seen.
 
         Following marks the task as followed, so its end is written as a final
-        'done' event (a task nobody follows and that emitted nothing gets no stream).
+        'done' event (a task nobody follows and that emitted nothing gets no stream
+        until someone follows it: then its 'done' is written at once).
         """
         protocol.validate_task_id(task_id)
         key = self.keys.events(task_id)
@@ -731,7 +732,7 @@ class Client:
         async with self.errors():
             status = await self.scripts.follow(
                 [self.keys.task(task_id)],
-                [self.keys.group_prefix(self.keys.task_group(task_id))],
+                [self.keys.group_prefix(self.keys.task_group(task_id)), task_id],
             )
         if not status:
             await self._record(task_id)  # raises TaskNotFound
