@@ -1,6 +1,7 @@
-"""What a node does around each attempt and agent turn, and over its own lifetime —
-metrics, spans and log context in one place, so the node loop, the attempt runner
-and the agent host each make one call and stay short.
+"""What a node does around each attempt and agent turn (metrics, spans), and over its
+own lifetime (tracing setup, its id on log lines, its /metrics server) — in one
+place, so the node loop, the attempt runner and the agent host each make one call
+and stay short.
 
 The attempt hook is on the hot path: with tracing off it costs a few plain-int
 updates and three clock reads (well under a microsecond).
@@ -32,8 +33,8 @@ class AttemptWatch:
         stats = self._stats = metrics.task_stats(job.capability)
         stats.started += 1
         # a stream entry id starts with the engine's time (ms) at XADD: when it was queued
-        queued_ms = int(job.entry_id.partition("-")[0])
         now_ms = protocol.now_ms()
+        queued_ms = int(job.entry_id.partition("-")[0] or now_ms)
         stats.wait.observe(max(0.0, (now_ms - queued_ms) / 1000))  # <0: clocks differ
         self._span: tracing.WorkSpan | None = None
         if tracing.ENABLED:
