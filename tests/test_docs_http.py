@@ -18,7 +18,7 @@ from shoal.apikeys import KeyStore
 from .conftest import REPO, eventually, node_process
 from .gateways import gateway_process
 
-DOCS = ("docs/http-api.md", "docs/security.md")
+DOCS = ("docs/http-api.md", "docs/security.md", "docs/observability.md")
 
 
 def curl_commands(path: Path) -> list[str]:
