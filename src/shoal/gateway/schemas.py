@@ -158,7 +158,9 @@ def ref(name: str, *, array: bool = False) -> dict[str, Any]:
     return {"type": "array", "items": schema} if array else schema
 
 
-def ok(name: str, description: str, *, status: int = 200, array: bool = False) -> dict[int, Any]:
+def ok(
+    name: str, description: str, *, status: int = 200, array: bool = False
+) -> dict[int | str, dict[str, Any]]:
     return {
         status: {
             "description": description,

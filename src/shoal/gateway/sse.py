@@ -30,7 +30,9 @@ log = logging.getLogger("shoal.gateway")
 def format_event(event: Event) -> bytes:
     """One SSE event; msgspec's JSON never contains a raw newline, so ``data`` is one line."""
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (
-        event.id.encode(), event.kind.encode(), msgspec.json.encode(event)
+        event.id.encode(),
+        event.kind.encode(),
+        msgspec.json.encode(event),
     )
 
 

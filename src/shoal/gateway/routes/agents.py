@@ -78,7 +78,9 @@ async def agent_types(request: Request, caller: Read) -> Response:
     | schema_responses(404)
     | COMMON_ERRORS,
 )
-async def get_agent(agent_type: AgentType, key: AgentKey, request: Request, caller: Read) -> Response:
+async def get_agent(
+    agent_type: AgentType, key: AgentKey, request: Request, caller: Read
+) -> Response:
     return responses.json(await _state(request).client.agent(f"{agent_type}/{key}"))
 
 
@@ -121,9 +123,7 @@ async def send_message(
     "/v1/agents/{agent_type}/{key}/requests",
     summary="Send a request to an agent and wait for its reply",
     response_class=Response,
-    responses=ok("Reply", "The agent's reply.")
-    | schema_responses(404, 502, 504)
-    | COMMON_ERRORS,
+    responses=ok("Reply", "The agent's reply.") | schema_responses(404, 502, 504) | COMMON_ERRORS,
 )
 async def send_request(
     agent_type: AgentType, key: AgentKey, body: RequestBody, request: Request, caller: Message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -45,10 +46,10 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     client = state.client
     result: Any = None
     if wait:
-        try:
+        # On a failure, a cancel or the end of the wait, the record says how it ended
+        # (or that it goes on).
+        with contextlib.suppress(TaskFailed, TaskCancelled, ResultTimeout):
             result = await client.result(task_id, timeout=wait)
-        except (TaskFailed, TaskCancelled, ResultTimeout):
-            pass  # the record says how it ended (or that it goes on)
     info = await client.status(task_id)
     if info.status == "succeeded" and result is None and info.has_result:
         result = await client.result(task_id)
@@ -60,7 +61,8 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     summary="Submit a task",
     status_code=201,
     response_class=Response,
-    responses={**ok("Submitted", "The task is queued.", status=201), **schema_responses(404)}
+    responses=ok("Submitted", "The task is queued.", status=201)
+    | schema_responses(404)
     | COMMON_ERRORS,
 )
 async def submit_task(
@@ -116,8 +118,7 @@ async def list_tasks(
     "/{task_id}",
     summary="Get a task",
     response_class=Response,
-    responses=ok("TaskResult", "The task and its result.") | schema_responses(404)
-    | COMMON_ERRORS,
+    responses=ok("TaskResult", "The task and its result.") | schema_responses(404) | COMMON_ERRORS,
 )
 async def get_task(task_id: TaskId, request: Request, caller: Read, wait: Wait = None) -> Response:
     """Status, attempts, timing, error history and, once it succeeded, the result.
