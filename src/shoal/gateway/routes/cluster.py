@@ -12,13 +12,20 @@ from shoal.errors import ShoalError
 from shoal.gateway import responses
 from shoal.gateway.auth import Admin, Read
 from shoal.gateway.problems import schema_responses
-from shoal.gateway.schemas import CAPABILITY_PATTERN, Health, RedriveBody, Redriven, ok
+from shoal.gateway.schemas import (
+    CAPABILITY_PATTERN,
+    Health,
+    RedriveBody,
+    Redriven,
+    ok,
+)
 from shoal.gateway.state import GatewayState
 
 router = APIRouter()
 
 Capability = Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Capability name.")]
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 READY_TIMEOUT_S = 2.0
 
 
@@ -59,7 +66,10 @@ async def dead_letters(
     tags=["dead letters"],
     summary="Queue dead tasks again",
     response_class=Response,
-    responses=ok("Redriven", "The tasks queued again.") | schema_responses(404) | COMMON_ERRORS,
+    responses=ok("Redriven", "The tasks queued again.")
+    | schema_responses(404)
+    | BODY_ERRORS
+    | COMMON_ERRORS,
 )
 async def redrive(
     capability: Capability, body: RedriveBody, request: Request, caller: Admin

@@ -34,6 +34,7 @@ Wait = Annotated[
     Query(ge=0, le=MAX_WAIT_S, description="Wait up to this many seconds for the task to end."),
 ]
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 
 
 def _state(request: Request) -> GatewayState:
@@ -63,6 +64,7 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     response_class=Response,
     responses=ok("Submitted", "The task is queued.", status=201)
     | schema_responses(404)
+    | BODY_ERRORS
     | COMMON_ERRORS,
 )
 async def submit_task(
