@@ -18,7 +18,7 @@ from shoal.apikeys import ApiKey, CreatedKey
 from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
 from shoal.gateway.problems import ErrorResponse
-from shoal.protocol import AgentInfo, AgentTypeInfo, Event, TaskInfo
+from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.tasklist import TaskPage
 
 CAPABILITY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
@@ -130,6 +130,30 @@ class KeyRequest(_Body):
 
 
 # --- responses (msgspec) ---------------------------------------------------------------
+
+
+def _untraced(error: ErrorInfo) -> ErrorInfo:
+    return msgspec.structs.replace(error, traceback=None) if error.traceback else error
+
+
+def public_task(info: TaskInfo) -> TaskInfo:
+    """A task as the API shows it: its errors without the handler's traceback (the
+    node's file paths and source lines are for operators: ``shoal task --traceback``)."""
+    if info.error is None and not info.errors:
+        return info
+    return msgspec.structs.replace(
+        info,
+        error=None if info.error is None else _untraced(info.error),
+        errors=tuple(_untraced(e) for e in info.errors),
+    )
+
+
+def public_page(page: TaskPage) -> TaskPage:
+    return msgspec.structs.replace(page, tasks=tuple(public_task(t) for t in page.tasks))
+
+
+def public_dead_letter(dead: DeadLetter) -> DeadLetter:
+    return msgspec.structs.replace(dead, task=public_task(dead.task))
 
 
 class TaskResult(msgspec.Struct, frozen=True):

@@ -18,6 +18,7 @@ from shoal.gateway.schemas import (
     RedriveBody,
     Redriven,
     ok,
+    public_dead_letter,
 )
 from shoal.gateway.state import GatewayState
 
@@ -58,7 +59,8 @@ async def dead_letters(
     caller: Read,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Response:
-    return responses.json(await _state(request).client.dead_letters(capability, limit))
+    dead = await _state(request).client.dead_letters(capability, limit)
+    return responses.json([public_dead_letter(d) for d in dead])
 
 
 @router.post(

@@ -20,6 +20,8 @@ from shoal.gateway.schemas import (
     TaskResult,
     TaskSubmission,
     ok,
+    public_page,
+    public_task,
 )
 from shoal.gateway.state import GatewayState
 from shoal.protocol import STATUSES
@@ -54,7 +56,7 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     info = await client.status(task_id)
     if info.status == "succeeded" and result is None and info.has_result:
         result = await client.result(task_id)
-    return TaskResult(info, result)
+    return TaskResult(public_task(info), result)
 
 
 @router.post(
@@ -113,7 +115,7 @@ async def list_tasks(
     page = await _state(request).client.list_tasks(
         capability=capability, status=status, limit=limit, cursor=cursor
     )
-    return responses.json(page)
+    return responses.json(public_page(page))
 
 
 @router.get(
