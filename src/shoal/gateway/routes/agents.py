@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
+from shoal.errors import UnknownAgentType
 from shoal.gateway import responses
 from shoal.gateway.auth import Message, Read
 from shoal.gateway.problems import schema_responses
@@ -96,8 +97,16 @@ async def get_agent(
 async def agent_state(
     agent_type: AgentType, key: AgentKey, request: Request, caller: Read
 ) -> Response:
-    agent_id = f"{agent_type}/{key}"
-    return responses.json(AgentState(agent_id, await _state(request).client.agent_state(agent_id)))
+    """The state, or null if the agent has none; 404 for a type no node has hosted
+    (as for the agent itself: the client reads state of any type without asking)."""
+    client, agent_id = _state(request).client, f"{agent_type}/{key}"
+    known = await client.agent_types()
+    if agent_type not in known:
+        raise UnknownAgentType(
+            f"no node has hosted agent type {agent_type!r} (known types: "
+            f"{', '.join(sorted(known)) or 'none yet'})"
+        )
+    return responses.json(AgentState(agent_id, await client.agent_state(agent_id)))
 
 
 @router.post(
