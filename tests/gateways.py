@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from shoal import Settings
 from shoal.gateway import GatewayConfig, create_app
@@ -31,7 +36,7 @@ async def serving(settings: Settings, config: GatewayConfig | None = None) -> As
     )
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
-        while not server.started:  # uvicorn has no started event to await
+        while not server.started:  # uvicorn has no started event: look again
             if task.done():
                 task.result()  # startup failed: raise its error
             await asyncio.sleep(0.005)
@@ -52,27 +57,36 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def gateway_process(
-    settings: Settings, *args: str
+    settings: Settings, *args: str, log: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``shoal gateway`` as a separate process, ready when this yields (base URL, process)."""
+    """``shoal gateway`` as a separate process, ready when this yields (base URL, process);
+    its log (stderr) goes to ``log`` if given. It is reached on 127.0.0.1 whatever
+    ``--host`` says (0.0.0.0 covers loopback too)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli", "gateway", "--port", str(port),
-         "--log-level", "warning", *args],
-        cwd=REPO, env=node_env(settings),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log else None
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli", "gateway", "--port", str(port),
+             "--log-level", "warning", *args],
+            cwd=REPO, env=node_env(settings), stderr=stderr,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc)
+            yield url, proc
+        finally:
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (uvicorn finishes what is in flight), then SIGKILL after 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -87,3 +101,34 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
             pass
         time.sleep(0.05)  # the process is starting: look again
     raise AssertionError(f"gateway at {url} not ready within {timeout}s")
+
+
+def api_routes(app: FastAPI) -> dict[tuple[str, str], APIRoute]:
+    """Every API route the app serves, by (method, path template). FastAPI nests
+    included routers; iter_route_contexts is how its own OpenAPI builder walks them."""
+    return {
+        (method, context.route.path): context.route
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.route, APIRoute)
+        for method in context.route.methods
+    }
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def read_sse(response: httpx.Response) -> list[dict[str, Any]]:
+    """The events of a Server-Sent Events body, read to its end: each a dict of its
+    fields (``id``, ``event``, ``data`` parsed as JSON); comments and ``retry`` skipped."""
+    events: list[dict[str, Any]] = []
+    fields: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if "data" in fields:
+                events.append({**fields, "data": json.loads(fields["data"])})
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+    return events

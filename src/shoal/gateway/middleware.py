@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shoal.gateway.problems import ApiError, ErrorBody, encode
+from shoal.gateway.problems import ErrorBody, encode
 from shoal.gateway.telemetry import GatewayMetrics
 from shoal.observability import tracing
 
@@ -50,7 +51,9 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise ApiError(413, "PayloadTooLarge", self._message())
+                # An HTTPException, as FastAPI answers any other error raised while it
+                # reads the body with a 400 "error parsing the body".
+                raise HTTPException(413, self._message())
             return message
 
         await self.app(scope, limited, send)

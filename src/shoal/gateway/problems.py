@@ -93,7 +93,7 @@ async def api_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own answers (unknown route, wrong method) in our shape."""
     assert isinstance(exc, StarletteHTTPException)
-    names = {404: "NotFound", 405: "MethodNotAllowed"}
+    names = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}
     return encode(
         exc.status_code,
         ErrorBody(names.get(exc.status_code, "HTTPError"), str(exc.detail)),
@@ -133,6 +133,7 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
 def schema_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route can give."""
     described = {
+        400: "The body is not JSON text (e.g. not UTF-8).",
         401: "No API key, or an unknown or revoked one.",
         403: "The API key lacks the scope this route needs.",
         404: "No such task, agent type, key or dead letter.",

@@ -9,22 +9,50 @@ cannot drift from what the API sends.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from shoal.apikeys import ApiKey, CreatedKey
 from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
 from shoal.gateway.problems import ErrorResponse
-from shoal.protocol import AgentInfo, AgentTypeInfo, Event, TaskInfo
+from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.tasklist import TaskPage
 
 CAPABILITY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
 AGENT_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}/[A-Za-z0-9_.:@+=-]{1,200}$"
+TASK_ID_PATTERN = r"^[0-9a-f]{28}$"
 MAX_WAIT_S = 300.0
+MAX_SECONDS = 10 * 365 * 24 * 3600.0  # delays, deadlines and time limits: ten years at most
+MAX_KEY_RATE = 1_000_000.0  # requests/s and burst of one API key: beyond any real need
+MAX_KEY_BURST = 1_000_000
+
+
+def _unicode_only(value: Any) -> Any:
+    """JSON may escape a lone surrogate (``"\\ud800"``), which is not Unicode text and
+    cannot be stored: refuse it here, naming the field, rather than fail later."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"holds {item[exc.start : exc.end]!r}, a lone surrogate, which is not "
+                    "Unicode text"
+                ) from None
+        elif isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_only)]
+JsonValue = Annotated[Any, AfterValidator(_unicode_only)]
 
 
 class _Body(BaseModel):
@@ -36,37 +64,44 @@ class TaskSubmission(_Body):
     ``agent`` for one agent (its tasks and messages run one at a time, in order)."""
 
     capability: str = Field(pattern=CAPABILITY_PATTERN, description="Capability to run.")
-    args: dict[str, Any] = Field(
+    args: Annotated[dict[str, Any], AfterValidator(_unicode_only)] = Field(
         default_factory=dict, description="The handler's keyword arguments (JSON values)."
     )
     agent: str | None = Field(
         default=None, pattern=AGENT_ID_PATTERN, description="Address one agent, 'type/key'."
     )
     priority: Literal["high", "normal", "low"] = "normal"
-    delay: float | None = Field(default=None, ge=0, description="Start no sooner (seconds).")
-    eta: datetime | None = Field(default=None, description="Start no sooner than this time.")
-    timeout: float | None = Field(default=None, gt=0, description="Per-attempt limit (s).")
-    deadline: float | None = Field(
-        default=None, gt=0, description="Give up if not started within this many seconds."
+    delay: float | None = Field(
+        default=None, ge=0, le=MAX_SECONDS, description="Start no sooner (seconds)."
     )
+    eta: AwareDatetime | None = Field(
+        default=None, description="Start no sooner than this time (with its UTC offset)."
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, le=MAX_SECONDS, description="Per-attempt limit (s)."
+    )
+    deadline: float | None = Field(
+        default=None, gt=0, le=MAX_SECONDS,
+        description="Give up if not started within this many seconds.",
+    )  # fmt: skip
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
-    idempotency_key: str | None = Field(
+    idempotency_key: Text | None = Field(
         default=None, min_length=1, max_length=256,
         description="Submitting again with the same key returns the first task.",
     )  # fmt: skip
 
 
 class MessageBody(_Body):
-    message: Any = Field(description="Any JSON value; the agent's handler receives it.")
+    message: JsonValue = Field(description="Any JSON value; the agent's handler receives it.")
 
 
 class RequestBody(_Body):
-    message: Any = Field(description="Any JSON value; the agent's handler receives it.")
+    message: JsonValue = Field(description="Any JSON value; the agent's handler receives it.")
     timeout: float = Field(default=30.0, gt=0, le=MAX_WAIT_S, description="Seconds to wait.")
 
 
 class PublishBody(_Body):
-    message: Any = Field(description="Any JSON value.")
+    message: JsonValue = Field(description="Any JSON value.")
     source: str = Field(
         pattern=r"^[A-Za-z0-9_.:@+=-]{1,200}$",
         description="The agent key that receives it in every subscribed agent type.",
@@ -74,19 +109,51 @@ class PublishBody(_Body):
 
 
 class RedriveBody(_Body):
-    task_ids: list[str] | None = Field(
-        default=None, description="Dead tasks to queue again (default: all of the capability)."
-    )
+    task_ids: list[Annotated[str, Field(pattern=TASK_ID_PATTERN)]] | None = Field(
+        default=None, max_length=10_000,
+        description="Dead tasks to queue again (default: all of the capability).",
+    )  # fmt: skip
 
 
 class KeyRequest(_Body):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+        description="What the key is for: letters, digits, '_', '.', '@', '-'.",
+    )
     scopes: list[Literal["read", "submit", "message", "admin"]] = Field(min_length=1)
-    rate: float | None = Field(default=None, gt=0, description="Requests per second.")
-    burst: int | None = Field(default=None, ge=1, description="Requests allowed at once.")
+    rate: float | None = Field(
+        default=None, gt=0, le=MAX_KEY_RATE, description="Requests per second."
+    )
+    burst: int | None = Field(
+        default=None, ge=1, le=MAX_KEY_BURST, description="Requests allowed at once."
+    )
 
 
 # --- responses (msgspec) ---------------------------------------------------------------
+
+
+def _untraced(error: ErrorInfo) -> ErrorInfo:
+    return msgspec.structs.replace(error, traceback=None) if error.traceback else error
+
+
+def public_task(info: TaskInfo) -> TaskInfo:
+    """A task as the API shows it: its errors without the handler's traceback (the
+    node's file paths and source lines are for operators: ``shoal task --traceback``)."""
+    if info.error is None and not info.errors:
+        return info
+    return msgspec.structs.replace(
+        info,
+        error=None if info.error is None else _untraced(info.error),
+        errors=tuple(_untraced(e) for e in info.errors),
+    )
+
+
+def public_page(page: TaskPage) -> TaskPage:
+    return msgspec.structs.replace(page, tasks=tuple(public_task(t) for t in page.tasks))
+
+
+def public_dead_letter(dead: DeadLetter) -> DeadLetter:
+    return msgspec.structs.replace(dead, task=public_task(dead.task))
 
 
 class TaskResult(msgspec.Struct, frozen=True):

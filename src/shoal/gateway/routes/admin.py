@@ -15,6 +15,7 @@ from shoal.gateway.state import GatewayState
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 
 
 def _state(request: Request) -> GatewayState:
@@ -38,6 +39,7 @@ async def list_keys(request: Request, caller: Admin) -> Response:
     status_code=201,
     response_class=Response,
     responses=ok("CreatedKey", "The key and its secret, shown this once.", status=201)
+    | BODY_ERRORS
     | COMMON_ERRORS,
 )
 async def create_key(body: KeyRequest, request: Request, caller: Admin) -> Response:

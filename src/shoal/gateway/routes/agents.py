@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
+from shoal.errors import UnknownAgentType
 from shoal.gateway import responses
 from shoal.gateway.auth import Message, Read
 from shoal.gateway.problems import schema_responses
@@ -29,6 +30,7 @@ router = APIRouter(tags=["agents"])
 AgentType = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="Agent type.")]
 AgentKey = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@+=-]{1,200}$", description="Agent key.")]
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 
 
 def _state(request: Request) -> GatewayState:
@@ -95,8 +97,16 @@ async def get_agent(
 async def agent_state(
     agent_type: AgentType, key: AgentKey, request: Request, caller: Read
 ) -> Response:
-    agent_id = f"{agent_type}/{key}"
-    return responses.json(AgentState(agent_id, await _state(request).client.agent_state(agent_id)))
+    """The state, or null if the agent has none; 404 for a type no node has hosted
+    (as for the agent itself: the client reads state of any type without asking)."""
+    client, agent_id = _state(request).client, f"{agent_type}/{key}"
+    known = await client.agent_types()
+    if agent_type not in known:
+        raise UnknownAgentType(
+            f"no node has hosted agent type {agent_type!r} (known types: "
+            f"{', '.join(sorted(known)) or 'none yet'})"
+        )
+    return responses.json(AgentState(agent_id, await client.agent_state(agent_id)))
 
 
 @router.post(
@@ -106,6 +116,7 @@ async def agent_state(
     response_class=Response,
     responses=ok("Delivered", "In the agent's mailbox.", status=202)
     | schema_responses(404)
+    | BODY_ERRORS
     | COMMON_ERRORS,
 )
 async def send_message(
@@ -123,7 +134,10 @@ async def send_message(
     "/v1/agents/{agent_type}/{key}/requests",
     summary="Send a request to an agent and wait for its reply",
     response_class=Response,
-    responses=ok("Reply", "The agent's reply.") | schema_responses(404, 502, 504) | COMMON_ERRORS,
+    responses=ok("Reply", "The agent's reply.")
+    | schema_responses(404, 502, 504)
+    | BODY_ERRORS
+    | COMMON_ERRORS,
 )
 async def send_request(
     agent_type: AgentType, key: AgentKey, body: RequestBody, request: Request, caller: Message
@@ -139,7 +153,9 @@ async def send_request(
     "/v1/topics/{topic}/messages",
     summary="Publish to a topic",
     response_class=Response,
-    responses=ok("Published", "How many subscribed agent types got it.") | COMMON_ERRORS,
+    responses=ok("Published", "How many subscribed agent types got it.")
+    | BODY_ERRORS
+    | COMMON_ERRORS,
 )
 async def publish(
     topic: Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Topic name.")],

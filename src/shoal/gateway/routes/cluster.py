@@ -12,13 +12,21 @@ from shoal.errors import ShoalError
 from shoal.gateway import responses
 from shoal.gateway.auth import Admin, Read
 from shoal.gateway.problems import schema_responses
-from shoal.gateway.schemas import CAPABILITY_PATTERN, Health, RedriveBody, Redriven, ok
+from shoal.gateway.schemas import (
+    CAPABILITY_PATTERN,
+    Health,
+    RedriveBody,
+    Redriven,
+    ok,
+    public_dead_letter,
+)
 from shoal.gateway.state import GatewayState
 
 router = APIRouter()
 
 Capability = Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Capability name.")]
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 READY_TIMEOUT_S = 2.0
 PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
     200: {
@@ -57,7 +65,8 @@ async def dead_letters(
     caller: Read,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Response:
-    return responses.json(await _state(request).client.dead_letters(capability, limit))
+    dead = await _state(request).client.dead_letters(capability, limit)
+    return responses.json([public_dead_letter(d) for d in dead])
 
 
 @router.post(
@@ -65,7 +74,10 @@ async def dead_letters(
     tags=["dead letters"],
     summary="Queue dead tasks again",
     response_class=Response,
-    responses=ok("Redriven", "The tasks queued again.") | schema_responses(404) | COMMON_ERRORS,
+    responses=ok("Redriven", "The tasks queued again.")
+    | schema_responses(404)
+    | BODY_ERRORS
+    | COMMON_ERRORS,
 )
 async def redrive(
     capability: Capability, body: RedriveBody, request: Request, caller: Admin

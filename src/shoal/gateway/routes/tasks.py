@@ -20,6 +20,8 @@ from shoal.gateway.schemas import (
     TaskResult,
     TaskSubmission,
     ok,
+    public_page,
+    public_task,
 )
 from shoal.gateway.state import GatewayState
 from shoal.protocol import STATUSES
@@ -34,6 +36,7 @@ Wait = Annotated[
     Query(ge=0, le=MAX_WAIT_S, description="Wait up to this many seconds for the task to end."),
 ]
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
+BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 
 
 def _state(request: Request) -> GatewayState:
@@ -46,13 +49,14 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     client = state.client
     result: Any = None
     if wait:
-        # On a failure, a cancel or the wait running out, the record says the rest.
+        # On a failure, a cancel or the end of the wait, the record says how it ended
+        # (or that it goes on).
         with contextlib.suppress(TaskFailed, TaskCancelled, ResultTimeout):
             result = await client.result(task_id, timeout=wait)
     info = await client.status(task_id)
     if info.status == "succeeded" and result is None and info.has_result:
         result = await client.result(task_id)
-    return TaskResult(info, result)
+    return TaskResult(public_task(info), result)
 
 
 @router.post(
@@ -62,6 +66,7 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     response_class=Response,
     responses=ok("Submitted", "The task is queued.", status=201)
     | schema_responses(404)
+    | BODY_ERRORS
     | COMMON_ERRORS,
 )
 async def submit_task(
@@ -110,7 +115,7 @@ async def list_tasks(
     page = await _state(request).client.list_tasks(
         capability=capability, status=status, limit=limit, cursor=cursor
     )
-    return responses.json(page)
+    return responses.json(public_page(page))
 
 
 @router.get(
