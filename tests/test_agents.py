@@ -316,6 +316,8 @@ async def test_bad_addresses_give_clear_errors(client: Client, settings: Setting
             await client.send("counter/", "hi")
         with pytest.raises(UnknownAgentType, match=r"'nosuch'.*known types: counter, relay"):
             await client.call("increment", agent="nosuch/x")
+        with pytest.raises(UnknownAgentType, match=r"'nosuch'"):
+            await client.agent_state("nosuch/x")
         with pytest.raises(UnknownAgentType, match=r"has no capability 'ask'.*increment"):
             await client.submit("ask", agent="counter/x")
         with pytest.raises(UnknownAgentType, match="handles no messages"):

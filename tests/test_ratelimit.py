@@ -133,6 +133,8 @@ async def test_a_bucket_lives_under_the_namespace_hash_tag(client: Client) -> No
         ({"rate": float("nan"), "burst": 2}, "rate must be"),
         ({"rate": 1, "burst": 0}, "burst must be"),
         ({"rate": 1, "burst": 1.5}, "burst must be"),
+        ({"rate": float("inf"), "burst": 2}, "at most 1000000"),
+        ({"rate": 1, "burst": 2**64}, r"within 1\.\.1000000"),
         ({"rate": 1, "burst": 2, "cost": 0}, "cost must be"),
     ],
 )

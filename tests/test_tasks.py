@@ -644,3 +644,20 @@ async def test_key_groups_are_fixed_per_namespace_and_work_on_one_server(
     with pytest.raises(ConfigurationError, match="has 4 hash-tag groups"):
         async with Client(settings=settings.with_(key_groups=8)):
             pass
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("delay", float("inf")), ("delay", 1e300), ("timeout", float("nan")), ("deadline", 1e12)],
+)
+async def test_absurd_times_are_refused_before_anything_is_written(
+    client: Client, option: str, value: float
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"{option} must be at most"):
+        await client.submit("echo", **{option: value})
+    assert (await client.list_tasks()).tasks == ()
+
+
+async def test_a_lone_surrogate_in_an_argument_is_a_serialization_error(client: Client) -> None:
+    with pytest.raises(SerializationError, match="argument 'text'"):
+        await client.submit("echo", text="\ud800")

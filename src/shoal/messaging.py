@@ -287,8 +287,10 @@ class AgentPlane:
     # --- state and directory -------------------------------------------------------
 
     async def state(self, agent_id: str) -> dict[str, Any] | None:
-        """The agent's last saved state (None: it has none)."""
+        """The agent's last saved state (None: it has none); UnknownAgentType for a
+        type no node ever registered, as ``agent()``."""
         parsed, _, partition = await self.mailbox(agent_id)
+        await self.type_info(parsed.type)
         client = self._client
         async with client.errors():
             raw = await client.redis.hget(client.keys.state(parsed.type, partition), str(parsed))

@@ -18,11 +18,18 @@ def _epoch_ms(value: datetime, name: str) -> int:
     return int(value.timestamp() * 1000)
 
 
+MAX_SECONDS = 10 * 365 * 24 * 3600.0  # ten years: beyond, a time is a mistake (or inf)
+
+
 def _seconds(name: str, value: float | None, *, allow_zero: bool = False) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}")
+    if not value <= MAX_SECONDS:  # also refuses NaN, which compares false
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_SECONDS:.0f} seconds (ten years), got {value!r}"
+        )
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
     return float(value)

@@ -104,15 +104,20 @@ def _describe(value: Any) -> str:
     return type(value).__module__ + "." + type(value).__qualname__
 
 
+# What encoding raises for a value that is not data; a lone surrogate in a str
+# ('\ud800') cannot be UTF-8 and raises UnicodeEncodeError.
+_NOT_DATA = (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError)
+
+
 def encode_arguments(kwargs: Mapping[str, Any]) -> bytes:
     """Encode a handler's keyword arguments, naming the culprit when one is not data."""
     try:
         return _encoder.encode(dict(kwargs))
-    except (TypeError, OverflowError, msgspec.EncodeError):
+    except _NOT_DATA:
         for name, value in kwargs.items():
             try:
                 _encoder.encode(value)
-            except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+            except _NOT_DATA as exc:
                 raise SerializationError(
                     f"argument {name!r} has type {_describe(value)}, which cannot be sent "
                     f"({exc}); task arguments must be msgpack data: None, bool, int, float, "

@@ -21,7 +21,6 @@ LLM token budget later — so it takes any bucket name, key, rate and size:
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -44,19 +43,26 @@ class RateDecision(msgspec.Struct, frozen=True):
     retry_after: float  # seconds until `cost` tokens are there (0 when allowed)
 
 
+MAX_RATE = 1_000_000.0  # tokens per second; beyond, a limit limits nothing
+MAX_BURST = 1_000_000
+
+
 def validate_rate(rate: Any) -> float:
-    """A refill rate: a finite number of tokens per second, above 0."""
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < math.inf:
+    """A refill rate: a number of tokens per second, above 0 and at most MAX_RATE."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
         raise ConfigurationError(
-            f"rate must be a number of tokens per second above 0, got {rate!r}"
+            f"rate must be a number of tokens per second above 0 and at most {MAX_RATE:.0f}, "
+            f"got {rate!r}"
         )
     return float(rate)
 
 
 def validate_burst(burst: Any) -> int:
-    """A bucket size: a whole number of tokens, at least 1."""
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        raise ConfigurationError(f"burst must be a whole number of tokens >= 1, got {burst!r}")
+    """A bucket size: a whole number of tokens, 1 to MAX_BURST."""
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_BURST:
+        raise ConfigurationError(
+            f"burst must be a whole number of tokens within 1..{MAX_BURST}, got {burst!r}"
+        )
     return burst
 
 
