@@ -44,7 +44,7 @@ ROUTES = {
     ("POST", "/v1/agents/{agent_type}/{key}/requests"), ("POST", "/v1/topics/{topic}/messages"),
     ("GET", "/v1/cluster"), ("GET", "/v1/dead-letters/{capability}"),
     ("POST", "/v1/dead-letters/{capability}/redrive"), ("GET", "/v1/keys"), ("POST", "/v1/keys"),
-    ("DELETE", "/v1/keys/{key}"), ("GET", "/healthz"), ("GET", "/readyz"),
+    ("DELETE", "/v1/keys/{key}"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
 }  # fmt: skip
 
 

@@ -99,6 +99,7 @@ MATRIX: dict[tuple[str, str], tuple[str, Callable[[World], Awaitable[Call]]]] = 
         "message", fixed("POST", "/v1/topics/findings/messages", json={"message": 1, "source": "a"})
     ),
     ("GET", "/v1/cluster"): ("read", fixed("GET", "/v1/cluster")),
+    ("GET", "/metrics"): ("read", fixed("GET", "/metrics")),
     ("GET", "/v1/dead-letters/{capability}"): ("read", fixed("GET", "/v1/dead-letters/echo")),
     ("POST", "/v1/dead-letters/{capability}/redrive"): (
         "admin", fixed("POST", "/v1/dead-letters/echo/redrive", json={})

@@ -35,6 +35,17 @@ Wait = Annotated[
     float | None,
     Query(ge=0, le=MAX_WAIT_S, description="Wait up to this many seconds for the task to end."),
 ]
+# One SSE event as a client parses it; ``data`` is an Event as JSON (or, for an
+# ``error`` event, an ErrorBody's type and message).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "description": "Resume after this event (Last-Event-ID)."},
+        "event": {"type": "string", "description": "The event's kind, or 'error'."},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["data"],
+}
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 
@@ -151,7 +162,7 @@ async def cancel_task(task_id: TaskId, request: Request, caller: Submit) -> Resp
         200: {
             "description": "The task's events as SSE; `id` resumes after the event, the "
             "data is an Event; the stream ends after the 'done' event.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         }
     }
     | schema_responses(404)
