@@ -710,7 +710,7 @@ class AgentHost:
             spec = cls.message_handler()
         ctx = self._context(act, message, token)
         commit.reply, commit.correlation = message.reply, message.correlation
-        watch = TurnWatch(message.kind, self.node.node_id, ctx)  # span, log context
+        watch = TurnWatch(message.kind, self.node.node_id, ctx)  # its span, if tracing is on
         try:
             if spec is None:
                 what = f"topic {message.topic!r}" if message.kind == "pub" else "messages"

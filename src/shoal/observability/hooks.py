@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from shoal import protocol
 from shoal.observability import logs, metrics, tracing
 
 if TYPE_CHECKING:
     from shoal.agent import TaskContext
     from shoal.execution import Job, Outcome
+
+_TASK_STATS = metrics.TASKS  # read directly on the hot path: a call less per attempt
 
 
 class AttemptWatch:
@@ -30,12 +31,13 @@ class AttemptWatch:
     __slots__ = ("_span", "_start", "_stats")
 
     def __init__(self, job: Job, node_id: str, ctx: TaskContext) -> None:
-        stats = self._stats = metrics.task_stats(job.capability)
+        stats = self._stats = _TASK_STATS.get(job.capability) or metrics.task_stats(job.capability)
         stats.started += 1
         # a stream entry id starts with the engine's time (ms) at XADD: when it was queued
-        now_ms = protocol.now_ms()
-        queued_ms = int(job.entry_id.partition("-")[0] or now_ms)
-        stats.wait.observe(max(0.0, (now_ms - queued_ms) / 1000))  # <0: clocks differ
+        now = time.time()
+        queued_ms = int(job.entry_id.partition("-")[0] or now * 1000)
+        waited = now - queued_ms / 1000
+        stats.wait.observe(waited if waited > 0 else 0.0)  # < 0: the clocks differ a little
         self._span: tracing.WorkSpan | None = None
         if tracing.ENABLED:
             self._span = tracing.start_attempt(

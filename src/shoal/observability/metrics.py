@@ -113,13 +113,13 @@ class TaskStats:
         self.wait = Buckets()
 
 
-_TASKS: dict[str, TaskStats] = {}
+TASKS: dict[str, TaskStats] = {}  # by capability (the attempt hook reads it directly)
 
 
 def task_stats(capability: str) -> TaskStats:
-    stats = _TASKS.get(capability)
+    stats = TASKS.get(capability)
     if stats is None:
-        stats = _TASKS[capability] = TaskStats()
+        stats = TASKS[capability] = TaskStats()
     return stats
 
 
@@ -131,7 +131,7 @@ class _TaskCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         started, finished, run, wait = families = self._families()
-        for capability, stats in sorted(_TASKS.copy().items()):
+        for capability, stats in sorted(TASKS.copy().items()):
             started.add_metric([capability], stats.started)
             for outcome, count in stats.outcomes.copy().items():
                 finished.add_metric([capability, outcome], count)

@@ -132,7 +132,7 @@ def _make_provider(service_name: str, exporters: list[str]) -> Any:
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(_exporter(exporter)))
-    if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":  # nobody set one
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):  # nobody set one
         trace.set_tracer_provider(provider)  # so the application's own spans go there too
     return provider
 
@@ -164,7 +164,8 @@ def flush(timeout_s: float = 5.0) -> None:
 
 def reset() -> None:
     """Turn tracing off again (for tests). A provider Shoal created is shut down; an
-    application's own is left alone."""
+    application's own is left alone (so is OpenTelemetry's global provider, which a
+    process sets once)."""
     global ENABLED, _state
     state, _state, ENABLED = _state, None, False
     if state is not None and state.owned:
