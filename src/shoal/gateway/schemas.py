@@ -17,7 +17,9 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from shoal.apikeys import ApiKey, CreatedKey
 from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
+from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE
 from shoal.gateway.problems import ErrorResponse
+from shoal.options import MAX_SECONDS
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
 from shoal.tasklist import TaskPage
 
@@ -25,9 +27,8 @@ CAPABILITY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
 AGENT_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}/[A-Za-z0-9_.:@+=-]{1,200}$"
 TASK_ID_PATTERN = r"^[0-9a-f]{28}$"
 MAX_WAIT_S = 300.0
-MAX_SECONDS = 10 * 365 * 24 * 3600.0  # delays, deadlines and time limits: ten years at most
-MAX_KEY_RATE = 1_000_000.0  # requests/s and burst of one API key: beyond any real need
-MAX_KEY_BURST = 1_000_000
+MAX_KEY_RATE = MAX_RATE  # requests/s and burst of one API key: the rate limiter's bounds
+MAX_KEY_BURST = MAX_BURST
 
 
 def _unicode_only(value: Any) -> Any:
