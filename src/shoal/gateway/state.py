@@ -4,6 +4,7 @@ gateways stay stateless and any number can run behind a load balancer."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -49,9 +50,10 @@ class GatewayConfig:
         if self.key_burst < 1:
             raise ConfigurationError(f"key_burst must be >= 1, got {self.key_burst}")
 
-    @property
+    @functools.cached_property
     def keys_required(self) -> bool:
-        """Off loopback, every request needs a key (unless started ``--insecure``)."""
+        """Off loopback, every request needs a key (unless started ``--insecure``).
+        Cached: it is asked on every request, and parsing the address is not free."""
         return not is_loopback(self.host) and not self.insecure
 
 
