@@ -72,7 +72,9 @@ NOTE = (
     "2 cores: the load process, the gateway, the node and the engine compete for them, "
     "so a gateway path also pays for the HTTP load generator's CPU (httpx: a Python "
     "client, not free) and the direct path for the Python client in the load process. "
-    "The ratios are what one machine shows, not what a gateway costs on its own cores."
+    "The ratios are what one machine shows, not what a gateway costs on its own cores. "
+    "cpu_pct.others is what the rest of the machine used meanwhile (other processes, "
+    "and kernel work no process is charged for); 100 is a whole core."
 )
 
 
@@ -536,29 +538,43 @@ def run_once(
             for path in args.paths:
                 phase = Phase(path, concurrency, args.seconds, args.warmup, engine, namespace,
                               base_url, pids)  # fmt: skip
-                phases.append({"loader": "httpx"} | pool.submit(run_phase, phase).result())
+                loader = "shoal.Client" if path == "direct" else "httpx"
+                phases.append({"loader": loader} | pool.submit(run_phase, phase).result())
                 if path == "http-wait" and args.loader == "wrk":
                     phases.append(run_wrk(phase))
     return {"load_avg_1m_before": round(load_avg, 2), "phases": phases, "ratios": ratios(phases)}
 
 
+OURS = ("gateway", "node", "engine", "load")
+
+
 def ratios(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each HTTP phase against the direct phase of the same concurrency."""
+    """Each HTTP phase against the direct phase of the same concurrency: throughput
+    and latency, and — less sensitive to what else runs on the machine — CPU per
+    task: all of ours (load process, gateway, node, engine), and the gateway's
+    against the Python client's own (the load process of the direct path)."""
     direct = {p["concurrency"]: p for p in phases if p["path"] == "direct"}
     out = []
     for phase in phases:
         base = direct.get(phase["concurrency"])
         if phase["path"] == "direct" or base is None or not base["tasks"] or not phase["tasks"]:
             continue
+        cpu, base_cpu = phase["cpu_us_per_task"], base["cpu_us_per_task"]
         out.append({
             "path": phase["path"], "loader": phase["loader"], "concurrency": phase["concurrency"],
             "throughput_ratio": round(phase["tasks_per_s"] / base["tasks_per_s"], 3),
             "p50_ratio": round(phase["p50_ms"] / base["p50_ms"], 2),
             "p99_ratio": round(phase["p99_ms"] / base["p99_ms"], 2),
+            "cpu_per_task_ratio": round(_ours(cpu) / _ours(base_cpu), 2),
+            "gateway_vs_client_cpu": round(cpu["gateway"] / base_cpu["load"], 2),
             "gateway_cpu_pct": phase["cpu_pct"]["gateway"],
-            "gateway_cpu_us_per_task": phase["cpu_us_per_task"]["gateway"],
+            "gateway_cpu_us_per_task": cpu["gateway"],
         })  # fmt: skip
     return out
+
+
+def _ours(cpu_us_per_task: dict[str, float]) -> float:
+    return sum(cpu_us_per_task.get(k, 0.0) for k in OURS)
 
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -590,15 +606,58 @@ _SUMMARIZED: dict[str, Callable[[dict[str, Any]], Any]] = {
     "p99_ms": lambda p: p["p99_ms"],
     "throughput_ratio": lambda p: p.get("throughput_ratio"),
     "p50_ratio": lambda p: p.get("p50_ratio"),
+    "cpu_per_task_ratio": lambda p: p.get("cpu_per_task_ratio"),
+    "gateway_vs_client_cpu": lambda p: p.get("gateway_vs_client_cpu"),
     "gateway_cpu_pct": lambda p: p["cpu_pct"].get("gateway"),
     "gateway_cpu_us_per_task": lambda p: p["cpu_us_per_task"].get("gateway"),
     "node_cpu_pct": lambda p: p["cpu_pct"].get("node"),
+    "node_us": lambda p: p["cpu_us_per_task"].get("node"),
+    "engine_us": lambda p: p["cpu_us_per_task"].get("engine"),
     "engine_cpu_pct": lambda p: p["cpu_pct"].get("engine"),
     "load_cpu_pct": lambda p: p["cpu_pct"].get("load"),
+    "load_cpu_us_per_task": lambda p: p["cpu_us_per_task"].get("load"),
+    "cpu_us_per_task_ours": lambda p: _ours(p["cpu_us_per_task"]),
     "others_cpu_pct": lambda p: p["cpu_pct"].get("others"),
     "machine_busy_pct": lambda p: p["cpu_pct"].get("machine_busy"),
     "engine_commands_per_task": lambda p: p.get("engine", {}).get("commands_per_task"),
 }
+
+
+RATIO_FORMATS = (("throughput_ratio", ".2f"), ("p50_ratio", ".1f"), ("cpu_per_task_ratio", ".1f"),
+                 ("gateway_vs_client_cpu", ".1f"))  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md from a saved run (``--table FILE``)."""
+    rows = sorted(result["summary"], key=lambda r: (r["concurrency"], PATHS.index(r["path"])))
+    speed = [
+        "| path | loader | callers | tasks/s (range) | p50 ms | p90 ms | p99 ms "
+        "| tasks/s vs direct | p50 vs direct |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cpu = [
+        "| path | loader | callers | gateway CPU % | CPU µs/task: gateway / load process / "
+        "node / engine | CPU/task vs direct | gateway vs client CPU | others CPU % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        low, high = r["tasks_per_s_range"]
+        ratio = ["-"] * 4
+        if "throughput_ratio" in r:
+            ratio = [f"{r[k]:{f}}x" for k, f in RATIO_FORMATS]
+        head = f"| {r['path']} | {r['loader']} | {r['concurrency']} "
+        speed.append(
+            head + f"| {r['tasks_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) | {r['p50_ms']:.2f} "
+            f"| {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {ratio[0]} | {ratio[1]} |"
+        )
+        per_task = " / ".join(
+            f"{r.get(k, 0):,.0f}" for k in ("gateway_cpu_us_per_task", "load_cpu_us_per_task")
+        )
+        cpu.append(
+            head + f"| {r['gateway_cpu_pct']:.0f} | {per_task} / {r['node_us']:,.0f} / "
+            f"{r['engine_us']:,.0f} | {ratio[2]} | {ratio[3]} | {r['others_cpu_pct']:.0f} |"
+        )
+    return "\n".join(speed) + "\n\n" + "\n".join(cpu) + "\n"
 
 
 def parse_args() -> argparse.Namespace:
@@ -618,6 +677,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save", nargs="?", const=f"gateway-{time.strftime('%Y-%m-%d')}",
                         metavar="NAME", help="also write bench/results/NAME.json "
                         "(default NAME: gateway-<date>)")  # fmt: skip
+    parser.add_argument("--table", type=Path, metavar="JSON",
+                        help="print the Markdown tables of a saved run and exit")  # fmt: skip
     args = parser.parse_args()
     if args.loader == "wrk" and shutil.which("wrk") is None:
         parser.error("--loader wrk: no wrk on PATH (apt-get install -y wrk)")
@@ -626,6 +687,21 @@ def parse_args() -> argparse.Namespace:
     if min(args.concurrency) < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--concurrency must be >= 1, --seconds > 0, --warmup >= 0")
     return args
+
+
+def _versions() -> dict[str, str]:
+    """The HTTP stack measured (and wrk's, when used)."""
+    from importlib.metadata import version
+
+    found = {name: version(name) for name in VERSIONED}
+    if shutil.which("wrk"):
+        done = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+        found["wrk"] = (done.stdout + done.stderr).split(" [", 1)[0].removeprefix("wrk ")
+    return found
+
+
+VERSIONED = ("fastapi", "starlette", "pydantic", "uvicorn", "uvloop", "httptools", "redis",
+             "msgspec", "httpx")  # fmt: skip
 
 
 def _setup(args: argparse.Namespace) -> dict[str, Any]:
@@ -638,12 +714,16 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
         "gateway": "one `shoal gateway` process (uvicorn; uvloop and httptools when "
         "installed), loopback, no API keys, --key-rate 0, --no-dashboard, log warning",
         "gateway_under_profiler": bool(args.profile_out),
+        "versions": _versions(),
         "note": NOTE,
     }
 
 
 def main() -> None:
     args = parse_args()
+    if args.table:
+        sys.stdout.write(markdown(json.loads(args.table.read_text())))
+        return
     runs = []
     with (
         private_topology("standalone") as engine,
