@@ -3,6 +3,7 @@ the same run on the same engine and node.
 
     python -m bench.gateway [--seconds 10] [--concurrency 1 64] [--repeat K] [--save [NAME]]
     python -m bench.gateway --loader wrk            # the one-request path also through wrk
+    python -m bench.gateway --table bench/results/gateway-<date>.json   # docs' tables
     python -m bench.gateway --paths http-wait --concurrency 64 \\
         --profile-out bench/results/gateway-profile.txt    # the gateway under pyinstrument
 
