@@ -13,6 +13,7 @@ started with ``--insecure``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -51,13 +52,22 @@ class Caller:
 
 
 async def keys_enforced(state: GatewayState) -> bool:
+    """Whether requests need a key. On loopback that is "does any key exist?",
+    remembered for ANY_KEYS_TTL_S; when it is stale, the requests of that moment
+    share one look at the engine (one in-flight check, not one per request)."""
     if state.config.keys_required:
         return True
-    now = time.monotonic()
-    if now - state.any_keys_checked > ANY_KEYS_TTL_S:
-        state.any_keys = await state.keystore.any_keys()
-        state.any_keys_checked = now
+    if time.monotonic() - state.any_keys_checked > ANY_KEYS_TTL_S:
+        if state.any_keys_check is None or state.any_keys_check.done():
+            state.any_keys_check = asyncio.ensure_future(_look_for_keys(state))
+        await asyncio.shield(state.any_keys_check)
     return state.any_keys
+
+
+async def _look_for_keys(state: GatewayState) -> None:
+    """Stamped after the answer: while the first look runs, nobody passes unchecked."""
+    state.any_keys = await state.keystore.any_keys()
+    state.any_keys_checked = time.monotonic()
 
 
 def _presented(

@@ -4,6 +4,7 @@ gateways stay stateless and any number can run behind a load balancer."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 from dataclasses import dataclass, field
@@ -66,3 +67,4 @@ class GatewayState:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     any_keys: bool = False
     any_keys_checked: float = float("-inf")
+    any_keys_check: asyncio.Future[None] | None = None  # the look at the engine under way
