@@ -43,7 +43,8 @@ async def shoal(
     "command",
     [[], ["node"], ["submit"], ["task"], ["dlq"], ["dlq", "list"], ["dlq", "redrive"],
      ["engine"], ["engine", "start"], ["engine", "stop"], ["engine", "status"],
-     ["agents"], ["agent"], ["send"], ["request"]],
+     ["agents"], ["agent"], ["send"], ["request"], ["gateway"], ["keys"], ["keys", "create"],
+     ["keys", "list"], ["keys", "revoke"]],
 )  # fmt: skip
 async def test_every_command_has_help(command: list[str]) -> None:
     code, out, _ = await shoal(None, *command, "--help")

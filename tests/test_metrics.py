@@ -25,6 +25,7 @@ from shoal.recovery import Reaper
 from tests.agents import Toolbox
 from tests.conftest import eventually, node_process, running_node, wait_for_status
 from tests.stateful import Counter
+from tests.test_cli import shoal
 
 
 def sample(name: str, **labels: str) -> float:
@@ -168,6 +169,8 @@ async def test_a_node_serves_metrics_on_the_port_it_publishes(
         handles = await client.submit_many("echo", [{"value": i} for i in range(3)])
         assert await asyncio.gather(*(h.result(timeout=10) for h in handles)) == [0, 1, 2]
         scraped = await scrape(port)
+        code, table, _ = await shoal(settings, "status")
+        assert code == 0 and f":{port}" in table, "shoal status shows where it serves"
     succeeded = (("capability", "echo"), ("outcome", "succeeded"))
     assert scraped["shoal_tasks_finished_total", succeeded] == 3
     assert scraped["shoal_task_run_seconds_count", (("capability", "echo"),)] == 3

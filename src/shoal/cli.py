@@ -416,8 +416,8 @@ def _print_nodes(state: ClusterState) -> None:
         out.print("no nodes (start one with: shoal node --app your.module)")
         return
     table = Table("node", "state", "host/pid", "zone", "in flight", "free", "cpu %", "rss MB",
-                  "done", "partitions", "active agents", "heartbeat", "capabilities",
-                  title="nodes")  # fmt: skip
+                  "done", "partitions", "active agents", "heartbeat", "metrics",
+                  "capabilities", title="nodes")  # fmt: skip
     colors = {"alive": "green", "suspect": "yellow", "dead": "red"}
     for n in state.nodes:
         note = f" [red]{n.stalled}[/red]" if n.stalled else ""
@@ -425,7 +425,8 @@ def _print_nodes(state: ClusterState) -> None:
             n.id, f"[{colors[n.state]}]{n.state}[/]", f"{n.host}/{n.pid}", n.zone or "-",
             str(n.in_flight), str(n.free), f"{n.cpu_percent:.0f}", f"{n.rss_bytes / 2**20:.0f}",
             str(n.completed), str(n.partitions), str(n.active_agents),
-            f"{n.heartbeat_age_s:.1f}s ago", ",".join(n.capabilities) + note,
+            f"{n.heartbeat_age_s:.1f}s ago", f":{n.metrics_port}" if n.metrics_port else "-",
+            ",".join(n.capabilities) + note,
         )  # fmt: skip
     out.print(table)
 
