@@ -31,9 +31,9 @@ async def serving(settings: Settings, config: GatewayConfig | None = None) -> As
     """A gateway on a free loopback port of this process; yields its base URL."""
     config = config or GatewayConfig(port=0)
     app = create_app(settings, config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=0, log_level="warning", lifespan="on")
-    )
+    # Long-polls a test left open are cut at shutdown, as `shoal gateway` does.
+    options = {"log_level": "warning", "lifespan": "on", "timeout_graceful_shutdown": 2}
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=0, **options))
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(10):
         while not server.started:  # uvicorn has no started event: look again

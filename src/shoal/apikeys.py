@@ -39,6 +39,10 @@ _TOKEN_RE = re.compile(r"shoal_(?P<id>[0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 _ID_ATTEMPTS = 5  # fresh ids tried if one is taken (48 random bits: practically never)
 
 
+# Set in the namespace's config hash when the first key is created; never cleared.
+KEYS_REQUIRED_FIELD = "api_keys_required"
+
+
 class ApiKey(msgspec.Struct, frozen=True):
     """An API key as the gateway sees it: never its secret, nor the secret's hash."""
 
@@ -140,11 +144,11 @@ class KeyStore:
     async def _store_new(self, record: _Record) -> bool:
         """Store a record under an id nobody holds (HSETNX): False if it is taken."""
         async with self._client.errors():
-            return bool(
-                await self._client.redis.hsetnx(
-                    self._hash, record.key.id, msgspec.msgpack.encode(record)
-                )
-            )
+            pipe = self._client.redis.pipeline(transaction=True)  # one slot: the control tag
+            pipe.hsetnx(self._hash, record.key.id, msgspec.msgpack.encode(record))
+            pipe.hset(self._client.keys.config, KEYS_REQUIRED_FIELD, "1")
+            stored, _ = await pipe.execute()
+            return bool(stored)
 
     async def list(self) -> list[ApiKey]:
         """Every key, oldest first (without secrets or hashes)."""
@@ -188,6 +192,17 @@ class KeyStore:
         """Whether any key exists (e.g. whether a gateway can accept keys at all)."""
         async with self._client.errors():
             return bool(await self._client.redis.hlen(self._hash))
+
+    async def required(self) -> bool:
+        """Whether gateways must ask for keys: once a namespace has had an API key, it
+        does for good — revoking the last key (say, while rotating) must not open the
+        gateways to anyone in the meantime. Fails closed."""
+        async with self._client.errors():
+            pipe = self._client.redis.pipeline(transaction=False)
+            pipe.hget(self._client.keys.config, KEYS_REQUIRED_FIELD)
+            pipe.hlen(self._hash)
+            marker, count = await pipe.execute()
+        return bool(marker) or bool(count)
 
 
 def _resolve(key: str, records: dict[str, ApiKey]) -> ApiKey:

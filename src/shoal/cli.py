@@ -224,6 +224,12 @@ def gateway(
         float, typer.Option(help="Requests/s per API key unless the key sets its own.", min=0)
     ] = 100.0,
     key_burst: Annotated[int, typer.Option(help="Burst per API key (default).", min=1)] = 200,
+    max_waits: Annotated[
+        int, typer.Option(help="Event streams, ?wait= polls and requests held at once.", min=1)
+    ] = 500,
+    max_waits_per_key: Annotated[
+        int, typer.Option(help="The same, per API key (or for all callers when open).", min=1)
+    ] = 50,
     no_dashboard: Annotated[bool, typer.Option(help="Do not serve the dashboard at /.")] = False,
     log_level: Annotated[
         str | None,
@@ -249,6 +255,7 @@ def gateway(
     config = GatewayConfig(
         host=host, port=port, insecure=insecure, max_body=max_body,
         key_rate=key_rate or None, key_burst=key_burst, dashboard=not no_dashboard,
+        max_waits=max_waits, max_waits_per_key=max_waits_per_key,
     )  # fmt: skip
     run_gateway(_settings(redis, namespace, data_dir), config)
 

@@ -44,14 +44,19 @@ class RateDecision(msgspec.Struct, frozen=True):
 
 
 MAX_RATE = 1_000_000.0  # tokens per second; beyond, a limit limits nothing
+MIN_RATE = 0.001  # one token in ~17 minutes; slower rates overflow the bucket's expiry
 MAX_BURST = 1_000_000
 
 
 def validate_rate(rate: Any) -> float:
-    """A refill rate: a number of tokens per second, above 0 and at most MAX_RATE."""
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= MAX_RATE:
+    """A refill rate: a number of tokens per second within MIN_RATE..MAX_RATE."""
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not MIN_RATE <= rate <= MAX_RATE
+    ):
         raise ConfigurationError(
-            f"rate must be a number of tokens per second above 0 and at most {MAX_RATE:.0f}, "
+            f"rate must be a number of tokens per second within {MIN_RATE}..{MAX_RATE:.0f}, "
             f"got {rate!r}"
         )
     return float(rate)

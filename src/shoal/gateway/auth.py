@@ -24,7 +24,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from shoal.apikeys import SCOPES, ApiKey
 from shoal.gateway.problems import ApiError
-from shoal.gateway.state import GatewayState
+from shoal.gateway.state import GatewayState, is_loopback
 
 ANY_KEYS_TTL_S = 1.0  # how long "are there keys at all?" is remembered (open mode only)
 ANONYMOUS = "anonymous"
@@ -66,7 +66,7 @@ async def keys_enforced(state: GatewayState) -> bool:
 
 async def _look_for_keys(state: GatewayState) -> None:
     """Stamped after the answer: while the first look runs, nobody passes unchecked."""
-    state.any_keys = await state.keystore.any_keys()
+    state.any_keys = await state.keystore.required()
     state.any_keys_checked = time.monotonic()
 
 
@@ -78,8 +78,35 @@ def _presented(
     return header_key
 
 
-async def _authenticate(state: GatewayState, presented: str | None) -> Caller:
+def _loopback_name(authority: str) -> bool:
+    """Whether a Host header (or an Origin's host) names this machine's loopback."""
+    host = authority.rsplit("@", 1)[-1]
+    if host.startswith("["):  # [::1]:8000
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.lower() == "localhost" or is_loopback(host)
+
+
+def _check_open_request(request: Request) -> None:
+    """An open gateway (no keys) answers only requests addressed to loopback: a web
+    page the user visits can point its own domain at 127.0.0.1 (DNS rebinding) and
+    would otherwise drive the cluster from the user's browser."""
+    host = request.headers.get("host", "")
+    origin = request.headers.get("origin")
+    origin_host = origin.split("://", 1)[-1] if origin and origin != "null" else None
+    if not _loopback_name(host) or (origin_host is not None and not _loopback_name(origin_host)):
+        raise ApiError(
+            403, "Forbidden",
+            "this gateway has no API keys, so it only answers requests addressed to "
+            f"localhost (Host {host!r}); {HOW_TO_CREATE}",
+        )  # fmt: skip
+
+
+async def _authenticate(request: Request, state: GatewayState, presented: str | None) -> Caller:
     if not await keys_enforced(state):
+        if not state.config.insecure:
+            _check_open_request(request)
         return Caller(None)
     if not presented:
         raise ApiError(
@@ -100,10 +127,15 @@ async def _rate_limit(state: GatewayState, caller: Caller) -> None:
     if key is None:
         return
     rate = key.rate if key.rate is not None else state.config.key_rate
-    burst = key.burst if key.burst is not None else state.config.key_burst
     if rate is None:
         return
-    decision = await state.bucket.take(key.id, rate=rate, burst=burst or max(1, int(rate)))
+    if key.burst is not None:
+        burst = key.burst
+    elif key.rate is not None:  # a key with a rate of its own: a second's worth at once
+        burst = max(1, math.ceil(key.rate))
+    else:
+        burst = state.config.key_burst
+    decision = await state.bucket.take(key.id, rate=rate, burst=burst)
     if not decision.allowed:
         state.metrics.rate_limited(key.id)
         wait = max(1, math.ceil(decision.retry_after))
@@ -126,7 +158,7 @@ def require(scope: str) -> Callable[..., Awaitable[Caller]]:
         header_key: Annotated[str | None, Depends(api_key_header)],
     ) -> Caller:
         state: GatewayState = request.app.state.gateway
-        caller = await _authenticate(state, _presented(credentials, header_key))
+        caller = await _authenticate(request, state, _presented(credentials, header_key))
         if not caller.has(scope):
             assert caller.key is not None
             raise ApiError(

@@ -139,10 +139,12 @@ def schema_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "No such task, agent type, key or dead letter.",
         413: "The request body is larger than the gateway accepts.",
         422: "A field is invalid; the message names it.",
-        429: "The API key's rate limit is reached; see Retry-After.",
+        429: "The API key's rate limit, or its share of waiting requests, is reached; "
+        "see Retry-After.",
         500: "The gateway failed; the error id is in its log.",
         502: "The agent failed the request.",
-        503: "The engine is unavailable, or the queue is full; see Retry-After.",
+        503: "The engine is unavailable, the queue is full, or the gateway holds all the "
+        "waiting requests it may; see Retry-After.",
         504: "The agent did not answer in time.",
     }
     ref = {"$ref": "#/components/schemas/ErrorResponse"}

@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
+from shoal.agent import TASK_OPTIONS
 from shoal.apikeys import ApiKey, CreatedKey
 from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
-from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE
+from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE
 from shoal.gateway.problems import ErrorResponse
 from shoal.options import MAX_SECONDS
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
@@ -52,6 +53,19 @@ def _unicode_only(value: Any) -> Any:
     return value
 
 
+def _no_options(args: dict[str, Any]) -> dict[str, Any]:
+    """Handlers cannot take parameters named like task options (shoal.agent refuses
+    them), so such an argument is a mistake: say where the option goes. Names with a
+    leading '_' are the client's internal ones, not arguments either."""
+    clashing = sorted(name for name in args if name in TASK_OPTIONS or name.startswith("_"))
+    if clashing:
+        raise ValueError(
+            f"{', '.join(clashing)}: not handler arguments — task options go at the top level "
+            "of the body, and names starting with '_' are reserved"
+        )
+    return args
+
+
 Text = Annotated[str, AfterValidator(_unicode_only)]
 JsonValue = Annotated[Any, AfterValidator(_unicode_only)]
 
@@ -65,8 +79,12 @@ class TaskSubmission(_Body):
     ``agent`` for one agent (its tasks and messages run one at a time, in order)."""
 
     capability: str = Field(pattern=CAPABILITY_PATTERN, description="Capability to run.")
-    args: Annotated[dict[str, Any], AfterValidator(_unicode_only)] = Field(
-        default_factory=dict, description="The handler's keyword arguments (JSON values)."
+    args: Annotated[dict[str, Any], AfterValidator(_unicode_only), AfterValidator(_no_options)] = (
+        Field(
+            default_factory=dict,
+            description="The handler's keyword arguments (JSON values); none may be named "
+            "like a task option (those go at the top level of the body).",
+        )
     )
     agent: str | None = Field(
         default=None, pattern=AGENT_ID_PATTERN, description="Address one agent, 'type/key'."
@@ -87,8 +105,9 @@ class TaskSubmission(_Body):
     )  # fmt: skip
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     idempotency_key: Text | None = Field(
-        default=None, min_length=1, max_length=256,
-        description="Submitting again with the same key returns the first task.",
+        default=None, min_length=1, max_length=240,
+        description="Submitting again with the same key (and the same API key) returns "
+        "the first task.",
     )  # fmt: skip
 
 
@@ -123,7 +142,7 @@ class KeyRequest(_Body):
     )
     scopes: list[Literal["read", "submit", "message", "admin"]] = Field(min_length=1)
     rate: float | None = Field(
-        default=None, gt=0, le=MAX_KEY_RATE, description="Requests per second."
+        default=None, ge=MIN_RATE, le=MAX_KEY_RATE, description="Requests per second."
     )
     burst: int | None = Field(
         default=None, ge=1, le=MAX_KEY_BURST, description="Requests allowed at once."

@@ -15,6 +15,7 @@ from shoal.gateway.state import GatewayConfig
 from shoal.settings import Settings
 
 log = logging.getLogger("shoal.gateway")
+SHUTDOWN_GRACE_S = 10  # seconds
 
 
 async def check_bind(settings: Settings, config: GatewayConfig) -> None:
@@ -38,7 +39,8 @@ async def check_bind(settings: Settings, config: GatewayConfig) -> None:
 
 
 def run_gateway(settings: Settings, config: GatewayConfig) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn finishes the requests in flight first).
+    """Serve until SIGINT/SIGTERM: uvicorn finishes the requests in flight first, for
+    up to SHUTDOWN_GRACE_S (then open streams and long-polls are cut).
     Logging is the caller's (``configure_logging``): uvicorn's own config is off, so
     its lines go through the same handler, as JSON or text."""
     asyncio.run(check_bind(settings, config))
@@ -46,4 +48,7 @@ def run_gateway(settings: Settings, config: GatewayConfig) -> None:
     uvicorn.run(
         app, host=config.host, port=config.port, log_config=None, access_log=False,
         proxy_headers=False, server_header=False,
+        # Event streams and long-polls may last minutes: past this, they are cut and
+        # their clients reconnect elsewhere (SSE resumes from Last-Event-ID).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )  # fmt: skip

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 
-from shoal.errors import ShoalError
+from shoal.errors import EngineError, ShoalError
 from shoal.protocol import Event
 
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
@@ -48,17 +48,23 @@ async def _pump(events: AsyncIterator[Event], queue: asyncio.Queue[Any]) -> None
     except ShoalError as exc:
         await queue.put(exc)
         return
+    except Exception as exc:  # not ours to expect: logged, and the stream ends
+        log.exception("event stream of a task failed")
+        await queue.put(EngineError(f"the event stream failed ({type(exc).__name__})"))
+        return
     await queue.put(_END)
 
 
-async def stream(client: Any, task_id: str, after: str | None) -> AsyncIterator[bytes]:
+async def stream(
+    client: Any, task_id: str, after: str | None, on_end: Callable[[], None] | None = None
+) -> AsyncIterator[bytes]:
     """The SSE body: events after ``after``, keep-alive comments while idle, and an
     ``error`` event (then the end) if the engine fails mid-stream — the client
-    reconnects with Last-Event-ID and loses nothing."""
-    yield b"retry: %d\n\n" % RECONNECT_MS
+    reconnects with Last-Event-ID and loses nothing. ``on_end`` runs when it ends."""
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1000)
     pump = asyncio.create_task(_pump(client.events(task_id, after), queue))
     try:
+        yield b"retry: %d\n\n" % RECONNECT_MS
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
@@ -73,6 +79,8 @@ async def stream(client: Any, task_id: str, after: str | None) -> AsyncIterator[
                 return
             yield format_event(item)
     finally:
+        if on_end is not None:
+            on_end()
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pump

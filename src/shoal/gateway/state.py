@@ -14,6 +14,7 @@ from shoal.client import Client
 from shoal.coordination.ratelimit import TokenBucket
 from shoal.errors import ConfigurationError
 from shoal.gateway.telemetry import GatewayMetrics
+from shoal.gateway.waits import DEFAULT_MAX_WAITS, DEFAULT_MAX_WAITS_PER_KEY, WaitLimits
 
 DEFAULT_MAX_BODY = 1024 * 1024  # 1 MiB: task arguments are data, not file uploads
 DEFAULT_KEY_RATE = 100.0  # requests per second per key, unless the key says otherwise
@@ -40,6 +41,8 @@ class GatewayConfig:
     key_rate: float | None = DEFAULT_KEY_RATE  # None: keys without a rate are unlimited
     key_burst: int = DEFAULT_KEY_BURST
     dashboard: bool = True
+    max_waits: int = DEFAULT_MAX_WAITS  # streams, long-polls and requests held at once
+    max_waits_per_key: int = DEFAULT_MAX_WAITS_PER_KEY
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,6 +53,11 @@ class GatewayConfig:
             raise ConfigurationError(f"key_rate must be > 0 requests/s, got {self.key_rate}")
         if self.key_burst < 1:
             raise ConfigurationError(f"key_burst must be >= 1, got {self.key_burst}")
+        if self.max_waits < 1 or self.max_waits_per_key < 1:
+            raise ConfigurationError(
+                f"max_waits and max_waits_per_key must be >= 1, got {self.max_waits} and "
+                f"{self.max_waits_per_key}"
+            )
 
     @functools.cached_property
     def keys_required(self) -> bool:
@@ -68,3 +76,7 @@ class GatewayState:
     any_keys: bool = False
     any_keys_checked: float = float("-inf")
     any_keys_check: asyncio.Future[None] | None = None  # the look at the engine under way
+    waits: WaitLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.waits = WaitLimits(self.config.max_waits, self.config.max_waits_per_key)

@@ -21,7 +21,9 @@ class GatewayMetrics:
     def submitted(self, capability: str, count: int = 1) -> None:
         metrics.tasks_submitted(capability, count)
 
-    async def exposition(self, client: Any) -> tuple[bytes, str]:
-        """This process's metrics and the cluster's, read from the engine now."""
+    async def exposition(self, client: Any, waiting: int) -> tuple[bytes, str]:
+        """This process's metrics and the cluster's, read from the engine now;
+        ``waiting``: the requests held while they wait."""
         await metrics.refresh_cluster_gauges(client)
+        metrics.GATEWAY_WAITING.set(waiting)
         return metrics.render()

@@ -319,6 +319,14 @@ TASKS_SUBMITTED = Counter(
 )
 
 
+GATEWAY_WAITING = Gauge(
+    "shoal_gateway_waiting_requests",
+    "Requests the gateway holds while they wait: event streams, ?wait= polls and agent "
+    "requests (bounded by --max-waits).",
+    registry=REGISTRY,
+)
+
+
 def observe_http(route: str, method: str, status: int, seconds: float) -> None:
     """One answered request (``route`` is the template, e.g. ``/tasks/{task_id}``)."""
     HTTP_REQUESTS.labels(route, method, str(status)).inc()

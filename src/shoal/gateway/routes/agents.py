@@ -142,10 +142,12 @@ async def send_message(
 async def send_request(
     agent_type: AgentType, key: AgentKey, body: RequestBody, request: Request, caller: Message
 ) -> Response:
-    reply = await _state(request).client.request(
-        f"{agent_type}/{key}", body.message, timeout=body.timeout,
-        _traceparent=request.state.traceparent,
-    )  # fmt: skip
+    state = _state(request)
+    async with state.waits.take(caller.label):
+        reply = await state.client.request(
+            f"{agent_type}/{key}", body.message, timeout=body.timeout,
+            _traceparent=request.state.traceparent,
+        )  # fmt: skip
     return responses.json(Reply(reply))
 
 

@@ -99,7 +99,7 @@ async def metrics(request: Request, caller: Read) -> Response:
     """The gateway's own metrics (HTTP requests, rate limiting, submissions) and
     cluster-wide gauges read from the engine now (queues, nodes, partitions)."""
     state = _state(request)
-    body, content_type = await state.metrics.exposition(state.client)
+    body, content_type = await state.metrics.exposition(state.client, state.waits.held)
     return Response(body, media_type=content_type)
 
 

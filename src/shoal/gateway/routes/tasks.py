@@ -7,11 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from shoal.errors import ResultTimeout, TaskCancelled, TaskFailed
 from shoal.gateway import responses, sse
-from shoal.gateway.auth import Read, Submit
-from shoal.gateway.problems import schema_responses
+from shoal.gateway.auth import Caller, Read, Submit
+from shoal.gateway.problems import ApiError, schema_responses
 from shoal.gateway.schemas import (
     CAPABILITY_PATTERN,
     MAX_WAIT_S,
@@ -24,6 +25,7 @@ from shoal.gateway.schemas import (
     public_task,
 )
 from shoal.gateway.state import GatewayState
+from shoal.options import TaskOptions
 from shoal.protocol import STATUSES
 from shoal.tasklist import MAX_LIMIT
 
@@ -45,6 +47,14 @@ SSE_EVENT: dict[str, Any] = {
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
     "required": ["data"],
+}
+EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The task's events as SSE; `id` resumes after the event, the data "
+        "is an Event; the stream ends after the 'done' event.",
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
+    },
+    204: {"description": "Resumed after the last event of a task that has ended."},
 }
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
@@ -70,6 +80,15 @@ async def task_result(state: GatewayState, task_id: str, wait: float | None) -> 
     return TaskResult(public_task(info), result)
 
 
+def _scoped(caller: Caller, idempotency_key: str | None) -> str | None:
+    """Idempotency keys are per API key: two callers' 'invoice-42' are two tasks, and
+    a key with only the submit scope cannot reach another caller's task (and its
+    result) by guessing its idempotency key."""
+    if idempotency_key is None or caller.key is None:
+        return idempotency_key
+    return f"{caller.key.id}:{idempotency_key}"
+
+
 @router.post(
     "",
     summary="Submit a task",
@@ -87,15 +106,29 @@ async def submit_task(
     waiting for it to end (or the wait to run out: then ``outcome.task.status`` says
     where it is). A full queue is a 503 with Retry-After: nothing was queued."""
     state = _state(request)
-    handle = await state.client.submit(
-        body.capability,
+    options = TaskOptions.build(
         priority=body.priority, delay=body.delay, eta=body.eta, timeout=body.timeout,
         deadline=body.deadline, max_attempts=body.max_attempts,
-        idempotency_key=body.idempotency_key, agent=body.agent,
-        _traceparent=request.state.traceparent, **body.args,
+        idempotency_key=_scoped(caller, body.idempotency_key),
     )  # fmt: skip
+    # The arguments go as a mapping, never as keywords of submit(): a handler may
+    # well take 'timeout' or 'priority', and '_parent' must not be settable from HTTP.
+    (handle,) = await state.client._submit(
+        body.capability, [body.args], options, None, request.state.traceparent, body.agent
+    )
     state.metrics.submitted(body.capability)
-    outcome = await task_result(state, handle.id, wait) if wait is not None else None
+    outcome = None
+    if wait is not None:
+        # The task is queued: if waiting is refused now, say so without losing its id.
+        try:
+            slot = state.waits.take(caller.label)
+        except ApiError:
+            slot = None
+        if slot is None:
+            outcome = await task_result(state, handle.id, None)
+        else:
+            async with slot:
+                outcome = await task_result(state, handle.id, wait)
     return responses.json(
         Submitted(handle.id, existing=not handle.is_new, outcome=outcome),
         status=201,
@@ -139,7 +172,11 @@ async def get_task(task_id: TaskId, request: Request, caller: Read, wait: Wait =
     """Status, attempts, timing, error history and, once it succeeded, the result.
     ``?wait=seconds`` long-polls: the answer comes when the task ends or the wait
     runs out, whichever is first."""
-    return responses.json(await task_result(_state(request), task_id, wait))
+    state = _state(request)
+    if not wait:
+        return responses.json(await task_result(state, task_id, wait))
+    async with state.waits.take(caller.label):
+        return responses.json(await task_result(state, task_id, wait))
 
 
 @router.post(
@@ -158,15 +195,7 @@ async def cancel_task(task_id: TaskId, request: Request, caller: Submit) -> Resp
     "/{task_id}/events",
     summary="Follow a task's events (Server-Sent Events)",
     response_class=StreamingResponse,
-    responses={
-        200: {
-            "description": "The task's events as SSE; `id` resumes after the event, the "
-            "data is an Event; the stream ends after the 'done' event.",
-            "content": {"text/event-stream": {"schema": SSE_EVENT}},
-        }
-    }
-    | schema_responses(404)
-    | COMMON_ERRORS,
+    responses=EVENTS_RESPONSES | schema_responses(404) | COMMON_ERRORS,
 )
 async def task_events(
     task_id: TaskId,
@@ -179,14 +208,21 @@ async def task_events(
     after: Annotated[
         str | None, Query(pattern=r"^\d+-\d+$", description="Resume after this event id.")
     ] = None,
-) -> StreamingResponse:
+) -> Response:
     """Every event of the task in order, live until it ends. Reconnecting with
     ``Last-Event-ID`` (or ``?after=``) continues after that event: each event is
     delivered once, even when the node running the task died and another took over."""
     state = _state(request)
-    await state.client.status(task_id)  # 404 now, not after the stream has begun
+    resume = last_event_id or after
+    info = await state.client.status(task_id)  # 404 now, not after the stream has begun
+    if resume and info.done and not await state.client.event_history(task_id, resume):
+        # Nothing follows and nothing will: 204 tells an EventSource to stop
+        # reconnecting (it reconnects after any normal end of a stream).
+        return Response(status_code=204)
+    slot = state.waits.take(caller.label)
     return StreamingResponse(
-        sse.stream(state.client, task_id, last_event_id or after),
+        sse.stream(state.client, task_id, resume, on_end=slot.release),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(slot.release),  # also if the stream never started
     )
