@@ -661,3 +661,16 @@ async def test_absurd_times_are_refused_before_anything_is_written(
 async def test_a_lone_surrogate_in_an_argument_is_a_serialization_error(client: Client) -> None:
     with pytest.raises(SerializationError, match="argument 'text'"):
         await client.submit("echo", text="\ud800")
+
+
+async def test_a_running_task_whose_cancel_message_was_missed_is_cancelled_all_the_same(
+    client: Client, settings: Settings
+) -> None:
+    """The node also reads the 'cancel' flag of its running tasks every couple of
+    seconds: here the flag is set with no message published at all."""
+    async with running_node([Toolbox], settings):
+        handle = await client.submit("sleepy", seconds=30)
+        await wait_for_status(handle, "running")
+        await client.redis.hset(client.keys.task(handle.id), "cancel", "1")
+        with pytest.raises(TaskCancelled):
+            await handle.result(timeout=10)

@@ -52,6 +52,7 @@ RELEASE_BATCH = 1000
 FETCH_WARN_EVERY_S = 5.0  # at most one warning this often for failing group fetches
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
+CANCEL_SWEEP_S = 2.0  # how often running tasks' cancel flags are read (missed messages)
 EXIT_FORCED = 130  # exit code of a node stopped by a second signal
 
 
@@ -200,6 +201,7 @@ class Node:
                 group.create_task(self.recorder.run(self._closing))
                 group.create_task(self._release_loop())
                 group.create_task(self._cancel_listener())
+                group.create_task(self._cancel_sweep())
                 group.create_task(self._reaper.run(self._closing))
                 group.create_task(self._watchdog())
                 if self.agents is not None:
@@ -648,9 +650,31 @@ class Node:
         attempt = self._running.get(task_id)
         if attempt is None and self.agents is not None:
             attempt = self.agents.running_tasks.get(task_id)
-        if attempt is not None and attempt.task is not None:
-            attempt.ctx.cancel_requested = True
+        if attempt is not None and attempt.task is not None and not attempt.ctx.cancel_requested:
+            attempt.ctx.cancel_requested = True  # once: a second cancel would cut its cleanup
             attempt.task.cancel()
+
+    async def _cancel_sweep(self) -> None:
+        """Every CANCEL_SWEEP_S, look at the 'cancel' flag of the tasks running here:
+        a cancel published before the listener's subscription was in place (a node
+        that just started) or while it reconnected is not missed, only later."""
+        while not await self._until(self._closing, timeout=CANCEL_SWEEP_S):
+            running = list(self._running)
+            if self.agents is not None:
+                running += list(self.agents.running_tasks)
+            if not running:
+                continue
+            try:
+                async with self.client.errors():
+                    pipe = self.client.redis.pipeline(transaction=False)
+                    for task_id in running:
+                        pipe.hget(self.keys.task(task_id), "cancel")
+                    flags = await pipe.execute()
+            except ShoalError:
+                continue  # the engine is away: the next round looks again
+            for task_id, flag in zip(running, flags, strict=True):
+                if flag == b"1":
+                    self._cancel_running(task_id)
 
     async def _watchdog(self) -> None:
         """Judge the node by progress, not by its sockets: report (log and heartbeat)
