@@ -58,3 +58,24 @@ async def test_the_index_forgets_tasks_older_than_the_retention(settings: Settin
         await eventually(old_trimmed, "the old id trimmed from the index", timeout=10, interval=0.1)
         index = short.keys.task_index(short.keys.task_group(old.id))
         assert await short.redis.zscore(index, old.id) is None
+
+
+async def test_pages_are_exact_when_the_groups_hold_very_different_numbers(
+    settings: Settings,
+) -> None:
+    """One group holds most tasks (a submit_many chunk stays in one group), so a
+    page's share per group runs out there first: ids below its last one must wait
+    for the next round, not be skipped."""
+    async with Client(settings=settings.with_(key_groups=8)) as grouped:
+        handles = await grouped.submit_many("echo", [{"value": i} for i in range(300)])
+        handles += [await grouped.submit("echo", value=i) for i in range(20)]
+        assert len({grouped.keys.task_group(h.id) for h in handles}) > 4
+        for limit, status in ((7, None), (50, "queued")):
+            seen: list[str] = []
+            cursor = None
+            while True:
+                page = await grouped.list_tasks(limit=limit, status=status, cursor=cursor)
+                seen += [t.id for t in page.tasks]
+                if (cursor := page.next) is None:
+                    break
+            assert seen == sorted((h.id for h in handles), reverse=True)
