@@ -529,6 +529,9 @@ async def test_readyz_is_503_while_the_engine_is_down_and_api_calls_too(
         down = await api.get("/readyz")
         assert down.status_code == 503 and down.json()["status"] == "unavailable"
         assert down.json()["detail"] and time.monotonic() - started < 5
+        assert settings.url and settings.url.split("@")[-1].split("/")[0] not in down.text, (
+            "the engine's address is not told to callers without a key"
+        )
         assert (await api.get("/healthz")).status_code == 200, "the process itself is fine"
         unavailable = error_of(await api.get("/v1/cluster"), 503, "EngineUnavailable")
         assert unavailable["message"] and unavailable["id"] is None

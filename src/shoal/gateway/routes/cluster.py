@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -28,6 +29,7 @@ Capability = Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Capabi
 COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 READY_TIMEOUT_S = 2.0
+log = logging.getLogger("shoal.gateway")
 PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "This gateway's metrics and the cluster's, in Prometheus' text format.",
@@ -129,5 +131,14 @@ async def readyz(request: Request) -> Response:
         async with asyncio.timeout(READY_TIMEOUT_S), client.errors():
             await client.redis.ping()
     except (ShoalError, TimeoutError) as exc:
-        return responses.json(Health("unavailable", str(exc)), status=503)
+        # The reason, without the engine's address (this route needs no key): the
+        # gateway's log has the whole message.
+        log.warning("not ready: %s", exc or "the engine did not answer in time")
+        return responses.json(Health("unavailable", _reason(exc)), status=503)
     return responses.json(Health("ready"))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"the engine did not answer within {READY_TIMEOUT_S:g}s"
+    return f"the engine is unavailable ({type(exc).__name__})"
