@@ -267,9 +267,26 @@ class Client:
             priority=priority, delay=delay, eta=eta, timeout=timeout, deadline=deadline,
             max_attempts=max_attempts, idempotency_key=idempotency_key,
         )  # fmt: skip
+        return await self.submit_arguments(
+            capability, kwargs, options, agent=agent, _parent=_parent, _traceparent=_traceparent
+        )
+
+    async def submit_arguments(
+        self,
+        capability: str,
+        arguments: Mapping[str, Any],
+        options: TaskOptions,
+        *,
+        agent: str | None = None,
+        _parent: str | None = None,
+        _traceparent: str | None = None,
+    ) -> TaskHandle:
+        """``submit`` with the handler's arguments as one mapping and the options built
+        (``TaskOptions.build``): for callers whose arguments come from data — the HTTP
+        gateway — where no argument may be taken for an option."""
         with tracing.producer("submit", capability, _traceparent, _attrs(capability, agent)) as p:
             trace = p.traceparent
-            handles = await self._submit(capability, [kwargs], options, _parent, trace, agent)
+            handles = await self._submit(capability, [arguments], options, _parent, trace, agent)
             p.annotate("shoal.task_id", handles[0].id)
         return handles[0]
 

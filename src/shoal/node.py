@@ -53,6 +53,7 @@ FETCH_WARN_EVERY_S = 5.0  # at most one warning this often for failing group fet
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
 CANCEL_SWEEP_S = 2.0  # how often running tasks' cancel flags are read (missed messages)
+RECANCEL_AFTER_S = 5.0  # an attempt still running this long after its cancel gets another
 EXIT_FORCED = 130  # exit code of a node stopped by a second signal
 
 
@@ -135,6 +136,7 @@ class Node:
         )
         self.agents = AgentHost(self, self._agent_types) if self._agent_types else None
         self._running: dict[str, Attempt] = {}
+        self._cancels_asked: dict[str, float] = {}  # task id -> when it was last cancelled
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()  # stop pulling work, drain
         self._closing = asyncio.Event()  # drained: background loops end by themselves
@@ -647,12 +649,21 @@ class Node:
                 await subscription.close()
 
     def _cancel_running(self, task_id: str) -> None:
+        """Cancel a running attempt; again only if it still runs RECANCEL_AFTER_S after
+        (a handler may swallow one cancellation; a second at once would cut the
+        cleanup of one that did not)."""
         attempt = self._running.get(task_id)
         if attempt is None and self.agents is not None:
             attempt = self.agents.running_tasks.get(task_id)
-        if attempt is not None and attempt.task is not None and not attempt.ctx.cancel_requested:
-            attempt.ctx.cancel_requested = True  # once: a second cancel would cut its cleanup
-            attempt.task.cancel()
+        if attempt is None or attempt.task is None:
+            return
+        now = time.monotonic()
+        asked = self._cancels_asked.get(task_id)
+        if asked is not None and now - asked < RECANCEL_AFTER_S:
+            return
+        self._cancels_asked[task_id] = now
+        attempt.ctx.cancel_requested = True
+        attempt.task.cancel()
 
     async def _cancel_sweep(self) -> None:
         """Every CANCEL_SWEEP_S, look at the 'cancel' flag of the tasks running here:
@@ -662,6 +673,8 @@ class Node:
             running = list(self._running)
             if self.agents is not None:
                 running += list(self.agents.running_tasks)
+            for gone in self._cancels_asked.keys() - set(running):
+                del self._cancels_asked[gone]
             if not running:
                 continue
             try:

@@ -113,9 +113,10 @@ async def submit_task(
     )  # fmt: skip
     # The arguments go as a mapping, never as keywords of submit(): a handler may
     # well take 'timeout' or 'priority', and '_parent' must not be settable from HTTP.
-    (handle,) = await state.client._submit(
-        body.capability, [body.args], options, None, request.state.traceparent, body.agent
-    )
+    handle = await state.client.submit_arguments(
+        body.capability, body.args, options, agent=body.agent,
+        _traceparent=request.state.traceparent,
+    )  # fmt: skip
     state.metrics.submitted(body.capability)
     outcome = None
     if wait is not None:
