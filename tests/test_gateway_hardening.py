@@ -6,14 +6,16 @@ requests, and the end of an event stream that a browser would reconnect to."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 
 from shoal import Client, Settings
 from shoal.apikeys import KeyStore
+from shoal.engine import EmbeddedEngine
 from shoal.gateway import GatewayConfig
 
-from .conftest import running_node
+from .conftest import eventually, running_node
 from .gateways import bearer, serving
 from .sse_app import Ticker
 
@@ -131,3 +133,29 @@ async def test_resuming_after_the_end_of_a_finished_stream_is_a_204(
         )
     assert before_end.status_code == 200 and "event: done" in before_end.text
     assert after_end.status_code == 204 and after_end.text == ""
+
+
+async def test_a_submit_whose_wait_is_cut_by_an_engine_failure_still_gives_the_id(
+    tmp_path: Path,
+) -> None:
+    engine = EmbeddedEngine(tmp_path / "engine")
+    settings = Settings(url=engine.ensure().url, namespace="cut", engine_timeout=1)
+    try:
+        async with serving(settings) as base, httpx.AsyncClient(base_url=base) as http:
+            pending = asyncio.create_task(
+                http.post("/v1/tasks?wait=20", json={"capability": "nobody_hosts_this"})
+            )
+            async with Client(settings=settings) as probe:
+                await eventually(
+                    lambda: _one_task_queued(probe), "the task queued before the outage"
+                )
+            await asyncio.to_thread(engine.stop)
+            reply = await asyncio.wait_for(pending, 30)
+        assert reply.status_code == 201, reply.text
+        assert reply.json()["outcome"] is None and len(reply.json()["id"]) == 28
+    finally:
+        engine.stop()
+
+
+async def _one_task_queued(client: Client) -> bool:
+    return len((await client.list_tasks()).tasks) == 1

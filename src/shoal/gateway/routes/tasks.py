@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from shoal.errors import ResultTimeout, TaskCancelled, TaskFailed
+from shoal.errors import (
+    EngineError,
+    EngineUnavailable,
+    ResultTimeout,
+    TaskCancelled,
+    TaskFailed,
+)
 from shoal.gateway import responses, sse
 from shoal.gateway.auth import Caller, Read, Submit
 from shoal.gateway.problems import ApiError, schema_responses
@@ -30,6 +37,7 @@ from shoal.protocol import STATUSES
 from shoal.tasklist import MAX_LIMIT
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+log = logging.getLogger("shoal.gateway")
 
 TASK_ID = r"^[0-9a-f]{28}$"
 TaskId = Annotated[str, Path(pattern=TASK_ID, description="A task id (28 hex digits).")]
@@ -118,23 +126,33 @@ async def submit_task(
         _traceparent=request.state.traceparent,
     )  # fmt: skip
     state.metrics.submitted(body.capability)
-    outcome = None
-    if wait is not None:
-        # The task is queued: if waiting is refused now, say so without losing its id.
-        try:
-            slot = state.waits.take(caller.label)
-        except ApiError:
-            slot = None
-        if slot is None:
-            outcome = await task_result(state, handle.id, None)
-        else:
-            async with slot:
-                outcome = await task_result(state, handle.id, wait)
+    outcome = await _outcome_after(state, caller, handle.id, wait) if wait is not None else None
     return responses.json(
         Submitted(handle.id, existing=not handle.is_new, outcome=outcome),
         status=201,
         headers={"Location": f"/v1/tasks/{handle.id}"},
     )
+
+
+async def _outcome_after(
+    state: GatewayState, caller: Caller, task_id: str, wait: float
+) -> TaskResult | None:
+    """The task after the wait. It is queued already, so nothing here may turn the
+    answer into an error that loses its id (a retry would queue it twice): a wait
+    the gateway cannot hold answers the task as it is now, and an engine failure
+    during the wait answers no outcome — the id lets the caller ask again."""
+    try:
+        slot = state.waits.take(caller.label)
+    except ApiError:
+        slot = None
+    try:
+        if slot is None:
+            return await task_result(state, task_id, None)
+        async with slot:
+            return await task_result(state, task_id, wait)
+    except (EngineUnavailable, EngineError) as exc:
+        log.warning("task %s queued, but waiting for it failed: %s", task_id, exc)
+        return None
 
 
 @router.get(
