@@ -22,6 +22,7 @@ from shoal import (
     TaskNotFound,
     protocol,
 )
+from shoal.node import Node, NodeConfig
 from tests.agents import Other, Toolbox
 from tests.conftest import running_node, wait_for_status
 
@@ -674,3 +675,19 @@ async def test_a_running_task_whose_cancel_message_was_missed_is_cancelled_all_t
         await client.redis.hset(client.keys.task(handle.id), "cancel", "1")
         with pytest.raises(TaskCancelled):
             await handle.result(timeout=10)
+
+
+async def test_a_node_whose_every_slot_is_busy_stops_within_its_grace(
+    client: Client, settings: Settings
+) -> None:
+    """Its fetch loop waits for a free slot; stop() must wake it, or the node would
+    stop only when the running task ended by itself."""
+    node = Node([Toolbox], settings, NodeConfig(concurrency=1, grace_period=0.5))
+    running = asyncio.create_task(node.run())
+    handle = await client.submit("sleepy", seconds=30)
+    await wait_for_status(handle, "running")
+    started = time.monotonic()
+    node.stop()
+    await asyncio.wait_for(running, 10)
+    assert time.monotonic() - started < 5
+    assert (await handle.status()).status == "queued", "handed back to its queue"

@@ -176,6 +176,7 @@ class Node:
         """Ask the node to drain and stop (call on the node's loop, e.g. a signal handler)."""
         self._stopping.set()
         self._serving.set()  # a paused fetch loop must see the stop too
+        self._slot_freed.set()  # and so must one waiting for a free slot
         # call_soon: a read's first step (already scheduled) runs first, so the
         # cancel never hits a coroutine that has not started (which would warn).
         loop = asyncio.get_running_loop()
@@ -536,6 +537,10 @@ class Node:
                 self._idle_reads[group] = asyncio.ensure_future(
                     self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
                 )
+        if self._stopping.is_set():
+            # stop() cancels the wait it finds; one begun after it would last a whole
+            # block (the node then took up to IDLE_BLOCK_MS to notice its stop).
+            return
         self._idle_wait = asyncio.ensure_future(
             asyncio.wait(self._idle_reads.values(), return_when=asyncio.FIRST_COMPLETED)
         )
