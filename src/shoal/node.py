@@ -530,6 +530,11 @@ class Node:
         A blocking read covers one slot, so each group has its own; a read still
         waiting from an earlier round is kept (not cancelled: cancelling closes its
         connection), and the first one to return ends the wait."""
+        if self._stopping.is_set():
+            # stop() cancels the wait it finds; one begun after it would last a whole
+            # block. Checked before any read starts: a read cancelled before its first
+            # step leaves a coroutine never awaited.
+            return
         for group, where in idle.items():
             if where is not None and group not in self._idle_reads:
                 queues, last_ids = where
@@ -537,10 +542,6 @@ class Node:
                 self._idle_reads[group] = asyncio.ensure_future(
                     self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
                 )
-        if self._stopping.is_set():
-            # stop() cancels the wait it finds; one begun after it would last a whole
-            # block (the node then took up to IDLE_BLOCK_MS to notice its stop).
-            return
         self._idle_wait = asyncio.ensure_future(
             asyncio.wait(self._idle_reads.values(), return_when=asyncio.FIRST_COMPLETED)
         )
