@@ -17,11 +17,11 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from shoal import protocol
 from shoal.cli_keys import keys_app
+from shoal.cli_options import DataDir, Namespace, Redis, err, out
 from shoal.client import Client
 from shoal.cluster import ClusterState
 from shoal.errors import (
@@ -48,22 +48,6 @@ engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
-
-# Piped output is not wrapped at 80 columns, so ids and errors stay on one line.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-Redis = Annotated[
-    str | None,
-    typer.Option("--redis", envvar="SHOAL_REDIS_URL", help="Engine URL (default: embedded)."),
-]
-Namespace = Annotated[
-    str | None, typer.Option("--namespace", "-n", envvar="SHOAL_NAMESPACE", help="Key namespace.")
-]
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", envvar="SHOAL_DATA_DIR", help="Embedded engine's directory."),
-]
 
 
 def _settings(redis: str | None, namespace: str | None, data_dir: Path | None) -> Settings:

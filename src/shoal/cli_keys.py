@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from shoal.apikeys import SCOPES, ApiKey, CreatedKey, KeyStore
+from shoal.cli_options import DataDir, Namespace, Redis, out
 from shoal.client import Client
 from shoal.settings import Settings
 
@@ -27,21 +26,6 @@ T = TypeVar("T")
 
 keys_app = typer.Typer(help="Create, list and revoke the gateway's API keys.", no_args_is_help=True)
 
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
-
-# The options every command takes, as in shoal.cli (not imported from there: that
-# module imports this one).
-Redis = Annotated[
-    str | None,
-    typer.Option("--redis", envvar="SHOAL_REDIS_URL", help="Engine URL (default: embedded)."),
-]
-Namespace = Annotated[
-    str | None, typer.Option("--namespace", "-n", envvar="SHOAL_NAMESPACE", help="Key namespace.")
-]
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", envvar="SHOAL_DATA_DIR", help="Embedded engine's directory."),
-]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 

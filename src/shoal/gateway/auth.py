@@ -24,7 +24,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from shoal.apikeys import SCOPES, ApiKey
 from shoal.gateway.problems import ApiError
-from shoal.gateway.state import GatewayState, is_loopback
+from shoal.gateway.state import GatewayState, gateway_state, is_loopback
 
 ANY_KEYS_TTL_S = 1.0  # how long "are there keys at all?" is remembered (open mode only)
 ANONYMOUS = "anonymous"
@@ -157,7 +157,7 @@ def require(scope: str) -> Callable[..., Awaitable[Caller]]:
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
         header_key: Annotated[str | None, Depends(api_key_header)],
     ) -> Caller:
-        state: GatewayState = request.app.state.gateway
+        state = gateway_state(request)
         caller = await _authenticate(request, state, _presented(credentials, header_key))
         if not caller.has(scope):
             assert caller.key is not None

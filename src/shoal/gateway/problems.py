@@ -152,3 +152,8 @@ def schema_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         s: {"description": described[s], "content": {"application/json": {"schema": ref}}}
         for s in statuses
     }
+
+
+# What every /v1 route may answer besides its own: auth, validation, rate limit,
+# server error, engine outage.
+COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)

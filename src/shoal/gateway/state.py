@@ -9,6 +9,8 @@ import functools
 import ipaddress
 from dataclasses import dataclass, field
 
+from fastapi import Request
+
 from shoal.apikeys import KeyStore
 from shoal.client import Client
 from shoal.coordination.ratelimit import TokenBucket
@@ -80,3 +82,9 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.waits = WaitLimits(self.config.max_waits, self.config.max_waits_per_key)
+
+
+def gateway_state(request: Request) -> GatewayState:
+    """The state of the gateway serving ``request`` (set up by the app's lifespan)."""
+    state: GatewayState = request.app.state.gateway
+    return state

@@ -9,18 +9,12 @@ from fastapi.responses import Response
 
 from shoal.gateway import responses
 from shoal.gateway.auth import Admin
-from shoal.gateway.problems import schema_responses
+from shoal.gateway.problems import COMMON_ERRORS, schema_responses
 from shoal.gateway.schemas import KeyRequest, ok
-from shoal.gateway.state import GatewayState
+from shoal.gateway.state import gateway_state
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
-COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
-
-
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
 
 
 @router.get(
@@ -30,7 +24,7 @@ def _state(request: Request) -> GatewayState:
     responses=ok("ApiKey", "The keys (never their secrets).", array=True) | COMMON_ERRORS,
 )
 async def list_keys(request: Request, caller: Admin) -> Response:
-    return responses.json(await _state(request).keystore.list())
+    return responses.json(await gateway_state(request).keystore.list())
 
 
 @router.post(
@@ -44,7 +38,7 @@ async def list_keys(request: Request, caller: Admin) -> Response:
 )
 async def create_key(body: KeyRequest, request: Request, caller: Admin) -> Response:
     """The secret is in this answer only: the engine keeps a hash of it."""
-    created = await _state(request).keystore.create(
+    created = await gateway_state(request).keystore.create(
         body.name, body.scopes, rate=body.rate, burst=body.burst
     )
     return responses.json(created, status=201)
@@ -62,4 +56,4 @@ async def revoke_key(
     caller: Admin,
 ) -> Response:
     """Effective at once on every gateway: each request reads its key from the engine."""
-    return responses.json(await _state(request).keystore.revoke(key))
+    return responses.json(await gateway_state(request).keystore.revoke(key))

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from shoal.errors import UnknownAgentType
 from shoal.gateway import responses
 from shoal.gateway.auth import Message, Read
-from shoal.gateway.problems import schema_responses
+from shoal.gateway.problems import COMMON_ERRORS, schema_responses
 from shoal.gateway.schemas import (
     CAPABILITY_PATTERN,
     AgentState,
@@ -23,19 +23,13 @@ from shoal.gateway.schemas import (
     RequestBody,
     ok,
 )
-from shoal.gateway.state import GatewayState
+from shoal.gateway.state import gateway_state
 
 router = APIRouter(tags=["agents"])
 
 AgentType = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="Agent type.")]
 AgentKey = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@+=-]{1,200}$", description="Agent key.")]
-COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
-
-
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
 
 
 @router.get(
@@ -55,7 +49,7 @@ async def list_agents(
 ) -> Response:
     """Agents active on a node and/or with saved state, filtered by type, capability
     and those two facts."""
-    found = await _state(request).client.agents(
+    found = await gateway_state(request).client.agents(
         type, capability=capability, active=active, with_state=with_state, limit=limit
     )
     return responses.json(found)
@@ -68,7 +62,7 @@ async def list_agents(
     responses=ok("AgentTypeInfo", "The agent types nodes host.", array=True) | COMMON_ERRORS,
 )
 async def agent_types(request: Request, caller: Read) -> Response:
-    types = await _state(request).client.agent_types()
+    types = await gateway_state(request).client.agent_types()
     return responses.json(sorted(types.values(), key=lambda t: t.name))
 
 
@@ -83,7 +77,7 @@ async def agent_types(request: Request, caller: Read) -> Response:
 async def get_agent(
     agent_type: AgentType, key: AgentKey, request: Request, caller: Read
 ) -> Response:
-    return responses.json(await _state(request).client.agent(f"{agent_type}/{key}"))
+    return responses.json(await gateway_state(request).client.agent(f"{agent_type}/{key}"))
 
 
 @router.get(
@@ -99,7 +93,7 @@ async def agent_state(
 ) -> Response:
     """The state, or null if the agent has none; 404 for a type no node has hosted
     (as for the agent itself: the client reads state of any type without asking)."""
-    client, agent_id = _state(request).client, f"{agent_type}/{key}"
+    client, agent_id = gateway_state(request).client, f"{agent_type}/{key}"
     known = await client.agent_types()
     if agent_type not in known:
         raise UnknownAgentType(
@@ -124,7 +118,7 @@ async def send_message(
 ) -> Response:
     """Fire and forget: the agent's handler gets it in turn, on whichever node owns
     it. A full mailbox is a 503 (nothing was written)."""
-    await _state(request).client.send(
+    await gateway_state(request).client.send(
         f"{agent_type}/{key}", body.message, _traceparent=request.state.traceparent
     )
     return responses.json(Delivered(), status=202)
@@ -142,7 +136,7 @@ async def send_message(
 async def send_request(
     agent_type: AgentType, key: AgentKey, body: RequestBody, request: Request, caller: Message
 ) -> Response:
-    state = _state(request)
+    state = gateway_state(request)
     async with state.waits.take(caller.label):
         reply = await state.client.request(
             f"{agent_type}/{key}", body.message, timeout=body.timeout,
@@ -167,7 +161,7 @@ async def publish(
 ) -> Response:
     """Durable fan-out: the agent keyed ``source`` of every agent type subscribed to
     the topic gets the message in its mailbox."""
-    count = await _state(request).client.publish(
+    count = await gateway_state(request).client.publish(
         topic, body.message, source=body.source, _traceparent=request.state.traceparent
     )
     return responses.json(Published(count))

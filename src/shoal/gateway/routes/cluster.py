@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from shoal.errors import ShoalError
 from shoal.gateway import responses
 from shoal.gateway.auth import Admin, Read
-from shoal.gateway.problems import schema_responses
+from shoal.gateway.problems import COMMON_ERRORS, schema_responses
 from shoal.gateway.schemas import (
     CAPABILITY_PATTERN,
     Health,
@@ -21,12 +21,11 @@ from shoal.gateway.schemas import (
     ok,
     public_dead_letter,
 )
-from shoal.gateway.state import GatewayState
+from shoal.gateway.state import gateway_state
 
 router = APIRouter()
 
 Capability = Annotated[str, Path(pattern=CAPABILITY_PATTERN, description="Capability name.")]
-COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
 READY_TIMEOUT_S = 2.0
 log = logging.getLogger("shoal.gateway")
@@ -38,11 +37,6 @@ PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
-
-
 @router.get(
     "/v1/cluster",
     tags=["cluster"],
@@ -51,7 +45,7 @@ def _state(request: Request) -> GatewayState:
     responses=ok("ClusterState", "The cluster as the engine sees it now.") | COMMON_ERRORS,
 )
 async def cluster(request: Request, caller: Read) -> Response:
-    return responses.json(await _state(request).client.cluster())
+    return responses.json(await gateway_state(request).client.cluster())
 
 
 @router.get(
@@ -67,7 +61,7 @@ async def dead_letters(
     caller: Read,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> Response:
-    dead = await _state(request).client.dead_letters(capability, limit)
+    dead = await gateway_state(request).client.dead_letters(capability, limit)
     return responses.json([public_dead_letter(d) for d in dead])
 
 
@@ -86,7 +80,7 @@ async def redrive(
 ) -> Response:
     """Queue the given dead tasks (or all of the capability's) again with fresh
     attempts. An id that is not in the dead-letter queue is a 404 and nothing moves."""
-    redriven = await _state(request).client.redrive(capability, body.task_ids)
+    redriven = await gateway_state(request).client.redrive(capability, body.task_ids)
     return responses.json(Redriven(redriven))
 
 
@@ -100,7 +94,7 @@ async def redrive(
 async def metrics(request: Request, caller: Read) -> Response:
     """The gateway's own metrics (HTTP requests, rate limiting, submissions) and
     cluster-wide gauges read from the engine now (queues, nodes, partitions)."""
-    state = _state(request)
+    state = gateway_state(request)
     body, content_type = await state.metrics.exposition(state.client, state.waits.held)
     return Response(body, media_type=content_type)
 
@@ -126,7 +120,7 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     """200 when the engine answers a PING within 2 s; 503 (with the reason) when not,
     so a load balancer sends traffic to other gateways meanwhile."""
-    client = _state(request).client
+    client = gateway_state(request).client
     try:
         async with asyncio.timeout(READY_TIMEOUT_S), client.errors():
             await client.redis.ping()

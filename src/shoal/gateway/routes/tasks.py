@@ -19,7 +19,7 @@ from shoal.errors import (
 )
 from shoal.gateway import responses, sse
 from shoal.gateway.auth import Caller, Read, Submit
-from shoal.gateway.problems import ApiError, schema_responses
+from shoal.gateway.problems import COMMON_ERRORS, ApiError, schema_responses
 from shoal.gateway.schemas import (
     CAPABILITY_PATTERN,
     MAX_WAIT_S,
@@ -31,7 +31,7 @@ from shoal.gateway.schemas import (
     public_page,
     public_task,
 )
-from shoal.gateway.state import GatewayState
+from shoal.gateway.state import GatewayState, gateway_state
 from shoal.options import TaskOptions
 from shoal.protocol import STATUSES
 from shoal.tasklist import MAX_LIMIT
@@ -64,13 +64,7 @@ EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     204: {"description": "Resumed after the last event of a task that has ended."},
 }
-COMMON_ERRORS = schema_responses(401, 403, 422, 429, 500, 503)
 BODY_ERRORS = schema_responses(400, 413)  # routes that read a JSON body
-
-
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
 
 
 async def task_result(state: GatewayState, task_id: str, wait: float | None) -> TaskResult:
@@ -113,7 +107,7 @@ async def submit_task(
     """Queue a task. With ``?wait=seconds`` the answer also carries the task after
     waiting for it to end (or the wait to run out: then ``outcome.task.status`` says
     where it is). A full queue is a 503 with Retry-After: nothing was queued."""
-    state = _state(request)
+    state = gateway_state(request)
     options = TaskOptions.build(
         priority=body.priority, delay=body.delay, eta=body.eta, timeout=body.timeout,
         deadline=body.deadline, max_attempts=body.max_attempts,
@@ -175,7 +169,7 @@ async def list_tasks(
 ) -> Response:
     """Tasks created within the retention period, newest first. Pass ``next`` back
     as ``cursor`` for the following page (null: nothing older)."""
-    page = await _state(request).client.list_tasks(
+    page = await gateway_state(request).client.list_tasks(
         capability=capability, status=status, limit=limit, cursor=cursor
     )
     return responses.json(public_page(page))
@@ -191,7 +185,7 @@ async def get_task(task_id: TaskId, request: Request, caller: Read, wait: Wait =
     """Status, attempts, timing, error history and, once it succeeded, the result.
     ``?wait=seconds`` long-polls: the answer comes when the task ends or the wait
     runs out, whichever is first."""
-    state = _state(request)
+    state = gateway_state(request)
     if not wait:
         return responses.json(await task_result(state, task_id, wait))
     async with state.waits.take(caller.label):
@@ -207,7 +201,7 @@ async def get_task(task_id: TaskId, request: Request, caller: Read, wait: Wait =
 async def cancel_task(task_id: TaskId, request: Request, caller: Submit) -> Response:
     """'cancelled' (it had not started and never will), 'cancelling' (it runs: it
     ends 'cancelled'), or 'already_<status>' if it had ended."""
-    return responses.json(Cancelled(await _state(request).client.cancel(task_id)))
+    return responses.json(Cancelled(await gateway_state(request).client.cancel(task_id)))
 
 
 @router.get(
@@ -231,7 +225,7 @@ async def task_events(
     """Every event of the task in order, live until it ends. Reconnecting with
     ``Last-Event-ID`` (or ``?after=``) continues after that event: each event is
     delivered once, even when the node running the task died and another took over."""
-    state = _state(request)
+    state = gateway_state(request)
     resume = last_event_id or after
     info = await state.client.status(task_id)  # 404 now, not after the stream has begun
     if resume and info.done and not await state.client.event_history(task_id, resume):
