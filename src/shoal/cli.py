@@ -21,7 +21,7 @@ from rich.table import Table
 
 from shoal import protocol
 from shoal.cli_keys import keys_app
-from shoal.cli_options import DataDir, Namespace, Redis, err, out
+from shoal.cli_options import DataDir, LogFormat, LogLevel, Namespace, Redis, err, out
 from shoal.client import Client
 from shoal.cluster import ClusterState
 from shoal.errors import (
@@ -161,17 +161,8 @@ def node(
     metrics_host: Annotated[
         str, typer.Option(help="Address /metrics listens on (0.0.0.0: every interface).")
     ] = "127.0.0.1",
-    log_level: Annotated[
-        str | None,
-        typer.Option(help="debug, info, warning, error or critical [env SHOAL_LOG_LEVEL; info]."),
-    ] = None,
-    log_format: Annotated[
-        str | None,
-        typer.Option(
-            help="json, text or auto: text on a terminal, JSON lines otherwise "
-            "[env SHOAL_LOG_FORMAT; auto]."
-        ),
-    ] = None,
+    log_level: LogLevel = None,
+    log_format: LogFormat = None,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
@@ -215,17 +206,8 @@ def gateway(
         int, typer.Option(help="The same, per API key (or for all callers when open).", min=1)
     ] = 50,
     no_dashboard: Annotated[bool, typer.Option(help="Do not serve the dashboard at /.")] = False,
-    log_level: Annotated[
-        str | None,
-        typer.Option(help="debug, info, warning, error or critical [env SHOAL_LOG_LEVEL; info]."),
-    ] = None,
-    log_format: Annotated[
-        str | None,
-        typer.Option(
-            help="json, text or auto: text on a terminal, JSON lines otherwise "
-            "[env SHOAL_LOG_FORMAT; auto]."
-        ),
-    ] = None,
+    log_level: LogLevel = None,
+    log_format: LogFormat = None,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,

@@ -26,3 +26,14 @@ DataDir = Annotated[
     Path | None,
     typer.Option("--data-dir", envvar="SHOAL_DATA_DIR", help="Embedded engine's directory."),
 ]
+LogLevel = Annotated[
+    str | None,
+    typer.Option(help="debug, info, warning, error or critical [env SHOAL_LOG_LEVEL; info]."),
+]
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        help="json, text or auto: text on a terminal, JSON lines otherwise "
+        "[env SHOAL_LOG_FORMAT; auto]."
+    ),
+]
