@@ -24,6 +24,7 @@ from shoal.cli_keys import keys_app
 from shoal.cli_options import DataDir, LogFormat, LogLevel, Namespace, Redis, err, out
 from shoal.client import Client
 from shoal.cluster import ClusterState
+from shoal.config_file import CONFIG_ENV, ENV_PREFIX, config_path, default_map, read_config
 from shoal.errors import (
     ConfigurationError,
     RequestFailed,
@@ -48,6 +49,27 @@ engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", envvar=CONFIG_ENV, help="Settings file (default: ./shoal.toml if present)."
+        ),
+    ] = None,
+) -> None:
+    """Shoal: a distributed runtime for AI agents.
+
+    Every option can also be set by an environment variable, SHOAL_<COMMAND>_<OPTION>
+    (e.g. SHOAL_NODE_CONCURRENCY=32), or in shoal.toml; flags win over variables,
+    variables over the file.
+    """
+    path = config_path(config)
+    if path is not None:
+        ctx.default_map = default_map(ctx.command, read_config(path), path)
 
 
 def _settings(redis: str | None, namespace: str | None, data_dir: Path | None) -> Settings:
@@ -717,7 +739,7 @@ def main() -> None:
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     try:
-        app()
+        app(auto_envvar_prefix=ENV_PREFIX)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:

@@ -28,12 +28,14 @@ DataDir = Annotated[
 ]
 LogLevel = Annotated[
     str | None,
-    typer.Option(help="debug, info, warning, error or critical [env SHOAL_LOG_LEVEL; info]."),
+    typer.Option(
+        envvar="SHOAL_LOG_LEVEL", help="debug, info, warning, error or critical [default: info]."
+    ),
 ]
 LogFormat = Annotated[
     str | None,
     typer.Option(
-        help="json, text or auto: text on a terminal, JSON lines otherwise "
-        "[env SHOAL_LOG_FORMAT; auto]."
+        envvar="SHOAL_LOG_FORMAT",
+        help="json, text or auto: text on a terminal, JSON lines otherwise [default: auto].",
     ),
 ]
