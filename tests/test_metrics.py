@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -188,6 +190,47 @@ async def test_a_taken_metrics_port_stops_the_node_at_start(settings: Settings) 
         taken.close()
     with pytest.raises(ConfigurationError, match="metrics_port"):
         NodeConfig(metrics_port=70000)
+
+
+async def test_a_node_answers_health_and_readiness_probes_next_to_metrics(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_node([Toolbox], settings, metrics_port=0, stall_after=0.5) as node:
+        base = f"http://127.0.0.1:{node.telemetry.metrics_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            ready = await eventually(
+                lambda: _probe(http, metrics.READY_PATH, 200), "the node reports ready"
+            )
+            alive = await http.get(metrics.HEALTH_PATH)
+            assert (alive.status_code, alive.text, ready.text) == (200, "ok\n", "ok\n")
+            assert "shoal_node_in_flight" in (await http.get("/metrics")).text
+
+        # a loop that stops turning fails liveness, seen from the metrics thread
+        monkeypatch.setattr("shoal.node.LOOP_BLOCKED_AFTER_S", 0.3)
+        seen: list[tuple[int, str]] = []
+        found = threading.Event()
+
+        def watch() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not found.is_set():
+                r = httpx.get(base + metrics.HEALTH_PATH, timeout=5)
+                seen.append((r.status_code, r.text))
+                found.set() if r.status_code == 503 else None
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        found.wait(timeout=10)  # blocks the event loop: the condition under test
+        watcher.join()
+        assert seen[-1][0] == 503 and "event loop unresponsive" in seen[-1][1], seen
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            await eventually(lambda: _probe(http, metrics.HEALTH_PATH, 200), "alive again")
+        node.stop()
+        assert node.readiness() == (False, "draining")
+
+
+async def _probe(http: httpx.AsyncClient, path: str, status: int) -> httpx.Response | None:
+    response = await http.get(path)
+    return response if response.status_code == status else None
 
 
 def cluster_gauge(name: str, **labels: str) -> float | None:

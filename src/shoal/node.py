@@ -54,6 +54,9 @@ IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
 CANCEL_SWEEP_S = 2.0  # how often running tasks' cancel flags are read (missed messages)
 RECANCEL_AFTER_S = 5.0  # an attempt still running this long after its cancel gets another
+# /healthz fails when the watchdog (which turns at least once a second) has not
+# turned for this long: the loop is blocked, e.g. by a handler calling blocking code.
+LOOP_BLOCKED_AFTER_S = 15.0
 EXIT_FORCED = 130  # exit code of a node stopped by a second signal
 
 
@@ -154,9 +157,11 @@ class Node:
         self._last_progress = time.monotonic()
         self.stalled = ""  # why the watchdog thinks the node is stuck, or ""
         self.recorder: Recorder
+        self._loop_tick: float | None = None  # the watchdog's last turn (None: not begun)
         self.telemetry = NodeTelemetry(
-            self.node_id, self.config.metrics_host, self.config.metrics_port, self._load
-        )
+            self.node_id, self.config.metrics_host, self.config.metrics_port, self._load,
+            self.health, self.readiness,
+        )  # fmt: skip
 
     @property
     def capabilities(self) -> list[str]:
@@ -700,8 +705,10 @@ class Node:
         when it holds results it cannot record, or has free slots but has not
         managed to ask the engine for work, for longer than ``stall_after``."""
         limit = self.config.stall_after
+        self._loop_tick = time.monotonic()
         while not await self._until(self._closing, timeout=min(1.0, limit / 2)):
             now, reason = time.monotonic(), ""
+            self._loop_tick = now
             pending = self.recorder.pending_since
             if pending is not None and now - pending > limit:
                 reason = f"holds unrecorded results for {now - pending:.0f}s"
@@ -717,6 +724,29 @@ class Node:
                 else:
                     log.info("watchdog: node %s makes progress again", self.node_id)
                 self.stalled = reason
+
+    def health(self) -> tuple[bool, str]:
+        """Liveness (``/healthz``; read from the metrics thread): fails only when the
+        event loop stops turning, which a restart cures. An engine outage or a stall
+        is not a reason to restart (it would not help): that is ``readiness``."""
+        if self._loop_tick is None:
+            return True, "starting"
+        blocked = time.monotonic() - self._loop_tick
+        if blocked > LOOP_BLOCKED_AFTER_S:
+            return False, f"event loop unresponsive for {blocked:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        """Readiness (``/readyz``): registered, taking work, and making progress."""
+        if self._stopping.is_set():
+            return False, "draining"
+        if not self._registered:
+            return False, "starting: not registered yet"
+        if not self._serving.is_set():
+            return False, "heartbeats are not getting through: not taking work"
+        if self.stalled:
+            return False, f"stalled: {self.stalled}"
+        return True, "ok"
 
 
 def _type_description(agent_type: type[Agent]) -> bytes:

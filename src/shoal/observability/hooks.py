@@ -83,11 +83,18 @@ class NodeTelemetry:
     its id on log lines, its live gauges, and its ``/metrics`` server if asked for."""
 
     def __init__(
-        self, node_id: str, host: str, port: int | None, load: Callable[[], Mapping[str, Any]]
+        self,
+        node_id: str,
+        host: str,
+        port: int | None,
+        load: Callable[[], Mapping[str, Any]],
+        health: metrics.Probe | None = None,
+        ready: metrics.Probe | None = None,
     ) -> None:
         self.node_id = node_id
         self._host, self._port = host, port
         self._load = load
+        self._health, self._ready = health, ready
         self._server: metrics.MetricsServer | None = None
 
     @property
@@ -101,7 +108,7 @@ class NodeTelemetry:
         tracing.configure("shoal-node")
         logs.bind_node(self.node_id)
         if self._port is not None:
-            self._server = metrics.MetricsServer(self._host, self._port)
+            self._server = metrics.MetricsServer(self._host, self._port, self._health, self._ready)
         metrics.track_node(self.node_id, self._load)
 
     async def stop(self) -> None:

@@ -26,10 +26,12 @@ rarer uses ordinary Counters.
 
 from __future__ import annotations
 
+import socket
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,7 +40,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -46,6 +48,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from shoal.errors import ConfigurationError
@@ -469,18 +472,47 @@ def render(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+HEALTH_PATH = "/healthz"  # alive: restart the process if this fails
+READY_PATH = "/readyz"  # ready: send it work (route to it) only while this succeeds
+
+Probe = Callable[[], tuple[bool, str]]  # (ok, why) for a health endpoint
+
+
 class MetricsServer:
     """``/metrics`` of this process on ``host:port`` (port 0: a free one, see ``port``),
-    served from a daemon thread by prometheus_client."""
+    served from a daemon thread; with probes, also ``/healthz`` and ``/readyz`` (200
+    or 503 with the reason as text), so an orchestrator can probe a node on the port
+    it already scrapes.
 
-    def __init__(self, host: str, port: int) -> None:
+    prometheus_client's own ``start_http_server`` serves metrics on every path; its
+    WSGI app behind a small path switch keeps its exposition and adds the probes."""
+
+    def __init__(
+        self, host: str, port: int, health: Probe | None = None, ready: Probe | None = None
+    ) -> None:
+        self._probes = {HEALTH_PATH: health, READY_PATH: ready}
+        self._metrics_app = make_wsgi_app(REGISTRY)
         try:
-            self._server, self._thread = start_http_server(port, host, registry=REGISTRY)
+            server_class = _IPv6Server if ":" in host else ThreadingWSGIServer
+            self._server = make_server(
+                host, port, self._app, server_class, handler_class=_QuietHandler
+            )
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
             ) from None
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
         self.host = host
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        probe = self._probes.get(environ.get("PATH_INFO", ""))
+        if probe is None:
+            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        ok, why = probe()
+        status = "200 OK" if ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [why.encode() + b"\n"]
 
     @property
     def port(self) -> int:
@@ -490,3 +522,14 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class _IPv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access line on stderr per scrape or probe (as prometheus_client does)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
