@@ -20,6 +20,7 @@ import typer
 from rich.table import Table
 
 from shoal import protocol
+from shoal.cli_cluster import register as register_cluster_commands
 from shoal.cli_keys import keys_app
 from shoal.cli_options import DataDir, LogFormat, LogLevel, Namespace, Redis, err, out
 from shoal.client import Client
@@ -49,6 +50,7 @@ engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
+register_cluster_commands(app)
 
 
 @app.callback()

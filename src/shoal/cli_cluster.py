@@ -1,0 +1,347 @@
+"""``shoal up``, ``shoal down``, ``shoal logs`` and ``shoal demo``: a whole cluster on
+this machine with one command. The work is in shoal.supervisor and shoal.demo; these
+functions parse flags, print, and turn signals into a clean stop."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import psutil
+import typer
+from rich.table import Table
+
+from shoal.agent import Agent
+from shoal.cli_options import DataDir, LogLevel, Namespace, Redis, err, out
+from shoal.errors import ConfigurationError
+from shoal.logtail import LogFollower, last_lines
+from shoal.settings import Settings
+from shoal.supervisor import (
+    GATEWAY,
+    LOG_DIR,
+    POLL_S,
+    STATE_DIR,
+    STOP_MARGIN_S,
+    SUPERVISOR_LOG,
+    ClusterFailed,
+    ClusterSpec,
+    ClusterState,
+    Supervisor,
+    describe,
+    pid_alive,
+    read_tail,
+)
+
+DETACH_TIMEOUT_S = 90.0
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(down)
+    app.command()(logs)
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    return Settings.from_env(data_dir=data_dir).data_dir
+
+
+# --- up ----------------------------------------------------------------------------------
+
+
+def up(
+    nodes: Annotated[int, typer.Option(help="Node processes to run.", min=0)] = 2,
+    app_module: Annotated[
+        str, typer.Option("--app", "-a", help="Module with the Agent classes the nodes host.")
+    ] = "shoal.examples",
+    host: Annotated[str, typer.Option(help="Address the gateway binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port (0: any free one).", min=0)] = 8000,
+    no_gateway: Annotated[
+        bool, typer.Option("--no-gateway", help="Run nodes only, no gateway.")
+    ] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure", help="Let the gateway serve a non-loopback address without API keys."
+        ),
+    ] = False,
+    grace: Annotated[
+        float, typer.Option(help="Seconds nodes get to finish their work on stop.", min=0)
+    ] = 30.0,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Run in the background (shoal down stops it).")
+    ] = False,
+    show_logs: Annotated[
+        bool, typer.Option("--logs/--no-logs", help="Print the children's logs here.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the addresses as JSON.")] = False,
+    log_level: LogLevel = None,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run a cluster here: the engine (embedded unless --redis), a gateway with the
+    dashboard, and --nodes nodes, restarted if they crash. Ctrl-C stops it all."""
+    settings = Settings.from_env(redis, namespace, data_dir)
+    spec = ClusterSpec(
+        app=app_module, nodes=nodes, host=host, port=port, gateway=not no_gateway,
+        insecure=insecure, grace=grace, redis=settings.url, namespace=settings.namespace,
+        data_dir=settings.data_dir, log_level=log_level,
+    )  # fmt: skip
+    _check_app(app_module)
+    if detach:
+        state = _start_detached(spec)
+        _print_up(state, spec, as_json, detached=True)
+        return
+    _run_foreground(spec, show_logs, as_json)
+
+
+def _check_app(module: str) -> None:
+    """A bad --app fails here, once, rather than in every node in a restart loop."""
+    from shoal.app import load_agents
+
+    load_agents(module)
+
+
+def _run_foreground(spec: ClusterSpec, show_logs: bool, as_json: bool) -> None:
+    supervisor = Supervisor(spec, say=lambda line: err.print(f"[bold]up[/bold]  {line}"))
+    follower = LogFollower(supervisor.log_files())  # from here: this run's lines only
+    with err.status(f"starting the engine, a gateway and {spec.nodes} node(s)…"):
+        state = supervisor.start()
+    _print_up(state, spec, as_json, detached=False)
+    stop = _StopOnSignal(supervisor)
+    try:
+        while not stop.requested.wait(POLL_S):
+            supervisor.poll()
+            if show_logs:
+                _print_lines(follower.read_new())
+    finally:
+        stop.restore()
+        err.print("[bold]up[/bold]  stopping: nodes drain their work (Ctrl-C again: at once)")
+        supervisor.stop(force=stop.count > 1)
+        if show_logs:
+            _print_lines(follower.read_new())
+        err.print("[bold]up[/bold]  stopped")
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask for a clean stop; a second one kills the children at once."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.requested = threading.Event()
+        self.count = 0
+        self._supervisor = supervisor
+        self._previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        self.requested.set()
+        if self.count > 1:
+            for child in self._supervisor.children.values():
+                child.signal(signal.SIGKILL)
+
+    def restore(self) -> None:
+        """Keep counting signals during the stop, but no longer raise in the loop."""
+        self.requested.set()
+
+
+def _print_lines(lines: list[tuple[str, str]]) -> None:
+    width = max((len(name) for name, _ in lines), default=0)
+    for name, line in lines:
+        out.print(f"[cyan]{name:<{width}}[/cyan] | {line}", markup=True, highlight=False)
+
+
+def _print_up(state: ClusterState, spec: ClusterSpec, as_json: bool, detached: bool) -> None:
+    info = describe(state, spec.data_dir)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(show_header=False, box=None, title="Shoal is up", title_justify="left")
+    if info["dashboard"]:
+        table.add_row("dashboard", info["dashboard"])
+        table.add_row("HTTP API", info["api"])
+    table.add_row("engine", info["engine"])
+    table.add_row("namespace", info["namespace"])
+    table.add_row("nodes", f"{len(info['nodes'])} hosting {state.app}")
+    table.add_row("logs", f"{info['logs']}  (shoal logs -f)")
+    out.print(table)
+    out.print("Submit a first task:")
+    for line in _first_task_hints(state, spec):
+        out.print(f"  {line}", markup=False, highlight=False)
+    out.print("shoal down stops it." if detached else "Ctrl-C stops it.")
+
+
+def _first_task_hints(state: ClusterState, spec: ClusterSpec) -> list[str]:
+    from shoal.app import capability_table, load_agents
+
+    env = "" if spec.namespace == "default" else f"SHOAL_NAMESPACE={spec.namespace} "
+    data = "" if spec.data_dir == Path(".shoal") else f" --data-dir {spec.data_dir}"
+    if state.app == "shoal.examples":
+        hints = [
+            f"{env}shoal call process_document doc_id=first "
+            f'text="Shoal runs agents. It survives failures."{data}',
+            f'{env}shoal call chat --agent chat/ada text="my name is Ada"{data}',
+        ]
+    else:
+        table = capability_table(load_agents(state.app))
+        hints = [f"{env}shoal call {_call_example(n, table[n])}{data}" for n in sorted(table)[:1]]
+    if state.gateway_url:
+        capability = "process_document" if state.app == "shoal.examples" else "CAPABILITY"
+        hints.append(
+            f"curl -s -X POST '{state.gateway_url}/v1/tasks?wait=10' -H 'content-type: "
+            f'application/json\' -d \'{{"capability": "{capability}", "args": {{...}}}}\''
+        )
+    return hints
+
+
+def _call_example(name: str, agent: type[Agent]) -> str:
+    """``NAME a=... b=...`` from the handler's parameters."""
+    method = getattr(agent, agent.capabilities()[name].method_name)
+    params = [p for p in inspect.signature(method).parameters.values() if p.name != "self"]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+    return " ".join([name, *(f"{p}=..." for p in required)])
+
+
+def _start_detached(spec: ClusterSpec) -> ClusterState:
+    """Run ``shoal up`` again as a background process and wait until it is up."""
+    argv = [sys.executable, "-m", "shoal.cli", "up", "--no-logs",
+            "--nodes", str(spec.nodes), "--app", spec.app, "--host", spec.host,
+            "--port", str(spec.port), "--grace", str(spec.grace),
+            "--namespace", spec.namespace, "--data-dir", str(spec.data_dir),
+            *(["--no-gateway"] if not spec.gateway else []),
+            *(["--insecure"] if spec.insecure else []),
+            *(["--log-level", spec.log_level] if spec.log_level else [])]  # fmt: skip
+    env = dict(os.environ)
+    if spec.redis:
+        env["SHOAL_REDIS_URL"] = spec.redis  # not on the command line: ps shows that
+    running = ClusterState.read(spec.state_dir)
+    if running is not None:
+        raise ConfigurationError(
+            f"a cluster is already up from {spec.data_dir} (supervisor pid {running.pid}); "
+            "stop it with: shoal down"
+        )
+    (spec.state_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    log_path = spec.state_dir / LOG_DIR / SUPERVISOR_LOG
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    with err.status("starting in the background…"):
+        return _wait_detached(proc, spec, log_path)
+
+
+def _wait_detached(
+    proc: subprocess.Popen[bytes], spec: ClusterSpec, log_path: Path
+) -> ClusterState:
+    deadline = time.monotonic() + DETACH_TIMEOUT_S
+    while True:
+        state = ClusterState.read(spec.state_dir)
+        if state is not None and state.pid == proc.pid and state.ready:
+            return state
+        code = proc.poll()
+        if code is not None:
+            tail = "\n".join(read_tail(log_path, 20))
+            raise ClusterFailed(f"shoal up exited with code {code}; its log ({log_path}):\n{tail}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise ClusterFailed(f"not up within {DETACH_TIMEOUT_S:.0f}s; see {log_path}")
+        time.sleep(POLL_S)  # the background supervisor writes its state when ready
+
+
+# --- down --------------------------------------------------------------------------------
+
+
+def down(
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds to wait for a clean stop before killing (default: grace+10)."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Stop the cluster `shoal up --detach` started here: nodes drain, then everything
+    (and the embedded engine, if up started it) stops."""
+    state_dir = _data_dir(data_dir) / STATE_DIR
+    state = ClusterState.read(state_dir)
+    if state is None:
+        out.print(f"no cluster is up from {state_dir.parent}")
+        return
+    os.kill(state.pid, signal.SIGTERM)
+    limit = timeout if timeout is not None else state.grace + STOP_MARGIN_S + 5
+    with err.status(f"stopping (supervisor pid {state.pid}; nodes drain their work)…"):
+        clean = _wait_gone(state.pid, limit)
+    leftovers = [c for c in state.children if pid_alive(c.pid)]
+    for child in leftovers if not clean else []:
+        os.kill(child.pid, signal.SIGKILL)
+    if not clean:
+        os.kill(state.pid, signal.SIGKILL)
+        names = ", ".join(c.name for c in leftovers) or "none"
+        err.print(f"not stopped within {limit:.0f}s: killed the supervisor and {names}")
+        raise typer.Exit(1)
+    out.print("stopped")
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+# --- logs --------------------------------------------------------------------------------
+
+
+def logs(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Which: gateway, node-1, …, supervisor (default: all)."),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of each to show.", min=0)] = 20,
+    data_dir: DataDir = None,
+) -> None:
+    """Show the logs of the cluster `shoal up` runs (or ran) here."""
+    log_dir = _data_dir(data_dir) / STATE_DIR / LOG_DIR
+    files = {p.stem: p for p in sorted(log_dir.glob("*.log"), key=_log_order)}
+    if not files:
+        raise ConfigurationError(f"no logs in {log_dir}: start a cluster with shoal up")
+    unknown = sorted(set(names or ()) - files.keys())
+    if unknown:
+        raise ConfigurationError(
+            f"no log named {', '.join(unknown)} in {log_dir}; there are: {', '.join(files)}"
+        )
+    chosen = {n: files[n] for n in names} if names else files
+    _print_lines(last_lines(chosen, lines))
+    if not follow:
+        return
+    follower = LogFollower(chosen)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        while not stop.wait(POLL_S):
+            _print_lines(follower.read_new())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _log_order(path: Path) -> tuple[int, str]:
+    """supervisor, gateway, then the nodes in number order."""
+    name = path.stem
+    rank = {"supervisor": 0, GATEWAY: 1}.get(name, 2)
+    number = name.rpartition("-")[2]
+    return rank, number.zfill(6) if number.isdigit() else name
