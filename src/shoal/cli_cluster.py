@@ -4,6 +4,7 @@ functions parse flags, print, and turn signals into a clean stop."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from shoal.agent import Agent
 from shoal.cli_options import DataDir, LogLevel, Namespace, Redis, err, out
+from shoal.demo import DemoConfig
 from shoal.errors import ConfigurationError
 from shoal.logtail import LogFollower, last_lines
 from shoal.settings import Settings
@@ -36,6 +38,7 @@ from shoal.supervisor import (
     ClusterSpec,
     ClusterState,
     Supervisor,
+    check_port_free,
     describe,
     pid_alive,
     read_tail,
@@ -48,6 +51,7 @@ def register(app: typer.Typer) -> None:
     app.command()(up)
     app.command()(down)
     app.command()(logs)
+    app.command()(demo)
 
 
 def _data_dir(data_dir: Path | None) -> Path:
@@ -227,8 +231,8 @@ def _start_detached(spec: ClusterSpec) -> ClusterState:
     running = ClusterState.read(spec.state_dir)
     if running is not None:
         raise ConfigurationError(
-            f"a cluster is already up from {spec.data_dir} (supervisor pid {running.pid}); "
-            "stop it with: shoal down"
+            f"a cluster is already running from {spec.state_dir} (supervisor pid "
+            f"{running.pid}); stop it with: shoal down"
         )
     (spec.state_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     log_path = spec.state_dir / LOG_DIR / SUPERVISOR_LOG
@@ -345,3 +349,91 @@ def _log_order(path: Path) -> tuple[int, str]:
     rank = {"supervisor": 0, GATEWAY: 1}.get(name, 2)
     number = name.rpartition("-")[2]
     return rank, number.zfill(6) if number.isdigit() else name
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def demo(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the cluster running after (Ctrl-C stops it).")
+    ] = False,
+    nodes: Annotated[int, typer.Option(help="Nodes (one of them is killed).", min=2)] = 3,
+    documents: Annotated[
+        int, typer.Option(help="Documents through the pipeline.", min=1)
+    ] = DemoConfig.documents,
+    users: Annotated[
+        int, typer.Option(help="Chat users, each an agent.", min=0)
+    ] = DemoConfig.users,
+    turns: Annotated[int, typer.Option(help="Chat turns per user.", min=0)] = DemoConfig.turns,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the workload may take before unfinished tasks count as lost.", min=1
+        ),
+    ] = DemoConfig.timeout,
+    port: Annotated[
+        int, typer.Option(help="Gateway/dashboard port (taken: any free one).", min=0)
+    ] = 8000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    app_module: Annotated[
+        str, typer.Option("--app", hidden=True, help="Module with the workload's agents.")
+    ] = "shoal.examples",
+    redis: Redis = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Start a 3-node cluster, run documents and chats through it, SIGKILL a node midway,
+    and check that nothing was lost. Exit code 0 only if every task succeeded with the
+    right answer."""
+    from shoal.demo import demo_namespace, run_demo
+    from shoal.demo_view import LiveView, print_report, report_json
+
+    config = DemoConfig(documents=documents, users=users, turns=turns, timeout=timeout,
+                        app=app_module)  # fmt: skip
+    settings = Settings.from_env(redis, None, data_dir)
+    spec = ClusterSpec(
+        app=app_module, nodes=nodes, port=port if _port_free(port) else 0, grace=5.0,
+        redis=settings.url, namespace=demo_namespace(), data_dir=settings.data_dir,
+        restart=False, run_name="demo",
+    )  # fmt: skip
+    _check_app(app_module)
+    console = err if as_json else out
+    supervisor = Supervisor(spec, say=lambda line: console.print(f"[dim]{line}[/dim]"))
+    with err.status(f"starting an engine, a gateway and {nodes} nodes…"):
+        state = supervisor.start()  # in the main thread: children die with it (see Child)
+    try:
+        console.print(
+            f"cluster up: {', '.join(n for n in supervisor.children if n != GATEWAY)}, "
+            f"dashboard {state.gateway_url}/, namespace {spec.namespace}"
+        )
+        with LiveView(console, config) as view:
+            report = asyncio.run(run_demo(supervisor, config, view.outcome, view.killed))
+        dashboard = f"{state.gateway_url}/"
+        if as_json:
+            out.print(report_json(report, dashboard), markup=False, highlight=False)
+        else:
+            print_report(console, report, dashboard, keep)
+        if keep:
+            _keep_running(supervisor, dashboard)
+    finally:
+        supervisor.stop()
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _port_free(port: int) -> bool:
+    try:
+        check_port_free("127.0.0.1", port)
+    except ConfigurationError:
+        return False
+    return True
+
+
+def _keep_running(supervisor: Supervisor, dashboard: str) -> None:
+    err.print(f"the cluster stays up: {dashboard}  (Ctrl-C stops it)")
+    stop = _StopOnSignal(supervisor)
+    try:
+        while not stop.requested.wait(POLL_S):
+            supervisor.poll()
+    finally:
+        stop.restore()

@@ -81,6 +81,7 @@ class ClusterSpec:
     log_level: str | None = None
     node_args: tuple[str, ...] = ()  # extra `shoal node` flags (the demo's)
     restart: bool = True
+    run_name: str = STATE_DIR  # the state directory under data_dir: "up", or "demo"
 
     def __post_init__(self) -> None:
         if self.nodes < 0:
@@ -93,7 +94,7 @@ class ClusterSpec:
 
     @property
     def state_dir(self) -> Path:
-        return self.data_dir / STATE_DIR
+        return self.data_dir / self.run_name
 
 
 @dataclass
@@ -271,9 +272,10 @@ class Supervisor:
         (spec.state_dir / LOG_DIR).mkdir(exist_ok=True)
         running = ClusterState.read(spec.state_dir)
         if running is not None and running.pid != os.getpid():
+            stop = "shoal down" if spec.run_name == STATE_DIR else f"kill {running.pid}"
             raise ConfigurationError(
-                f"a cluster is already up from {spec.data_dir} (supervisor pid {running.pid}, "
-                f"namespace {running.namespace!r}); stop it with: shoal down"
+                f"a cluster is already running from {spec.state_dir} (supervisor pid "
+                f"{running.pid}, namespace {running.namespace!r}); stop it with: {stop}"
             )
         port = self._gateway_port()
         self._start_engine()
@@ -369,9 +371,16 @@ class Supervisor:
     async def _all_ready(self) -> bool:
         names = [n for n in self.children if n != GATEWAY]
         async with Client(settings=self.settings) as client:
-            alive = {n.id for n in (await client.cluster()).nodes if n.state == "alive"}
+            state = await client.cluster()
+        alive = {n.id for n in state.nodes if n.state == "alive"}
+        # Agent partitions spread: a node that joins a moment after another takes over
+        # its share a lease round later; ready means work would spread over all.
+        settled = all(
+            t.unowned == 0 and set(names) <= {n for n, count in t.owners.items() if count}
+            for t in state.agent_types
+        )
         for name in names:
-            self.children[name].ready = name in alive
+            self.children[name].ready = name in alive and settled
         if GATEWAY in self.children:
             self.children[GATEWAY].ready = await _http_ok(f"{self.gateway_url}/readyz")
         return all(c.ready for c in self.children.values())
