@@ -166,6 +166,7 @@ async def test_chat_calls_the_calculator_and_the_pipeline(
         lines = ["calculate: 2 + 3 * 4", "what is 1 / 0?", f"summarize: {TWO_PARAGRAPHS}"]
         calc, bad, summary = await talk(client, "carol", *lines)
         plain = await client.call("calculate", expression="2 ^ 10", result_timeout=10)
+        asked = await client.request("chat/carol", "what is 6 * 7?")  # a message turn
         with pytest.raises(TaskFailed, match="address it"):
             await client.call("chat", text="hi", result_timeout=10)
     assert (calc["intent"], calc["reply"]) == ("calculate", "2 + 3 * 4 = 14")
@@ -173,6 +174,7 @@ async def test_chat_calls_the_calculator_and_the_pipeline(
     assert summary["intent"] == "summarize"
     assert summary["reply"] == f"Summary (2 chunk(s)): {pipeline.expected_summary(TWO_PARAGRAPHS)}"
     assert plain == 1024
+    assert (asked["turn"], asked["reply"]) == (4, "6 * 7 = 42")
     assert sum((await summarizer_chunks(client)).values()) == 2  # the chat's document
 
 
