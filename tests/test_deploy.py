@@ -235,7 +235,7 @@ def shared_env_names() -> set[str]:
 
 def cli_default(command: str, option: str) -> Any:
     root = typer.main.get_command(shoal.cli.app)
-    params = {p.name: p for p in root.commands[command].params}
+    params = {p.name: p for p in root.commands[command].params}  # type: ignore[attr-defined]
     return params[option].default
 
 
