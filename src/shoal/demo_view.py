@@ -147,7 +147,8 @@ def report_json(report: DemoReport, dashboard: str | None) -> str:
             "partitions_moved_s": t.partitions_moved_s, "tasks_done_s": t.tasks_done_s,
             "running_tasks": len(t.running_tasks), "active_agents": len(t.active_agents),
             "partitions": sum(t.partitions.values()),
-            "moved_to": dict(Counter(t.moved_to.values())),
+            "moved_to": dict(Counter(n for n in t.moved_to.values() if n != t.victim)),
+            "finished_before_kill": t.finished_before_kill,
         }  # fmt: skip
     return json.dumps({
         "passed": report.passed, "submitted": len(report.outcomes),
