@@ -199,7 +199,7 @@ async def test_a_second_up_in_the_same_place_is_refused(settings: Settings, tmp_
     assert code == 0, err
     try:
         code, _, err = await shoal(settings, *UP, "--detach", "--data-dir", str(tmp_path))
-        assert code == 1 and "a cluster is already up" in err and "shoal down" in err
+        assert code == 1 and "a cluster is already running" in err and "shoal down" in err
     finally:
         code, _, _ = await shoal(settings, "down", "--data-dir", str(tmp_path))
     assert code == 0

@@ -64,7 +64,13 @@ def _data_dir(data_dir: Path | None) -> Path:
 def up(
     nodes: Annotated[int, typer.Option(help="Node processes to run.", min=0)] = 2,
     app_module: Annotated[
-        str, typer.Option("--app", "-a", help="Module with the Agent classes the nodes host.")
+        str,
+        typer.Option(
+            "--app",
+            "-a",
+            envvar="SHOAL_UP_APP",
+            help="Module with the Agent classes the nodes host.",
+        ),
     ] = "shoal.examples",
     host: Annotated[str, typer.Option(help="Address the gateway binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway port (0: any free one).", min=0)] = 8000,
