@@ -76,7 +76,7 @@ class Takeover:
 
     victim: str
     pid: int
-    running_tasks: list[str] = field(default_factory=list)  # task ids it was running
+    running_tasks: dict[str, str] = field(default_factory=dict)  # id -> capability, running
     active_agents: list[str] = field(default_factory=list)
     partitions: dict[str, int] = field(default_factory=dict)  # agent type -> count it held
     killed_at_ms: int = 0
@@ -85,6 +85,7 @@ class Takeover:
     partitions_moved_s: float | None = None
     tasks_done_s: float | None = None
     moved_to: dict[str, str] = field(default_factory=dict)  # task id -> node that finished it
+    agents_to: dict[str, str] = field(default_factory=dict)  # agent -> node it answered from next
     partitions_to: dict[str, int] = field(default_factory=dict)  # node -> partitions now
 
     @property
@@ -137,6 +138,8 @@ class Workload:
         self._on_outcome = on_outcome
         self.outcomes: list[Outcome] = []
         self.running: dict[str, TaskHandle] = {}  # top-level tasks not finished yet
+        # chat agent id -> (when, node) of each answered turn: where the agent lived
+        self.chat_nodes: dict[str, list[tuple[float, str]]] = {}
         self.deadline = time.monotonic() + config.timeout
         self.examples = _examples(config.app)
 
@@ -172,7 +175,11 @@ class Workload:
         for turn, text in enumerate(lines, start=1):
             started = time.monotonic()
             handle = await self.client.submit("chat", agent=f"chat/{user}", text=text)
-            await self._finish(handle, "chat", started, _check_chat(user, turn))
+            outcome = await self._finish(handle, "chat", started, _check_chat(user, turn))
+            if outcome.node:
+                self.chat_nodes.setdefault(f"chat/{user}", []).append(
+                    (time.monotonic(), outcome.node)
+                )
 
     async def _finish(
         self,
@@ -180,7 +187,7 @@ class Workload:
         kind: str,
         started: float,
         check: Callable[[Any], str],
-    ) -> None:
+    ) -> Outcome:
         self.running[handle.id] = handle
         status, result, wrong = "succeeded", None, ""
         try:
@@ -196,6 +203,7 @@ class Workload:
         outcome = Outcome(handle.id, kind, status, time.monotonic() - started, node, wrong)
         self.outcomes.append(outcome)
         self._on_outcome(outcome)
+        return outcome
 
     def _check_document(self, text: str) -> Callable[[Any], str]:
         expected = self.examples["pipeline"].expected_summary(text)
@@ -248,14 +256,41 @@ async def kill_when(
     nodes = [n for n in supervisor.children if n != "gateway"]
     victim = _busiest_node(await _running(workload), nodes)
     takeover = await _snapshot(client, victim)
+    # the directory lists active agents as nodes publish them (not at once): add the
+    # chat agents whose last answer came from the victim
+    last = {agent: turns[-1][1] for agent, turns in workload.chat_nodes.items()}
+    takeover.active_agents = sorted(
+        set(takeover.active_agents) | {a for a, node in last.items() if node == victim}
+    )
     # last, as close to the kill as can be; one that ends before it is told apart later
-    takeover.running_tasks = [s.id for s in await _running(workload) if s.node == victim]
+    running = await _running(workload)
+    takeover.running_tasks = {s.id: s.capability for s in running if s.node == victim}
     takeover.pid = supervisor.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     takeover.killed_at_ms = protocol.now_ms()
     on_kill(takeover)
     await _follow_takeover(client, takeover, killed, workload.deadline)
+    takeover.agents_to = await _new_homes(workload, takeover, killed)
     return takeover
+
+
+async def _new_homes(workload: Workload, takeover: Takeover, killed: float) -> dict[str, str]:
+    """Where each chat agent of the victim answered first after the kill (waits for
+    the workload to give each of them a turn, within the deadline)."""
+    moved = [a for a in takeover.active_agents if a in workload.chat_nodes]
+
+    async def answered() -> bool:
+        return all(workload.chat_nodes[a][-1][0] > killed for a in moved) or workload.done == (
+            workload.config.total
+        )
+
+    await _until(answered, workload.deadline)
+    homes = {}
+    for agent in moved:
+        after = [node for at, node in workload.chat_nodes[agent] if at > killed]
+        if after:
+            homes[agent] = after[0]
+    return homes
 
 
 async def _ready_to_kill(workload: Workload) -> bool:

@@ -94,8 +94,9 @@ def _print_takeover(console: Console, takeover: Takeover) -> None:
         f"its {partitions} agent partition(s) re-owned after",
         f"{_secs(takeover.partitions_moved_s)}  (now: {moved})",
     )
+    homes = [f"{a} → {n}" for a, n in sorted(takeover.agents_to.items())]
     table.add_row(f"its {len(takeover.active_agents)} active agent(s)",
-                  _sample(takeover.active_agents))  # fmt: skip
+                  _sample(homes or takeover.active_agents, 3))  # fmt: skip
     where = Counter(n for n in takeover.moved_to.values() if n != takeover.victim)
     finished = ", ".join(f"{n} {c}" for n, c in sorted(where.items())) or "-"
     before = takeover.finished_before_kill
@@ -104,6 +105,10 @@ def _print_takeover(console: Console, takeover: Takeover) -> None:
         f"its {sum(where.values())} running task(s) finished elsewhere after",
         f"{_secs(takeover.tasks_done_s) if where else '-'}  (on: {finished}{note})",
     )
+    examples = [f"{takeover.running_tasks[i]} {i} → {n}"
+                for i, n in takeover.moved_to.items() if n != takeover.victim]  # fmt: skip
+    if examples:
+        table.add_row("e.g.", _sample(examples, 3))
     console.print(table)
 
 
@@ -146,6 +151,7 @@ def report_json(report: DemoReport, dashboard: str | None) -> str:
             "victim": t.victim, "seconds": t.seconds, "declared_dead_s": t.declared_dead_s,
             "partitions_moved_s": t.partitions_moved_s, "tasks_done_s": t.tasks_done_s,
             "running_tasks": len(t.running_tasks), "active_agents": len(t.active_agents),
+            "agents_to": t.agents_to,
             "partitions": sum(t.partitions.values()),
             "moved_to": dict(Counter(n for n in t.moved_to.values() if n != t.victim)),
             "finished_before_kill": t.finished_before_kill,
@@ -173,5 +179,5 @@ def _secs(value: float | None) -> str:
 def _sample(items: list[str], shown: int = 4) -> str:
     if not items:
         return "none"
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more
+    more = f"\n… and {len(items) - shown} more" if len(items) > shown else ""
+    return "\n".join(items[:shown]) + more
