@@ -5,7 +5,7 @@ container can answer, on 127.0.0.1:
 
 * the gateway's ``/healthz`` on ``SHOAL_GATEWAY_PORT`` (``shoal gateway --port``);
 * the node's ``/healthz`` on ``SHOAL_NODE_METRICS_PORT`` (``shoal node --metrics-port``),
-  which answers 200 while the node's heartbeat is current and 503 when it is not.
+  which answers 200 while the node's event loop turns and 503 when it is blocked.
 
 The ports are the environment variables the ``shoal`` command itself reads, so a port
 changed through the environment is followed here too (a port given as a flag is not:
