@@ -123,7 +123,7 @@ def _check_app(module: str) -> None:
 
 def _run_foreground(spec: ClusterSpec, show_logs: bool, as_json: bool) -> None:
     supervisor = Supervisor(spec, say=lambda line: err.print(f"[bold]up[/bold]  {line}"))
-    follower = LogFollower(supervisor.log_files())  # from here: this run's lines only
+    follower = LogFollower(supervisor.log_files(), from_start=True)  # each run: new files
     with err.status(f"starting the engine, a gateway and {spec.nodes} node(s)…"):
         state = supervisor.start()
     _print_up(state, spec, as_json, detached=False)
@@ -242,6 +242,8 @@ def _start_detached(spec: ClusterSpec) -> ClusterState:
         )
     (spec.state_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     log_path = spec.state_dir / LOG_DIR / SUPERVISOR_LOG
+    if log_path.exists():
+        log_path.replace(log_path.with_name(log_path.name + ".1"))
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,

@@ -311,6 +311,9 @@ class Supervisor:
 
     def _spawn_children(self, port: int) -> None:
         spec, env = self.spec, self._child_env()
+        for path in self.log_files().values():  # bounded: this run's, and the last one's
+            if path.exists():
+                path.replace(path.with_name(path.name + ".1"))
         shoal = [sys.executable, "-m", "shoal.cli"]
         for name, log_path in self.log_files().items():
             if name == GATEWAY:
