@@ -207,10 +207,10 @@ class QuickProfile:
     """How much ``shoal bench`` does. The defaults take some 10-30 s on a small machine
     (most of it starting node processes); every figure can be made tiny for a test."""
 
-    tasks: int = 10_000  # no-op tasks per throughput run
+    tasks: int = 20_000  # no-op tasks per throughput run
     nodes: int = 2  # throughput with 1, 2, .. this many node processes
-    round_trips: int = 1000  # sequential task round trips (one node)
-    requests: int = 300  # sequential agent requests (one node); 0 skips them
+    round_trips: int = 2000  # sequential task round trips (one node)
+    requests: int = 1000  # sequential agent requests (one node); 0 skips them
     concurrency: int = 256  # tasks each node runs at once
     warmup: int = 20  # round trips of each kind before measuring
 
