@@ -524,8 +524,9 @@ cli_bench.register(app)  # bench
 def main() -> None:
     """Entry point: run the app, turning errors into one line and an exit code.
 
-    Usage errors are reported by typer itself (exit 2); a failed task or request
-    exits 3, a wait that ran out 4, any other Shoal error 1.
+    Usage errors are reported by typer itself (exit 2); a failed task (``submit
+    --wait``, ``call``) or request exits 3, a wait that ran out 4, any other Shoal
+    error 1. ``--watch [SECONDS]`` may stand alone: its default is filled in first.
     """
     debug = "--debug" in sys.argv or os.environ.get("SHOAL_DEBUG") == "1"
     if "--debug" in sys.argv:
