@@ -7,14 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +21,11 @@ import psutil
 import redis
 from redis.crc import key_slot
 
-from shoal.engine import EmbeddedEngine
+# Shared with `shoal bench` (shoal.benchmark), re-exported for the benchmarks here.
+from shoal.benchmark import machine as machine
+from shoal.benchmark import node_processes as node_processes
+from shoal.benchmark import percentile as percentile
+from shoal.benchmark import private_engine as private_engine
 from shoal.testing.topologies import LocalCluster, LocalSentinelGroup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,18 +40,6 @@ PEERS_STANDALONE_ONLY = (
     "Cluster support; kombu, arq and taskiq-redis have Sentinel support, and taskiq-redis "
     "Cluster brokers, which the harness does not use)"
 )
-
-
-@contextlib.contextmanager
-def private_engine() -> Iterator[str]:
-    """A fresh embedded engine in a temporary directory; yields its URL."""
-    with tempfile.TemporaryDirectory(prefix="shoal-bench-") as tmp:
-        engine = EmbeddedEngine(tmp)
-        record = engine.ensure()
-        try:
-            yield record.url
-        finally:
-            engine.stop()
 
 
 @dataclass(frozen=True)
@@ -168,38 +156,6 @@ def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 def shoal_env(ack_replicas: int = 0) -> dict[str, str]:
     """Extra environment of node processes: the run's settings, not the shell's."""
     return {"SHOAL_ACK_REPLICAS": str(ack_replicas)}
-
-
-@contextlib.contextmanager
-def node_processes(
-    url: str,
-    namespace: str,
-    count: int,
-    concurrency: int = 256,
-    env: dict[str, str] | None = None,
-) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` separate ``shoal node`` processes hosting bench.noop_app."""
-    env = {**os.environ, "SHOAL_REDIS_URL": url, "SHOAL_NAMESPACE": namespace, **(env or {})}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "shoal.cli", "node", "--app", "bench.noop_app",
-             "--concurrency", str(concurrency), "--name", f"bench-{namespace}-{i}",
-             "--log-level", "warning"],
-            cwd=REPO, env=env,
-        )
-        for i in range(count)
-    ]  # fmt: skip
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def process_cpu(procs: Sequence[subprocess.Popen[bytes]]) -> float:
@@ -340,26 +296,10 @@ def save(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
 def emit(result: dict[str, Any]) -> None:
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     sys.stdout.flush()
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 def report(benchmark: str, engine: Engine, args: Any, runs: list[Any], peers: list[str]) -> None:

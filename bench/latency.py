@@ -31,6 +31,7 @@ from bench.common import (
     shoal_env,
 )
 from shoal import Client, Settings
+from shoal.benchmark import round_trips
 
 WARMUP = 50
 
@@ -39,14 +40,9 @@ async def _measure(engine: Engine, namespace: str, n: int, ack_replicas: int) ->
     settings = Settings(url=engine.url, namespace=namespace, ack_replicas=ack_replicas)
     async with Client(settings=settings) as client:
         await client.wait_for_hosts("noop")
-        for i in range(WARMUP):
-            await client.call("noop", i=i)
+        await round_trips(client, WARMUP)
         before = await asyncio.to_thread(engine_snapshot, engine)
-        samples = []
-        for i in range(n):
-            start = time.perf_counter()
-            await client.call("noop", i=i)
-            samples.append((time.perf_counter() - start) * 1000)
+        samples = await round_trips(client, n)
         after = await asyncio.to_thread(engine_snapshot, engine)
     samples.sort()
     return {

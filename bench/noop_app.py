@@ -1,17 +1,8 @@
 """The agents the benchmarks run: a no-op capability, so what is measured is Shoal,
-and a 'nap' for the failover benchmark (tasks that take a known time)."""
+and a 'nap' for the failover benchmark (tasks that take a known time). They live in
+shoal.benchmark, which `shoal bench` uses too; this module keeps ``--app
+bench.noop_app`` working."""
 
-import asyncio
+from shoal.benchmark import Noop
 
-from shoal import Agent, capability
-
-
-class Noop(Agent):
-    @capability("noop")
-    async def noop(self, i: int = 0) -> int:
-        return i
-
-    @capability("nap")
-    async def nap(self, seconds: float = 0.2, i: int = 0) -> int:
-        await asyncio.sleep(seconds)  # the work itself: a task of known duration
-        return i
+agents = [Noop]

@@ -40,6 +40,7 @@ from bench.common import (
     slot_owners,
 )
 from shoal import Client, Settings
+from shoal.benchmark import drain
 
 
 async def _measure(
@@ -51,22 +52,18 @@ async def _measure(
         await client.call("noop", i=0)  # warm: scripts loaded, groups created
         before = await asyncio.to_thread(engine_snapshot, engine)
         nodes_cpu, client_cpu = process_cpu(procs), time.process_time()
-        start = time.perf_counter()
-        handles = await client.submit_many("noop", [{"i": i} for i in range(n)])
-        submitted = time.perf_counter()
-        results = await asyncio.gather(*(h.result() for h in handles))
-        done = time.perf_counter()
+        drained = await drain(client, n)
         client_cpu, nodes_cpu = time.process_time() - client_cpu, process_cpu(procs) - nodes_cpu
         after = await asyncio.to_thread(engine_snapshot, engine)
         groups = (await client.cluster()).key_groups
-        task_keys = [client.keys.task(h.id) for h in handles]
-    assert results == list(range(n)), "a result is missing or wrong"
+        task_keys = [client.keys.task(h.id) for h in drained.handles]
+    assert drained.results == list(range(n)), "a result is missing or wrong"
     spread = _spread(engine, task_keys, [g.shard for g in groups])
     return {
         "n": n,
-        "submit_s": round(submitted - start, 3),
-        "seconds": round(done - start, 3),
-        "tasks_per_s": round(n / (done - start)),
+        "submit_s": round(drained.submit_s, 3),
+        "seconds": round(drained.seconds, 3),
+        "tasks_per_s": round(drained.tasks_per_s),
         "client_cpu_us_per_task": round(client_cpu / n * 1e6, 1),
         "nodes_cpu_us_per_task": round(nodes_cpu / n * 1e6, 1),
         "key_groups": {"count": len(groups), "per_shard": spread["groups"]},

@@ -27,11 +27,14 @@ from tests.stateful import Counter, Relay
 
 
 async def shoal(
-    settings: Settings | None, *args: str, env: dict[str, str] | None = None
+    settings: Settings | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "shoal.cli", *args,
-        cwd=REPO, env=env or (node_env(settings) if settings else dict(os.environ)),
+        cwd=cwd, env=env or (node_env(settings) if settings else dict(os.environ)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

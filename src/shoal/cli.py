@@ -6,28 +6,42 @@ SHOAL_DEBUG=1) shows the traceback too.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
-import msgspec
 import typer
 from rich.table import Table
 
-from shoal import protocol
+from shoal import cli_bench, cli_status, cli_tasks, protocol
 from shoal.cli_cluster import register as register_cluster_commands
 from shoal.cli_keys import keys_app
-from shoal.cli_options import DataDir, LogFormat, LogLevel, Namespace, Redis, err, out
-from shoal.client import Client
-from shoal.cluster import ClusterState
+from shoal.cli_options import (
+    AsJson,
+    DataDir,
+    Limit,
+    LogFormat,
+    LogLevel,
+    Namespace,
+    Redis,
+    err,
+    out,
+    print_json,
+    print_line,
+    to_data,
+)
+from shoal.cli_progress import spinner
+from shoal.cli_support import ago as _ago
+from shoal.cli_support import client as _client
+from shoal.cli_support import parse_assignments, parse_message
+from shoal.cli_support import run as _run
+from shoal.cli_support import settings as _settings
+from shoal.cli_support import size as _size
+from shoal.cli_support import ts as _ts
+from shoal.client import Client, DeadLetter
 from shoal.config_file import CONFIG_ENV, ENV_PREFIX, config_path, default_map, read_config
 from shoal.errors import (
-    ConfigurationError,
     RequestFailed,
     RequestTimeout,
     ResultTimeout,
@@ -35,15 +49,16 @@ from shoal.errors import (
     TaskFailed,
     UnknownAgentType,
 )
+from shoal.keys import validate_capability
 from shoal.settings import Settings
 
-T = TypeVar("T")
+__all__ = ["app", "main", "parse_assignments", "parse_message"]
 
 app = typer.Typer(
     help="Shoal: a distributed runtime for AI agents.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 dlq_app = typer.Typer(help="Inspect and re-drive dead-lettered tasks.", no_args_is_help=True)
 engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help=True)
@@ -72,81 +87,6 @@ def _root(
     path = config_path(config)
     if path is not None:
         ctx.default_map = default_map(ctx.command, read_config(path), path)
-
-
-def _settings(redis: str | None, namespace: str | None, data_dir: Path | None) -> Settings:
-    return Settings.from_env(redis, namespace, data_dir)
-
-
-def _client(redis: str | None, namespace: str | None, data_dir: Path | None) -> Client:
-    """The client every command uses: flags, then SHOAL_* variables, then defaults."""
-    return Client(settings=_settings(redis, namespace, data_dir))
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def _ts(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
-def _ago(ms: int | None, now_ms: int) -> str:
-    """How long ago an epoch-ms time was, shortly: 4.2s, 3m12s, 5h03m or 2d04h ago."""
-    if ms is None:
-        return "-"
-    elapsed = max(0, now_ms - ms) / 1000
-    if elapsed < 60:
-        return f"{elapsed:.1f}s ago"
-    s = int(elapsed)
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s ago"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 2**20:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _print_line(value: Any) -> None:
-    """One line of JSON, exactly as it is: no rich markup, emoji codes or wrapping
-    (``[true]`` would otherwise be read as markup, and a long result wrapped)."""
-    out.out(json.dumps(value, default=repr), highlight=False)
-
-
-def parse_message(text: str) -> Any:
-    """A message given on the command line: JSON (a bare word is not taken as text)."""
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise ConfigurationError(
-            f'message {text!r} is not JSON ({exc}); pass JSON, e.g. \'{{"text": "hi"}}\', '
-            "'3', or '\"hi\"' for a string"
-        ) from None
-
-
-def parse_assignments(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; a value that parses as JSON is taken as JSON, else as text."""
-    kwargs: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise ConfigurationError(
-                f"argument {pair!r} is not key=value with a valid name (e.g. text=hello n=3)"
-            )
-        try:
-            kwargs[key] = json.loads(raw)
-        except ValueError:
-            kwargs[key] = raw
-    return kwargs
 
 
 # --- node ------------------------------------------------------------------------
@@ -253,214 +193,14 @@ def gateway(
 # --- tasks -------------------------------------------------------------------------
 
 
-@app.command()
-def submit(
-    capability: Annotated[str, typer.Argument(help="Capability to run.")],
-    arguments: Annotated[
-        list[str] | None, typer.Argument(help="Handler arguments as key=value (JSON values).")
-    ] = None,
-    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait and print the result.")] = False,
-    wait_timeout: Annotated[
-        float | None, typer.Option(help="Give up waiting after this many seconds.")
-    ] = None,
-    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
-    delay: Annotated[float | None, typer.Option(help="Run after this many seconds.")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Running-time limit, seconds.")] = None,
-    deadline: Annotated[
-        float | None, typer.Option(help="Do not start later than this many seconds from now.")
-    ] = None,
-    max_attempts: Annotated[int | None, typer.Option(help="Attempts before dead-letter.")] = None,
-    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same task.")] = None,
-    redis: Redis = None,
-    namespace: Namespace = None,
-    data_dir: DataDir = None,
-) -> None:
-    """Submit a task and print its id (or, with --wait, its result as JSON)."""
-    kwargs = parse_assignments(arguments or [])
-
-    async def go() -> None:
-        async with _client(redis, namespace, data_dir) as client:
-            handle = await client.submit(
-                capability, priority=priority, delay=delay, timeout=timeout, deadline=deadline,
-                max_attempts=max_attempts, idempotency_key=idempotency_key, **kwargs,
-            )  # fmt: skip
-            if not wait:
-                out.print(handle.id)
-                if not await client.hosts(capability):
-                    err.print(f"note: no live node hosts {capability!r} yet; the task waits")
-                return
-            result = await handle.result(timeout=wait_timeout)
-            _print_line(result)
-
-    _run(go())
-
-
-@app.command()
-def task(
-    task_id: Annotated[str, typer.Argument(help="Task id.")],
-    events: Annotated[bool, typer.Option("--events", help="Also list its events.")] = False,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream events live.")] = False,
-    traceback: Annotated[bool, typer.Option("--traceback", help="Show error tracebacks.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
-    redis: Redis = None,
-    namespace: Namespace = None,
-    data_dir: DataDir = None,
-) -> None:
-    """Show a task: status, attempts, result or error, and optionally its events."""
-
-    async def go() -> None:
-        async with _client(redis, namespace, data_dir) as client:
-            info = await client.status(task_id)
-            result = None
-            if info.status == "succeeded":
-                result = await client.result(task_id)
-            if as_json:
-                data = msgspec.to_builtins(info)
-                data["result"] = result
-                out.print_json(json.dumps(data, default=repr))
-            else:
-                _print_task(info, result, traceback)
-            if events or follow:
-                await _print_events(client, task_id, follow)
-
-    _run(go())
-
-
-def _print_task(info: protocol.TaskInfo, result: Any, traceback: bool) -> None:
-    table = Table(show_header=False, box=None)
-    rows = [
-        ("id", info.id), ("capability", info.capability), ("status", info.status),
-        ("priority", info.priority), ("attempts", f"{info.attempts} of {info.max_attempts or '-'}"),
-        ("node", info.node or "-"), ("created", _ts(info.created_at)),
-        ("started", _ts(info.started_at)), ("finished", _ts(info.finished_at)),
-    ]  # fmt: skip
-    if info.scheduled_for:
-        rows.append(("scheduled for", _ts(info.scheduled_for)))
-    if info.parent:
-        rows.append(("parent", info.parent))
-    if info.duplicates:
-        rows.append(("duplicates", f"{info.duplicates} late outcome(s) refused (first one kept)"))
-    if info.hosted is False:
-        rows.append(("note", f"no live node hosts {info.capability!r} yet; the task waits"))
-    if info.cancel_requested and not info.done:
-        rows.append(("note", "cancellation requested"))
-    if info.status == "succeeded":
-        rows.append(("result", json.dumps(result, default=repr)))
-    for name, value in rows:
-        table.add_row(f"[bold]{name}[/bold]", str(value))
-    out.print(table)
-    for error in info.errors or ((info.error,) if info.error else ()):
-        out.print(f"[red]attempt {error.attempt}: {error.type}: {error.message}[/red]")
-        if traceback and error.traceback:
-            out.print(error.traceback.rstrip())
-
-
-async def _print_events(client: Client, task_id: str, follow: bool) -> None:
-    """The events so far; with --follow, then live until the task ends."""
-    events = client.events(task_id) if follow else _aiter(await client.event_history(task_id))
-    async for event in events:
-        data = json.dumps(event.data, default=repr)
-        out.print(f"{event.id}  {_ts(event.at)}  {event.kind}  {data}")
-
-
-async def _aiter(items: list[protocol.Event]) -> AsyncIterator[protocol.Event]:
-    for item in items:
-        yield item
-
-
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
-    redis: Redis = None,
-    namespace: Namespace = None,
-    data_dir: DataDir = None,
-) -> None:
-    """Show the cluster: nodes (state, load, agents, heartbeat age), queues, and agent
-    types (partition owners, mailbox backlog, recent ownership changes)."""
-
-    async def go() -> None:
-        async with _client(redis, namespace, data_dir) as client:
-            state = await client.cluster()
-        if as_json:
-            out.print_json(msgspec.json.encode(state).decode())
-            return
-        _print_nodes(state)
-        _print_queues(state)
-        _print_agent_types(state)
-        _print_key_groups(state)
-
-    _run(go())
-
-
-def _print_key_groups(state: ClusterState) -> None:
-    """Where the namespace's keys live: one line for a single group, else how the
-    groups spread over the Cluster's shards."""
-    groups = state.key_groups
-    if len(groups) <= 1:
-        return
-    shards: dict[str, list[int]] = {}
-    for g in groups:
-        shards.setdefault(g.shard or "-", []).append(g.group)
-    table = Table("shard", "key groups", "slots", title=f"{len(groups)} key groups")
-    for shard, members in sorted(shards.items()):
-        slots = ", ".join(str(groups[m].slot) for m in members)
-        table.add_row(shard, ", ".join(map(str, members)), slots)
-    out.print(table)
-
-
-def _print_nodes(state: ClusterState) -> None:
-    if not state.nodes:
-        out.print("no nodes (start one with: shoal node --app your.module)")
-        return
-    table = Table("node", "state", "host/pid", "zone", "in flight", "free", "cpu %", "rss MB",
-                  "done", "partitions", "active agents", "heartbeat", "metrics",
-                  "capabilities", title="nodes")  # fmt: skip
-    colors = {"alive": "green", "suspect": "yellow", "dead": "red"}
-    for n in state.nodes:
-        note = f" [red]{n.stalled}[/red]" if n.stalled else ""
-        table.add_row(
-            n.id, f"[{colors[n.state]}]{n.state}[/]", f"{n.host}/{n.pid}", n.zone or "-",
-            str(n.in_flight), str(n.free), f"{n.cpu_percent:.0f}", f"{n.rss_bytes / 2**20:.0f}",
-            str(n.completed), str(n.partitions), str(n.active_agents),
-            f"{n.heartbeat_age_s:.1f}s ago", f":{n.metrics_port}" if n.metrics_port else "-",
-            ",".join(n.capabilities) + note,
-        )  # fmt: skip
-    out.print(table)
-
-
-def _print_queues(state: ClusterState) -> None:
-    table = Table("capability", "priority", "waiting", "running", "oldest", "consumers",
-                  "dead letters", "duplicates", title="queues")  # fmt: skip
-    for q in state.queues:
-        oldest = f"{q.oldest_age_s:.1f}s" if q.oldest_age_s is not None else "-"
-        table.add_row(q.capability, q.priority, str(q.waiting), str(q.pending), oldest,
-                      str(q.consumers), str(q.dead_letters), str(q.duplicates))  # fmt: skip
-    out.print(table if state.queues else "no queues yet")
-    if state.delayed:
-        out.print(f"{state.delayed} task(s) scheduled for later (delays, retry back-off)")
-
-
-def _print_agent_types(state: ClusterState) -> None:
-    """Partition owners and backlog per agent type; nothing if no node hosted any."""
-    if not state.agent_types:
-        return
-    table = Table("agent type", "partitions", "owned by (partitions)", "unowned", "backlog",
-                  title="agent types")  # fmt: skip
-    for t in state.agent_types:
-        owners = ", ".join(f"{node} ({count})" for node, count in t.owners.items()) or "-"
-        unowned = f"[yellow]{t.unowned}[/]" if t.unowned else "0"
-        table.add_row(t.name, str(t.partitions), owners, unowned, str(t.backlog))
-    out.print(table)
-    if state.ownership:
-        out.print("recent ownership changes (newest first):")
-        for c in state.ownership:
-            out.print(f"  {_ts(c.at)}  {c.type} partition {c.partition}  {c.event} by {c.node} "
-                      f"(token {c.token})")  # fmt: skip
+cli_tasks.register(app)  # submit, call, task, tasks
+cli_status.register(app)  # status
 
 
 @app.command()
 def cancel(
     task_id: Annotated[str, typer.Argument(help="Task id.")],
+    as_json: AsJson = False,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
@@ -470,6 +210,9 @@ def cancel(
     async def go() -> None:
         async with _client(redis, namespace, data_dir) as client:
             outcome = await client.cancel(task_id)
+        if as_json:
+            print_line({"id": task_id, "outcome": outcome})
+            return
         messages = {
             "cancelled": "cancelled",
             "cancelling": "cancelling: the node running it stops it and records 'cancelled'",
@@ -491,8 +234,8 @@ def agents(
         bool, typer.Option("--active", help="Only agents active on a node now.")
     ] = False,
     stored: Annotated[bool, typer.Option("--stored", help="Only agents with saved state.")] = False,
-    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+    limit: Limit = 100,
+    as_json: AsJson = False,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
@@ -506,7 +249,7 @@ def agents(
                 with_state=True if stored else None, limit=limit,
             )  # fmt: skip
             if as_json:
-                out.print_json(msgspec.json.encode(found).decode())
+                print_json(to_data(found))
                 return
             if not found:
                 out.print(await _no_agents(client, agent_type, capability, active, stored))
@@ -554,7 +297,7 @@ async def _no_agents(
 def agent(
     agent_id: Annotated[str, typer.Argument(help="Agent id, type/key.")],
     state: Annotated[bool, typer.Option("--state", help="Also print its saved state.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the entry as JSON.")] = False,
+    as_json: AsJson = False,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
@@ -566,17 +309,17 @@ def agent(
             info = await client.agent(agent_id)
             saved = await client.agent_state(agent_id) if state else None
         if as_json:
-            data = msgspec.to_builtins(info)
+            data = to_data(info)
             if state:
                 data["state"] = saved
-            out.print_json(json.dumps(data, default=repr))
+            print_json(data)
             return
         _print_agent(info)
         if state:
             if saved is None:
                 out.print("no saved state")
             else:
-                out.print_json(json.dumps(saved, default=repr))
+                print_json(saved)
 
     _run(go())
 
@@ -631,8 +374,9 @@ def request(
 
     async def go() -> None:
         async with _client(redis, namespace, data_dir) as client:
-            reply = await client.request(agent_id, data, timeout=timeout)
-        _print_line(reply)
+            with spinner(f"waiting for {agent_id} to reply"):
+                reply = await client.request(agent_id, data, timeout=timeout)
+        print_line(reply)
 
     _run(go())
 
@@ -642,45 +386,83 @@ def request(
 
 @dlq_app.command("list")
 def dlq_list(
-    capability: Annotated[str, typer.Argument(help="Capability whose dead letters to list.")],
-    limit: Annotated[int, typer.Option(help="At most this many.", min=1)] = 100,
+    capability: Annotated[
+        str | None, typer.Argument(help="Capability (default: every one with dead letters).")
+    ] = None,
+    limit: Limit = 100,
+    as_json: AsJson = False,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
 ) -> None:
-    """List dead-lettered tasks with their last error."""
+    """List dead-lettered tasks, oldest first, with their last error."""
+    if capability is not None:
+        validate_capability(capability)
 
-    async def go() -> None:
+    async def go() -> list[DeadLetter]:
         async with _client(redis, namespace, data_dir) as client:
-            letters = await client.dead_letters(capability, limit)
-        table = Table("task", "attempts", "died", "last error")
-        for letter in letters:
-            t = letter.task
-            error = f"{t.error.type}: {t.error.message}" if t.error else "-"
-            table.add_row(t.id, str(t.attempts), _ts(t.finished_at), error)
-        out.print(table if letters else f"no dead letters for {capability!r}")
+            if capability is not None:
+                letters = await client.dead_letters(capability, limit)
+                if not letters:
+                    await cli_tasks.check_capability(client, capability)
+                return letters
+            return await _all_dead_letters(client, limit)
 
-    _run(go())
+    letters = _run(go())
+    if as_json:
+        print_json(to_data(letters))
+    elif not letters:
+        out.print(f"no dead letters for {capability!r}" if capability else "no dead letters")
+    else:
+        _print_dead_letters(letters, with_capability=capability is None)
+
+
+async def _all_dead_letters(client: Client, limit: int) -> list[DeadLetter]:
+    """The dead letters of every capability that has some, by capability, up to ``limit``."""
+    state = await client.cluster()
+    capabilities = sorted({q.capability for q in state.queues if q.dead_letters})
+    letters: list[DeadLetter] = []
+    for capability in capabilities:
+        letters += await client.dead_letters(capability, limit - len(letters))
+        if len(letters) >= limit:
+            break
+    return letters
+
+
+def _print_dead_letters(letters: list[DeadLetter], with_capability: bool) -> None:
+    columns = ["task", "attempts", "died", "last error"]
+    table = Table(*(["capability", *columns] if with_capability else columns))
+    for letter in letters:
+        t = letter.task
+        error = f"{t.error.type}: {t.error.message}" if t.error else "-"
+        row = [t.id, str(t.attempts), _ts(t.finished_at), error]
+        table.add_row(*([t.capability, *row] if with_capability else row))
+    out.print(table)
 
 
 @dlq_app.command("redrive")
 def dlq_redrive(
     capability: Annotated[str, typer.Argument(help="Capability whose dead letters to re-queue.")],
     task_ids: Annotated[list[str] | None, typer.Argument(help="Task ids (default: all).")] = None,
+    as_json: AsJson = False,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
 ) -> None:
     """Queue dead tasks again with fresh attempts."""
 
-    async def go() -> None:
+    async def go() -> list[str]:
         async with _client(redis, namespace, data_dir) as client:
-            done = await client.redrive(capability, task_ids or None)
-        out.print(f"re-queued {len(done)} task(s)")
-        for task_id in done:
-            out.print(task_id)
+            with spinner(f"re-queueing dead letters of {capability}"):
+                return await client.redrive(capability, task_ids or None)
 
-    _run(go())
+    done = _run(go())
+    if as_json:
+        print_line(done)
+        return
+    out.print(f"re-queued {len(done)} task(s)")
+    for task_id in done:
+        out.print(task_id)
 
 
 # --- the embedded engine ----------------------------------------------------------------
@@ -714,15 +496,22 @@ def engine_status(
     show_url: Annotated[
         bool, typer.Option("--url", help="Print the full URL (with password).")
     ] = False,
+    as_json: AsJson = False,
 ) -> None:
-    """Show whether the embedded engine runs, and where."""
+    """Show whether the embedded engine runs, and where (exit code 1 if it does not)."""
     from shoal.engine import EmbeddedEngine, describe
 
     engine = EmbeddedEngine(data_dir or Settings.from_env().data_dir)
     record = engine.running()
-    if record is None:
+    if as_json:
+        facts = describe(record.url) if record else {}
+        print_line({"running": record is not None, **facts, "data_dir": str(engine.data_dir)})
+    elif record is None:
         out.print(f"no engine running for {engine.data_dir}")
+    if record is None:
         raise typer.Exit(1)
+    if as_json:
+        return
     if show_url:
         out.print(record.url)
         return
@@ -731,15 +520,20 @@ def engine_status(
     out.print(f"{'data dir':10} {engine.data_dir}")
 
 
+cli_bench.register(app)  # bench
+
+
 def main() -> None:
     """Entry point: run the app, turning errors into one line and an exit code.
 
-    Usage errors are reported by typer itself (exit 2); a failed task or request
-    exits 3, a wait that ran out 4, any other Shoal error 1.
+    Usage errors are reported by typer itself (exit 2); a failed task (``submit
+    --wait``, ``call``) or request exits 3, a wait that ran out 4, any other Shoal
+    error 1. ``--watch [SECONDS]`` may stand alone: its default is filled in first.
     """
     debug = "--debug" in sys.argv or os.environ.get("SHOAL_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    sys.argv[1:] = cli_status.optional_watch_value(sys.argv[1:])
     try:
         app(auto_envvar_prefix=ENV_PREFIX)
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ Errors reach ``shoal.cli.main``, which prints them as one line with an exit code
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,15 +17,13 @@ import typer
 from rich.table import Table
 
 from shoal.apikeys import SCOPES, ApiKey, CreatedKey, KeyStore
-from shoal.cli_options import DataDir, Namespace, Redis, out
+from shoal.cli_options import AsJson, DataDir, Namespace, Redis, out, print_line
 from shoal.client import Client
 from shoal.settings import Settings
 
 T = TypeVar("T")
 
 keys_app = typer.Typer(help="Create, list and revoke the gateway's API keys.", no_args_is_help=True)
-
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _with_store(
@@ -80,7 +77,7 @@ def create(
         redis, namespace, data_dir, lambda s: s.create(name, wanted, rate=rate, burst=burst)
     )
     if as_json:
-        out.out(json.dumps({**_row(created.key), "secret": created.secret}), highlight=False)
+        print_line({**_row(created.key), "secret": created.secret})
         return
     _print_created(created)
 
@@ -102,7 +99,7 @@ def list_keys(
     """List the API keys (never their secrets)."""
     keys = _with_store(redis, namespace, data_dir, lambda s: s.list())
     if as_json:
-        out.out(json.dumps([_row(k) for k in keys]), highlight=False)
+        print_line([_row(k) for k in keys])
         return
     if not keys:
         out.print("no API keys (create one with: shoal keys create --name NAME --scopes read)")
@@ -123,10 +120,14 @@ def list_keys(
 @keys_app.command("revoke")
 def revoke(
     key: Annotated[str, typer.Argument(help="The key's id, or its name if no other key has it.")],
+    as_json: AsJson = False,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
 ) -> None:
     """Revoke an API key: it stops working at once, on every gateway."""
     revoked = _with_store(redis, namespace, data_dir, lambda s: s.revoke(key))
+    if as_json:
+        print_line(_row(revoked))
+        return
     out.print(f"revoked API key {revoked.id} ({revoked.name})", markup=False)

@@ -124,6 +124,8 @@ def _option_names(command: Any) -> dict[str, str]:
         is_option = getattr(param, "param_type_name", "") == "option"
         if not is_option or param.name is None or getattr(param, "hidden", False):
             continue
+        if not getattr(param, "expose_value", True):  # actions such as --install-completion
+            continue
         longs = [o for o in param.opts if o.startswith("--")]
         for flag in longs or [param.name]:
             names[_norm(flag)] = param.name
