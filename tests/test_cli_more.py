@@ -43,7 +43,7 @@ def test_every_engine_command_takes_the_same_engine_options() -> None:
     seen = 0
     for path, command in _commands(typer.main.get_command(app)):
         options = {p.name: p for p in command.params if p.param_type_name == "option"}
-        if path[0] == "engine":  # manages the embedded engine itself: --data-dir only
+        if path[0] in ("engine", "down", "logs"):  # local processes and files: --data-dir
             assert "redis" not in options and "data_dir" in options
             continue
         for name, flag, text in (
@@ -51,6 +51,9 @@ def test_every_engine_command_takes_the_same_engine_options() -> None:
             ("namespace", "--namespace", "Key namespace."),
             ("data_dir", "--data-dir", "Embedded engine's directory."),
         ):
+            if path == ("demo",) and name == "namespace":  # a fresh one unless given
+                assert flag in options[name].opts and "fresh" in options[name].help
+                continue
             assert flag in options[name].opts and options[name].help == text, path
         if "as_json" in options:
             assert options["as_json"].help == "Print JSON (for scripts) instead of text.", path

@@ -543,9 +543,7 @@ def test_keda_capability_is_hosted_by_the_nodes_app() -> None:
 
     node_env = plain_env(container("Deployment", "shoal-node"))
     hosted = {
-        name
-        for agent in load_agents(node_env["SHOAL_NODE_APP_MODULE"])
-        for name in agent.capabilities()
+        name for agent in load_agents(node_env["SHOAL_NODE_APP"]) for name in agent.capabilities()
     }
     for trigger in stream_triggers():
         capability, _ = queue_of(trigger["metadata"]["stream"], node_env["SHOAL_NAMESPACE"])
@@ -799,7 +797,7 @@ def test_the_image_healthcheck_passes_for_a_node(image_venv: ImageVenv, settings
         image_venv, settings,
         SHOAL_GATEWAY_PORT=str(free_port()),  # closed: this container runs a node
         SHOAL_NODE_METRICS_PORT=port, SHOAL_NODE_METRICS_HOST="127.0.0.1",
-        SHOAL_NODE_APP_MODULE="tests.agents", SHOAL_NODE_GRACE="5",
+        SHOAL_NODE_APP="tests.agents", SHOAL_NODE_GRACE="5",
     )  # fmt: skip
     with started([str(image_venv.venv / "bin" / "shoal"), "node"], env) as proc:
         wait_healthy(image_venv, env, proc)

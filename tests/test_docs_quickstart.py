@@ -55,13 +55,13 @@ def files_of_the_page() -> dict[str, str]:
     return files
 
 
-async def run(line: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+async def run(line: str, cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_shell(
-        line, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        line, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_every_command_of_the_quickstart_works(tmp_path: Path) -> None:
@@ -81,8 +81,8 @@ async def test_every_command_of_the_quickstart_works(tmp_path: Path) -> None:
                     if name != "shoal.toml":
                         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
                         (tmp_path / name).write_text(body)
-            code, out = await run(line, tmp_path, env)
-            assert code == 0, f"{line!r} exited {code}:\n{out}"
+            code, out, err = await run(line, tmp_path, env)
+            assert code == 0, f"{line!r} exited {code}:\n{out}\n{err}"
             outputs[line] = out
             check(line, out, tmp_path)
     finally:

@@ -95,7 +95,13 @@ def _root(
 @app.command()
 def node(
     app_module: Annotated[
-        str, typer.Option("--app", "-a", help="Module with the Agent classes (pkg.module).")
+        str,
+        typer.Option(
+            "--app",
+            "-a",
+            envvar="SHOAL_NODE_APP",
+            help="Module with the Agent classes (pkg.module).",
+        ),
     ],
     concurrency: Annotated[int, typer.Option(help="Tasks run at once.", min=1)] = 64,
     name: Annotated[str | None, typer.Option(help="Node id (default host-pid-random).")] = None,
@@ -228,7 +234,9 @@ def cancel(
 
 @app.command()
 def agents(
-    agent_type: Annotated[str | None, typer.Option("--type", "-t", help="Only this type.")] = None,
+    agent_type: Annotated[
+        str | None, typer.Option("--type", "-t", envvar="SHOAL_AGENTS_TYPE", help="Only this type.")
+    ] = None,
     capability: Annotated[str | None, typer.Option(help="Only types with this capability.")] = None,
     active: Annotated[
         bool, typer.Option("--active", help="Only agents active on a node now.")
@@ -494,7 +502,10 @@ def engine_stop(data_dir: DataDir = None) -> None:
 def engine_status(
     data_dir: DataDir = None,
     show_url: Annotated[
-        bool, typer.Option("--url", help="Print the full URL (with password).")
+        bool,
+        typer.Option(
+            "--url", envvar="SHOAL_ENGINE_STATUS_URL", help="Print the full URL (with password)."
+        ),
     ] = False,
     as_json: AsJson = False,
 ) -> None:

@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 
 from shoal.agent import Agent
-from shoal.cli_options import DataDir, LogLevel, Namespace, Redis, err, out
+from shoal.cli_options import AsJson, DataDir, LogLevel, Namespace, Redis, err, out
 from shoal.demo import DemoConfig
 from shoal.errors import ConfigurationError
 from shoal.logtail import LogFollower, last_lines
@@ -90,16 +90,22 @@ def up(
         bool, typer.Option("--detach", "-d", help="Run in the background (shoal down stops it).")
     ] = False,
     show_logs: Annotated[
-        bool, typer.Option("--logs/--no-logs", help="Print the children's logs here.")
+        bool,
+        typer.Option(
+            "--logs/--no-logs", envvar="SHOAL_UP_LOGS", help="Print the children's logs here."
+        ),
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the addresses as JSON.")] = False,
+    as_json: AsJson = False,
     log_level: LogLevel = None,
     redis: Redis = None,
     namespace: Namespace = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Run a cluster here: the engine (embedded unless --redis), a gateway with the
-    dashboard, and --nodes nodes, restarted if they crash. Ctrl-C stops it all."""
+    """Run a cluster here: engine, gateway with dashboard, and --nodes nodes.
+
+    The engine is the embedded one unless --redis; a node or gateway that crashes is
+    restarted. Ctrl-C (or shoal down, with --detach) drains and stops it all.
+    """
     settings = Settings.from_env(redis, namespace, data_dir)
     spec = ClusterSpec(
         app=app_module, nodes=nodes, host=host, port=port, gateway=not no_gateway,
@@ -281,8 +287,10 @@ def down(
     ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Stop the cluster `shoal up --detach` started here: nodes drain, then everything
-    (and the embedded engine, if up started it) stops."""
+    """Stop the cluster `shoal up --detach` started here.
+
+    Nodes drain their work first; the embedded engine stops too if up started it.
+    """
     state_dir = _data_dir(data_dir) / STATE_DIR
     state = ClusterState.read(state_dir)
     if state is None:
@@ -383,25 +391,40 @@ def demo(
     port: Annotated[
         int, typer.Option(help="Gateway/dashboard port (taken: any free one).", min=0)
     ] = 8000,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: AsJson = False,
     app_module: Annotated[
-        str, typer.Option("--app", hidden=True, help="Module with the workload's agents.")
+        str,
+        typer.Option(
+            "--app", envvar="SHOAL_DEMO_APP", hidden=True, help="Module with the workload's agents."
+        ),
     ] = "shoal.examples",
     redis: Redis = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            "-n",
+            envvar="SHOAL_DEMO_NAMESPACE",  # not SHOAL_NAMESPACE: never a working namespace
+            help="Key namespace (default: a fresh demo-… one, so the counts are this run's).",
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Start a 3-node cluster, run documents and chats through it, SIGKILL a node midway,
-    and check that nothing was lost. Exit code 0 only if every task succeeded with the
-    right answer."""
+    """Run a 3-node cluster, SIGKILL a node midway, and check that nothing was lost.
+
+    Documents through the pipeline and chats with per-user agents; the summary shows
+    how work spread, the takeover and the latency. Exit code 0 only if every task
+    succeeded with the right answer.
+    """
     from shoal.demo import demo_namespace, run_demo
     from shoal.demo_view import LiveView, print_report, report_json
 
     config = DemoConfig(documents=documents, users=users, turns=turns, timeout=timeout,
                         app=app_module)  # fmt: skip
-    settings = Settings.from_env(redis, None, data_dir)
+    settings = Settings.from_env(redis, namespace or demo_namespace(), data_dir)
     spec = ClusterSpec(
         app=app_module, nodes=nodes, port=port if _port_free(port) else 0, grace=5.0,
-        redis=settings.url, namespace=demo_namespace(), data_dir=settings.data_dir,
+        redis=settings.url, namespace=settings.namespace, data_dir=settings.data_dir,
         restart=False, run_name="demo",
     )  # fmt: skip
     _check_app(app_module)
@@ -412,7 +435,7 @@ def demo(
     try:
         console.print(
             f"cluster up: {', '.join(n for n in supervisor.children if n != GATEWAY)}, "
-            f"dashboard {state.gateway_url}/, namespace {spec.namespace}"
+            f"dashboard {state.gateway_url}/, engine {state.engine}, namespace {spec.namespace}"
         )
         with LiveView(console, config) as view:
             report = asyncio.run(run_demo(supervisor, config, view.outcome, view.killed))

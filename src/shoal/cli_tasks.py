@@ -284,7 +284,12 @@ def tasks(
         str | None, typer.Option(help="Start after this task id (the 'next' of a page).")
     ] = None,
     all_pages: Annotated[
-        bool, typer.Option("--all", help="Every page, not only the first (--limit: page size).")
+        bool,
+        typer.Option(
+            "--all",
+            envvar="SHOAL_TASKS_ALL",
+            help="Every page, not only the first (--limit: page size).",
+        ),
     ] = False,
     as_json: AsJson = False,
     redis: Redis = None,

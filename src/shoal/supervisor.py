@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 
 from shoal.addresses import mask_url
+from shoal.app import load_agents
 from shoal.client import Client
 from shoal.engine import EmbeddedEngine
 from shoal.errors import ConfigurationError, ShoalError
@@ -246,6 +247,7 @@ class Supervisor:
         self._own_engine: EmbeddedEngine | None = None
         self.state: ClusterState | None = None
         self.started = time.monotonic()
+        self._agent_types: set[str] = set()  # the app's, whose partitions must spread
 
     def log_files(self) -> dict[str, Path]:
         """Each child's log file, known before the children start."""
@@ -277,6 +279,7 @@ class Supervisor:
                 f"a cluster is already running from {spec.state_dir} (supervisor pid "
                 f"{running.pid}, namespace {running.namespace!r}); stop it with: {stop}"
             )
+        self._agent_types = {a.agent_type for a in load_agents(spec.app) if a.is_addressable()}
         port = self._gateway_port()
         self._start_engine()
         try:
@@ -377,10 +380,12 @@ class Supervisor:
             state = await client.cluster()
         alive = {n.id for n in state.nodes if n.state == "alive"}
         # Agent partitions spread: a node that joins a moment after another takes over
-        # its share a lease round later; ready means work would spread over all.
+        # its share a lease round later; ready means work would spread over all. (Only
+        # the app's types: the namespace may remember others, hosted by no one now.)
         settled = all(
             t.unowned == 0 and set(names) <= {n for n, count in t.owners.items() if count}
             for t in state.agent_types
+            if t.name in self._agent_types
         )
         for name in names:
             self.children[name].ready = name in alive and settled
