@@ -254,8 +254,8 @@ async def test_the_documented_commands_work(client: Client, settings: Settings) 
         stats = await run(settings, "request", "summarizer/0", '"stats"')
     with node_process(settings, "shoal.examples.chat"):
         await client.wait_for_hosts("chat", timeout=20)
-        hello = await run(settings, "submit", "chat", "agent=chat/alice",
-                          "text=my name is Alice", "--wait")  # fmt: skip
+        hello = await run(settings, "call", "chat", "--agent", "chat/alice",
+                          "text=my name is Alice")  # fmt: skip
         name = await run(settings, "request", "chat/alice", '{"text": "what is my name?"}')
         calc = await run(settings, "submit", "calculate", "expression=2 + 3 * 4", "--wait")
         state = await shoal_command(settings, "agent", "chat/alice", "--state")
@@ -306,7 +306,7 @@ def test_documented_commands_are_in_the_docs() -> None:
     for command in [
         "shoal node --app shoal.examples.chat",
         "shoal node --app shoal.examples ",
-        'shoal submit chat agent=chat/alice text="my name is Alice" --wait',
+        'shoal call chat --agent chat/alice text="my name is Alice"',
         'shoal request chat/alice \'{"text": "what is my name?"}\'',
         'shoal submit calculate expression="2 + 3 * 4" --wait',
         "shoal agent chat/alice --state",

@@ -1,7 +1,7 @@
 """A chat agent per user that remembers: rules instead of a language model.
 
     shoal node --app shoal.examples.chat               # hosts the chat and what it calls
-    shoal submit chat agent=chat/alice text="my name is Alice" --wait
+    shoal call chat --agent chat/alice text="my name is Alice"
     shoal request chat/alice '{"text": "what is my name?"}'
 
 ``chat/<user>`` is one agent per user. Its state holds the user's turn count, a
