@@ -22,7 +22,7 @@ import typer
 from rich.table import Table
 
 from shoal.agent import Agent
-from shoal.cli_options import AsJson, DataDir, LogLevel, Namespace, Redis, err, out
+from shoal.cli_options import AsJson, DataDir, LogLevel, Namespace, Redis, err, out, print_line
 from shoal.demo import DemoConfig
 from shoal.errors import ConfigurationError
 from shoal.logtail import LogFollower, last_lines
@@ -417,13 +417,13 @@ def demo(
     succeeded with the right answer.
     """
     from shoal.demo import demo_namespace, run_demo
-    from shoal.demo_view import LiveView, print_report, report_json
+    from shoal.demo_view import LiveView, print_report, report_data
 
     config = DemoConfig(documents=documents, users=users, turns=turns, timeout=timeout,
                         app=app_module)  # fmt: skip
     settings = Settings.from_env(redis, namespace or demo_namespace(), data_dir)
     spec = ClusterSpec(
-        app=app_module, nodes=nodes, port=port if _port_free(port) else 0, grace=5.0,
+        app=app_module, nodes=nodes, port=port if _port_free(port) else 0, grace=2.0,
         redis=settings.url, namespace=settings.namespace, data_dir=settings.data_dir,
         restart=False, run_name="demo",
     )  # fmt: skip
@@ -441,7 +441,7 @@ def demo(
             report = asyncio.run(run_demo(supervisor, config, view.outcome, view.killed))
         dashboard = f"{state.gateway_url}/"
         if as_json:
-            out.print(report_json(report, dashboard), markup=False, highlight=False)
+            print_line(report_data(report, dashboard))  # one line, never wrapped
         else:
             print_report(console, report, dashboard, keep)
         if keep:

@@ -6,7 +6,6 @@ the presentation, and the presentation changed without touching the checks.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
@@ -142,7 +141,7 @@ def _print_summary(console: Console, report: DemoReport, dashboard: str | None, 
     console.print(verdict)
 
 
-def report_json(report: DemoReport, dashboard: str | None) -> str:
+def report_data(report: DemoReport, dashboard: str | None) -> dict[str, Any]:
     """The report for scripts and CI: ``shoal demo --json``."""
     takeover: dict[str, Any] | None = None
     if report.takeover is not None:
@@ -156,7 +155,7 @@ def report_json(report: DemoReport, dashboard: str | None) -> str:
             "moved_to": dict(Counter(n for n in t.moved_to.values() if n != t.victim)),
             "finished_before_kill": t.finished_before_kill,
         }  # fmt: skip
-    return json.dumps({
+    return {
         "passed": report.passed, "submitted": len(report.outcomes),
         "succeeded": report.count("succeeded"), "lost": report.count("lost"),
         "failed": report.count("failed"), "wrong": len(report.wrong),
@@ -165,7 +164,7 @@ def report_json(report: DemoReport, dashboard: str | None) -> str:
         "latency_p99_ms": round(report.latency(0.99) * 1000, 2),
         "takeover": takeover, "by_node": {n: dict(c) for n, c in report.by_node.items()},
         "seconds": round(report.seconds, 2), "dashboard": dashboard,
-    })  # fmt: skip
+    }  # fmt: skip
 
 
 def _flag(count: int) -> str:
