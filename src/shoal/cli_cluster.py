@@ -130,8 +130,12 @@ def _check_app(module: str) -> None:
 def _run_foreground(spec: ClusterSpec, show_logs: bool, as_json: bool) -> None:
     supervisor = Supervisor(spec, say=lambda line: err.print(f"[bold]up[/bold]  {line}"))
     follower = LogFollower(supervisor.log_files(), from_start=True)  # each run: new files
-    with err.status(f"starting the engine, a gateway and {spec.nodes} node(s)…"):
-        state = supervisor.start()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # while starting: like Ctrl-C
+    try:
+        with err.status(f"starting the engine, a gateway and {spec.nodes} node(s)…"):
+            state = supervisor.start()  # stops what it started if interrupted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_up(state, spec, as_json, detached=False)
     stop = _StopOnSignal(supervisor)
     try:
@@ -140,12 +144,16 @@ def _run_foreground(spec: ClusterSpec, show_logs: bool, as_json: bool) -> None:
             if show_logs:
                 _print_lines(follower.read_new())
     finally:
-        stop.restore()
         err.print("[bold]up[/bold]  stopping: nodes drain their work (Ctrl-C again: at once)")
         supervisor.stop(force=stop.count > 1)
+        stop.close()
         if show_logs:
             _print_lines(follower.read_new())
         err.print("[bold]up[/bold]  stopped")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 class _StopOnSignal:
@@ -166,9 +174,10 @@ class _StopOnSignal:
             for child in self._supervisor.children.values():
                 child.signal(signal.SIGKILL)
 
-    def restore(self) -> None:
-        """Keep counting signals during the stop, but no longer raise in the loop."""
-        self.requested.set()
+    def close(self) -> None:
+        """Put the previous handlers back (once the stop is over)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _print_lines(lines: list[tuple[str, str]]) -> None:
@@ -461,10 +470,12 @@ def _port_free(port: int) -> bool:
 
 
 def _keep_running(supervisor: Supervisor, dashboard: str) -> None:
+    """Until Ctrl-C/SIGTERM, then stop (a second signal kills the children at once)."""
     err.print(f"the cluster stays up: {dashboard}  (Ctrl-C stops it)")
     stop = _StopOnSignal(supervisor)
     try:
         while not stop.requested.wait(POLL_S):
             supervisor.poll()
+        supervisor.stop(force=stop.count > 1)
     finally:
-        stop.restore()
+        stop.close()
