@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,12 @@ class Child:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGTERM when the supervisor dies."""
+    """In the child, before exec: ask Linux for SIGTERM when the supervisor dies.
+
+    Linux sends it when the *thread* that started the child ends, so children are
+    started from the main thread (``shoal up`` and ``shoal demo`` do); and this runs
+    between fork and exec, so it only calls prctl (no locks, no allocation to speak of).
+    """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -246,7 +251,6 @@ class Supervisor:
         self.gateway_url: str | None = None
         self._own_engine: EmbeddedEngine | None = None
         self.state: ClusterState | None = None
-        self.started = time.monotonic()
         self._agent_types: set[str] = set()  # the app's, whose partitions must spread
 
     def log_files(self) -> dict[str, Path]:
@@ -457,10 +461,6 @@ class Supervisor:
             if self.state is not None:
                 (self.spec.state_dir / STATE_FILE).unlink()
 
-    def keep_engine(self) -> None:
-        """Leave the embedded engine running at stop (e.g. it holds data to look at)."""
-        self._own_engine = None
-
 
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "::"):
@@ -474,19 +474,6 @@ async def _http_ok(url: str) -> bool:
             return (await http.get(url)).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-@contextlib.contextmanager
-def running_cluster(
-    spec: ClusterSpec, say: Callable[[str], None] | None = None
-) -> Iterator[Supervisor]:
-    """A started cluster, stopped on exit (whatever happens inside)."""
-    supervisor = Supervisor(spec, say)
-    supervisor.start()
-    try:
-        yield supervisor
-    finally:
-        supervisor.stop()
 
 
 def describe(state: ClusterState, data_dir: Path) -> dict[str, Any]:
