@@ -3,9 +3,11 @@ trimmed to the retention period."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from shoal import Client, ConfigurationError, Settings
+from shoal import Client, ConfigurationError, Settings, protocol
 
 from .agents import Toolbox
 from .conftest import eventually, running_node
@@ -79,3 +81,15 @@ async def test_pages_are_exact_when_the_groups_hold_very_different_numbers(
                 if (cursor := page.next) is None:
                     break
             assert seen == sorted((h.id for h in handles), reverse=True)
+
+
+def test_ids_made_in_one_process_sort_in_the_order_they_were_made() -> None:
+    """Many ids share a millisecond: they still sort as made (newest-first listings
+    rely on it), and stay unique when made from several threads at once."""
+    ids = [protocol.new_id() for _ in range(5000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert len({i[:12] for i in ids}) < len(ids), "some shared a millisecond"
+    with ThreadPoolExecutor(4) as pool:
+        made = list(pool.map(lambda _: protocol.new_id(), range(4000)))
+    assert len(set(made)) == len(made)
+    assert all(protocol.validate_task_id(i) == i for i in made[:10])

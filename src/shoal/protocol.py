@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,9 +32,28 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_RANDOM_MAX = 2**64 - 1
+_last_id = [0, 0]  # (milliseconds, random part) of this process's last id
+_id_lock = threading.Lock()
+
+
 def new_id() -> str:
-    """A time-ordered id: 12 hex digits of milliseconds, then 64 random bits."""
-    return f"{now_ms():012x}{os.urandom(8).hex()}"
+    """A time-ordered id: 12 hex digits of milliseconds, then 64 random bits.
+
+    Monotonic within a process (as ULID's monotonic mode): an id made in the same
+    millisecond as the previous one, or after the clock stepped back, takes the
+    previous id's time and random part + 1, so ids sort in the order they were made
+    (task lists show newest first by id) and stay unique across processes.
+    """
+    ms = now_ms()
+    with _id_lock:
+        last_ms, last_random = _last_id
+        if ms <= last_ms and last_random < _RANDOM_MAX:
+            ms, random = last_ms, last_random + 1
+        else:
+            ms, random = max(ms, last_ms + 1), int.from_bytes(os.urandom(8))
+        _last_id[:] = ms, random
+    return f"{ms:012x}{random:016x}"
 
 
 def child_traceparent(parent: str | None) -> str:
