@@ -142,6 +142,8 @@ class Workload:
         self.chat_nodes: dict[str, list[tuple[float, str]]] = {}
         self.deadline = time.monotonic() + config.timeout
         self.examples = _examples(config.app)
+        self._documents_done = 0
+        self._document_ended = asyncio.Condition()
 
     @property
     def done(self) -> int:
@@ -165,14 +167,20 @@ class Workload:
                 started = time.monotonic()
                 handle = await self.client.submit("process_document", doc_id=doc_id, text=text)
                 await self._finish(handle, "document", started, self._check_document(text))
+            async with self._document_ended:
+                self._documents_done += 1
+                self._document_ended.notify_all()
 
         async with asyncio.TaskGroup() as group:
             for doc_id, text in documents:
                 group.create_task(one(doc_id, text))
 
     async def _conversation(self, user: str, lines: list[str]) -> None:
-        """One user's turns in order, each after the previous answer (as a person types)."""
+        """One user's turns in order, each after the previous answer (as a person
+        types), spread over the run: turn t waits until (t-1)/turns of the documents
+        are done, so conversations are under way whenever the node is killed."""
         for turn, text in enumerate(lines, start=1):
+            await self._documents_reach((turn - 1) / len(lines))
             started = time.monotonic()
             handle = await self.client.submit("chat", agent=f"chat/{user}", text=text)
             outcome = await self._finish(handle, "chat", started, _check_chat(user, turn))
@@ -180,6 +188,15 @@ class Workload:
                 self.chat_nodes.setdefault(f"chat/{user}", []).append(
                     (time.monotonic(), outcome.node)
                 )
+
+    async def _documents_reach(self, share: float) -> None:
+        """Until that share of the documents ended (or the deadline: a document that
+        never ends must not keep the chats from being submitted and counted)."""
+        wanted = share * self.config.documents
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                async with self._document_ended:
+                    await self._document_ended.wait_for(lambda: self._documents_done >= wanted)
 
     async def _finish(
         self,
