@@ -29,7 +29,6 @@ for a machine that has them. What is checked instead:
 from __future__ import annotations
 
 import ast
-import asyncio
 import contextlib
 import copy
 import importlib.resources
@@ -62,7 +61,7 @@ from shoal.gateway import GatewayConfig, create_app
 from shoal.gateway.server import SHUTDOWN_GRACE_S
 from shoal.keys import CONSUMER_GROUP, PRIORITIES, Keys
 from tests.agents import Toolbox
-from tests.conftest import REPO, running_node
+from tests.conftest import REPO, eventually, running_node, stop_process
 from tests.gateways import api_routes, free_port
 
 DEPLOY = REPO / "deploy"
@@ -568,9 +567,11 @@ async def test_keda_stream_counts_running_tasks_as_pending_and_waiting_ones_as_l
             lag = next(g["lag"] for g in groups if g["name"].decode() == CONSUMER_GROUP)
             return pending, lag, await client.redis.xlen(stream)
 
-        async with asyncio.timeout(10):
-            while await counts() != (2, 3, 5):  # noqa: ASYNC110 - the node moves them
-                await asyncio.sleep(0.02)
+        async def settled() -> tuple[int, int, int] | None:
+            now = await counts()
+            return now if now == (2, 3, 5) else None
+
+        await eventually(settled, "2 running, 3 waiting, 5 in the stream")
         for handle in handles:
             await handle.cancel()
 
@@ -730,13 +731,7 @@ def started(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[b
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if proc.stderr:
             proc.stderr.close()
 

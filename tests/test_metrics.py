@@ -215,7 +215,8 @@ async def test_a_node_answers_health_and_readiness_probes_next_to_metrics(
             while time.monotonic() < deadline and not found.is_set():
                 r = httpx.get(base + metrics.HEALTH_PATH, timeout=5)
                 seen.append((r.status_code, r.text))
-                found.set() if r.status_code == 503 else None
+                if r.status_code == 503:
+                    found.set()
 
         watcher = threading.Thread(target=watch)
         watcher.start()
