@@ -28,6 +28,7 @@ from shoal.protocol import validate_agent_type
 
 if TYPE_CHECKING:
     from shoal.client import Client, TaskHandle
+    from shoal.services import Services
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -441,6 +442,13 @@ class TaskContext:
         except asyncio.CancelledError:
             await asyncio.shield(handle.cancel())
             raise
+
+    @property
+    def services(self) -> Services:
+        """Calls to registered services, with balancing, breakers, retries and
+        fallback: ``await self.ctx.services("llm").request("POST", path, json=...)``.
+        The node's pools, shared by all its handlers."""
+        return self._runtime.client.services
 
     # --- messaging ------------------------------------------------------------------
 

@@ -58,15 +58,28 @@ class Replica:
 
 
 class Load:
-    """Calls in flight per replica, in this process: taken when a call starts and
-    given back when it ends, however it ends (``with load.track(id):``)."""
+    """Calls in flight per replica: taken when a call starts and given back when it
+    ends, however it ends (``with load.track(id):``). Counts this process's calls
+    exactly; ``set_remote`` adds what the other processes calling the same service
+    have in flight (shared through the engine by ``shoal.services``, a fraction of
+    a second old), so least-outstanding balances the whole cluster's calls."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()
+        self._remote: dict[str, int] = {}
 
     def outstanding(self, replica_id: str) -> int:
-        return self._in_flight[replica_id]
+        return self._in_flight[replica_id] + self._remote.get(replica_id, 0)
+
+    def local(self) -> dict[str, int]:
+        """This process's calls in flight, per replica (a copy)."""
+        with self._lock:
+            return dict(self._in_flight)
+
+    def set_remote(self, counts: dict[str, int]) -> None:
+        """The other processes' calls in flight, per replica (replaces the last)."""
+        self._remote = counts
 
     def acquire(self, replica_id: str) -> None:
         with self._lock:
@@ -88,7 +101,7 @@ class Load:
             self.release(replica_id)
 
     def per_weight(self, replica: Replica) -> float:
-        return self._in_flight[replica.id] / replica.weight
+        return self.outstanding(replica.id) / replica.weight
 
 
 class Strategy(Protocol):
@@ -223,7 +236,7 @@ STRATEGIES: dict[str, Callable[[Load], Strategy]] = {
 }
 
 
-def make_strategy(name: str, load: Load, zone: str | None = None) -> Strategy:
+def make_strategy(name: str, load: Load, zone: str | None = None, spill_at: int = 32) -> Strategy:
     """The strategy called ``name`` (see STRATEGIES), zone-aware if ``zone`` is given."""
     try:
         strategy = STRATEGIES[name](load)
@@ -231,7 +244,7 @@ def make_strategy(name: str, load: Load, zone: str | None = None) -> Strategy:
         raise ConfigurationError(
             f"unknown balancing strategy {name!r}; use one of {', '.join(STRATEGIES)}"
         ) from None
-    return ZoneAware(strategy, zone, load) if zone else strategy
+    return ZoneAware(strategy, zone, load, spill_at) if zone else strategy
 
 
 def pick(

@@ -50,8 +50,10 @@ from shoal.messaging import AgentPlane
 from shoal.observability import tracing
 from shoal.options import TaskOptions
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
+from shoal.registry import Registry, Watcher
 from shoal.resilience import Backoff
 from shoal.scripts import Scripts
+from shoal.services import Services
 from shoal.settings import Settings, fixed_setting
 from shoal.tasklist import TaskPage, list_tasks
 
@@ -133,6 +135,8 @@ class Client:
         # arrived before anyone asked (bounded; an evicted one is read from the record).
         self._in_flight: set[str] = set()
         self._arrived: LRUCache[str, tuple[str, bytes]] = LRUCache(maxsize=OUTCOME_CACHE_SIZE)
+        self._watcher: Watcher | None = None
+        self._services: Services | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -175,6 +179,12 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        if self._services is not None:
+            await self._services.close()
+            self._services = None
+        if self._watcher is not None:
+            await self._watcher.close()
+            self._watcher = None
         readers = list(self._readers.values())
         if self._rechecker is not None:
             readers.append(self._rechecker)
@@ -233,6 +243,27 @@ class Client:
     def errors(self) -> engine_errors:
         """``async with client.errors():`` turns engine errors into Shoal's."""
         return engine_errors(self._url)
+
+    # --- services (shoal.registry, shoal.services) -----------------------------
+
+    @property
+    def registry(self) -> Registry:
+        """Register, discover and watch service instances."""
+        return Registry(self)
+
+    @property
+    def service_watcher(self) -> Watcher:
+        """Keeps this client's watched service views current (one per client)."""
+        if self._watcher is None:
+            self._watcher = Watcher(self)
+        return self._watcher
+
+    @property
+    def services(self) -> Services:
+        """Calls to registered services: ``client.services("llm").request(...)``."""
+        if self._services is None:
+            self._services = Services(self)
+        return self._services
 
     # --- submitting -----------------------------------------------------------
 

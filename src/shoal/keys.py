@@ -59,6 +59,17 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | (never the secret itself)            |
 | ratelimit:<name>:<key>      | control | hash        | a token bucket: tokens, ts (engine   |
 |                             |         |             | ms); PX the time to refill to full   |
+| services                    | control | set         | names of registered services         |
+| service:<name>              | control | hash        | instance id -> msgpack record        |
+| service_ttl:<name>          | control | sorted set  | instance id -> expiry (engine ms);   |
+|                             |         |             | static instances are absent          |
+| service_health:<name>       | control | hash        | instance id -> JSON health: breaker, |
+|                             |         |             | window counts, probe verdict         |
+| service_prober:<name>       | control | string      | the elected prober (PX)              |
+| service_spec:<name>         | control | string      | msgpack: probe settings              |
+| service_load:<name>         | control | hash        | process id -> msgpack calls in flight|
+|                             |         |             | per instance, with a timestamp       |
+| services_changed            | control | shard chan. | a service whose view changed         |
 """
 
 from __future__ import annotations
@@ -288,3 +299,24 @@ class Keys:
         a bucket is one key, so any slot would do; the control tag keeps every
         namespace's buckets under its own ``{namespace}``."""
         return f"{self.prefix}ratelimit:{name}:{key}"
+
+    # --- the service registry (control group; see shoal.registry) --------------------
+
+    @property
+    def services(self) -> str:
+        return f"{self.prefix}services"
+
+    def service(self, name: str) -> str:
+        """A service's instances; the registry script builds its other keys
+        (service_ttl:, service_health:, service_prober:) from the same prefix."""
+        return f"{self.prefix}service:{name}"
+
+    def service_spec(self, name: str) -> str:
+        return f"{self.prefix}service_spec:{name}"
+
+    def service_load(self, name: str) -> str:
+        return f"{self.prefix}service_load:{name}"
+
+    @property
+    def services_channel(self) -> str:
+        return f"{self.prefix}services_changed"

@@ -533,3 +533,53 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return
+
+
+# --- service calls (shoal.services; any process that calls services) -------------------------
+
+SERVICE_CALLS = Counter(
+    "shoal_service_calls",
+    "Calls to registered services made from this process, by service, instance and "
+    "outcome: ok, failed (counted by the instance's breaker) or refused (a 429: the "
+    "instance works but said to come back later).",
+    ["service", "instance", "outcome"],
+    registry=REGISTRY,
+)
+SERVICE_CALL_SECONDS = Histogram(
+    "shoal_service_call_duration_seconds",
+    "How long one attempt of a service call took, by service.",
+    ["service"],
+    buckets=HTTP_BUCKETS,
+    registry=REGISTRY,
+)
+SERVICE_REJECTED = Counter(
+    "shoal_service_rejected",
+    "Service calls refused before reaching the network, by reason: circuit_open, "
+    "bulkhead_full, no_instance.",
+    ["service", "reason"],
+    registry=REGISTRY,
+)
+SERVICE_RETRIES = Counter(
+    "shoal_service_retries",
+    "Service call attempts that were retries of a failed attempt.",
+    ["service"],
+    registry=REGISTRY,
+)
+SERVICE_FALLBACKS = Counter(
+    "shoal_service_fallback_answers",
+    "Answers of fallback chains, by chain and the step that answered.",
+    ["chain", "source"],
+    registry=REGISTRY,
+)
+SERVICE_BREAKER_STATE = Gauge(
+    "shoal_service_breaker_state",
+    "Each watched instance's circuit breaker as this process sees it: 0 closed, "
+    "1 half-open, 2 open.",
+    ["service", "instance"],
+    registry=REGISTRY,
+)
+BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def fallback_answered(chain: str, source: str) -> None:
+    SERVICE_FALLBACKS.labels(chain, source).inc()

@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError
 
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
-    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit",
+    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -89,6 +89,7 @@ class Scripts:
         self.reap = Script(redis, "reap")
         self.claim = Script(redis, "claim")
         self.ratelimit = Script(redis, "ratelimit")
+        self.services = Script(redis, "services")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]
