@@ -1,1 +1,2 @@
-"""Helpers for testing and benchmarking Shoal against real local Valkey topologies."""
+"""Helpers for testing and benchmarking Shoal against real local Valkey topologies
+and against replicas of a fake external service (``replica``)."""
