@@ -263,7 +263,10 @@ class ServicePool:
                 raise
             finally:
                 self.load.release(endpoint.id)
-                self._finished(endpoint, outcome, time.perf_counter() - started)
+                if self._finished(endpoint, outcome, time.perf_counter() - started):
+                    # a trial's verdict closes or reopens the breaker for everyone:
+                    # recorded before the caller goes on (one round trip, rare)
+                    await self._flush(endpoint.id, trial=True)
         finally:
             await slot.__aexit__(None, None, None)
 
@@ -341,15 +344,19 @@ class ServicePool:
 
     # --- outcomes ------------------------------------------------------------------
 
-    def _finished(self, endpoint: Endpoint, outcome: str, elapsed: float) -> None:
+    def _finished(self, endpoint: Endpoint, outcome: str, elapsed: float) -> bool:
+        """Count the outcome; True if it is a trial's, to be recorded at once."""
         metrics.SERVICE_CALL_SECONDS.labels(self.service).observe(elapsed)
         metrics.SERVICE_CALLS.labels(self.service, endpoint.id, outcome).inc()
         if outcome == "cancelled" or self.breaker is None:
-            return
+            return False
         counts = self._pending.setdefault(endpoint.id, [0, 0])
         counts[1 if outcome == "failed" else 0] += 1
-        if outcome == "failed" or endpoint.trial:
-            self._flush_soon(endpoint.id, endpoint.trial)
+        if endpoint.trial:
+            return True
+        if outcome == "failed":
+            self._flush_soon(endpoint.id, False)
+        return False
 
     def _flush_soon(self, instance_id: str, trial: bool) -> None:
         if instance_id in self._flushing or self._closed:
