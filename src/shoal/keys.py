@@ -66,7 +66,7 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 | service_health:<name>       | control | hash        | instance id -> JSON health: breaker, |
 |                             |         |             | window counts, probe verdict         |
 | service_prober:<name>       | control | string      | the elected prober (PX)              |
-| service_spec:<name>         | control | string      | msgpack: probe settings              |
+| service_probes              | control | hash        | service -> msgpack probe settings    |
 | service_load:<name>         | control | hash        | process id -> msgpack calls in flight|
 |                             |         |             | per instance, with a timestamp       |
 | services_changed            | control | shard chan. | a service whose view changed         |
@@ -311,8 +311,10 @@ class Keys:
         (service_ttl:, service_health:, service_prober:) from the same prefix."""
         return f"{self.prefix}service:{name}"
 
-    def service_spec(self, name: str) -> str:
-        return f"{self.prefix}service_spec:{name}"
+    @property
+    def service_probes(self) -> str:
+        """Probed services: name -> msgpack probe settings (see shoal.probes)."""
+        return f"{self.prefix}service_probes"
 
     def service_load(self, name: str) -> str:
         return f"{self.prefix}service_load:{name}"

@@ -39,6 +39,7 @@ from shoal.keys import CONSUMER_GROUP, PRIORITIES
 from shoal.liveness import Heartbeat, deregister, register
 from shoal.observability.hooks import NodeTelemetry
 from shoal.observability.logs import set_process_node
+from shoal.probes import Prober
 from shoal.protocol import AgentTypeInfo, ErrorInfo
 from shoal.recorder import Recorder
 from shoal.recovery import Reaper
@@ -77,6 +78,7 @@ class NodeConfig:
     lease_time: float | None = None  # partition leases; default: dead_after
     metrics_port: int | None = None  # serve /metrics here (0: a free port, published)
     metrics_host: str = "127.0.0.1"  # loopback by default: metrics name the cluster's work
+    probe_services: bool = True  # take part in electing the prober of each probed service
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -212,6 +214,8 @@ class Node:
                 group.create_task(self._cancel_sweep())
                 group.create_task(self._reaper.run(self._closing))
                 group.create_task(self._watchdog())
+                if self.config.probe_services:
+                    group.create_task(Prober(self.client, self.node_id).run(self._closing))
                 if self.agents is not None:
                     group.create_task(self.agents.run(self._closing))
                 try:
