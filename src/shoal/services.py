@@ -207,12 +207,14 @@ class ServicePool:
         ]
 
     async def close(self) -> None:
+        # The flag as well as cancel(): redis-py can swallow a cancellation (see
+        # node._cancel_listener), so the loops also stop on it; the wait is bounded.
         self._closed = True
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         with contextlib.suppress(ShoalError):
             await self._flush_all()
             await self._client.redis.hdel(
@@ -395,7 +397,7 @@ class ServicePool:
             await self._flush(instance_id)
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(OUTCOME_FLUSH_S)  # the batching period of successes
             for instance_id in list(self._pending):
                 self._flush_soon(instance_id, False)
@@ -404,7 +406,7 @@ class ServicePool:
         """Publish this process's calls in flight and read the others' (see Load)."""
         key = self._client.keys.service_load(self.service)
         me = self._process_id
-        while True:
+        while not self._closed:
             await asyncio.sleep(LOAD_SHARE_S)  # the sharing period
             try:
                 now = time.time()
