@@ -107,6 +107,7 @@ async def test_registration_heartbeats_and_deregisters(client: Client) -> None:
     assert await registry.instances("vec") == []
 
 
+@pytest.mark.topology
 async def test_views_in_two_clients_see_changes_within_a_second(
     client: Client, settings: object
 ) -> None:

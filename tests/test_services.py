@@ -110,6 +110,7 @@ async def test_consistent_hash_keeps_a_conversation_on_one_replica(
     assert len(set(where.values())) >= 2  # five keys do not all land on one replica
 
 
+@pytest.mark.topology
 async def test_breaker_opens_fails_fast_half_opens_and_closes(
     client: Client, three: list[ReplicaProcess]
 ) -> None:
@@ -402,3 +403,29 @@ async def test_pool_options_are_fixed_at_first_use(client: Client) -> None:
         client.services("llm", strategy="random")
     with pytest.raises(ValueError, match="unknown balancing strategy"):
         ServicePool(client, "x", strategy="fastest")
+
+
+async def test_passive_health_marks_an_erring_replica_degraded(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    """Half of a's calls fail: not enough to open its breaker (60 %), enough to
+    mark it degraded (20 %) — then calls go to the healthy replica, and every
+    process sees the degraded status."""
+    a, b, _ = three
+    await register(client, "llm", [a, b])
+    policy = BreakerPolicy(
+        consecutive_failures=100, failure_rate=0.6, min_calls=8, degraded_rate=0.2
+    )
+    pool = client.services("llm", strategy="round_robin", breaker=policy)
+    a.control(fail_next=4)
+    while a.stats()["requests"] < 8:  # a's first 4 calls fail (and are retried on b)
+        assert (await pool.request("GET", "/x")).status_code == 200
+    await eventually(
+        lambda: asyncio.sleep(0, pool.view.by_id["a"].status == "degraded"), "a is degraded"
+    )
+    assert pool.view.by_id["a"].breaker == "closed"
+    assert [s.id for s in await client.registry.instances("llm", status="degraded")] == ["a"]
+    calls_of_a = a.stats()["requests"]
+    for _ in range(10):
+        assert (await pool.request("GET", "/x")).json()["replica"] == "b"
+    assert a.stats()["requests"] == calls_of_a
