@@ -12,7 +12,6 @@ from shoal import Client, ConfigurationError
 from shoal.registry import Registry, Status, UnknownService
 
 
-
 async def test_register_list_and_deregister(client: Client) -> None:
     registry = client.registry
     await registry.register("llm", "http://127.0.0.1:9001", zone="eu", weight=2,
