@@ -34,7 +34,7 @@ OPENAPI = create_app(Settings()).openapi()
 SCHEMA = schemathesis.openapi.from_dict(OPENAPI)
 
 # The contract: every route of the API. The OpenAPI document must list exactly these
-# (a route added without a test here fails test_openapi_lists_every_route).
+# (a route added without a test fails test_openapi_lists_every_route).
 ROUTES = {
     ("POST", "/v1/tasks"), ("GET", "/v1/tasks"), ("GET", "/v1/tasks/{task_id}"),
     ("POST", "/v1/tasks/{task_id}/cancel"), ("GET", "/v1/tasks/{task_id}/events"),
@@ -45,6 +45,12 @@ ROUTES = {
     ("GET", "/v1/cluster"), ("GET", "/v1/dead-letters/{capability}"),
     ("POST", "/v1/dead-letters/{capability}/redrive"), ("GET", "/v1/keys"), ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/{key}"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    # tested in tests/test_gateway_services.py:
+    ("GET", "/v1/services"), ("GET", "/v1/services/{name}"),
+    ("POST", "/v1/services/{name}/instances"),
+    ("PUT", "/v1/services/{name}/instances/{instance_id}/heartbeat"),
+    ("PUT", "/v1/services/{name}/instances/{instance_id}/status"),
+    ("DELETE", "/v1/services/{name}/instances/{instance_id}"),
 }  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from shoal import Client, Settings
 from shoal.apikeys import SCOPES, KeyStore
 from shoal.gateway import create_app
 from shoal.gateway.app import DASHBOARD
+from shoal.registry import Registry
 from tests.agents import Toolbox
 from tests.conftest import REPO, eventually, node_env, running_node
 from tests.gateways import api_routes, bearer, free_port, gateway_process, serving
@@ -34,6 +35,7 @@ class World:
 
     url: str
     store: KeyStore
+    registry: Registry
     only: dict[str, str]  # scope -> a key holding only that scope
     all_but: dict[str, str]  # scope -> a key holding every other scope
     revoked: str
@@ -58,7 +60,8 @@ async def world(engine_url: str) -> AsyncIterator[World]:
         await store.revoke(revoked.key.id)
         handle = await client.submit("echo", value=1)
         await handle.result(timeout=10)
-        yield World(url, store, only, all_but, revoked.secret, handle.id)
+        await client.registry.register("llm", "http://127.0.0.1:9001", id="a", ttl=None)
+        yield World(url, store, client.registry, only, all_but, revoked.secret, handle.id)
 
 
 Call = tuple[str, str, dict[str, Any]]
@@ -67,6 +70,11 @@ Call = tuple[str, str, dict[str, Any]]
 async def victim_key(world: World) -> Call:
     victim = await world.store.create("victim", ["read"])
     return "DELETE", f"/v1/keys/{victim.key.id}", {}
+
+
+async def victim_instance(world: World) -> Call:
+    victim = await world.registry.register("llm", "http://127.0.0.1:9002", ttl=None)
+    return "DELETE", f"/v1/services/llm/instances/{victim.id}", {}
 
 
 def fixed(method: str, path: str, **kwargs: Any) -> Callable[[World], Awaitable[Call]]:
@@ -109,6 +117,18 @@ MATRIX: dict[tuple[str, str], tuple[str, Callable[[World], Awaitable[Call]]]] = 
         "admin", fixed("POST", "/v1/keys", json={"name": "made", "scopes": ["read"]})
     ),
     ("DELETE", "/v1/keys/{key}"): ("admin", victim_key),
+    ("GET", "/v1/services"): ("read", fixed("GET", "/v1/services")),
+    ("GET", "/v1/services/{name}"): ("read", fixed("GET", "/v1/services/llm")),
+    ("POST", "/v1/services/{name}/instances"): (
+        "admin", fixed("POST", "/v1/services/llm/instances", json={"url": "http://10.0.0.1:80"})
+    ),
+    ("PUT", "/v1/services/{name}/instances/{instance_id}/heartbeat"): (
+        "admin", fixed("PUT", "/v1/services/llm/instances/a/heartbeat")
+    ),
+    ("PUT", "/v1/services/{name}/instances/{instance_id}/status"): (
+        "admin", fixed("PUT", "/v1/services/llm/instances/a/status", json={"status": "up"})
+    ),
+    ("DELETE", "/v1/services/{name}/instances/{instance_id}"): ("admin", victim_instance),
 }  # fmt: skip
 
 ROUTES = sorted(api_routes(create_app(Settings())))

@@ -47,6 +47,7 @@ CHECKS = [
 ]
 EXAMPLES = 25  # per operation, valid and invalid together: the whole file in well under 60 s
 MAX_WAIT_S = 0.5  # `?wait=` and request timeouts are capped: the fuzz is about shapes
+SERVICE = ("llm", "gpu-1")  # a registered instance: service name, instance id
 SAFE_CAPABILITIES = ["echo", "add", "report", "permanent", "flaky", "sleepy", "always_fails"]
 
 
@@ -72,6 +73,7 @@ def target(engine_url: str) -> Iterator[Target]:
     with node_process(namespace, "tests.agents"), gateway_process(namespace) as (url, _):
         with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
             task_id = _run_one_task(http)
+            _register_an_instance(http)
         yield Target(url, headers, task_id)
 
 
@@ -87,10 +89,19 @@ def _run_one_task(http: httpx.Client) -> str:
     raise AssertionError("the node did not run a task within 30 s")
 
 
+def _register_an_instance(http: httpx.Client) -> None:
+    """A static instance for the /v1/services routes to find (until the fuzz deletes it)."""
+    body = {"url": "http://127.0.0.1:9", "id": SERVICE[1], "ttl": None}
+    assert http.post(f"/v1/services/{SERVICE[0]}/instances", json=body).status_code == 201
+
+
 def _real_values(case: Any, target: Target, capability: str) -> None:
-    """Point a case at things that exist: a hosted capability, the finished task."""
+    """Point a case at things that exist: a hosted capability, the finished task, a
+    registered service instance."""
     if case.path_parameters:
-        for name, value in {"task_id": target.task_id, "capability": capability}.items():
+        real = {"task_id": target.task_id, "capability": capability,
+                "name": SERVICE[0], "instance_id": SERVICE[1]}  # fmt: skip
+        for name, value in real.items():
             if name in case.path_parameters:
                 case.path_parameters[name] = value
         if "agent_type" in case.path_parameters:

@@ -32,6 +32,7 @@ from shoal.cli_options import (
     to_data,
 )
 from shoal.cli_progress import spinner
+from shoal.cli_services import services_app
 from shoal.cli_support import ago as _ago
 from shoal.cli_support import client as _client
 from shoal.cli_support import parse_assignments, parse_message
@@ -65,6 +66,7 @@ engine_app = typer.Typer(help="The embedded engine on its own.", no_args_is_help
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
+app.add_typer(services_app, name="services")
 register_cluster_commands(app)
 
 

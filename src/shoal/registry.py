@@ -399,9 +399,14 @@ class Registry:
     ) -> list[InstanceState]:
         """The service's instances (one engine round trip), filtered by zone, effective
         status and metadata (every given key must match)."""
-        validate_service_name(service)
-        _, states = parse_read(service, await self._run("read", service))
+        _, states = await self.read(service)
         return [s for s in states if s.matches(zone, status, metadata)]
+
+    async def read(self, service: str) -> tuple[int, list[InstanceState]]:
+        """The engine's clock (ms) and the service's instances, from one round trip:
+        for showing how long until each expires without trusting the local clock."""
+        validate_service_name(service)
+        return parse_read(service, await self._run("read", service))
 
     async def instance(self, service: str, instance_id: str) -> Instance:
         for state in await self.instances(service):

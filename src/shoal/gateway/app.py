@@ -22,7 +22,7 @@ from shoal.coordination.ratelimit import TokenBucket
 from shoal.errors import ShoalError
 from shoal.gateway import problems
 from shoal.gateway.middleware import BodyLimit, Observed
-from shoal.gateway.routes import admin, agents, cluster, tasks
+from shoal.gateway.routes import admin, agents, cluster, services, tasks
 from shoal.gateway.schemas import openapi_components
 from shoal.gateway.state import GatewayConfig, GatewayState
 from shoal.gateway.telemetry import GatewayMetrics
@@ -49,7 +49,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> FastA
     app = FastAPI(
         title="Shoal gateway",
         version=shoal.__version__,
-        description="HTTP API of a Shoal cluster: tasks, agents, cluster state.",
+        description="HTTP API of a Shoal cluster: tasks, agents, cluster state, services.",
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
@@ -58,7 +58,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> FastA
         # to the tasks a request submits.
         telemetry=TelemetryConfig(tracing=False, metrics=False, logs=False),
     )
-    for router in (tasks.router, agents.router, cluster.router, admin.router):
+    for router in (tasks.router, agents.router, cluster.router, services.router, admin.router):
         app.include_router(router)
     _install_errors(app)
     app.add_middleware(Observed, metrics=metrics)

@@ -22,11 +22,18 @@ from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE
 from shoal.gateway.problems import ErrorResponse
 from shoal.options import MAX_SECONDS
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
+from shoal.registry import MAX_METADATA, MAX_TTL_S, MAX_WEIGHT, MIN_TTL_S, Status
 from shoal.tasklist import TaskPage
 
 CAPABILITY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
 AGENT_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}/[A-Za-z0-9_.:@+=-]{1,200}$"
 TASK_ID_PATTERN = r"^[0-9a-f]{28}$"
+# The registry's own rules (shoal.registry validates again): here, so the OpenAPI
+# document states them and a bad value is a 422 naming the field.
+SERVICE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}$"
+ZONE_PATTERN = r"^[A-Za-z0-9_.-]{0,64}$"
+DEFAULT_HTTP_TTL_S = 30.0  # a registrant over HTTP heartbeats every ttl/3: every 10 s
 MAX_WAIT_S = 300.0
 MAX_KEY_RATE = MAX_RATE  # requests/s and burst of one API key: the rate limiter's bounds
 MAX_KEY_BURST = MAX_BURST
@@ -149,6 +156,40 @@ class KeyRequest(_Body):
     )
 
 
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=256)]
+
+
+class InstanceRegistration(_Body):
+    """An instance of a service to register (or update, if its id is registered)."""
+
+    url: Text = Field(
+        min_length=1, max_length=2048, description="Base URL: http(s)://host[:port][/path]."
+    )
+    id: str | None = Field(
+        default=None, pattern=INSTANCE_ID_PATTERN,
+        description="Instance id (default: host:port of the URL).",
+    )  # fmt: skip
+    zone: str = Field(default="", pattern=ZONE_PATTERN, description="Zone / rack / region.")
+    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT, description="Relative capacity.")
+    metadata: Annotated[dict[MetadataKey, MetadataValue], AfterValidator(_unicode_only)] = Field(
+        default_factory=dict, max_length=MAX_METADATA, description="String keys and values."
+    )
+    status: Status = Field(default=Status.UP, description="Its status to begin with.")
+    ttl: float | None = Field(
+        default=DEFAULT_HTTP_TTL_S, ge=MIN_TTL_S, le=MAX_TTL_S,
+        description="Seconds it lives without a heartbeat (PUT .../heartbeat); null: a "
+        "static instance, registered until deleted.",
+    )  # fmt: skip
+
+
+class StatusChange(_Body):
+    status: Status = Field(
+        description="starting, draining and down take the instance out of rotation; "
+        "degraded keeps it as a last resort."
+    )
+
+
 # --- responses (msgspec) ---------------------------------------------------------------
 
 
@@ -225,10 +266,38 @@ class Health(msgspec.Struct, frozen=True):
     detail: str | None = None
 
 
+class ServiceInstance(msgspec.Struct, frozen=True):
+    """A registered instance with its health (``InstanceState.describe()``).
+    ``status`` is the effective one: ``reported_status`` worsened by health (a probe
+    that says down, or passive health that says degraded)."""
+
+    service: str
+    id: str
+    url: str
+    zone: str
+    weight: float
+    metadata: dict[str, str]
+    status: str
+    reported_status: str
+    static: bool
+    ttl: float | None  # null: static
+    expires_at_ms: float | None  # by the engine's clock; null: static
+    breaker: Literal["closed", "open", "half_open"]
+    probe: Literal["up", "down"] | None  # null: never probed
+    window_calls: int
+    window_failures: int
+    consecutive_failures: int
+
+
+class Service(msgspec.Struct, frozen=True):
+    name: str
+    instances: list[ServiceInstance]
+
+
 RESPONSE_TYPES: tuple[Any, ...] = (
     TaskInfo, TaskResult, Submitted, TaskPage, Cancelled, Event, Delivered, Reply, Published,
     AgentInfo, AgentTypeInfo, AgentState, ClusterState, DeadLetter, Redriven, ApiKey,
-    CreatedKey, Health, ErrorResponse,
+    CreatedKey, Health, Service, ServiceInstance, ErrorResponse,
 )  # fmt: skip
 
 

@@ -40,6 +40,9 @@ router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 log = logging.getLogger("shoal.gateway")
 
 TASK_ID = r"^[0-9a-f]{28}$"
+# An event's stream id, ms-seq: at most 19 digits a part, so it fits the engine's
+# 64-bit numbers (a longer one was an engine error, a 500, instead of a 422).
+EVENT_ID_PATTERN = r"^\d{1,19}-\d{1,19}$"
 TaskId = Annotated[str, Path(pattern=TASK_ID, description="A task id (28 hex digits).")]
 Wait = Annotated[
     float | None,
@@ -216,10 +219,10 @@ async def task_events(
     caller: Read,
     last_event_id: Annotated[
         str | None,
-        Header(pattern=r"^\d+-\d+$", description="Resume after this event (SSE reconnect)."),
+        Header(pattern=EVENT_ID_PATTERN, description="Resume after this event (SSE reconnect)."),
     ] = None,
     after: Annotated[
-        str | None, Query(pattern=r"^\d+-\d+$", description="Resume after this event id.")
+        str | None, Query(pattern=EVENT_ID_PATTERN, description="Resume after this event id.")
     ] = None,
 ) -> Response:
     """Every event of the task in order, live until it ends. Reconnecting with
