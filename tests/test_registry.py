@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from shoal import Client, ConfigurationError
 from shoal.registry import Registry, Status, UnknownService
+from tests.conftest import eventually
 
 
 async def test_register_list_and_deregister(client: Client) -> None:
@@ -135,3 +137,42 @@ async def test_registry_describe_is_plain_data(client: Client) -> None:
     described = state.describe()
     assert described["id"] == "x" and described["static"] is True
     assert described["breaker"] == "closed" and described["probe"] is None
+
+
+async def test_heartbeats_keep_a_status_set_meanwhile(client: Client) -> None:
+    """An operator drains a self-heartbeating instance: its heartbeats restart the
+    TTL without writing its record back, so it stays draining."""
+    registry = client.registry
+    async with registry.registration("llm", "http://127.0.0.1:9600", id="r", ttl=1):
+        await registry.set_status("llm", "r", "draining")
+        view = await registry.watch("llm")
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # several heartbeats (every ttl/3)
+            await view.changed(timeout=0.3)
+            assert view.by_id["r"].status == "draining"
+
+
+async def test_set_status_never_brings_an_instance_back(client: Client) -> None:
+    registry = client.registry
+    instance = await registry.register("llm", "http://127.0.0.1:9700", id="gone")
+    await registry.deregister("llm", "gone")
+    assert not await registry.put(
+        msgspec.structs.replace(instance, status="draining"), mode="update"
+    )
+    with pytest.raises(UnknownService):
+        await registry.set_status("llm", "gone", "draining")
+    assert await registry.instances("llm") == []
+
+
+async def test_expired_services_are_not_listed_and_ids_of_ipv6_urls(client: Client) -> None:
+    registry = client.registry
+    await registry.register("short", "http://[::1]:8000", ttl=1)
+    assert [s.id for s in await registry.instances("short")] == ["[::1]:8000"]
+    assert await registry.services() == ["short"]
+    await eventually(lambda: _no_services(registry), "the expired service is unlisted", 3)
+    with pytest.raises(ConfigurationError, match="status 'bogus' is invalid"):
+        await registry.instances("short", status="bogus")
+
+
+async def _no_services(registry: Registry) -> bool:
+    return await registry.services() == []

@@ -57,7 +57,7 @@ MAX_WEIGHT = 1000.0
 MAX_METADATA = 32
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
-_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}")
+_ID_RE = re.compile(r"[A-Za-z0-9_\[][A-Za-z0-9_.:@\[\]-]{0,127}")
 _ZONE_RE = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 
 
@@ -207,7 +207,8 @@ def validate_instance_id(instance_id: Any) -> str:
     if not isinstance(instance_id, str) or not _ID_RE.fullmatch(instance_id):
         raise ConfigurationError(
             f"instance id {instance_id!r:.80} is invalid: up to 128 letters, digits, "
-            "'_', '.', ':', '@' or '-', not starting with a punctuation mark"
+            "'_', '.', ':', '@', '-', '[' or ']', not starting with a punctuation mark "
+            "other than '[' (as in [::1]:8000)"
         )
     return instance_id
 
@@ -225,6 +226,13 @@ def validate_url(url: Any) -> str:
     except ValueError as exc:
         raise ConfigurationError(f"instance URL {url!r:.80}: {exc}") from None
     return url.rstrip("/")
+
+
+def validate_status(status: Any) -> str:
+    if status not in Status.__members__.values():
+        allowed = ", ".join(s.value for s in Status)
+        raise ConfigurationError(f"status {status!r:.40} is invalid: use one of {allowed}")
+    return str(status)
 
 
 def _validate_ttl(ttl: Any) -> float | None:
@@ -273,7 +281,8 @@ def make_instance(
     url = validate_url(url)
     if id is None:
         parts = urlsplit(url)
-        id = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+        id = f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
     if not isinstance(zone, str) or not _ZONE_RE.fullmatch(zone):
         raise ConfigurationError(
             f"zone {zone!r:.80} is invalid: up to 64 letters, digits, '_', '.' or '-'"
@@ -284,9 +293,7 @@ def make_instance(
         or not 0 < weight <= MAX_WEIGHT
     ):
         raise ConfigurationError(f"weight must be a number in (0, {MAX_WEIGHT:g}], got {weight!r}")
-    if status not in Status.__members__.values():
-        allowed = ", ".join(s.value for s in Status)
-        raise ConfigurationError(f"status {status!r} is invalid: use one of {allowed}")
+    validate_status(status)
     return Instance(
         service=validate_service_name(service), id=validate_instance_id(id), url=url,
         zone=zone, weight=float(weight), metadata=_validate_metadata(metadata),
@@ -360,27 +367,34 @@ class Registry:
         await self.put(instance)
         return instance
 
-    async def put(self, instance: Instance, *, create: bool = True) -> bool:
-        """Store ``instance`` and restart its TTL. With ``create=False`` (a heartbeat)
-        an instance that expired or was deregistered is not brought back: False."""
+    async def put(self, instance: Instance, *, mode: str = "create") -> bool:
+        """Store ``instance`` and restart its TTL (``mode="create"``); ``"update"``
+        stores it only if it is still registered; ``"beat"`` only restarts the TTL
+        of a registered instance, leaving its stored record alone. False when the
+        instance is not registered and the mode does not create it."""
+        if mode not in ("create", "update", "beat"):
+            raise ConfigurationError(f"put mode must be create, update or beat, got {mode!r}")
         done = await self._run(
-            "put", instance.service, instance.id, _encode(instance), _ttl_ms(instance),
-            "1" if create else "0",
-        )  # fmt: skip
+            "put", instance.service, instance.id, _encode(instance), _ttl_ms(instance), mode
+        )
         return bool(done)
 
     async def heartbeat(self, instance: Instance) -> bool:
-        """Restart the instance's TTL; False if it is no longer registered."""
-        return await self.put(instance, create=False)
+        """Restart the instance's TTL; False if it is no longer registered (expired
+        or deregistered: register it again). Changes nothing else — a status set
+        meanwhile (``set_status``, the CLI, the HTTP API) stays."""
+        return await self.put(instance, mode="beat")
 
     async def set_status(self, service: str, instance_id: str, status: str) -> Instance:
-        """Change a registered instance's status (e.g. ``draining`` before it stops)."""
+        """Change a registered instance's status (e.g. ``draining`` before it stops).
+        UnknownService if it is not registered (never registers it again)."""
         current = await self.instance(service, instance_id)
         changed = make_instance(
             service, current.url, id=current.id, zone=current.zone, weight=current.weight,
             metadata=current.metadata, status=status, ttl=current.ttl,
         )  # fmt: skip
-        await self.put(changed)
+        if not await self.put(changed, mode="update"):
+            raise UnknownService(f"service {service!r} has no instance {instance_id!r}")
         return changed
 
     async def deregister(self, service: str, instance_id: str) -> bool:
@@ -399,6 +413,8 @@ class Registry:
     ) -> list[InstanceState]:
         """The service's instances (one engine round trip), filtered by zone, effective
         status and metadata (every given key must match)."""
+        if status is not None:
+            validate_status(status)
         _, states = await self.read(service)
         return [s for s in states if s.matches(zone, status, metadata)]
 
@@ -415,11 +431,13 @@ class Registry:
         raise UnknownService(f"service {service!r} has no instance {instance_id!r}")
 
     async def services(self) -> list[str]:
-        """The names of the services with at least one instance."""
+        """The names of the services with at least one live instance (each is read,
+        which drops expired instances first: a service whose instances all expired
+        is not listed)."""
         client = self._client
         async with client.errors():
-            names = await client.redis.smembers(client.keys.services)
-        return sorted(n.decode() for n in names)
+            names = sorted(n.decode() for n in await client.redis.smembers(client.keys.services))
+        return [name for name in names if (await self.read(name))[1]]
 
     @contextlib.asynccontextmanager
     async def registration(
@@ -460,7 +478,7 @@ class Registry:
                 if not await self.heartbeat(instance):
                     log.warning("service %s: %s had expired; registering it again",
                                 instance.service, instance.id)  # fmt: skip
-                    await self.put(instance)
+                    await self.put(instance, mode="create")
             except EngineUnavailable as exc:
                 log.warning("service %s: heartbeat of %s failed: %s",
                             instance.service, instance.id, exc)  # fmt: skip

@@ -95,14 +95,21 @@ local function reap(now)
   return #expired
 end
 
--- put: register or heartbeat. ARGV[4] id, ARGV[5] record, ARGV[6] ttl ms (0 =
--- static), ARGV[7] '1' to create when missing ('0': a heartbeat of an instance
--- that expired or was deregistered answers 0 and creates nothing).
+-- put: register, update or heartbeat. ARGV[4] id, ARGV[5] record, ARGV[6] ttl ms
+-- (0 = static), ARGV[7] mode: 'create' (store the record, creating the instance
+-- if missing), 'update' (store it only if the instance exists), 'beat' (only
+-- restart the TTL of an existing instance: the record stays as it is, so a
+-- heartbeat never undoes a status an operator set meanwhile). Returns 1, or 0 if
+-- the instance does not exist and the mode does not create it.
 if op == 'put' then
-  local id, record, ttl, create = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1'
+  local id, record, ttl, mode = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
   local now = now_ms()
   local stored = redis.call('HGET', service_key, id)
-  if not stored and not create then return 0 end
+  if not stored and mode ~= 'create' then return 0 end
+  if mode == 'beat' then
+    if redis.call('ZSCORE', ttl_key, id) then redis.call('ZADD', ttl_key, now + ttl, id) end
+    return 1
+  end
   if ttl > 0 then
     redis.call('ZADD', ttl_key, now + ttl, id)
   else
