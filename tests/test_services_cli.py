@@ -6,6 +6,7 @@ error and exit code that `shoal.cli.main` makes of a failure."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from shoal import Settings
+from shoal import Client, Settings
 from shoal.cli import app
 from shoal.config_file import ENV_PREFIX
 from shoal.errors import ConfigurationError, ShoalError
+from shoal.probes import Probe, probe_configs
 from shoal.registry import UnknownService
 from tests.test_cli import shoal
 
@@ -63,7 +65,9 @@ def data(ran: Ran) -> Any:
     return json.loads(ok(ran))
 
 
-@pytest.mark.parametrize("command", [[], ["register"], ["list"], ["deregister"], ["status"]])
+@pytest.mark.parametrize(
+    "command", [[], ["register"], ["list"], ["deregister"], ["status"], ["probe"]]
+)
 def test_every_services_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, ["services", *command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.stdout
@@ -201,3 +205,22 @@ async def test_shoal_prints_one_error_line_and_exits_1(settings: Settings) -> No
         f"error: service 'llm' has no instance 'nope' in namespace {settings.namespace!r}: "
         "nothing to deregister (see: shoal services list llm)\n"
     )
+
+
+def test_probe_turns_probing_on_and_off(settings: Settings) -> None:
+    on = data(services(settings, "probe", "llm", "--path", "/ready", "--interval", "2",
+                       "--fall", "4", "--json"))  # fmt: skip
+    assert on == {
+        "service": "llm",
+        "probe": {"path": "/ready", "interval": 2.0, "timeout": 0.5, "fall": 4, "rise": 2},
+    }
+    assert asyncio.run(_configs(settings)) == {"llm": Probe("/ready", 2.0, 0.5, 4, 2)}
+    bad = services(settings, "probe", "llm", "--timeout", "5")
+    assert isinstance(bad.error, ConfigurationError) and "at most the interval" in str(bad.error)
+    assert "not probed any more" in ok(services(settings, "probe", "llm", "--off"))
+    assert asyncio.run(_configs(settings)) == {}
+
+
+async def _configs(settings: Settings) -> dict[str, Probe]:
+    async with Client(settings=settings) as client:
+        return await probe_configs(client)

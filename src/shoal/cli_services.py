@@ -23,10 +23,11 @@ from shoal.cli_support import client as _client
 from shoal.cli_support import run as _run
 from shoal.client import Client
 from shoal.errors import ConfigurationError
+from shoal.probes import Probe, configure_probe, describe_probe
 from shoal.registry import InstanceState, Registry, Status, UnknownService
 
 services_app = typer.Typer(
-    help="Register, list, re-status and deregister instances of external services.",
+    help="Register, list, re-status, probe and deregister instances of external services.",
     no_args_is_help=True,
 )
 
@@ -296,3 +297,42 @@ def set_status(
         f"{rotation})",
         markup=False,
     )
+
+
+@services_app.command("probe")
+def probe(
+    name: ServiceName,
+    path: Annotated[str, typer.Option(help="The path to GET on each instance.")] = "/health",
+    interval: Annotated[float, typer.Option(help="Seconds between probes.")] = 1.0,
+    timeout: Annotated[float, typer.Option(help="Seconds a probe may take.")] = 0.5,
+    fall: Annotated[int, typer.Option(help="Failures in a row that mark it down.")] = 3,
+    rise: Annotated[int, typer.Option(help="Successes in a row that bring it back.")] = 2,
+    off: Annotated[bool, typer.Option("--off", help="Stop probing the service.")] = False,
+    as_json: AsJson = False,
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Probe a service's instances actively: the nodes elect one prober for it, which
+    GETs each instance's URL + PATH every INTERVAL; FALL failures in a row take an
+    instance out of every caller's rotation, RISE successes bring it back."""
+    settings = None if off else Probe(path, interval, timeout, fall, rise)
+
+    async def go() -> None:
+        async with _client(redis, namespace, data_dir) as client:
+            await configure_probe(client, name, settings)
+
+    _run(go())
+    if as_json:
+        print_json(
+            {"service": name, "probe": None if settings is None else describe_probe(settings)}
+        )
+    elif settings is None:
+        out.print(f"{name}: not probed any more", markup=False)
+    else:
+        out.print(
+            f"{name}: probed by one node's prober — GET <url>{settings.path} every "
+            f"{settings.interval:g}s (timeout {settings.timeout:g}s); down after {settings.fall} "
+            f"failures in a row, up after {settings.rise} successes",
+            markup=False,
+        )
