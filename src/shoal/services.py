@@ -406,16 +406,26 @@ class ServicePool:
         """Publish this process's calls in flight and read the others' (see Load)."""
         key = self._client.keys.service_load(self.service)
         me = self._process_id
+        shared: dict[str, int] = {}
+        shared_at = 0.0
         while not self._closed:
             await asyncio.sleep(LOAD_SHARE_S)  # the sharing period
             try:
                 now = time.time()
+                local = self.load.local()
+                # written when it changed, and kept fresh while calls are in flight
+                # (others ignore counts older than LOAD_STALE_S); an idle process
+                # writes nothing
+                write = local != shared or (local and now - shared_at > LOAD_STALE_S / 3)
                 async with self._client.errors():
                     pipe = self._client.redis.pipeline(transaction=False)
-                    pipe.hset(key, me, _encode((now, self.load.local())))
+                    if write:
+                        pipe.hset(key, me, _encode((now, local)))
                     pipe.hgetall(key)
-                    _, entries = await pipe.execute()
-                self.load.set_remote(self._remote_load(key, me, now, entries))
+                    replies = await pipe.execute()
+                if write:
+                    shared, shared_at = local, now
+                self.load.set_remote(self._remote_load(key, me, now, replies[-1]))
             except ShoalError as exc:
                 log.debug("service %s: load not shared: %s", self.service, exc)
 
