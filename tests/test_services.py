@@ -24,7 +24,7 @@ from shoal.resilience import (
     RetryPolicy,
     ServiceCallFailed,
 )
-from shoal.services import ServicePool
+from shoal.services import Endpoint, ServicePool
 from shoal.testing.replica import ReplicaProcess, replicas
 from tests.conftest import eventually
 
@@ -414,7 +414,7 @@ async def test_passive_health_marks_an_erring_replica_degraded(
     a, b, _ = three
     await register(client, "llm", [a, b])
     policy = BreakerPolicy(
-        consecutive_failures=100, failure_rate=0.6, min_calls=8, degraded_rate=0.2
+        consecutive_failures=100, failure_rate=0.6, min_calls=8, degraded_rate=0.2, window=1.0
     )
     pool = client.services("llm", strategy="round_robin", breaker=policy)
     a.control(fail_next=4)
@@ -429,3 +429,33 @@ async def test_passive_health_marks_an_erring_replica_degraded(
     for _ in range(10):
         assert (await pool.request("GET", "/x")).json()["replica"] == "b"
     assert a.stats()["requests"] == calls_of_a
+
+    # no outcome for two windows: the verdict lapses, a is tried again
+    started = time.monotonic()
+    while pool.view.by_id["a"].status != "up":
+        assert await pool.view.changed(timeout=3), "a's degraded verdict did not lapse"
+    assert time.monotonic() - started < 2 * 1.0 + 1.0
+    for _ in range(4):
+        await pool.request("GET", "/x")
+    assert a.stats()["requests"] == calls_of_a + 2
+
+
+async def test_a_streak_of_failures_is_counted_in_order(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    """Failures mixed with successes inside one batch of outcomes are not a streak:
+    only the failures after the batch's last success continue it."""
+    a = three[0]
+    await register(client, "llm", [a])
+    policy = BreakerPolicy(consecutive_failures=3, failure_rate=1.0, min_calls=100)
+    pool = client.services("llm", breaker=policy, retry=NO_RETRY)
+    await pool.start()
+    for ok in (False, True, False, True, False, True, False, False):
+        pool._finished(Endpoint(pool.view.by_id["a"], trial=False), "ok" if ok else "failed", 0)
+    await pool._flush_all()
+    health = (await client.registry.instances("llm"))[0].health
+    assert (health.c, health.f, health.k, health.b) == (8, 5, 2, "closed")
+    pool._finished(Endpoint(pool.view.by_id["a"], trial=False), "failed", 0)
+    await pool._flush_all()
+    health = (await client.registry.instances("llm"))[0].health
+    assert (health.k, health.b) == (3, "open")

@@ -104,6 +104,7 @@ class Health(msgspec.Struct, frozen=True):
     pf: int = 0  # failures in it
     k: int = 0  # consecutive failures
     d: int = 0  # 1: passive health says degraded
+    wl: int = 0  # the window's length (ms) the last outcome was counted with
     p: str = ""  # probe verdict: up | down | "" (never probed)
     pk: int = 0  # probe streak: +successes / -failures in a row
 

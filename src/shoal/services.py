@@ -181,7 +181,8 @@ class ServicePool:
         self._tiers: _Tiers | None = None
         self._started: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: dict[str, list[int]] = {}  # instance -> [successes, failures]
+        # instance -> [successes, failures, failures in a row at the end]
+        self._pending: dict[str, list[int]] = {}
         self._flushing: set[str] = set()
         self._closed = False
 
@@ -316,6 +317,9 @@ class ServicePool:
             state = self.view.by_id[replica.id]
             if self.breaker is None or state.breaker == "closed":
                 return Endpoint(state, trial=False)
+            if self._trials_out(state):
+                refused.add(state.id)  # known without asking: spare the round trip
+                continue
             if await self._allow_trial(state):
                 return Endpoint(self.view.by_id.get(state.id, state), trial=True)
             refused.add(state.id)
@@ -331,6 +335,17 @@ class ServicePool:
         metrics.SERVICE_REJECTED.labels(self.service, "no_instance").inc()
         known = ", ".join(f"{s.id} ({s.status})" for s in self.view.instances) or "none registered"
         return NoInstance(f"service {self.service!r} has no instance in rotation: {known}")
+
+    def _trials_out(self, state: InstanceState) -> bool:
+        """Half-open with every trial handed out (as of the view), and not yet due
+        for new ones: the engine would refuse."""
+        assert self.breaker is not None
+        health = state.health
+        return (
+            health.b == "half_open"
+            and health.t >= self.breaker.half_open_trials
+            and self.view.engine_now_ms() < health.h + self.breaker.recovery * 1000
+        )
 
     async def _allow_trial(self, state: InstanceState) -> bool:
         assert self.breaker is not None
@@ -352,8 +367,13 @@ class ServicePool:
         metrics.SERVICE_CALLS.labels(self.service, endpoint.id, outcome).inc()
         if outcome == "cancelled" or self.breaker is None:
             return False
-        counts = self._pending.setdefault(endpoint.id, [0, 0])
-        counts[1 if outcome == "failed" else 0] += 1
+        counts = self._pending.setdefault(endpoint.id, [0, 0, 0])
+        if outcome == "failed":
+            counts[1] += 1
+            counts[2] += 1
+        else:
+            counts[0] += 1
+            counts[2] = 0
         if endpoint.trial:
             return True
         if outcome == "failed":
@@ -378,7 +398,8 @@ class ServicePool:
                         raw = await self._client.scripts.services(
                             [keys.service(self.service)],
                             [keys.prefix, "outcome", self.service, instance_id, counts[0],
-                             counts[1], *self.breaker.outcome_args(), "1" if trial else "0"],
+                             counts[1], *self.breaker.outcome_args(), "1" if trial else "0",
+                             counts[2]],
                         )  # fmt: skip
                 except ShoalError as exc:
                     log.debug("service %s: outcomes of %s not recorded: %s",

@@ -17,6 +17,7 @@
 --   w  start of the current window (ms)              c, f  calls, failures in it
 --   pc, pf  calls, failures of the previous window   k  consecutive failures
 --   d  1 when passive health says degraded (error rate over the window)
+--   wl the window's length (ms), as the last outcome's caller gave it
 --   p  probe verdict: 'up' | 'down' ('' = never probed)
 --   pk probe streak: +n successes or -n failures in a row
 local name = ARGV[3]
@@ -38,7 +39,7 @@ end
 
 local function fresh_health(now)
   return {b = 'closed', o = 0, h = 0, t = 0, w = now, c = 0, f = 0, pc = 0, pf = 0,
-          k = 0, d = 0, p = '', pk = 0}
+          k = 0, d = 0, wl = 0, p = '', pk = 0}
 end
 
 local function load_health(id, now)
@@ -95,6 +96,21 @@ local function reap(now)
   return #expired
 end
 
+-- A degraded instance gets calls only when no healthy one is left, so its window
+-- may never fill again: once two windows passed without an outcome, the verdict
+-- lapses and the instance is tried again (and degraded again if it still errs).
+local function lapse_degraded(now)
+  local healths = redis.call('HGETALL', health_key)
+  for i = 1, #healths, 2 do
+    local health = cjson.decode(healths[i + 1])
+    if health.d == 1 and (health.wl or 0) > 0 and now - health.w >= 2 * health.wl then
+      health.d, health.c, health.f, health.pc, health.pf, health.w = 0, 0, 0, 0, 0, now
+      redis.call('HSET', health_key, healths[i], cjson.encode(health))
+      changed()
+    end
+  end
+end
+
 -- put: register, update or heartbeat. ARGV[4] id, ARGV[5] record, ARGV[6] ttl ms
 -- (0 = static), ARGV[7] mode: 'create' (store the record, creating the instance
 -- if missing), 'update' (store it only if the instance exists), 'beat' (only
@@ -139,6 +155,7 @@ end
 if op == 'read' then
   local now = now_ms()
   reap(now)
+  lapse_degraded(now)
   return {now, redis.call('HGETALL', service_key), redis.call('HGETALL', health_key),
           redis.call('ZRANGE', ttl_key, 0, -1, 'WITHSCORES')}
 end
@@ -147,7 +164,8 @@ end
 -- ARGV[4] id, [5] successes, [6] failures, [7] consecutive failures that open,
 -- [8] failure rate that opens, [9] minimum calls for a rate, [10] window ms,
 -- [11] error rate that marks the instance degraded, [12] '1' if these outcomes
--- are of trial calls let through a half-open breaker.
+-- are of trial calls let through a half-open breaker, [13] the failures in a row
+-- that end the batch (the caller knows its outcomes' order; the engine does not).
 -- Returns the health record (JSON) after the update.
 if op == 'outcome' then
   local id = ARGV[4]
@@ -155,18 +173,18 @@ if op == 'outcome' then
   local oks, fails = tonumber(ARGV[5]), tonumber(ARGV[6])
   local threshold, rate, min_calls = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   local window, degrade_rate, trial = tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12] == '1'
+  local trailing = tonumber(ARGV[13])
   local now = now_ms()
   local health, raw = load_health(id, now)
   local before = visible(health)
   roll(health, now, window)
+  health.wl = window
   health.c = health.c + oks + fails
   health.f = health.f + fails
-  if fails > 0 and oks == 0 then
-    health.k = health.k + fails
-  elseif fails > 0 then
-    health.k = fails  -- order within a batch is unknown; failures are sent at once
+  if oks == 0 then
+    health.k = health.k + fails  -- the streak goes on
   else
-    health.k = 0
+    health.k = trailing  -- a success in the batch ended it; the failures after count
   end
   local calls, failed = windowed(health, now, window)
   local failing_rate = 0
