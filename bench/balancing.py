@@ -8,7 +8,7 @@ replica degrades and another dies — and what a pick costs.
 
 **Scenario** (one per configuration, each with fresh replicas and a fresh
 namespace, so no breaker state leaks from one to the next): three replica
-processes (``shoal.testing.replica``) answer after 10, 20 and 40 ms (+ up to 10 %
+processes (``shoal.testing.replica``) answer after 50, 100 and 200 ms (+ up to 10 %
 jitter); ``--callers`` closed-loop callers share one ``ServicePool`` and call
 ``pool.request`` for ``--duration`` seconds. At 1/3 of the run replica ``b``
 degrades (latency x10, 30 % of its answers HTTP 500); at 2/3 replica ``c`` is
@@ -72,24 +72,36 @@ class Config:
     strategy: str
     breakers: bool
     retries: bool = True
+    window: float = BreakerPolicy().window  # the breaker's (and passive health's) window
 
     @property
     def label(self) -> str:
         parts = [self.strategy, "breakers" if self.breakers else "no breakers"]
+        if self.breakers and self.window != BreakerPolicy().window:
+            parts.append(f"window {self.window:g}s")
         return ", ".join(parts if self.retries else [*parts, "no retries"])
 
     def pool_options(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
-            "breaker": BreakerPolicy() if self.breakers else None,
+            "breaker": BreakerPolicy(window=self.window) if self.breakers else None,
             "retry": RetryPolicy() if self.retries else NO_RETRY,
         }
 
 
-def configs(strategies: list[str], breakers: str, baseline: bool) -> list[Config]:
-    """Each strategy with breakers on and/or off, then the naive baseline."""
+def configs(
+    strategies: list[str], breakers: str, baseline: bool, windows: list[float] | None = None
+) -> list[Config]:
+    """Each strategy with breakers on (once per breaker window) and/or off, then the
+    naive baseline."""
     settings = {"on": [True], "off": [False], "both": [True, False]}[breakers]
-    rows = [Config(s, b) for s in strategies for b in settings]
+    windows = windows or [BreakerPolicy().window]
+    rows = [
+        Config(s, b, window=w)
+        for s in strategies
+        for b in settings
+        for w in (windows if b else windows[:1])
+    ]
     if baseline:
         rows.append(Config("least_outstanding", breakers=False, retries=False))
     return rows
@@ -151,16 +163,7 @@ async def _caller(pool: ServicePool, rec: Recorder, until: float, keyed: bool, s
 
 
 async def close_pool(pool: ServicePool) -> None:
-    """``pool.close()``, cancelling its background tasks again while it waits: a
-    cancellation that lands inside redis-py's ``Pipeline.execute`` can be lost
-    (execute returns normally), and then ``close()`` waits for ever on the pool's
-    load-sharing loop (see docs/benchmarks.md, "Balancing")."""
-    closing = asyncio.create_task(pool.close())
-    while not closing.done():
-        await asyncio.wait([closing], timeout=1.0)
-        for task in pool._tasks:
-            task.cancel()
-    await closing
+    await pool.close()
 
 
 async def _drive(
@@ -546,6 +549,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), metavar="NAME",
                         help="the strategies to run (default: all)")  # fmt: skip
     parser.add_argument("--breakers", choices=("on", "off", "both"), default="both")
+    parser.add_argument(
+        "--windows",
+        nargs="+",
+        type=float,
+        metavar="S",
+        help="breaker windows to compare (default: BreakerPolicy's)",
+    )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="leave out the naive row (no retries, no breakers)")  # fmt: skip
     parser.add_argument("--picks", type=int, help="timed picks per strategy (default 20000)")
@@ -591,7 +601,7 @@ def main() -> None:
     if args.table:
         sys.stdout.write(markdown(json.loads(args.table.read_text())))
         return
-    rows = configs(args.strategies, args.breakers, args.baseline)
+    rows = configs(args.strategies, args.breakers, args.baseline, args.windows)
     runs = []
     load_avg = os.getloadavg()[0]  # anything else on the machine shows here
     with private_engine() as url:

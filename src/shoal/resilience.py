@@ -165,7 +165,7 @@ class BreakerPolicy:
     consecutive_failures: int = 5
     failure_rate: float = 0.5
     min_calls: int = 20
-    window: float = 10.0
+    window: float = 5.0
     recovery: float = 5.0
     half_open_trials: int = 1
     degraded_rate: float = 0.2

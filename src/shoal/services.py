@@ -167,6 +167,12 @@ class ServicePool:
         if not 0 < timeout <= 3600:
             raise ConfigurationError(f"timeout must be in (0, 3600] seconds, got {timeout!r}")
         self.service = validate_service_name(service)
+        if breaker is None and strategy in ("least_outstanding", "power_of_two"):
+            log.warning(
+                "service %s: %s without breakers sends the most calls to a dead instance "
+                "(it fails fast, so it has the fewest in flight); keep breakers on",
+                service, strategy,
+            )  # fmt: skip
         self.load = Load()
         self.strategy_name = strategy
         self.strategy: Strategy = make_strategy(strategy, self.load, zone, spill_at)
@@ -185,6 +191,8 @@ class ServicePool:
         self._pending: dict[str, list[int]] = {}
         self._flushing: set[str] = set()
         self._closed = False
+        self._duration = metrics.SERVICE_CALL_SECONDS.labels(service)
+        self._calls: dict[tuple[str, str], Any] = {}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -363,8 +371,12 @@ class ServicePool:
 
     def _finished(self, endpoint: Endpoint, outcome: str, elapsed: float) -> bool:
         """Count the outcome; True if it is a trial's, to be recorded at once."""
-        metrics.SERVICE_CALL_SECONDS.labels(self.service).observe(elapsed)
-        metrics.SERVICE_CALLS.labels(self.service, endpoint.id, outcome).inc()
+        self._duration.observe(elapsed)
+        counter = self._calls.get((endpoint.id, outcome))
+        if counter is None:  # labels() costs ~1.5 µs a call: each child is looked up once
+            counter = metrics.SERVICE_CALLS.labels(self.service, endpoint.id, outcome)
+            self._calls[endpoint.id, outcome] = counter
+        counter.inc()
         if outcome == "cancelled" or self.breaker is None:
             return False
         counts = self._pending.setdefault(endpoint.id, [0, 0, 0])
