@@ -176,3 +176,12 @@ async def test_expired_services_are_not_listed_and_ids_of_ipv6_urls(client: Clie
 
 async def _no_services(registry: Registry) -> bool:
     return await registry.services() == []
+
+
+async def test_concurrent_first_watches_share_one_view(client: Client) -> None:
+    await client.registry.register("llm", "http://127.0.0.1:9800", id="x")
+    views = await asyncio.gather(*(client.registry.watch("llm") for _ in range(5)))
+    assert all(v is views[0] for v in views) and "x" in views[0].by_id
+    await client.registry.deregister("llm", "x")
+    while "x" in views[0].by_id:  # the one view is the one kept current
+        assert await views[0].changed(timeout=1.0)

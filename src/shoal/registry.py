@@ -595,17 +595,24 @@ class Watcher:
         self._registry = Registry(client)
         self.refresh = refresh
         self._views: dict[str, ServiceView] = {}
+        self._ready: dict[str, asyncio.Task[ServiceView]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.process_id = f"{socket.gethostname()}:{client.client_id}"
 
     async def view(self, service: str) -> ServiceView:
-        view = self._views.get(service)
-        if view is None:
-            view = ServiceView(service)
-            await self._read(view)
-            self._views[service] = view
-            self._start()
+        """The service's view, read once before it is handed out; concurrent first
+        calls share that read (and the view)."""
+        ready = self._ready.get(service)
+        if ready is None or (ready.done() and ready.exception() is not None):
+            ready = self._ready[service] = asyncio.create_task(self._first_read(service))
+        return await asyncio.shield(ready)
+
+    async def _first_read(self, service: str) -> ServiceView:
+        view = ServiceView(service)
+        await self._read(view)
+        self._views[service] = view
+        self._start()
         return view
 
     def _start(self) -> None:
@@ -664,3 +671,4 @@ class Watcher:
             await asyncio.wait(self._tasks, timeout=2 * self.refresh + 1)
         self._tasks = []
         self._views.clear()
+        self._ready.clear()

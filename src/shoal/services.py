@@ -199,9 +199,11 @@ class ServicePool:
     async def start(self) -> ServicePool:
         """Watch the service and start the background work; idempotent, and done by
         the first pick."""
-        if self._started is None:
-            self._started = asyncio.create_task(self._start())
-        await asyncio.shield(self._started)
+        started = self._started
+        if started is None or (started.done() and started.exception() is not None):
+            # first use, or the last start failed (the engine was away): try again
+            started = self._started = asyncio.create_task(self._start())
+        await asyncio.shield(started)
         return self
 
     async def _start(self) -> None:
