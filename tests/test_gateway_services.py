@@ -148,3 +148,11 @@ def test_the_documented_instance_is_what_describe_gives() -> None:
     described = state.describe()
     assert set(described) == set(ServiceInstance.__struct_fields__)
     msgspec.convert(described, ServiceInstance)  # the types agree too
+
+
+async def test_an_ipv6_instance_keeps_its_default_id_usable(api: httpx.AsyncClient) -> None:
+    """The default id of http://[::1]:8000 is [::1]:8000: every route takes it."""
+    made = await api.post(f"{LLM}/instances", json={"url": "http://[::1]:8000"})
+    assert made.status_code == 201 and made.json()["id"] == "[::1]:8000"
+    assert (await api.put(f"{LLM}/instances/[::1]:8000/heartbeat")).status_code == 204
+    assert (await api.delete(f"{LLM}/instances/[::1]:8000")).status_code == 204

@@ -74,6 +74,8 @@ async def test_probe_marks_down_after_fall_and_up_after_rise(client: Client) -> 
             await status_of(view, "b", "down", timeout=probe.fall * INTERVAL + 1.5)
         await configure_probe(client, "llm", None)
         assert await probe_configs(client) == {}
+        # no prober says so any more: the last verdict goes (a 'down' would stay for good)
+        await status_of(view, "b", "up", timeout=1.5)
 
 
 async def test_one_prober_at_a_time_and_takeover(client: Client, settings: Settings) -> None:
@@ -137,6 +139,9 @@ async def test_nodes_probe_the_services(client: Client) -> None:
         ({"interval": 1, "timeout": 2}, "at most the interval"),
         ({"fall": 0}, "fall"),
         ({"rise": 1000}, "rise"),
+        ({"fall": 2.5}, "fall must be a whole number"),
+        ({"interval": "1"}, "interval must be a number"),
+        ({"path": 123}, "path must be a string"),
     ],
 )
 def test_bad_probe_settings_are_refused(kwargs: dict[str, object], message: str) -> None:

@@ -66,6 +66,8 @@ async def test_status_changes_and_filters(client: Client) -> None:
         ({"service": "s", "url": "http://x:1", "zone": "eu west"}, "zone"),
         ({"service": "s", "url": "http://x:1", "id": "-x"}, "instance id"),
         ({"service": "s", "url": "http://x:1", "metadata": {"k": 1}}, "metadata"),
+        ({"service": "s", "url": "http://u:pw@x:1"}, "credentials"),
+        ({"service": "s", "url": "http://x:1/v1?k=1"}, "no query"),
     ],
 )
 async def test_bad_registrations_are_refused_clearly(

@@ -459,3 +459,79 @@ async def test_a_streak_of_failures_is_counted_in_order(
     await pool._flush_all()
     health = (await client.registry.instances("llm"))[0].health
     assert (health.k, health.b) == (3, "open")
+
+
+async def test_a_request_the_caller_got_wrong_is_not_the_instances_failure(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    await register(client, "llm", three[:1])
+    pool = client.services("llm", retry=NO_RETRY, breaker=BreakerPolicy(consecutive_failures=2))
+    for _ in range(3):
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            await pool.request("POST", "/x", json={"x": object()})
+    await pool._flush_all()
+    assert pool.view.by_id["a"].breaker == "closed"
+    assert (await pool.request("GET", "/x")).status_code == 200
+    with pytest.raises(ValueError, match="collection of instance ids"):
+        async with pool.pick(exclude="a"):
+            pass
+    with pytest.raises(ValueError, match="timeout must be a number"):
+        await pool.request("GET", "/x", timeout="5")  # type: ignore[arg-type]
+
+
+async def test_retry_after_of_one_instance_does_not_delay_another(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    a, b, _ = three
+    await register(client, "llm", [a, b])
+    a.control(fail_next=1, fail_status=503, retry_after=3)
+    pool = client.services("llm", strategy="round_robin")
+    started = time.monotonic()
+    response = await pool.request("GET", "/x")
+    assert response.json()["replica"] == "b"
+    assert time.monotonic() - started < 1.0  # b was tried at once, not after 3 s
+
+
+async def test_cancelling_a_call_is_never_retried(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    """Even a retry_on that says yes to everything does not retry a cancellation:
+    the caller's timeout holds."""
+    await register(client, "llm", three[:1])
+    three[0].control(latency=2)
+    pool = client.services("llm", retry=RetryPolicy(attempts=5, retry_on=lambda exc: True))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await pool.request("GET", "/x")
+    assert time.monotonic() - started < 1.0
+
+
+async def outcome(client: Client, instance: str, oks: int, fails: int, **policy: float) -> None:
+    """Record outcomes as a pool would (services.lua's outcome op)."""
+    args = BreakerPolicy(**policy).outcome_args()  # type: ignore[arg-type]
+    await client.scripts.services(
+        [client.keys.service("llm")],
+        [client.keys.prefix, "outcome", "llm", instance, oks, fails, *args, "0", fails],
+    )
+
+
+async def test_a_half_open_instance_with_its_trial_out_leaves_the_degraded_one(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    a, b, _ = three
+    await register(client, "llm", [a, b])
+    await outcome(client, "a", 0, 1, consecutive_failures=1)  # a: open
+    await outcome(client, "b", 3, 1, consecutive_failures=100, failure_rate=1.0,
+                  min_calls=1, degraded_rate=0.2)  # fmt: skip  # b: degraded, closed
+    policy = BreakerPolicy(recovery=0.05)
+    pool = client.services("llm", breaker=policy, timeout=30)
+    await pool.start()
+    await eventually(lambda: asyncio.sleep(0, pool.view.by_id["b"].status == "degraded"), "b")
+    a.control(hang=True)
+    await asyncio.sleep(0.05)  # a's recovery time: it is due for a trial
+    trial = asyncio.create_task(pool.request("GET", "/x"))  # takes a's one trial
+    await eventually(lambda: asyncio.sleep(0, pool.view.by_id["a"].health.t == 1), "trial out")
+    assert (await pool.request("GET", "/x")).json()["replica"] == "b"
+    a.control(hang=False)
+    assert (await trial).json()["replica"] == "a"

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from cachetools import LRUCache
 from uhashring import HashRing
 
 from shoal.errors import ConfigurationError, ShoalError
@@ -181,14 +182,17 @@ class PowerOfTwoChoices:
 
 class ConsistentHash:
     """A ketama ring (uhashring: md5 points, the layout memcached clients share) with
-    ``VNODES`` virtual nodes per unit of weight, rebuilt only when the set of
-    replicas changes. A call without a key goes to a random replica."""
+    ``VNODES`` virtual nodes per unit of weight. Rings are kept per set of replicas
+    (the last ``RINGS`` sets): a retry that excludes the replica tried, or a zone
+    spill-over, alternates between sets, and rebuilding a ring costs milliseconds.
+    A call without a key goes to a random replica."""
+
+    RINGS = 16
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
-        self._ring: HashRing | None = None
-        self._members: frozenset[tuple[str, float]] = frozenset()
-        self._by_id: dict[str, Replica] = {}
+        self._rings: LRUCache[frozenset[tuple[str, float]], tuple[HashRing, dict[str, Replica]]]
+        self._rings = LRUCache(maxsize=self.RINGS)
         self._lock = threading.Lock()
 
     def pick(self, replicas: Sequence[Replica], key: str | None = None) -> Replica:
@@ -200,13 +204,15 @@ class ConsistentHash:
     def _ring_for(self, replicas: Sequence[Replica]) -> tuple[HashRing, dict[str, Replica]]:
         members = frozenset((r.id, r.weight) for r in replicas)
         with self._lock:
-            if self._ring is None or members != self._members:
+            found = self._rings.get(members)
+            if found is None:
                 nodes = {r.id: {"weight": 1, "vnodes": max(1, round(VNODES * r.weight))}
                          for r in replicas}  # fmt: skip
-                self._ring = HashRing(nodes=nodes, hash_fn="ketama")
-                self._members = members
-                self._by_id = {r.id: r for r in replicas}
-            return self._ring, self._by_id
+                found = self._rings[members] = (
+                    HashRing(nodes=nodes, hash_fn="ketama"),
+                    {r.id: r for r in replicas},
+                )
+            return found
 
 
 class ZoneAware:

@@ -48,6 +48,19 @@ class Probe(msgspec.Struct, frozen=True):
     rise: int = 2
 
     def __post_init__(self) -> None:
+        # msgspec does not check a Struct's field types when it is built in Python,
+        # and a float fall would be stored and then refused by every prober's
+        # strict decode: so the types are checked here, with a clear message
+        if not isinstance(self.path, str):
+            raise ConfigurationError(f"probe path must be a string, got {self.path!r:.80}")
+        for name in ("interval", "timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"probe {name} must be a number of seconds, got {value!r}")
+        for name in ("fall", "rise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigurationError(f"probe {name} must be a whole number, got {value!r}")
         if not self.path.startswith("/") or len(self.path) > 512:
             raise ConfigurationError(f"probe path must start with '/', got {self.path!r:.80}")
         if not 0.05 <= self.interval <= 3600:
@@ -69,11 +82,15 @@ _decode = msgspec.msgpack.Decoder(Probe).decode
 async def configure_probe(client: Client, service: str, probe: Probe | None) -> None:
     """Probe ``service``'s instances as ``probe`` says (None: stop probing it)."""
     validate_service_name(service)
+    if probe is not None and not isinstance(probe, Probe):
+        raise ConfigurationError(f"give a shoal.probes.Probe or None, got {probe!r:.80}")
     async with client.errors():
         if probe is None:
             await client.redis.hdel(client.keys.service_probes, service)
         else:
             await client.redis.hset(client.keys.service_probes, service, _encode(probe))
+    if probe is None:  # the last verdicts would otherwise stay (a 'down' for good)
+        await Registry(client)._run("unprobe", service)
 
 
 async def probe_configs(client: Client) -> dict[str, Probe]:
@@ -148,6 +165,8 @@ class Prober:
 
     async def _probe_service(self, service: str, probe: Probe, closing: asyncio.Event) -> None:
         lease_ms = int(max(1.0, probe.interval * LEASE_INTERVALS) * 1000)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while not closing.is_set():
             try:
                 if await self._registry._run("lead", service, self.prober_id, lease_ms):
@@ -161,8 +180,11 @@ class Prober:
                 log.debug("prober: %s: %s", service, exc)
             except Exception:  # a prober bug must not take its node down
                 log.exception("prober: probing %s failed", service)
+            # a fixed cadence: a round that took a while does not stretch the period
+            # (so `fall` failures take fall x interval, as documented)
+            due = max(due + probe.interval, loop.time())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(probe.interval):
+                async with asyncio.timeout_at(due):
                     await closing.wait()
 
     async def _probe_all(self, service: str, probe: Probe) -> None:

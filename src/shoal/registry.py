@@ -43,7 +43,7 @@ import msgspec
 
 from shoal.balancing import Replica
 from shoal.channels import ShardSubscription
-from shoal.errors import ConfigurationError, EngineUnavailable, ShoalError
+from shoal.errors import ConfigurationError, ShoalError
 
 if TYPE_CHECKING:  # the client owns the registry's watcher: no import cycle
     from shoal.client import Client
@@ -221,6 +221,16 @@ def validate_url(url: Any) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
             f"instance URL {url!r:.80} is invalid: give http(s)://host[:port][/base-path]"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(
+            "an instance URL must not carry credentials (every caller and `shoal services "
+            "list` would see them): give them to the pool's httpx client (http=) instead"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"instance URL {url!r:.80}: no query or fragment — a request's path is joined "
+            "to the URL"
         )
     try:
         parts.port  # noqa: B018 - raises on a bad port
@@ -480,7 +490,7 @@ class Registry:
                     log.warning("service %s: %s had expired; registering it again",
                                 instance.service, instance.id)  # fmt: skip
                     await self.put(instance, mode="create")
-            except EngineUnavailable as exc:
+            except ShoalError as exc:  # the engine is away or busy: beat again later
                 log.warning("service %s: heartbeat of %s failed: %s",
                             instance.service, instance.id, exc)  # fmt: skip
 
@@ -507,6 +517,7 @@ class ServiceView:
         self.version = 0
         self.engine_offset_ms = 0.0  # engine clock - local clock, from the last read
         self.refreshed_at = 0.0
+        self._last_read_ms = 0
         self._changed = asyncio.Event()
         self._listeners: list[Callable[[ServiceView], None]] = []
 
@@ -538,6 +549,9 @@ class ServiceView:
     def update(self, engine_now: int, states: list[InstanceState]) -> bool:
         """Take a fresh read; True (and listeners told) if anything a caller sees
         changed."""
+        if engine_now < self._last_read_ms:
+            return False  # a read overtaken by a newer one (the listener's and the poll's)
+        self._last_read_ms = engine_now
         self.engine_offset_ms = engine_now - time.time() * 1000
         self.refreshed_at = time.monotonic()
         if _same(self.instances, states):
@@ -638,8 +652,10 @@ class Watcher:
             for view in list(self._views.values()):
                 try:
                     await self._read(view)
-                except (EngineUnavailable, ShoalError) as exc:
+                except ShoalError as exc:
                     log.debug("service %s: refresh failed: %s", view.service, exc)
+                except Exception:  # a bug must not stop every view's refreshing
+                    log.exception("service %s: refresh failed", view.service)
 
     async def _listen(self) -> None:
         channel = self._client.keys.services_channel

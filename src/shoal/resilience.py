@@ -112,6 +112,9 @@ class RetryableStatus(ShoalError):
         self.response = response
         self.status_code = response.status_code
         self.retry_after = parse_retry_after(response.headers.get("retry-after"))
+        # another instance is in rotation: the next attempt goes there at once,
+        # since this instance's Retry-After says nothing of the others
+        self.elsewhere = False
         super().__init__(f"HTTP {response.status_code}")
 
 
@@ -149,6 +152,14 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigurationError(message)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class BreakerPolicy:
     """When an instance's breaker opens, and how it closes again.
@@ -169,9 +180,12 @@ class BreakerPolicy:
     recovery: float = 5.0
     half_open_trials: int = 1
     degraded_rate: float = 0.2
-    enabled: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("consecutive_failures", "min_calls", "half_open_trials"):
+            _check(_is_int(getattr(self, name)), f"{name} must be a whole number")
+        for name in ("failure_rate", "window", "recovery", "degraded_rate"):
+            _check(_is_number(getattr(self, name)), f"{name} must be a number")
         _check(self.consecutive_failures >= 1, "consecutive_failures must be >= 1")
         _check(0 < self.failure_rate <= 1, "failure_rate must be in (0, 1]")
         _check(self.min_calls >= 1, "min_calls must be >= 1")
@@ -218,6 +232,10 @@ class RetryPolicy:
     max_retry_after: float = 30.0
 
     def __post_init__(self) -> None:
+        _check(_is_int(self.attempts), "attempts must be a whole number")
+        for name in ("backoff", "max_backoff", "max_retry_after"):
+            _check(_is_number(getattr(self, name)), f"{name} must be a number of seconds")
+        _check(callable(self.retry_on), "retry_on must be a function of the exception")
         _check(1 <= self.attempts <= 100, "attempts must be 1..100")
         _check(0 <= self.backoff <= 60, "backoff must be 0..60 seconds")
         _check(self.max_backoff >= self.backoff, "max_backoff must be >= backoff")
@@ -229,6 +247,7 @@ class RetryPolicy:
             self.honour_retry_after
             and isinstance(exc, RetryableStatus)
             and exc.retry_after is not None
+            and not exc.elsewhere
         ):
             return exc.retry_after
         jitter = tenacity.wait_random_exponential(multiplier=self.backoff, max=self.max_backoff)
@@ -236,9 +255,9 @@ class RetryPolicy:
 
     def _should_retry(self, state: tenacity.RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
-        if exc is None or not self.retry_on(exc):
-            return False
-        if self.honour_retry_after and isinstance(exc, RetryableStatus):
+        if not isinstance(exc, Exception) or not self.retry_on(exc):
+            return False  # never a cancellation, whatever retry_on says
+        if self.honour_retry_after and isinstance(exc, RetryableStatus) and not exc.elsewhere:
             after = exc.retry_after
             if after is not None and after > self.max_retry_after:
                 return False  # told to come back later than we would wait
@@ -267,8 +286,14 @@ class Bulkhead:
     point: a slow service must not pile up every caller's coroutine behind it."""
 
     def __init__(self, service: str, max_concurrent: int = 64, max_wait: float = 0.0) -> None:
-        _check(1 <= max_concurrent <= 100_000, "max_concurrent must be 1..100000")
-        _check(0 <= max_wait <= 3600, "max_wait must be 0..3600 seconds")
+        _check(
+            _is_int(max_concurrent) and 1 <= max_concurrent <= 100_000,
+            f"max_concurrent must be a whole number 1..100000, got {max_concurrent!r}",
+        )
+        _check(
+            _is_number(max_wait) and 0 <= max_wait <= 3600,
+            f"max_wait must be 0..3600 seconds, got {max_wait!r}",
+        )
         self.service = service
         self.max_concurrent = max_concurrent
         self.max_wait = max_wait

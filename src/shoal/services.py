@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.services")
 
+NOT_COUNTED = ("cancelled", "caller_error")  # outcomes that say nothing of the instance
 OUTCOME_FLUSH_S = 0.1  # successes are batched this long; failures and trials go at once
 LOAD_SHARE_S = 0.25  # calls in flight are published and read this often
 LOAD_STALE_S = 3.0  # another process's counts older than this are ignored (it died)
@@ -67,6 +68,14 @@ DEFAULT_TIMEOUT_S = 30.0
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_load = msgspec.msgpack.Decoder(tuple[float, dict[str, int]]).decode
+
+
+def _check_timeout(timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ConfigurationError(
+            f"timeout must be a number of seconds in (0, 3600], got {timeout!r}"
+        )
+    return float(timeout)
 
 
 class Endpoint:
@@ -164,8 +173,7 @@ class ServicePool:
     ) -> None:
         from shoal.registry import validate_service_name
 
-        if not 0 < timeout <= 3600:
-            raise ConfigurationError(f"timeout must be in (0, 3600] seconds, got {timeout!r}")
+        _check_timeout(timeout)
         self.service = validate_service_name(service)
         if breaker is None and strategy in ("least_outstanding", "power_of_two"):
             log.warning(
@@ -211,7 +219,13 @@ class ServicePool:
         self._view.on_change(self._show_breakers)
         self._show_breakers(self._view)
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.timeout)
+            # as many connections as the bulkhead lets calls through, kept alive:
+            # a smaller pool would make calls wait for a connection and time out
+            # against an instance that did nothing wrong
+            limits = httpx.Limits(
+                max_connections=None, max_keepalive_connections=self.bulkhead.max_concurrent
+            )
+            self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits)
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name=f"shoal-outcomes-{self.service}"),
             asyncio.create_task(self._share_load(), name=f"shoal-load-{self.service}"),
@@ -226,13 +240,16 @@ class ServicePool:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2)
-        with contextlib.suppress(ShoalError):
-            await self._flush_all()
-            await self._client.redis.hdel(
-                self._client.keys.service_load(self.service), self._process_id
-            )
-        if self._own_http and self._http is not None:
-            await self._http.aclose()
+        try:
+            with contextlib.suppress(ShoalError):
+                await self._flush_all()
+                async with self._client.errors():
+                    await self._client.redis.hdel(
+                        self._client.keys.service_load(self.service), self._process_id
+                    )
+        finally:
+            if self._own_http and self._http is not None:
+                await self._http.aclose()
 
     @property
     def view(self) -> ServiceView:
@@ -279,7 +296,7 @@ class ServicePool:
                 if self._finished(endpoint, outcome, time.perf_counter() - started):
                     # a trial's verdict closes or reopens the breaker for everyone:
                     # recorded before the caller goes on (one round trip, rare)
-                    await self._flush(endpoint.id, trial=True)
+                    await self._record_trial(endpoint.id, outcome != "failed")
         finally:
             await slot.__aexit__(None, None, None)
 
@@ -288,7 +305,12 @@ class ServicePool:
         tier, _ = self._tier(exclude)
         return tier
 
-    def _tier(self, exclude: Collection[str]) -> tuple[list[Replica], list[InstanceState]]:
+    def _tier(
+        self, exclude: Collection[str], refused: Collection[str] = ()
+    ) -> tuple[list[Replica], list[InstanceState]]:
+        """The first non-empty tier (up, then degraded) without ``refused`` (never
+        usable now), preferring instances not in ``exclude`` (tried already); and
+        the instances waiting behind an open breaker."""
         view = self.view
         tiers = self._tiers
         if tiers is None or tiers.version != view.version or tiers.by_id is not view.by_id:
@@ -309,6 +331,8 @@ class ServicePool:
             up = up + [r for r in due if tiers.by_id[r.id].status == Status.UP]
             degraded = degraded + [r for r in due if tiers.by_id[r.id].status != Status.UP]
         for usable in (up, degraded):
+            if refused:
+                usable = [r for r in usable if r.id not in refused]
             if exclude:
                 others = [r for r in usable if r.id not in exclude]
                 usable = others or usable  # every one tried: better a retry than nothing
@@ -316,11 +340,17 @@ class ServicePool:
                 return usable, waiting
         return [], waiting
 
+    def has_alternative(self, tried: Collection[str]) -> bool:
+        """Whether an instance not tried yet is in rotation now."""
+        tier, _ = self._tier(())
+        return any(r.id not in tried for r in tier)
+
     async def _choose(self, key: str | None, exclude: Collection[str]) -> Endpoint:
+        if isinstance(exclude, str):
+            raise ConfigurationError("exclude is a collection of instance ids, not one id")
         refused: set[str] = set()  # half-open instances whose trials are all out
         while True:
-            tier, waiting = self._tier(set(exclude) | refused if refused else exclude)
-            tier = [r for r in tier if r.id not in refused] if refused else tier
+            tier, waiting = self._tier(exclude, refused)
             if not tier:
                 raise self._none_usable(waiting, refused)
             replica = self.strategy.pick(tier, key)
@@ -341,6 +371,11 @@ class ServicePool:
             assert self.breaker is not None
             now = self.view.engine_now_ms()
             reopen = [s.health.o + self.breaker.recovery * 1000 - now for s in waiting]
+            reopen += [
+                self.view.by_id[i].health.h + self._trial_ms() - now
+                for i in refused
+                if i in self.view.by_id
+            ]
             return CircuitOpen(self.service, tripped, max(0.0, min(reopen, default=0.0)) / 1000)
         metrics.SERVICE_REJECTED.labels(self.service, "no_instance").inc()
         known = ", ".join(f"{s.id} ({s.status})" for s in self.view.instances) or "none registered"
@@ -354,8 +389,15 @@ class ServicePool:
         return (
             health.b == "half_open"
             and health.t >= self.breaker.half_open_trials
-            and self.view.engine_now_ms() < health.h + self.breaker.recovery * 1000
+            and self.view.engine_now_ms() < health.h + self._trial_ms()
         )
+
+    def _trial_ms(self) -> float:
+        """How long a trial may be out before it is given up (its caller died): the
+        longer of the recovery time and a call's timeout, so a slow trial that is
+        still running is not joined by new ones."""
+        assert self.breaker is not None
+        return max(self.breaker.recovery, self.timeout) * 1000
 
     async def _allow_trial(self, state: InstanceState) -> bool:
         assert self.breaker is not None
@@ -364,7 +406,8 @@ class ServicePool:
             allowed, raw = await self._client.scripts.services(
                 [keys.service(self.service)],
                 [keys.prefix, "allow", self.service, state.id,
-                 int(self.breaker.recovery * 1000), self.breaker.half_open_trials],
+                 int(self.breaker.recovery * 1000), self.breaker.half_open_trials,
+                 int(self._trial_ms())],
             )  # fmt: skip
         self.view.apply_health(state.id, decode_health(raw))
         return bool(allowed)
@@ -379,8 +422,10 @@ class ServicePool:
             counter = metrics.SERVICE_CALLS.labels(self.service, endpoint.id, outcome)
             self._calls[endpoint.id, outcome] = counter
         counter.inc()
-        if outcome == "cancelled" or self.breaker is None:
+        if outcome in NOT_COUNTED or self.breaker is None:
             return False
+        if endpoint.trial:
+            return True  # sent alone by _record_trial, never merged with older outcomes
         counts = self._pending.setdefault(endpoint.id, [0, 0, 0])
         if outcome == "failed":
             counts[1] += 1
@@ -388,42 +433,48 @@ class ServicePool:
         else:
             counts[0] += 1
             counts[2] = 0
-        if endpoint.trial:
-            return True
         if outcome == "failed":
-            self._flush_soon(endpoint.id, False)
+            self._flush_soon(endpoint.id)
         return False
 
-    def _flush_soon(self, instance_id: str, trial: bool) -> None:
+    def _flush_soon(self, instance_id: str) -> None:
         if instance_id in self._flushing or self._closed:
             return  # the flush under way sends these counts too when it is done
-        task = asyncio.create_task(self._flush(instance_id, trial))
+        task = asyncio.create_task(self._flush(instance_id))
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)
 
-    async def _flush(self, instance_id: str, trial: bool = False) -> None:
-        assert self.breaker is not None
+    async def _flush(self, instance_id: str) -> None:
         self._flushing.add(instance_id)
         try:
             while counts := self._pending.pop(instance_id, None):
-                keys = self._client.keys
-                try:
-                    async with self._client.errors():
-                        raw = await self._client.scripts.services(
-                            [keys.service(self.service)],
-                            [keys.prefix, "outcome", self.service, instance_id, counts[0],
-                             counts[1], *self.breaker.outcome_args(), "1" if trial else "0",
-                             counts[2]],
-                        )  # fmt: skip
-                except ShoalError as exc:
-                    log.debug("service %s: outcomes of %s not recorded: %s",
-                              self.service, instance_id, exc)  # fmt: skip
+                if not await self._send_outcomes(instance_id, counts, trial=False):
                     return
-                trial = False
-                if raw and self._view is not None:
-                    self._view.apply_health(instance_id, decode_health(raw))
         finally:
             self._flushing.discard(instance_id)
+
+    async def _record_trial(self, instance_id: str, ok: bool) -> None:
+        await self._send_outcomes(instance_id, [1, 0, 0] if ok else [0, 1, 1], trial=True)
+
+    async def _send_outcomes(self, instance_id: str, counts: list[int], *, trial: bool) -> bool:
+        """One ``outcome`` call; False (and the counts dropped) if the engine is away:
+        bookkeeping never holds up or fails a call."""
+        assert self.breaker is not None
+        keys = self._client.keys
+        try:
+            async with self._client.errors():
+                raw = await self._client.scripts.services(
+                    [keys.service(self.service)],
+                    [keys.prefix, "outcome", self.service, instance_id, counts[0], counts[1],
+                     *self.breaker.outcome_args(), "1" if trial else "0", counts[2]],
+                )  # fmt: skip
+        except ShoalError as exc:
+            log.debug("service %s: outcomes of %s not recorded: %s",
+                      self.service, instance_id, exc)  # fmt: skip
+            return False
+        if raw and self._view is not None:
+            self._view.apply_health(instance_id, decode_health(raw))
+        return True
 
     async def _flush_all(self) -> None:
         if self.breaker is None:
@@ -435,7 +486,7 @@ class ServicePool:
         while not self._closed:
             await asyncio.sleep(OUTCOME_FLUSH_S)  # the batching period of successes
             for instance_id in list(self._pending):
-                self._flush_soon(instance_id, False)
+                self._flush_soon(instance_id)
 
     async def _share_load(self) -> None:
         """Publish this process's calls in flight and read the others' (see Load)."""
@@ -446,7 +497,7 @@ class ServicePool:
         while not self._closed:
             await asyncio.sleep(LOAD_SHARE_S)  # the sharing period
             try:
-                now = time.time()
+                now = self.view.engine_now_ms() / 1000  # one clock for every host
                 local = self.load.local()
                 # written when it changed, and kept fresh while calls are in flight
                 # (others ignore counts older than LOAD_STALE_S); an idle process
@@ -477,12 +528,17 @@ class ServicePool:
                 continue
             if now - at > LOAD_STALE_S:
                 if now - at > 10 * LOAD_STALE_S:  # long gone: tidy up
-                    self._tasks.append(asyncio.create_task(self._client.redis.hdel(key, field)))
+                    self._tasks.append(asyncio.create_task(self._forget(key, field)))
                     self._tasks[-1].add_done_callback(self._tasks.remove)
                 continue
             for instance_id, n in counts.items():
                 remote[instance_id] = remote.get(instance_id, 0) + n
         return remote
+
+    async def _forget(self, key: str, field: bytes) -> None:
+        with contextlib.suppress(ShoalError):
+            async with self._client.errors():
+                await self._client.redis.hdel(key, field)
 
     def _show_breakers(self, view: ServiceView) -> None:
         for state in view.instances:
@@ -510,9 +566,7 @@ class ServicePool:
         when every attempt failed (``.response`` holds the last answer, if any);
         CircuitOpen / NoInstance / BulkheadFull when no attempt could be made.
         ``kwargs`` go to ``httpx.AsyncClient.request`` (json=, headers=, …)."""
-        limit = self.timeout if timeout is None else timeout
-        if not 0 < limit <= 3600:
-            raise ConfigurationError(f"timeout must be in (0, 3600] seconds, got {limit!r}")
+        limit = _check_timeout(self.timeout if timeout is None else timeout)
         policy = retry or self.retry
         tried: list[str] = []
         attempts: list[tuple[str, str]] = []
@@ -553,11 +607,19 @@ class ServicePool:
             except httpx.TransportError as exc:
                 attempts.append((endpoint.id, f"{type(exc).__name__}: {exc}"))
                 raise
+            except Exception:
+                # the request itself is wrong (a body httpx cannot encode, a bad
+                # argument): not the instance's failure
+                endpoint.outcome = "caller_error"
+                raise
             if response.status_code == 429:
                 endpoint.refused()
             if response.status_code == 429 or response.status_code >= 500:
                 attempts.append((endpoint.id, f"HTTP {response.status_code}"))
-                raise RetryableStatus(response)
+                failure = RetryableStatus(response)
+                # Retry-After speaks for this instance: another one is tried at once
+                failure.elsewhere = self.has_alternative(tried)
+                raise failure
             return response
 
 

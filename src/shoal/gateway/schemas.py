@@ -31,7 +31,7 @@ TASK_ID_PATTERN = r"^[0-9a-f]{28}$"
 # The registry's own rules (shoal.registry validates again): here, so the OpenAPI
 # document states them and a bad value is a 422 naming the field.
 SERVICE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
-INSTANCE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}$"
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9_\[][A-Za-z0-9_.:@\[\]-]{0,127}$"
 ZONE_PATTERN = r"^[A-Za-z0-9_.-]{0,64}$"
 DEFAULT_HTTP_TTL_S = 30.0  # a registrant over HTTP heartbeats every ttl/3: every 10 s
 MAX_WAIT_S = 300.0

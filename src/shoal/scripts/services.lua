@@ -214,18 +214,20 @@ if op == 'outcome' then
 end
 
 -- allow: may a call go to an instance whose breaker is not closed? ARGV[4] id,
--- [5] recovery ms (open -> half-open after it; a trial that never reported is
--- given up after it too), [6] trial calls allowed at once while half-open.
+-- [5] recovery ms (open -> half-open after it), [6] trial calls allowed at once
+-- while half-open, [7] how long trials may be out before they are given up
+-- (their callers died) and new ones handed out: at least a call's timeout.
 -- Returns {1 or 0, health JSON}.
 if op == 'allow' then
   local id, recovery, trials = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+  local trial_ms = math.max(recovery, tonumber(ARGV[7]))
   local now = now_ms()
   local health, raw = load_health(id, now)
   if health.b == 'closed' then return {1, raw or cjson.encode(health)} end
   local before = visible(health)
   if health.b == 'open' and now >= health.o + recovery then
     health.b, health.h, health.t = 'half_open', now, 0
-  elseif health.b == 'half_open' and now >= health.h + recovery then
+  elseif health.b == 'half_open' and now >= health.h + trial_ms then
     health.h, health.t = now, 0  -- the trials handed out never reported: new ones
   end
   local allowed = 0
@@ -274,6 +276,23 @@ if op == 'lead' then
   end
   if holder then return 0 end
   redis.call('SET', key, me, 'PX', ms)
+  return 1
+end
+
+-- unprobe: probing of the service stopped: forget every probe verdict (a 'down'
+-- would otherwise keep an instance out of rotation for good).
+if op == 'unprobe' then
+  local healths = redis.call('HGETALL', health_key)
+  local forgot = false
+  for i = 1, #healths, 2 do
+    local health = cjson.decode(healths[i + 1])
+    if health.p ~= '' or health.pk ~= 0 then
+      forgot = forgot or health.p ~= ''
+      health.p, health.pk = '', 0
+      redis.call('HSET', health_key, healths[i], cjson.encode(health))
+    end
+  end
+  if forgot then changed() end
   return 1
 end
 
