@@ -535,3 +535,20 @@ async def test_a_half_open_instance_with_its_trial_out_leaves_the_degraded_one(
     assert (await pool.request("GET", "/x")).json()["replica"] == "b"
     a.control(hang=False)
     assert (await trial).json()["replica"] == "a"
+
+
+async def test_a_retry_that_finds_every_breaker_open_reports_the_attempts(
+    client: Client, three: list[ReplicaProcess]
+) -> None:
+    await register(client, "llm", three[:1])
+    three[0].control(fail_next=10)
+    pool = client.services(
+        "llm", breaker=BreakerPolicy(consecutive_failures=1, recovery=60),
+        retry=RetryPolicy(attempts=3, backoff=0.01),
+    )  # fmt: skip
+    with pytest.raises(ServiceCallFailed, match="circuit open") as caught:
+        await pool.request("GET", "/x")
+    *made, last = caught.value.attempts  # the breaker opens as the first outcome lands
+    assert made and all(attempt == ("a", "HTTP 500") for attempt in made), made
+    assert last[0] == "(retry)"
+    assert caught.value.response is not None and caught.value.response.status_code == 500

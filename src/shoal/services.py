@@ -570,15 +570,25 @@ class ServicePool:
         policy = retry or self.retry
         tried: list[str] = []
         attempts: list[tuple[str, str]] = []
+        last: list[httpx.Response] = []
         try:
             async for attempt in policy.retrying():
                 with attempt:
-                    if tried:
-                        metrics.SERVICE_RETRIES.labels(self.service).inc()
-                    return await self._attempt(method, path, key, limit, tried, attempts, kwargs)
+                    try:
+                        return await self._attempt(
+                            method, path, key, limit, tried, attempts, kwargs
+                        )
+                    except RetryableStatus as failure:
+                        last[:] = [failure.response]
+                        raise
         except (RetryableStatus, httpx.TransportError, TimeoutError) as exc:
-            response = exc.response if isinstance(exc, RetryableStatus) else None
-            raise ServiceCallFailed(self.service, attempts, response) from exc
+            raise ServiceCallFailed(self.service, attempts, last[0] if last else None) from exc
+        except (CircuitOpen, NoInstance, BulkheadFull) as exc:
+            if not attempts:
+                raise  # no attempt was made: the reason itself
+            # the retry found no instance: the attempts made so far, then why
+            attempts.append(("(retry)", str(exc)))
+            raise ServiceCallFailed(self.service, attempts, last[0] if last else None) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _attempt(
@@ -595,6 +605,8 @@ class ServicePool:
             await self.start()
         assert self._http is not None
         async with self.pick(key, exclude=tried) as endpoint:
+            if tried:
+                metrics.SERVICE_RETRIES.labels(self.service).inc()  # a retry actually sent
             tried.append(endpoint.id)
             try:
                 async with asyncio.timeout(limit):
