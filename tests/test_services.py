@@ -130,7 +130,7 @@ async def test_breaker_opens_fails_fast_half_opens_and_closes(
     started = time.monotonic()
     with pytest.raises(CircuitOpen, match="circuit open") as caught:
         await pool.request("GET", "/x")
-    assert time.monotonic() - started < 0.05  # failed fast
+    assert time.monotonic() - started < 0.25  # failed fast (and, below, sent nothing)
     assert caught.value.instances == ["a"] and 0 < caught.value.retry_in <= 0.5
     assert replica.stats()["requests"] == before  # no network call
 
@@ -273,7 +273,7 @@ async def test_bulkhead_rejects_instead_of_queueing(
     started = time.monotonic()
     with pytest.raises(BulkheadFull, match="2 calls already in flight") as caught:
         await pool.request("GET", "/x")
-    assert 0.2 <= time.monotonic() - started < 0.5  # waited max_wait, not for ever
+    assert 0.2 <= time.monotonic() - started < 1.0  # waited max_wait, not for ever
     assert caught.value.limit == 2
     replica.control(hang=False)
     for task in held:
