@@ -268,7 +268,9 @@ async def test_bulkhead_rejects_instead_of_queueing(
     pool = client.services("narrow", max_concurrent=2, max_wait=0.2, retry=NO_RETRY)
     replica.control(hang=True)
     held = [asyncio.create_task(pool.request("GET", "/x")) for _ in range(2)]
-    await eventually(lambda: replica.astats(), "two calls in flight", timeout=5)
+    await eventually(
+        lambda: asyncio.sleep(0, replica.stats()["in_flight"] == 2), "two calls in flight", 5
+    )
     await eventually(lambda: asyncio.sleep(0, pool.bulkhead.in_flight == 2), "the bulkhead is full")
     started = time.monotonic()
     with pytest.raises(BulkheadFull, match="2 calls already in flight") as caught:
