@@ -223,8 +223,13 @@ async def test_retries_back_off_and_then_succeed(client: Client, settings: Setti
         info = await handle.status()
     assert info.attempts == 3
     assert [e.message for e in info.errors] == ["attempt 1 fails", "attempt 2 fails"]
-    gap = info.errors[1].at - info.errors[0].at
-    assert gap >= 0.05 * 2 / 2 * 1000 * 0.9, "the second back-off is at least half of 2x base"
+    # Equal jitter: the n-th back-off is at least half of base * 2**(n-1) — 25 ms after
+    # attempt 1, 50 ms after attempt 2 (1 ms off for millisecond clocks).
+    assert info.started_at is not None, "started_at is the last attempt's start"
+    first_backoff = info.errors[1].at - info.errors[0].at  # plus attempt 2's own short run
+    second_backoff = info.started_at - info.errors[1].at
+    assert first_backoff >= 25 - 1
+    assert second_backoff >= 50 - 1, "the second back-off is at least half of 2x base"
 
 
 async def test_task_max_attempts_overrides_the_capability_default(
