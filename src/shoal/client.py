@@ -27,6 +27,9 @@ from redis.exceptions import NoScriptError
 from shoal import protocol, replication
 from shoal.addresses import mask_url
 from shoal.cluster import ClusterState, read_cluster
+from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
+from shoal.coordination.leader import Callback, Leadership, leader_of
+from shoal.coordination.lock import Lock, LockHolder
 from shoal.engine import (
     engine_errors,
     engine_kind,
@@ -264,6 +267,35 @@ class Client:
         if self._services is None:
             self._services = Services(self)
         return self._services
+
+    # --- coordination (shoal.coordination) -------------------------------------
+
+    def lock(
+        self, name: str, *, ttl: float = 10.0, wait: float | None = None, holder: str | None = None
+    ) -> Lock:
+        """A lock shared by every process of the namespace, with a fencing token:
+        ``async with client.lock("name", ttl=10, wait=5) as lock: ... lock.token``.
+        See shoal.coordination.lock for renewal and LockLost."""
+        return Lock(self, name, ttl=ttl, wait=wait, holder=holder)
+
+    def leader(
+        self,
+        name: str,
+        *,
+        on_elected: Callback | None = None,
+        on_lost: Callback | None = None,
+        ttl: float = LEADER_TTL,
+        holder: str | None = None,
+    ) -> Leadership:
+        """A campaign for leadership of ``name``, run while ``async with`` holds it;
+        callbacks get the term's fencing token (see shoal.coordination.leader)."""
+        return Leadership(
+            self, name, on_elected=on_elected, on_lost=on_lost, ttl=ttl, holder=holder
+        )
+
+    async def leader_of(self, name: str) -> LockHolder | None:
+        """Who leads ``name``: its holder id and fencing token, or None."""
+        return await leader_of(self, name)
 
     # --- submitting -----------------------------------------------------------
 
