@@ -140,6 +140,7 @@ class Client:
         self._arrived: LRUCache[str, tuple[str, bytes]] = LRUCache(maxsize=OUTCOME_CACHE_SIZE)
         self._watcher: Watcher | None = None
         self._services: Services | None = None
+        self.held_locks: set[Lock] = set()  # released (watchdogs stopped) on close
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        await self._release_locks()
         if self._services is not None:
             await self._services.close()
             self._services = None
@@ -207,6 +209,15 @@ class Client:
         if self._blocking is not None:
             await self._blocking.aclose()
             self._blocking = None
+
+    async def _release_locks(self) -> None:
+        """A closing client gives its locks up (their watchdogs would renew through a
+        closed connection): the next holder need not wait out their ttl."""
+        for lock in list(self.held_locks):
+            try:
+                await lock.release()
+            except ShoalError as exc:
+                log.warning("lock %r not released on close (%s): it expires", lock.name, exc)
 
     async def __aenter__(self) -> Client:
         return await self.connect()

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from shoal.coordination.lock import Lock, LockHolder, holder_of, validate_name
-from shoal.errors import ShoalError
+from shoal.errors import EngineError, EngineUnavailable, ShoalError
 
 if TYPE_CHECKING:
     from shoal.client import Client
@@ -97,7 +97,7 @@ class Leadership:
         while True:
             try:
                 token = await self._lock.acquire()
-            except ShoalError as exc:  # the engine is away: campaign again shortly
+            except (EngineUnavailable, EngineError) as exc:  # campaign again shortly
                 log.warning("leader %r: campaign failed (%s); retrying", self.name, exc)
                 await asyncio.sleep(RETRY_DELAY)
                 continue

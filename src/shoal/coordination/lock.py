@@ -166,11 +166,13 @@ class Lock:
                 await self._client.blocking.blpop([wake], timeout=max(block, 0.01))
         self.token = int(value)
         self.lost.clear()
+        self._client.held_locks.add(self)
         self._watchdog = asyncio.create_task(self._renew(), name=f"shoal-lock-{self.name}")
         return self.token
 
     async def release(self) -> bool:
         """Give the lock up; True if this holder still held it (False after a loss)."""
+        self._client.held_locks.discard(self)
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
