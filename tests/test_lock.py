@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from shoal import Client, ConfigurationError, LockLost, LockTimeout, Settings
+from shoal import Agent, Client, ConfigurationError, LockLost, LockTimeout, Settings, capability
 from shoal.coordination import LockHolder
-from tests.conftest import REPO, eventually, node_env
+from tests.conftest import REPO, eventually, node_env, running_node, wait_for_status
 from tests.lock_procs import fenced_write, store_key
 
 
@@ -187,3 +188,26 @@ async def test_bad_lock_arguments_fail_at_once(client: Client) -> None:
         client.lock("x", wait=-1)
     with pytest.raises(ConfigurationError, match="lock name"):
         client.lock("bad name")
+
+
+class Locker(Agent):
+    @capability("locked_token")
+    async def locked_token(self) -> list[Any]:
+        async with (
+            self.ctx.lock("from-a-handler", wait=5) as lock,
+            self.ctx.leader("handler-lead") as lead,
+        ):
+            await lead.elected.wait()
+            return [lock.token, lead.holder == self.ctx.node_id, lead.token]
+
+
+async def test_handlers_lock_and_lead_through_their_context(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Locker], settings):
+        async with client.lock("from-a-handler") as mine:
+            token = mine.token
+            handle = await client.submit("locked_token")
+            await wait_for_status(handle, "running")  # the handler waits for the lock
+        assert token is not None
+        assert await handle.result(timeout=10) == [token + 1, True, 1]
