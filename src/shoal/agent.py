@@ -22,6 +22,9 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
+from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
+from shoal.coordination.leader import Callback, Leadership
+from shoal.coordination.lock import Lock
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import validate_capability
 from shoal.protocol import validate_agent_type
@@ -449,6 +452,26 @@ class TaskContext:
         fallback: ``await self.ctx.services("llm").request("POST", path, json=...)``.
         The node's pools, shared by all its handlers."""
         return self._runtime.client.services
+
+    def lock(self, name: str, *, ttl: float = 10.0, wait: float | None = None) -> Lock:
+        """A lock shared by the whole namespace, with a fencing token to pass along
+        with writes: ``async with self.ctx.lock("ledger", wait=5) as lock: ...``.
+        Held by this node's client; see shoal.coordination.lock."""
+        return self._runtime.client.lock(name, ttl=ttl, wait=wait)
+
+    def leader(
+        self,
+        name: str,
+        *,
+        on_elected: Callback | None = None,
+        on_lost: Callback | None = None,
+        ttl: float = LEADER_TTL,
+    ) -> Leadership:
+        """A campaign for leadership of ``name`` while ``async with`` runs it, led by
+        this node (its id is the holder): see shoal.coordination.leader."""
+        return self._runtime.client.leader(
+            name, on_elected=on_elected, on_lost=on_lost, ttl=ttl, holder=self.node_id
+        )
 
     # --- messaging ------------------------------------------------------------------
 

@@ -27,6 +27,9 @@ from redis.exceptions import NoScriptError
 from shoal import protocol, replication
 from shoal.addresses import mask_url
 from shoal.cluster import ClusterState, read_cluster
+from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
+from shoal.coordination.leader import Callback, Leadership, leader_of
+from shoal.coordination.lock import Lock, LockHolder
 from shoal.engine import (
     engine_errors,
     engine_kind,
@@ -137,6 +140,7 @@ class Client:
         self._arrived: LRUCache[str, tuple[str, bytes]] = LRUCache(maxsize=OUTCOME_CACHE_SIZE)
         self._watcher: Watcher | None = None
         self._services: Services | None = None
+        self.held_locks: set[Lock] = set()  # released (watchdogs stopped) on close
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -179,6 +183,7 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        await self._release_locks()
         if self._services is not None:
             await self._services.close()
             self._services = None
@@ -204,6 +209,15 @@ class Client:
         if self._blocking is not None:
             await self._blocking.aclose()
             self._blocking = None
+
+    async def _release_locks(self) -> None:
+        """A closing client gives its locks up (their watchdogs would renew through a
+        closed connection): the next holder need not wait out their ttl."""
+        for lock in list(self.held_locks):
+            try:
+                await lock.release()
+            except ShoalError as exc:
+                log.warning("lock %r not released on close (%s): it expires", lock.name, exc)
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -264,6 +278,35 @@ class Client:
         if self._services is None:
             self._services = Services(self)
         return self._services
+
+    # --- coordination (shoal.coordination) -------------------------------------
+
+    def lock(
+        self, name: str, *, ttl: float = 10.0, wait: float | None = None, holder: str | None = None
+    ) -> Lock:
+        """A lock shared by every process of the namespace, with a fencing token:
+        ``async with client.lock("name", ttl=10, wait=5) as lock: ... lock.token``.
+        See shoal.coordination.lock for renewal and LockLost."""
+        return Lock(self, name, ttl=ttl, wait=wait, holder=holder)
+
+    def leader(
+        self,
+        name: str,
+        *,
+        on_elected: Callback | None = None,
+        on_lost: Callback | None = None,
+        ttl: float = LEADER_TTL,
+        holder: str | None = None,
+    ) -> Leadership:
+        """A campaign for leadership of ``name``, run while ``async with`` holds it;
+        callbacks get the term's fencing token (see shoal.coordination.leader)."""
+        return Leadership(
+            self, name, on_elected=on_elected, on_lost=on_lost, ttl=ttl, holder=holder
+        )
+
+    async def leader_of(self, name: str) -> LockHolder | None:
+        """Who leads ``name``: its holder id and fencing token, or None."""
+        return await leader_of(self, name)
 
     # --- submitting -----------------------------------------------------------
 

@@ -143,3 +143,14 @@ class ReplicationTimeout(EngineError):
     """Fewer replicas than ``ack_replicas`` acknowledged a write within ``ack_timeout``.
     The primary has the write (it is not undone): a failover before the replicas
     catch up could lose it. Re-submitting with the same idempotency key is safe."""
+
+
+class LockTimeout(ShoalError, TimeoutError):
+    """A lock was not acquired within its ``wait``: another holder kept it."""
+
+
+class LockLost(ShoalError):
+    """A held lock was lost: its renewal found it expired or taken by another holder,
+    or the engine could not renew it before its ttl ran out. Work done under the lock
+    since may overlap another holder's; only stores that check the fencing token
+    refuse this holder's writes from now on."""

@@ -70,6 +70,11 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 | service_load:<name>         | control | hash        | process id -> msgpack calls in flight|
 |                             |         |             | per instance, with a timestamp       |
 | services_changed            | control | shard chan. | a service whose view changed         |
+| lock:<name>                 | control | string      | the holder: "<token> <holder>" (PX)  |
+| lock_fence:<name>           | control | string      | the lock's last fencing token (INCR; |
+|                             |         |             | never expires: tokens only grow)     |
+| lock_wake:<name>            | control | list        | one wake-up for waiters, pushed on   |
+|                             |         |             | release (PX: a stale one is harmless)|
 """
 
 from __future__ import annotations
@@ -299,6 +304,14 @@ class Keys:
         a bucket is one key, so any slot would do; the control tag keeps every
         namespace's buckets under its own ``{namespace}``."""
         return f"{self.prefix}ratelimit:{name}:{key}"
+
+    # --- locks (control group; see shoal.coordination.lock) ---------------------------
+
+    def lock(self, name: str) -> tuple[str, str, str]:
+        """A lock's holder, fencing counter and wake-up list: one script touches all
+        three, so they share the control tag (one slot on a Cluster)."""
+        base = f"{self.prefix}lock"
+        return f"{base}:{name}", f"{base}_fence:{name}", f"{base}_wake:{name}"
 
     # --- the service registry (control group; see shoal.registry) --------------------
 

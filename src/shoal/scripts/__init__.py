@@ -22,6 +22,7 @@ from redis.exceptions import NoScriptError
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
+    "lock",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -90,6 +91,7 @@ class Scripts:
         self.claim = Script(redis, "claim")
         self.ratelimit = Script(redis, "ratelimit")
         self.services = Script(redis, "services")
+        self.lock = Script(redis, "lock")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

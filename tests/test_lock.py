@@ -1,0 +1,213 @@
+"""Locks with fencing tokens and leader election, against the real engine, with real
+processes contending, paused (SIGSTOP) and killed (tests/lock_procs.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shoal import Agent, Client, ConfigurationError, LockLost, LockTimeout, Settings, capability
+from shoal.coordination import LockHolder
+from tests.conftest import REPO, eventually, node_env, running_node, wait_for_status
+from tests.lock_procs import fenced_write, store_key
+
+
+@contextlib.contextmanager
+def lock_process(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.lock_procs", *args],
+        cwd=REPO,
+        env=node_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused process cannot die of SIGKILL's reap
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+async def read_line(proc: subprocess.Popen[str], timeout: float = 10) -> str:
+    """The process's next line (it prints one per step); fails if it takes too long."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
+    return line.strip()
+
+
+async def test_three_processes_contending_lose_no_update_and_tokens_follow_acquisition_order(
+    client: Client, settings: Settings
+) -> None:
+    n = 25
+    with (
+        lock_process(settings, "count", str(n)) as a,
+        lock_process(settings, "count", str(n)) as b,
+        lock_process(settings, "count", str(n)) as c,
+    ):
+        assert [await read_line(p, 15) for p in (a, b, c)] == ["done"] * 3
+    prefix = client.keys.prefix
+    assert int(await client.redis.get(f"{prefix}count")) == 3 * n  # no lost update
+    tokens = [int(t) for t in await client.redis.lrange(f"{prefix}tokens", 0, -1)]
+    # Appended inside the critical section, so in acquisition order: strictly increasing,
+    # and one token per acquisition.
+    assert tokens == list(range(1, 3 * n + 1))
+
+
+async def test_a_holder_paused_past_its_ttl_gets_lock_lost_and_its_stale_token_is_refused(
+    client: Client, settings: Settings
+) -> None:
+    with lock_process(settings, "hold") as holder:
+        word, token = (await read_line(holder)).split()
+        assert word == "acquired"
+        assert await fenced_write(client, int(token), "first holder")
+        holder.send_signal(signal.SIGSTOP)  # a GC pause, a swapped-out VM...
+        async with client.lock("job", ttl=5, wait=10) as lock:  # taken once the ttl ran out
+            assert lock.token is not None and lock.token > int(token)
+            assert await fenced_write(client, lock.token, "second holder")
+            holder.send_signal(signal.SIGCONT)
+            assert await read_line(holder) == "lost"  # its watchdog found the lock taken
+            assert await read_line(holder) == "refused"  # its stale write, by the store
+            assert lock.held and not lock.lost.is_set()
+    assert await client.redis.hget(store_key(client), "value") == b"second holder"
+
+
+async def test_a_killed_leader_is_succeeded_within_about_its_ttl(
+    client: Client, settings: Settings
+) -> None:
+    elected: asyncio.Queue[int] = asyncio.Queue()
+    with lock_process(settings, "lead", "first") as first:
+        word, token = (await read_line(first)).split()
+        assert word == "elected"
+        assert await client.leader_of("singleton") == LockHolder("first", int(token))
+        async with client.leader(
+            "singleton", ttl=1, holder="second", on_elected=elected.put_nowait
+        ) as second:
+            assert not second.is_leader
+            first.kill()
+            successor = await asyncio.wait_for(elected.get(), timeout=3)  # ttl 1 s + slack
+            assert successor > int(token)
+            assert second.is_leader and second.token == successor
+            assert await client.leader_of("singleton") == LockHolder("second", successor)
+    assert await client.leader_of("singleton") is None  # resigned on exit
+
+
+@pytest.mark.topology
+async def test_an_acquire_that_cannot_get_the_lock_in_time_raises_lock_timeout(
+    client: Client,
+) -> None:
+    async with client.lock("busy", ttl=5):
+        with pytest.raises(LockTimeout, match=r"lock 'busy' not acquired within 0.0s"):
+            await client.lock("busy", wait=0).acquire()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(LockTimeout, match=r"within 0\.2s"):
+            async with client.lock("busy", wait=0.2):
+                pytest.fail("acquired a held lock")
+        assert 0.2 <= loop.time() - start < 1
+
+
+async def test_a_waiter_takes_the_lock_as_soon_as_it_is_released(client: Client) -> None:
+    first = client.lock("handoff", ttl=30)
+    token = await first.acquire()
+    waiter = asyncio.create_task(client.lock("handoff", wait=10).acquire())
+
+    async def blocked() -> bool:  # the waiter waits for a wake-up, not for the expiry
+        return any(c.get("cmd") == "blpop" for c in await client.redis.client_list())
+
+    await eventually(blocked, "the waiter blocking on the wake-up list")
+    assert await first.release()
+    assert await asyncio.wait_for(waiter, 1) == token + 1  # woken, not at the 30 s expiry
+    assert await client.leader_of("x") is None
+
+
+@pytest.mark.topology
+async def test_a_client_closing_releases_the_locks_it_holds(settings: Settings) -> None:
+    async with Client(settings=settings) as holder, Client(settings=settings) as other:
+        await holder.lock("left", ttl=30).acquire()
+        await holder.close()
+        async with other.lock("left", wait=0) as lock:  # free at once, not in 30 s
+            assert lock.token == 2
+
+
+@pytest.mark.topology
+async def test_only_the_holder_releases(client: Client) -> None:
+    mine = client.lock("owned", ttl=5)
+    token = await mine.acquire()
+    impostor = client.lock("owned", ttl=5, holder="someone-else")
+    impostor.token = token  # even knowing the token, another holder id is refused
+    assert not await impostor.release()
+    holder = await client.redis.get(client.keys.lock("owned")[0])
+    assert holder == f"{token} {mine.holder}".encode()
+    assert await mine.release()
+    assert not await mine.release()  # released already
+
+
+@pytest.mark.topology
+async def test_a_lock_taken_from_its_holder_cancels_the_block_with_lock_lost(
+    client: Client,
+) -> None:
+    lock = client.lock("stolen", ttl=0.3)
+
+    async def hold() -> None:
+        async with lock:
+            await client.redis.delete(client.keys.lock("stolen")[0])  # expired, say
+            await asyncio.Event().wait()  # cancelled at the next renewal, ~0.1 s
+
+    with pytest.raises(LockLost, match=r"lock 'stolen' \(fencing token 1\) was lost"):
+        await hold()
+    assert lock.lost.is_set() and not lock.held
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.topology
+async def test_a_held_lock_is_renewed_past_its_ttl(client: Client) -> None:
+    async with client.lock("long", ttl=0.3) as lock:
+        await asyncio.sleep(0.7)  # time passing is the point: past two ttls
+        assert lock.held
+        holder = await client.redis.get(client.keys.lock("long")[0])
+        assert holder == f"{lock.token} {lock.holder}".encode()
+        assert (await client.leader_of("long")) is None  # a lock, not a leadership
+
+
+async def test_bad_lock_arguments_fail_at_once(client: Client) -> None:
+    with pytest.raises(ConfigurationError, match="lock ttl"):
+        client.lock("x", ttl=0)
+    with pytest.raises(ConfigurationError, match="lock wait"):
+        client.lock("x", wait=-1)
+    with pytest.raises(ConfigurationError, match="lock name"):
+        client.lock("bad name")
+
+
+class Locker(Agent):
+    @capability("locked_token")
+    async def locked_token(self) -> list[Any]:
+        async with (
+            self.ctx.lock("from-a-handler", wait=5) as lock,
+            self.ctx.leader("handler-lead") as lead,
+        ):
+            await lead.elected.wait()
+            return [lock.token, lead.holder == self.ctx.node_id, lead.token]
+
+
+async def test_handlers_lock_and_lead_through_their_context(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Locker], settings):
+        async with client.lock("from-a-handler") as mine:
+            token = mine.token
+            handle = await client.submit("locked_token")
+            await wait_for_status(handle, "running")  # the handler waits for the lock
+        assert token is not None
+        assert await handle.result(timeout=10) == [token + 1, True, 1]
