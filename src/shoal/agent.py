@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership
 from shoal.coordination.lock import Lock
+from shoal.coordination.ratelimit import RateLimiter
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import validate_capability
 from shoal.protocol import validate_agent_type
@@ -452,6 +453,22 @@ class TaskContext:
         fallback: ``await self.ctx.services("llm").request("POST", path, json=...)``.
         The node's pools, shared by all its handlers."""
         return self._runtime.client.services
+
+    def rate_limiter(
+        self,
+        name: str,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        limit: int | None = None,
+        window: float | None = None,
+    ) -> RateLimiter:
+        """A rate limit shared by the whole namespace, e.g. an external API's quota:
+        ``await self.ctx.rate_limiter("geo", rate=10).acquire()`` before each call.
+        See shoal.coordination.ratelimit."""
+        return self._runtime.client.rate_limiter(
+            name, rate=rate, burst=burst, limit=limit, window=window
+        )
 
     def lock(self, name: str, *, ttl: float = 10.0, wait: float | None = None) -> Lock:
         """A lock shared by the whole namespace, with a fencing token to pass along

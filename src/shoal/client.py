@@ -30,6 +30,7 @@ from shoal.cluster import ClusterState, read_cluster
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership, leader_of
 from shoal.coordination.lock import Lock, LockHolder
+from shoal.coordination.ratelimit import RateLimiter
 from shoal.engine import (
     engine_errors,
     engine_kind,
@@ -280,6 +281,21 @@ class Client:
         return self._services
 
     # --- coordination (shoal.coordination) -------------------------------------
+
+    def rate_limiter(
+        self,
+        name: str,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        limit: int | None = None,
+        window: float | None = None,
+    ) -> RateLimiter:
+        """A rate limit shared by every process of the namespace: a token bucket
+        (``rate`` per second, ``burst``) or a sliding window (``limit`` calls per
+        ``window`` seconds); ``await limiter.acquire(key)`` waits for room or raises
+        RateLimited. See shoal.coordination.ratelimit."""
+        return RateLimiter(self, name, rate=rate, burst=burst, limit=limit, window=window)
 
     def lock(
         self, name: str, *, ttl: float = 10.0, wait: float | None = None, holder: str | None = None

@@ -154,3 +154,16 @@ class LockLost(ShoalError):
     or the engine could not renew it before its ttl ran out. Work done under the lock
     since may overlap another holder's; only stores that check the fencing token
     refuse this holder's writes from now on."""
+
+
+class RateLimited(ShoalError):
+    """A rate limiter had no room for a call within the time the caller would wait.
+    ``retry_after`` says in how many seconds the call would have fitted."""
+
+    def __init__(self, limiter: str, key: str, retry_after: float) -> None:
+        super().__init__(
+            f"rate limit {limiter!r} (key {key!r}) is exhausted: room again in {retry_after:.3f}s"
+        )
+        self.limiter = limiter
+        self.key = key
+        self.retry_after = retry_after

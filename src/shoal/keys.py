@@ -59,6 +59,8 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | (never the secret itself)            |
 | ratelimit:<name>:<key>      | control | hash        | a token bucket: tokens, ts (engine   |
 |                             |         |             | ms); PX the time to refill to full   |
+| ratewindow:<name>:<key>     | control | sorted set  | a sliding window log: one member per |
+|                             |         |             | admitted call, score = engine ms     |
 | services                    | control | set         | names of registered services         |
 | service:<name>              | control | hash        | instance id -> msgpack record        |
 | service_ttl:<name>          | control | sorted set  | instance id -> expiry (engine ms);   |
@@ -304,6 +306,10 @@ class Keys:
         a bucket is one key, so any slot would do; the control tag keeps every
         namespace's buckets under its own ``{namespace}``."""
         return f"{self.prefix}ratelimit:{name}:{key}"
+
+    def ratewindow(self, name: str, key: str) -> str:
+        """One sliding window log (see shoal.coordination.ratelimit); control group."""
+        return f"{self.prefix}ratewindow:{name}:{key}"
 
     # --- locks (control group; see shoal.coordination.lock) ---------------------------
 

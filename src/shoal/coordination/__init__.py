@@ -4,6 +4,14 @@ too (DESIGN.md §3)."""
 
 from shoal.coordination.leader import Leadership
 from shoal.coordination.lock import Lock, LockHolder
-from shoal.coordination.ratelimit import RateDecision, TokenBucket
+from shoal.coordination.ratelimit import RateDecision, RateLimiter, SlidingWindow, TokenBucket
 
-__all__ = ["Leadership", "Lock", "LockHolder", "RateDecision", "TokenBucket"]
+__all__ = [
+    "Leadership",
+    "Lock",
+    "LockHolder",
+    "RateDecision",
+    "RateLimiter",
+    "SlidingWindow",
+    "TokenBucket",
+]

@@ -1,4 +1,8 @@
-"""A token bucket kept in the engine, so every process that limits a key shares it.
+"""Rate limits kept in the engine, so every process that limits a key shares them:
+a token bucket, a sliding window log, and ``RateLimiter`` — the one to use from
+code, which waits for room (bounded) or raises ``RateLimited``.
+
+Token bucket (``TokenBucket``, ``ratelimit.lua``):
 
 A bucket holds up to ``burst`` tokens and gains ``rate`` tokens a second; a call
 takes ``cost`` tokens or is refused, told how long until they are there. This is
@@ -17,16 +21,26 @@ LLM token budget later — so it takes any bucket name, key, rate and size:
   changing a key's limit takes effect at its next call.
 * **One key per bucket** (``ratelimit:<name>:<key>``, see shoal.keys), under the
   namespace's control hash tag, so the script runs on a Cluster as on one server.
+
+Sliding window log (``SlidingWindow``, ``ratewindow.lua``): at most ``limit`` calls in
+any ``window`` seconds, exactly — what a provider that counts "requests in the last
+minute" enforces. It stores one sorted-set member per admitted call in the window,
+so its memory grows with ``limit`` (bounded by MAX_WINDOW_LIMIT); a token bucket
+stores two numbers whatever the rate, and is the better choice for high rates.
+Same clock, atomicity and key layout as the bucket.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from shoal.errors import ConfigurationError
+from shoal.errors import ConfigurationError, RateLimited
 
 if TYPE_CHECKING:  # the client may use the limiter itself one day: no import cycle
     from shoal.client import Client
@@ -71,13 +85,13 @@ def validate_burst(burst: Any) -> int:
     return burst
 
 
-def _validate_cost(cost: Any, burst: int) -> int:
-    """A cost the bucket can ever pay: one it can never hold would be refused forever."""
+def _validate_cost(cost: Any, capacity: int, holds: str = "the bucket holds (burst") -> int:
+    """A cost that can ever be paid: one beyond the capacity would be refused forever."""
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
         raise ConfigurationError(f"cost must be a whole number of tokens >= 1, got {cost!r}")
-    if cost > burst:
+    if cost > capacity:
         raise ConfigurationError(
-            f"cost {cost} is more than the bucket holds (burst {burst}): it could never be paid"
+            f"cost {cost} is more than {holds} {capacity}): it could never be paid"
         )
     return cost
 
@@ -99,13 +113,8 @@ class TokenBucket:
     """
 
     def __init__(self, client: Client, name: str) -> None:
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise ConfigurationError(
-                f"rate-limit name {name!r} is invalid: start with a letter or '_', then up to "
-                "63 letters, digits, '_', '.' or '-'"
-            )
         self._client = client
-        self.name = name
+        self.name = _validate_name(name)
 
     async def take(self, key: str, *, rate: float, burst: int, cost: int = 1) -> RateDecision:
         """Take ``cost`` tokens from ``key``'s bucket (``burst`` big, refilled at
@@ -128,3 +137,147 @@ class TokenBucket:
 def _decision(reply: list[Any]) -> RateDecision:
     allowed, remaining, retry_after = reply
     return RateDecision(bool(allowed), float(remaining), float(retry_after))
+
+
+MAX_WINDOW_LIMIT = 100_000  # members per window key: ~10 MB at most; beyond, use a bucket
+MIN_WINDOW = 0.001
+MAX_WINDOW = 86_400.0
+
+
+def validate_window(limit: Any, window: Any) -> tuple[int, float]:
+    """A sliding window: ``limit`` whole calls in ``window`` seconds."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_WINDOW_LIMIT:
+        raise ConfigurationError(
+            f"limit must be a whole number of calls within 1..{MAX_WINDOW_LIMIT} (a window "
+            f"stores each call; for higher rates use a token bucket), got {limit!r}"
+        )
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, int | float)
+        or not MIN_WINDOW <= window <= MAX_WINDOW
+    ):
+        raise ConfigurationError(
+            f"window must be a number of seconds within {MIN_WINDOW}..{MAX_WINDOW:.0f}, "
+            f"got {window!r}"
+        )
+    return limit, float(window)
+
+
+def _validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigurationError(
+            f"rate-limit name {name!r} is invalid: start with a letter or '_', then up to "
+            "63 letters, digits, '_', '.' or '-'"
+        )
+    return name
+
+
+class SlidingWindow:
+    """The sliding windows of one kind, ``name``, one per key:
+    ``await SlidingWindow(client, "openai").take(org, limit=3000, window=60)``."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self.name = _validate_name(name)
+
+    async def take(self, key: str, *, limit: int, window: float, cost: int = 1) -> RateDecision:
+        """Admit ``cost`` calls into ``key``'s window if, with them, no more than
+        ``limit`` calls fall within the last ``window`` seconds; otherwise refuse
+        and say in how many seconds they would fit."""
+        limit, window = validate_window(limit, window)
+        cost = _validate_cost(cost, limit, "the window admits (limit")
+        keys = self._client.keys
+        log = keys.ratewindow(self.name, _validate_key(key))
+        async with self._client.errors():
+            reply = await self._client.scripts.ratewindow(
+                [log], [keys.prefix, limit, repr(window * 1000), cost]
+            )
+        return _decision(reply)
+
+
+USER_PREFIX = "limit."  # user limiters' names: never the gateway's "apikey" buckets
+MAX_LIMITER_NAME = 64 - len(USER_PREFIX)
+
+
+class RateLimiter:
+    """One named limit, shared by every process of the namespace, to call from code:
+    a token bucket (``rate`` per second, ``burst`` at once) or a sliding window
+    (``limit`` calls per ``window`` seconds) — give one pair.
+
+    ``await limiter.acquire(key)`` waits until the call fits (up to ``timeout``)
+    and raises ``RateLimited`` if it would not fit in time; ``await
+    limiter.take(key)`` answers at once with a ``RateDecision``. Keys split one
+    limit into independent ones (per customer, per model, ...).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        limit: int | None = None,
+        window: float | None = None,
+    ) -> None:
+        self.name = _validate_name(name)
+        if len(name) > MAX_LIMITER_NAME:
+            raise ConfigurationError(
+                f"rate limiter name {name!r} is too long: at most {MAX_LIMITER_NAME} characters"
+            )
+        engine_name = USER_PREFIX + name
+        if (rate is None) == (limit is None):
+            raise ConfigurationError(
+                f"rate limiter {name!r}: give either rate= (and burst=) for a token bucket "
+                "or limit= and window= for a sliding window"
+            )
+        self._take: Any
+        if rate is not None:
+            if window is not None:
+                raise ConfigurationError(f"rate limiter {name!r}: window= goes with limit=")
+            self.rate = validate_rate(rate)
+            self.burst = validate_burst(burst if burst is not None else max(1, round(rate)))
+            self.kind = "token_bucket"
+            bucket = TokenBucket(client, engine_name)
+            self._take = lambda key, cost: bucket.take(
+                key, rate=self.rate, burst=self.burst, cost=cost
+            )
+        else:
+            if burst is not None:
+                raise ConfigurationError(f"rate limiter {name!r}: burst= goes with rate=")
+            if window is None:
+                raise ConfigurationError(f"rate limiter {name!r}: limit= needs window= (seconds)")
+            self.limit, self.window = validate_window(limit, window)
+            self.kind = "sliding_window"
+            sliding = SlidingWindow(client, engine_name)
+            self._take = lambda key, cost: sliding.take(
+                key, limit=self.limit, window=self.window, cost=cost
+            )
+
+    async def take(self, key: str = "default", *, cost: int = 1) -> RateDecision:
+        """Take room for ``cost`` calls now, or be told when there will be."""
+        decision: RateDecision = await self._take(key, cost)
+        return decision
+
+    async def acquire(
+        self, key: str = "default", *, cost: int = 1, timeout: float | None = 10.0
+    ) -> RateDecision:
+        """Wait until ``cost`` calls fit, then take them. Raises ``RateLimited`` when
+        they would not fit within ``timeout`` seconds (``None``: wait as long as it
+        takes; ``0``: do not wait)."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ConfigurationError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            decision = await self.take(key, cost=cost)
+            if decision.allowed:
+                return decision
+            pause = decision.retry_after
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise RateLimited(self.name, key, decision.retry_after)
+            # Waiting for time to pass is the point: room appears at a known moment.
+            # A little jitter spreads callers that were refused together, so they do
+            # not all come back in the same millisecond and refuse each other again.
+            await asyncio.sleep(pause + random.uniform(0, min(pause, 0.01)))

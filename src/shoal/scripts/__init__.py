@@ -21,8 +21,8 @@ from redis.exceptions import NoScriptError
 
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
-    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
-    "lock",
+    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "ratewindow",
+    "services", "lock",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -90,6 +90,7 @@ class Scripts:
         self.reap = Script(redis, "reap")
         self.claim = Script(redis, "claim")
         self.ratelimit = Script(redis, "ratelimit")
+        self.ratewindow = Script(redis, "ratewindow")
         self.services = Script(redis, "services")
         self.lock = Script(redis, "lock")
 
