@@ -15,6 +15,7 @@ import pytest
 
 from shoal import Agent, Client, ConfigurationError, LockLost, LockTimeout, Settings, capability
 from shoal.coordination import LockHolder
+from shoal.coordination.lock import holder_of
 from tests.conftest import REPO, eventually, node_env, running_node, wait_for_status
 from tests.lock_procs import fenced_write, store_key
 
@@ -141,6 +142,19 @@ async def test_a_client_closing_releases_the_locks_it_holds(settings: Settings) 
             assert lock.token == 2
 
 
+async def test_a_client_closing_ends_its_campaigns_and_its_leader_resigns(
+    settings: Settings,
+) -> None:
+    async with Client(settings=settings) as leader, Client(settings=settings) as heir:
+        first = await leader.leader("closing", ttl=30, holder="first").start()
+        await asyncio.wait_for(first.elected.wait(), 5)
+        second = await heir.leader("closing", ttl=30, holder="second").start()
+        await leader.close()  # not first.stop(): the client's close must do it
+        await asyncio.wait_for(second.elected.wait(), 5)  # not in 30 s
+        assert not first.is_leader and not leader.campaigns
+        await second.stop()
+
+
 @pytest.mark.topology
 async def test_only_the_holder_releases(client: Client) -> None:
     mine = client.lock("owned", ttl=5)
@@ -148,8 +162,10 @@ async def test_only_the_holder_releases(client: Client) -> None:
     impostor = client.lock("owned", ttl=5, holder="someone-else")
     impostor.token = token  # even knowing the token, another holder id is refused
     assert not await impostor.release()
-    holder = await client.redis.get(client.keys.lock("owned")[0])
-    assert holder == f"{token} {mine.holder}".encode()
+    twin = client.lock("owned", ttl=5)  # same holder id, another acquisition
+    twin.token, twin._claim = token, f"{mine.holder} 0123456789abcdef"
+    assert not await twin.release()
+    assert await holder_of(client, "owned") == LockHolder(mine.holder, token)
     assert await mine.release()
     assert not await mine.release()  # released already
 
@@ -176,8 +192,8 @@ async def test_a_held_lock_is_renewed_past_its_ttl(client: Client) -> None:
     async with client.lock("long", ttl=0.3) as lock:
         await asyncio.sleep(0.7)  # time passing is the point: past two ttls
         assert lock.held
-        holder = await client.redis.get(client.keys.lock("long")[0])
-        assert holder == f"{lock.token} {lock.holder}".encode()
+        assert lock.token is not None
+        assert await holder_of(client, "long") == LockHolder(lock.holder, lock.token)
         assert (await client.leader_of("long")) is None  # a lock, not a leadership
 
 
@@ -211,3 +227,46 @@ async def test_handlers_lock_and_lead_through_their_context(
             await wait_for_status(handle, "running")  # the handler waits for the lock
         assert token is not None
         assert await handle.result(timeout=10) == [token + 1, True, 1]
+
+
+async def test_an_acquire_cancelled_while_the_engine_holds_it_leaves_the_lock_free(
+    client: Client, settings: Settings
+) -> None:
+    """The acquire's script is parked by CLIENT PAUSE when the caller gives up.
+    Whether the engine then runs it or drops it with the connection redis-py closes
+    on a cancel, the lock must not stay taken by an acquisition nobody renews."""
+    async with Client(settings=settings) as admin:
+        await client.redis.ping()
+        await admin.redis.execute_command("CLIENT", "PAUSE", 2000, "WRITE")
+        try:
+            acquiring = asyncio.create_task(client.lock("parked", ttl=30).acquire())
+            await eventually(lambda: _script_parked(admin), "the acquire is parked", 5)
+            acquiring.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(acquiring), 5)
+        finally:
+            await admin.redis.execute_command("CLIENT", "UNPAUSE")
+        async with admin.lock("parked", wait=0):  # free now, not in 30 s
+            pass
+
+
+async def _script_parked(admin: Client) -> bool:
+    clients = await admin.redis.execute_command("CLIENT", "LIST")
+    text = clients.decode() if isinstance(clients, bytes) else str(clients)
+    return any("cmd=evalsha" in line and "flags=b" in line for line in text.splitlines())
+
+
+async def test_an_acquire_whose_reply_never_came_is_freed_by_its_nonce(client: Client) -> None:
+    """The other half of a cancelled acquire: the script ran and took the lock, the
+    caller never saw the token. Its nonce still names the acquisition."""
+    lost_reply = client.lock("ghost", ttl=30)
+    lost_reply._claim = f"{lost_reply.holder} feedfacecafebeef"
+    taken, _ = await lost_reply._call("acquire", lost_reply._claim, 30_000)
+    assert taken
+    bystander = client.lock("ghost", ttl=30)
+    bystander._claim = f"{bystander.holder} 0000000000000000"
+    await bystander._abandon()  # another nonce frees nothing
+    assert await holder_of(client, "ghost") is not None
+    waiter = asyncio.create_task(client.lock("ghost", wait=10).acquire())
+    await lost_reply._abandon()
+    assert await asyncio.wait_for(waiter, 5) == 2  # woken by the abandon, not by the ttl

@@ -142,6 +142,7 @@ class Client:
         self._watcher: Watcher | None = None
         self._services: Services | None = None
         self.held_locks: set[Lock] = set()  # released (watchdogs stopped) on close
+        self.campaigns: set[Leadership] = set()  # stopped (leaders resign) on close
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -213,7 +214,15 @@ class Client:
 
     async def _release_locks(self) -> None:
         """A closing client gives its locks up (their watchdogs would renew through a
-        closed connection): the next holder need not wait out their ttl."""
+        closed connection): the next holder need not wait out their ttl. Campaigns
+        stop first, so that none takes a lock again while the client closes."""
+        for campaign in list(self.campaigns):
+            try:
+                await campaign.stop()
+            except ShoalError as exc:
+                log.warning(
+                    "leader %r did not resign on close (%s): it expires", campaign.name, exc
+                )
         for lock in list(self.held_locks):
             try:
                 await lock.release()

@@ -60,6 +60,7 @@ class Leadership:
         holder: str | None = None,
     ) -> None:
         self.name = name
+        self._client = client
         self._lock = Lock(client, lock_name(name), ttl=ttl, wait=None, holder=holder)
         self._on_elected, self._on_lost = on_elected, on_lost
         self._campaign: asyncio.Task[None] | None = None
@@ -81,12 +82,14 @@ class Leadership:
     async def start(self) -> Leadership:
         if self._campaign is None:
             self._campaign = asyncio.create_task(self._run(), name=f"shoal-leader-{self.name}")
+            self._client.campaigns.add(self)
         return self
 
     async def stop(self) -> None:
         """Stop campaigning and resign if leading (on_lost is not called: a leader
         that resigns knows it)."""
         campaign, self._campaign = self._campaign, None
+        self._client.campaigns.discard(self)
         if campaign is not None:
             campaign.cancel()
             await asyncio.gather(campaign, return_exceptions=True)

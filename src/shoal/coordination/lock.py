@@ -35,13 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from shoal.errors import ConfigurationError, EngineUnavailable, LockLost, LockTimeout
+from shoal.errors import ConfigurationError, EngineUnavailable, LockLost, LockTimeout, ShoalError
 
 if TYPE_CHECKING:
     from shoal.client import Client
@@ -94,8 +95,8 @@ async def holder_of(client: Client, name: str) -> LockHolder | None:
         value = await client.redis.get(lock_key)
     if value is None:
         return None
-    token, _, holder = value.decode().partition(" ")
-    return LockHolder(holder, int(token))
+    token, _, rest = value.decode().partition(" ")
+    return LockHolder(rest.partition(" ")[0], int(token))
 
 
 class Lock:
@@ -125,6 +126,7 @@ class Lock:
         self._owner: asyncio.Task[Any] | None = None  # cancelled on a loss
         self._cancelled_owner = False
         self._why = ""
+        self._claim = ""  # "<holder> <nonce>" of the current acquisition
 
     @property
     def held(self) -> bool:
@@ -136,7 +138,7 @@ class Lock:
 
     @property
     def _value(self) -> str:
-        return f"{self.token} {self.holder}"
+        return f"{self.token} {self._claim}"
 
     @property
     def _ttl_ms(self) -> int:
@@ -149,9 +151,16 @@ class Lock:
             raise ConfigurationError(f"lock {self.name!r} is already acquired by this Lock")
         deadline = None if self.wait is None else time.monotonic() + self.wait
         wake = self._client.keys.lock(self.name)[2]
+        # A nonce per acquisition: the value names this acquisition even before its
+        # token is known, so a cancelled acquire can free what it may have taken.
+        self._claim = f"{self.holder} {secrets.token_hex(8)}"
         while True:
-            async with self._client.errors():
-                taken, value = await self._call("acquire", self.holder, self._ttl_ms)
+            try:
+                async with self._client.errors():
+                    taken, value = await self._call("acquire", self._claim, self._ttl_ms)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._abandon())
+                raise
             if taken:
                 break
             left = None if deadline is None else deadline - time.monotonic()
@@ -169,6 +178,16 @@ class Lock:
         self._client.held_locks.add(self)
         self._watchdog = asyncio.create_task(self._renew(), name=f"shoal-lock-{self.name}")
         return self.token
+
+    async def _abandon(self) -> None:
+        """Free the lock if the acquire that was cancelled under way did take it:
+        nobody would renew or release it, and it would block everyone for a ttl."""
+        try:
+            async with self._client.errors():
+                if await self._call("abandon", self._claim):
+                    log.info("lock %r: freed what a cancelled acquire had taken", self.name)
+        except ShoalError as exc:
+            log.warning("lock %r: a cancelled acquire may hold it for a ttl (%s)", self.name, exc)
 
     async def release(self) -> bool:
         """Give the lock up; True if this holder still held it (False after a loss)."""

@@ -5,13 +5,14 @@
 -- ARGV     prefix (unused), op, then the op's arguments (below)
 -- Tokens   INCR of lock_fence in the same script that sets the holder, so the
 --          tokens of successive holders strictly increase, whatever the clocks.
--- Values   a holder's value carries its token, so it is unique per acquisition:
+-- Values   "<token> <holder> <nonce>": unique per acquisition (token and nonce):
 --          renew and release compare the whole value, and a holder that lost the
 --          lock (expired, then taken) can neither extend nor delete the next one.
 local op = ARGV[2]
 local lock, fence, wake = KEYS[1], KEYS[2], KEYS[3]
 
--- acquire: ARGV[3] the holder's id, [4] ttl ms.
+-- acquire: ARGV[3] the holder's id and the acquisition's nonce ("<holder> <nonce>"),
+-- [4] ttl ms.
 -- Returns {1, token} when taken, {0, ms until the holder's lease expires}.
 if op == 'acquire' then
   local ttl = redis.call('PTTL', lock)
@@ -32,6 +33,19 @@ end
 -- then one waiter is woken (a stale wake-up only costs a waiter one look).
 if op == 'release' then
   if redis.call('GET', lock) ~= ARGV[3] then return 0 end
+  redis.call('DEL', lock, wake)
+  redis.call('RPUSH', wake, '1')
+  redis.call('PEXPIRE', wake, 10000)
+  return 1
+end
+
+-- abandon: ARGV[3] "<holder> <nonce>" of an acquire whose caller was cancelled
+-- while the script ran: if that acquire took the lock, free it (and wake a waiter),
+-- as nobody would ever release or renew it. Returns 1 if it was freed.
+if op == 'abandon' then
+  local value = redis.call('GET', lock)
+  local suffix = ' ' .. ARGV[3]
+  if not value or string.sub(value, -#suffix) ~= suffix then return 0 end
   redis.call('DEL', lock, wake)
   redis.call('RPUSH', wake, '1')
   redis.call('PEXPIRE', wake, 10000)
