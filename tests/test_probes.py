@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from shoal import Client, Settings
+from shoal.coordination import LockHolder
 from shoal.probes import Probe, Prober, configure_probe, probe_configs
 from shoal.registry import ServiceView
 from shoal.testing.replica import ReplicaProcess, replicas
@@ -109,10 +110,10 @@ async def test_a_dead_probers_lease_lapses(client: Client, settings: Settings) -
     with replicas(1, names=["a"]) as (a,):
         await client.registry.register("llm", a.url, id="a")
         await configure_probe(client, "llm", probe)
-        leader = await client.scripts.services(
-            [client.keys.service("llm")], [client.keys.prefix, "lead", "llm", "ghost", 1000]
-        )
-        assert leader == 1  # a prober that will never renew
+        ghost = client.lock("leader:prober:llm", ttl=1.0, holder="ghost")
+        taken, _ = await ghost._call("acquire", "ghost 0", 1000)  # no watchdog: never renewed
+        assert taken
+        assert await client.leader_of("prober:llm") == LockHolder("ghost", 1)
         async with prober(client, "heir") as heir:
             started = time.monotonic()
             await eventually(lambda: asyncio.sleep(0, heir.leading), "the heir leads", timeout=3)

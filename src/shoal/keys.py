@@ -67,7 +67,6 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | static instances are absent          |
 | service_health:<name>       | control | hash        | instance id -> JSON health: breaker, |
 |                             |         |             | window counts, probe verdict         |
-| service_prober:<name>       | control | string      | the elected prober (PX)              |
 | service_probes              | control | hash        | service -> msgpack probe settings    |
 | service_load:<name>         | control | hash        | process id -> msgpack calls in flight|
 |                             |         |             | per instance, with a timestamp       |
@@ -327,7 +326,8 @@ class Keys:
 
     def service(self, name: str) -> str:
         """A service's instances; the registry script builds its other keys
-        (service_ttl:, service_health:, service_prober:) from the same prefix."""
+        (service_ttl:, service_health:) from the same prefix. The prober of a
+        service is elected on the lock leader:prober:<name> (shoal.probes)."""
         return f"{self.prefix}service:{name}"
 
     @property

@@ -3,13 +3,14 @@ service.
 
 A service opts in with ``await configure_probe(client, "llm", Probe(path="/health"))``
 (or ``shoal services probe``). Every node runs a ``Prober``; for each probed service
-the probers compete for a lease in the engine (``services.lua``'s ``lead``) and only
-the holder probes, so a replica sees one probe per interval however many nodes
+the probers run for leadership of ``prober:<service>`` (shoal.coordination.leader)
+and only the leader probes, so a replica sees one probe per interval however many nodes
 there are. The holder GETs each instance's ``url + path`` every ``interval``; an
 answer of 2xx/3xx within ``timeout`` is a success. ``fall`` failures in a row mark
 the instance *down* (out of every caller's rotation, announced to all views),
-``rise`` successes in a row bring it back. When the holder dies its lease lapses
-after ``LEASE_INTERVALS`` intervals and another prober takes over.
+``rise`` successes in a row bring it back. When the leader dies its lock lapses
+after ``LEASE_INTERVALS`` intervals (at least 1 s) and another prober takes over;
+a prober that stops resigns, and another takes over at once.
 
 Passive health (the error rate of real calls) is the other half: it needs no
 prober — see ``BreakerPolicy.degraded_rate``.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
+from shoal.coordination.leader import Leadership
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.registry import Registry, validate_service_name
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.probes")
 
-LEASE_INTERVALS = 3  # a prober's lease lasts this many probe intervals (min 1 s)
+LEASE_INTERVALS = 3  # a prober's leadership ttl: this many probe intervals (min 1 s)
 SCAN_S = 2.0  # how often a prober looks for services newly configured for probing
 
 
@@ -144,10 +146,7 @@ class Prober:
             tasks = [p.task for p in self._probing.values()]
             if tasks:
                 await asyncio.wait(tasks, timeout=2)
-            self._probing.clear()
-            for service in list(self.leading):
-                with contextlib.suppress(ShoalError):
-                    await self._registry._run("resign", service, self.prober_id)
+            self._probing.clear()  # each probing task resigned its leadership on the way out
             self.leading.clear()
             await self._http.aclose()
 
@@ -164,18 +163,38 @@ class Prober:
                 self._probing[service] = _Probing(probe, task)
 
     async def _probe_service(self, service: str, probe: Probe, closing: asyncio.Event) -> None:
-        lease_ms = int(max(1.0, probe.interval * LEASE_INTERVALS) * 1000)
+        leadership = Leadership(
+            self._client,
+            f"prober:{service}",
+            ttl=max(1.0, probe.interval * LEASE_INTERVALS),
+            holder=self.prober_id,
+            on_elected=lambda _token: self._elected(service),
+            on_lost=lambda _token: self.leading.discard(service),
+        )
+        async with leadership:  # leaving it (stopped, or settings changed) resigns
+            try:
+                await self._probe_while_leading(service, probe, leadership, closing)
+            finally:
+                self.leading.discard(service)
+
+    def _elected(self, service: str) -> None:
+        log.info("prober %s: probing %s", self.prober_id, service)
+        self.leading.add(service)
+
+    async def _probe_while_leading(
+        self, service: str, probe: Probe, leadership: Leadership, closing: asyncio.Event
+    ) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time()
         while not closing.is_set():
+            if not leadership.is_leader:
+                with contextlib.suppress(TimeoutError):  # elected, or told to stop
+                    async with asyncio.timeout(probe.interval):
+                        await _first(leadership.elected.wait(), closing.wait())
+                due = loop.time()
+                continue
             try:
-                if await self._registry._run("lead", service, self.prober_id, lease_ms):
-                    if service not in self.leading:
-                        log.info("prober %s: probing %s", self.prober_id, service)
-                        self.leading.add(service)
-                    await self._probe_all(service, probe)
-                else:
-                    self.leading.discard(service)
+                await self._probe_all(service, probe)
             except ShoalError as exc:
                 log.debug("prober: %s: %s", service, exc)
             except Exception:  # a prober bug must not take its node down
@@ -209,3 +228,13 @@ class Prober:
 
 def describe_probe(probe: Probe) -> dict[str, Any]:
     return msgspec.to_builtins(probe)  # type: ignore[no-any-return]
+
+
+async def _first(*waits: Any) -> None:
+    """Wait until the first of ``waits`` (coroutines) finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.lock")
 
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,255}")
 MIN_TTL = 0.1  # seconds; the watchdog renews at ttl/3, so shorter is all round trips
 MAX_TTL = 86_400.0
 
@@ -65,7 +65,7 @@ def validate_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigurationError(
             f"lock name {name!r:.80} is invalid: start with a letter or '_', then up to "
-            "127 letters, digits, '_', '.', ':', '/' or '-'"
+            "255 letters, digits, '_', '.', ':', '/' or '-'"
         )
     return name
 

@@ -4,8 +4,8 @@
 -- ARGV     prefix, op, service name, then the op's arguments (below)
 -- Touches  service:<name>, service_ttl:<name> (sorted set: instance id -> expiry,
 --          engine ms; static instances are absent), service_health:<name> (hash:
---          instance id -> JSON health record), service_prober:<name> (string: the
---          elected prober, PX), services (set of names); publishes the service's
+--          instance id -> JSON health record), services (set of names); publishes
+--          the service's
 --          name on the shard channel services_changed whenever what a caller's
 --          view shows changes (membership, a record, probe or breaker state,
 --          passive degradation) — never for a heartbeat that changes nothing.
@@ -264,21 +264,6 @@ if op == 'probe' then
   return health.p
 end
 
--- lead: hold the service's prober lease. ARGV[4] the contender, [5] lease ms.
--- Returns 1 if the contender holds it (taken or renewed), 0 if another does.
-if op == 'lead' then
-  local key = prefix .. 'service_prober:' .. name
-  local me, ms = ARGV[4], tonumber(ARGV[5])
-  local holder = redis.call('GET', key)
-  if holder == me then
-    redis.call('PEXPIRE', key, ms)
-    return 1
-  end
-  if holder then return 0 end
-  redis.call('SET', key, me, 'PX', ms)
-  return 1
-end
-
 -- unprobe: probing of the service stopped: forget every probe verdict (a 'down'
 -- would otherwise keep an instance out of rotation for good).
 if op == 'unprobe' then
@@ -293,13 +278,6 @@ if op == 'unprobe' then
     end
   end
   if forgot then changed() end
-  return 1
-end
-
--- resign: give the prober lease up if held by ARGV[4].
-if op == 'resign' then
-  local key = prefix .. 'service_prober:' .. name
-  if redis.call('GET', key) == ARGV[4] then redis.call('DEL', key) end
   return 1
 end
 
