@@ -44,7 +44,15 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.common import code_version, emit, machine, percentile, private_engine, save
+from bench.common import (
+    code_version,
+    emit,
+    machine,
+    percentile,
+    private_engine,
+    save,
+    self_time_shares,
+)
 from shoal import Client, Settings
 from shoal.balancing import STRATEGIES, Load, Strategy, make_strategy
 from shoal.observability import metrics
@@ -409,18 +417,7 @@ async def _profile(pool: ServicePool, n: int, out: Path | None) -> dict[str, Any
     session = profiler.stop()
     if out is not None:
         await asyncio.to_thread(out.write_text, profiler.output_text(unicode=True))
-    own: dict[str, float] = collections.defaultdict(float)
-    root = session.root_frame()
-    stack = [root] if root is not None else []
-    while stack:
-        frame = stack.pop()
-        stack += frame.children
-        if not frame.is_synthetic:
-            name = f"{frame.class_name}.{frame.function}" if frame.class_name else frame.function
-            own[f"{name}  {frame.file_path_short}:{frame.line_no}"] += frame.total_self_time
-    total = sum(own.values()) or 1.0
-    ranked = sorted(own.items(), key=lambda item: -item[1])[:15]
-    top = {name: round(t / total, 3) for name, t in ranked if t / total >= 0.01}
+    top = self_time_shares(session)
     return {"picks": n, "strategy": pool.strategy_name, "self_time_share_by_function": top,
             "file": str(out) if out else None}  # fmt: skip
 

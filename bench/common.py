@@ -5,6 +5,7 @@ JSON output."""
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import secrets
@@ -318,3 +319,20 @@ def report(benchmark: str, engine: Engine, args: Any, runs: list[Any], peers: li
     if args.save:
         save(args.save, result)
     emit(result)
+
+
+def self_time_shares(session: Any, top: int = 15, floor: float = 0.01) -> dict[str, float]:
+    """A pyinstrument session summarised: the share of self time of the ``top``
+    functions (at least ``floor`` each) — where a loop's time goes, in JSON."""
+    own: dict[str, float] = collections.defaultdict(float)
+    root = session.root_frame()
+    stack = [root] if root is not None else []
+    while stack:
+        frame = stack.pop()
+        stack += frame.children
+        if not frame.is_synthetic:
+            name = f"{frame.class_name}.{frame.function}" if frame.class_name else frame.function
+            own[f"{name}  {frame.file_path_short}:{frame.line_no}"] += frame.total_self_time
+    total = sum(own.values()) or 1.0
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return {name: round(t / total, 3) for name, t in ranked if t / total >= floor}
