@@ -2,8 +2,11 @@
 fencing tokens and leader election; caches, configuration and sagas belong here
 too (DESIGN.md §3)."""
 
+from shoal.coordination.cache import Cache, CacheOptions
 from shoal.coordination.leader import Leadership
 from shoal.coordination.lock import Lock, LockHolder
 from shoal.coordination.ratelimit import RateDecision, TokenBucket
 
-__all__ = ["Leadership", "Lock", "LockHolder", "RateDecision", "TokenBucket"]
+__all__ = [
+    "Cache", "CacheOptions", "Leadership", "Lock", "LockHolder", "RateDecision", "TokenBucket",
+]  # fmt: skip
