@@ -161,6 +161,21 @@ async def test_a_failing_computation_hands_the_fill_to_a_waiter_at_once(settings
         assert await asyncio.wait_for(waiting, timeout=2) == "second"
 
 
+@pytest.mark.topology
+async def test_writes_invalidate_other_clients_on_every_topology(settings: Settings) -> None:
+    async with Client(settings=settings) as a, Client(settings=settings) as b:
+        writer, reader = a.cache("everywhere"), b.cache("everywhere")
+        await writer.set_many({"k": 1, "j": 2})
+        assert await reader.get_many(["k", "j"]) == {"k": 1, "j": 2}
+        assert reader.peek("k") == 1
+        await writer.set("k", 3)
+        await eventually(lambda: _gone(reader, "k"), "the reader's copy dropped", timeout=2)
+        assert await reader.get("k") == 3 and reader.peek("j") == 2
+        assert await reader.get_or_set("new", lambda: "computed") == "computed"
+        assert await writer.get("new") == "computed"
+        assert not writer._waiters and not reader._waiters and not reader._flights
+
+
 # --- connection loss ------------------------------------------------------------------
 
 

@@ -79,8 +79,9 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | (zlib when large); PX the cache's ttl|
 | cache_fill:<name>:<key>     | control | string      | get_or_set's fill lease: the holder  |
 |                             |         |             | computing the value (PX, renewed)    |
-| cache_changed               | control | shard chan. | msgpack [writer, cache, keys]: drop  |
-|                             |         |             | these local copies (SPUBLISH)        |
+| cache_seq                   | control | string      | the last cache write's number (INCR) |
+| cache_changed               | control | shard chan. | "<seq> " + msgpack [writer, cache,   |
+|                             |         |             | keys]: drop older local copies       |
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ the namespace:
   that writes them; every other process drops its local copies on receipt (the
   writer keeps its own, fresh one). A process whose subscription broke or was
   silent serves no local copy until it is sure again (shoal.coordination.
-  invalidation). An invalidation that arrives while a read of the same key is on
-  its way back keeps that read's value out of the local level (a per-key
-  generation, counted only while reads are in flight).
+  invalidation). Writes are numbered in the engine (``cache_seq``) and reads
+  return the number they saw, so an invalidation that arrives while a read of
+  the same key is on its way back keeps that read's value out of the local
+  level only if its write came after the read (a copy remembers its number too).
 * **Single flight.** ``get_or_set(key, fn)`` computes a missing value once across
   all processes: concurrent callers of one process share one attempt, and the
   processes race for a fill lease in the engine (SET NX PX, renewed while ``fn``
@@ -180,10 +181,12 @@ class Cache:
         self.options = options
         self._listener = listener
         self._ttl_ms = _ttl_ms(options.ttl)
-        self._local: LRUCache[str, tuple[bytes, float, int]] = LRUCache(
+        # key -> (encoded value, expiry (monotonic), size counted, seq it was read at)
+        self._local: LRUCache[str, tuple[bytes, float, int, int]] = LRUCache(
             maxsize=max(options.max_local_bytes, 1), getsizeof=_size
         )
-        self._pending: dict[str, list[int]] = {}  # key -> [reads in flight, generation]
+        # key -> [engine calls in flight, the latest write seq heard meanwhile]
+        self._pending: dict[str, list[int]] = {}
         self._waiters: dict[str, asyncio.Event] = {}  # key -> wake-up of a fill waiter
         self._flights: dict[str, asyncio.Future[bytes]] = {}  # get_or_set, per key
         self.stats = cache_stats(self.name)
@@ -200,7 +203,7 @@ class Cache:
 
     def _local_raw(self, key: str) -> bytes | None:
         try:
-            raw, expires, _ = self._local[key]
+            raw, expires, _, _ = self._local[key]
         except KeyError:
             return None
         except TypeError:  # unhashable: not a key at all
@@ -214,9 +217,11 @@ class Cache:
             return None
         return raw
 
-    def _install(self, key: str, raw: bytes, ttl_ms: int, sent: float, epoch: int) -> None:
-        """Keep a value read or written at ``sent`` if no invalidation came since;
-        ``ttl_ms`` is what the engine gives it (-1: no expiry, as PTTL says)."""
+    def _install(
+        self, key: str, raw: bytes, ttl_ms: int, sent: float, epoch: int, seq: int
+    ) -> None:
+        """Keep a value read or written at ``sent`` (as of write ``seq``); ``ttl_ms``
+        is what the engine gives it (-1: no expiry, as PTTL says)."""
         if self.options.max_local_bytes == 0 or ttl_ms == 0:
             return
         if epoch != self._listener.epoch or not self._listener.fresh(time.monotonic()):
@@ -224,38 +229,44 @@ class Cache:
         expires = math.inf if ttl_ms < 0 else sent + ttl_ms / 1000
         size = len(raw) + len(key) + ENTRY_OVERHEAD
         if size <= self.options.max_local_bytes:  # else LRUCache refuses it
-            self._local[key] = (raw, expires, size)
+            self._local[key] = (raw, expires, size, seq)
 
-    def _begin(self, key: str) -> int:
+    def _begin(self, key: str) -> None:
         slot = self._pending.get(key)
         if slot is None:
-            slot = self._pending[key] = [0, 0]
-        slot[0] += 1
-        return slot[1]
+            self._pending[key] = [1, 0]
+        else:
+            slot[0] += 1
 
-    def _end(self, key: str, generation: int) -> bool:
-        """A read or write of ``key`` is back: True if nothing invalidated it since."""
+    def _end(self, key: str) -> int:
+        """An engine call on ``key`` is back: the latest write seq heard meanwhile
+        (its result may be kept locally only if it is at least as new)."""
         slot = self._pending[key]
         slot[0] -= 1
         if slot[0] == 0:
             del self._pending[key]
-        return slot[1] == generation
+        return slot[1]
 
-    def _touch(self, key: str) -> None:
-        self._local.pop(key, None)
+    def _touch(self, key: str, seq: int) -> bool:
+        """Write ``seq`` changed ``key``: drop an older local copy, keep reads in
+        flight from keeping theirs, wake a fill waiter. True if a copy was dropped."""
+        entry = self._local.get(key)
+        dropped = entry is not None and entry[3] < seq
+        if dropped:
+            del self._local[key]
         slot = self._pending.get(key)
-        if slot is not None:
-            slot[1] += 1
+        if slot is not None and slot[1] < seq:
+            slot[1] = seq
         waiter = self._waiters.get(key)
         if waiter is not None:
             waiter.set()
+        return dropped
 
-    def invalidate(self, keys: list[str]) -> None:
-        """Another process changed ``keys`` (the listener calls this)."""
+    def invalidate(self, keys: list[str], seq: int) -> None:
+        """Another process's write ``seq`` changed ``keys`` (the listener calls this)."""
         for key in keys:
-            if key in self._local:
+            if self._touch(key, seq):
                 self.stats.invalidated += 1
-            self._touch(key)
 
     def drop_local(self) -> None:
         """Forget every local copy (the listener calls this when messages may have
@@ -299,20 +310,21 @@ class Cache:
     async def _fetch(self, keys: list[str]) -> dict[str, bytes]:
         """Read ``keys`` from the engine; keep what came back untouched locally."""
         await self._listener.wait_subscribed()
-        generations = [self._begin(k) for k in keys]
+        for key in keys:
+            self._begin(key)
         epoch, sent = self._listener.epoch, time.monotonic()
         try:
             reply = await self._call("get", [self._entry(k) for k in keys])
         finally:
-            untouched = [self._end(k, g) for k, g in zip(keys, generations, strict=True)]
-        found = {}
+            latest = [self._end(k) for k in keys]
+        seq, found = int(reply[0]), {}
         for i, key in enumerate(keys):
-            raw = self._read(key, reply[2 * i])
+            raw = self._read(key, reply[2 * i + 1])
             if raw is None:
                 continue
             found[key] = raw
-            if untouched[i]:
-                self._install(key, raw, int(reply[2 * i + 1]), sent, epoch)
+            if latest[i] <= seq:  # no write after the read was heard of meanwhile
+                self._install(key, raw, int(reply[2 * i + 2]), sent, epoch, seq)
         self.stats.remote_hits += len(found)
         self.stats.remote_misses += len(keys) - len(found)
         return found
@@ -348,26 +360,29 @@ class Cache:
         keys = tuple(_check_batch(list(keys)))
         if not keys:
             return 0
-        return int(await self._write("delete", list(keys), [], None, 0))
+        existed, _ = await self._write("delete", list(keys), [], None, 0)
+        return int(existed)
 
     async def _write(
         self, op: str, keys: list[str], args: list[Any], raws: list[bytes] | None, ttl_ms: int
     ) -> Any:
         await self._listener.wait_subscribed()
-        generations = [self._begin(k) for k in keys]
+        for key in keys:
+            self._begin(key)
         epoch, sent = self._listener.epoch, time.monotonic()
         message = self._message(keys)
         channel = self._client.keys.cache_channel
         try:
             result = await self._call(op, [self._entry(k) for k in keys], channel, message, *args)
         finally:
-            untouched = [self._end(k, g) for k, g in zip(keys, generations, strict=True)]
-            for key in keys:  # this write supersedes reads in flight here too
-                self._touch(key)
+            latest = [self._end(k) for k in keys]
+        seq = int(result[1] if op == "delete" else result)
+        for key in keys:  # supersedes older copies and reads in flight here too
+            self._touch(key, seq)
         if raws is not None:
-            for key, raw, ok in zip(keys, raws, untouched, strict=True):
-                if ok:  # else another process wrote it meanwhile: which is last is unknown
-                    self._install(key, raw, ttl_ms or -1, sent, epoch)
+            for key, raw, heard in zip(keys, raws, latest, strict=True):
+                if heard <= seq:  # else another process wrote it after us meanwhile
+                    self._install(key, raw, ttl_ms or -1, sent, epoch, seq)
         return result
 
     # --- single flight -----------------------------------------------------------------
@@ -409,25 +424,31 @@ class Cache:
             flight.exception()  # retrieved: a flight no caller awaits any more is no error
 
     async def _fill(self, key: str, fn: Callable[[], Any], ttl_ms: int) -> bytes:
+        try:
+            return await self._look_or_compute(key, fn, ttl_ms)
+        finally:
+            self._waiters.pop(key, None)  # one flight per key and process: it was ours
+
+    async def _look_or_compute(self, key: str, fn: Callable[[], Any], ttl_ms: int) -> bytes:
         await self._listener.wait_subscribed()
         holder = f"{self._client.client_id}:{new_id()}"
         lease_ms = int(self.options.fill_lease * 1000)
         counted = False
         while True:
             waiter = self._waiters[key] = asyncio.Event()  # before the look: no lost wake
-            generation = self._begin(key)
+            self._begin(key)
             epoch, sent = self._listener.epoch, time.monotonic()
             try:
-                stored, pttl, leased = await self._call(
+                stored, pttl, leased, seq = await self._call(
                     "load", list(self._client.keys.cache(self.name, key)), holder, lease_ms
                 )
             finally:
-                untouched = self._end(key, generation)
+                latest = self._end(key)
             raw = self._read(key, stored)
             if raw is not None:
                 self.stats.remote_hits += 1
-                if untouched:
-                    self._install(key, raw, int(pttl), sent, epoch)
+                if latest <= seq:
+                    self._install(key, raw, int(pttl), sent, epoch, seq)
                 return raw
             if not counted:
                 self.stats.remote_misses += 1
@@ -452,18 +473,18 @@ class Cache:
             raise
         renewal.cancel()
         channel = self._client.keys.cache_channel
-        generation = self._begin(key)
+        self._begin(key)
         epoch, sent = self._listener.epoch, time.monotonic()
         try:
-            await self._call(
+            seq = await self._call(
                 "fill", list(self._client.keys.cache(self.name, key)), channel,
                 self._message([key]), ttl_ms, stored, holder,
             )  # fmt: skip
         finally:
-            untouched = self._end(key, generation)
-            self._touch(key)
-        if untouched:
-            self._install(key, raw, ttl_ms or -1, sent, epoch)
+            latest = self._end(key)
+        self._touch(key, seq)
+        if latest <= seq:
+            self._install(key, raw, ttl_ms or -1, sent, epoch, seq)
         return raw
 
     async def _renew(self, key: str, holder: str) -> None:

@@ -1,9 +1,10 @@
 """The cache's invalidation listener: one subscription per client, for all its caches.
 
-Every cache write publishes ``[writer, cache, keys]`` on the namespace's
-``cache_changed`` shard channel from the script that writes (shoal.keys); this
-listener drops the named local copies of the client's caches and wakes their
-``get_or_set`` waiters.
+Every cache write publishes ``<seq> [writer, cache, keys]`` (the write's number,
+then msgpack) on the namespace's ``cache_changed`` shard channel from the script
+that writes (shoal.keys); this listener drops the named local copies of the
+client's caches (those older than the write) and wakes their ``get_or_set``
+waiters.
 
 Whether a local copy may be served at all is this listener's call — ``fresh()``:
 
@@ -49,7 +50,7 @@ _decode = msgspec.msgpack.Decoder(tuple[str, str, list[str]]).decode
 class Invalidated(Protocol):
     """What the listener needs of a cache."""
 
-    def invalidate(self, keys: list[str]) -> None: ...
+    def invalidate(self, keys: list[str], seq: int) -> None: ...
 
     def drop_local(self) -> None: ...
 
@@ -169,14 +170,16 @@ class Listener:
             self._dispatch(message["data"])
 
     def _dispatch(self, data: bytes) -> None:
+        seq, _, payload = data.partition(b" ")
         try:
-            writer, name, keys = _decode(data)
-        except msgspec.DecodeError:
+            writer, name, keys = _decode(payload)
+            number = int(seq)
+        except (msgspec.DecodeError, ValueError):
             log.warning("cache invalidation: an unreadable message %r", data[:80])
             return
         cache = self._caches.get(name)
         if cache is not None and writer != self.writer:
-            cache.invalidate(keys)
+            cache.invalidate(keys, number)
 
     def _drop(self, why: str) -> None:
         self._confirmed = False

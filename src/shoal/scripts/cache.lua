@@ -7,8 +7,19 @@
 -- Channel  cache_changed (a shard channel in the same slot): every write publishes
 --          one message naming the writer, the cache and the keys, in the same
 --          script, so a process that reads the new value afterwards is already
---          behind the invalidation on its subscription.
+--          behind the invalidation on its subscription. The message is
+--          "<seq> <msgpack [writer, cache, keys]>".
+-- Seq      cache_seq (string, built from the prefix: same slot): every write takes
+--          the next number, every read returns the current one, so a process can
+--          tell whether an invalidation it hears came before or after its read.
 local op = ARGV[2]
+local seq_key = prefix .. 'cache_seq'
+
+local function announce(channel, message)
+  local seq = redis.call('INCR', seq_key)
+  redis.call('SPUBLISH', channel, seq .. ' ' .. message)
+  return seq
+end
 
 local function put(key, value, ttl_ms)
   if ttl_ms > 0 then
@@ -18,45 +29,45 @@ local function put(key, value, ttl_ms)
   end
 end
 
--- get: the entries' values and ms to live, flat: {v1, pttl1, v2, pttl2, ...}
--- (false and 0 for a missing entry; pttl -1: no expiry).
+-- get: the seq, then the entries' values and ms to live, flat: {seq, v1, pttl1,
+-- v2, pttl2, ...} (false and 0 for a missing entry; pttl -1: no expiry).
 if op == 'get' then
-  local out = {}
+  local out = {tonumber(redis.call('GET', seq_key) or '0')}
   for i, key in ipairs(KEYS) do
     local value = redis.call('GET', key)
-    out[2 * i - 1] = value
-    out[2 * i] = value and redis.call('PTTL', key) or 0
+    out[2 * i] = value
+    out[2 * i + 1] = value and redis.call('PTTL', key) or 0
   end
   return out
 end
 
 -- set: ARGV[3] channel, [4] message, [5] ttl ms (0: none), [6..] one value per key.
+-- Returns the write's seq.
 if op == 'set' then
   local ttl_ms = tonumber(ARGV[5])
   for i, key in ipairs(KEYS) do put(key, ARGV[5 + i], ttl_ms) end
-  redis.call('SPUBLISH', ARGV[3], ARGV[4])
-  return #KEYS
+  return announce(ARGV[3], ARGV[4])
 end
 
--- delete: ARGV[3] channel, [4] message. Returns how many entries existed.
+-- delete: ARGV[3] channel, [4] message. Returns {how many entries existed, seq}.
 if op == 'delete' then
   local n = redis.call('DEL', unpack(KEYS))
-  redis.call('SPUBLISH', ARGV[3], ARGV[4])
-  return n
+  return {n, announce(ARGV[3], ARGV[4])}
 end
 
 local entry, lease = KEYS[1], KEYS[2]
 
--- load: ARGV[3] holder, [4] lease ms. {value, pttl, 0} when the entry exists;
--- else {false, 0, 1} when the caller now holds the fill lease (it computes the
--- value), or {false, ms left on the other holder's lease, 0}.
+-- load: ARGV[3] holder, [4] lease ms. {value, pttl, 0, seq} when the entry
+-- exists; else {false, 0, 1, seq} when the caller now holds the fill lease (it
+-- computes the value), or {false, ms left on the other holder's lease, 0, seq}.
 if op == 'load' then
+  local seq = tonumber(redis.call('GET', seq_key) or '0')
   local value = redis.call('GET', entry)
-  if value then return {value, redis.call('PTTL', entry), 0} end
+  if value then return {value, redis.call('PTTL', entry), 0, seq} end
   if redis.call('SET', lease, ARGV[3], 'NX', 'PX', tonumber(ARGV[4])) then
-    return {false, 0, 1}
+    return {false, 0, 1, seq}
   end
-  return {false, math.max(redis.call('PTTL', lease), 0), 0}
+  return {false, math.max(redis.call('PTTL', lease), 0), 0, seq}
 end
 
 -- fill: ARGV[3] channel, [4] message, [5] ttl ms, [6] value, [7] holder. Stores the
@@ -64,8 +75,7 @@ end
 if op == 'fill' then
   put(entry, ARGV[6], tonumber(ARGV[5]))
   if redis.call('GET', lease) == ARGV[7] then redis.call('DEL', lease) end
-  redis.call('SPUBLISH', ARGV[3], ARGV[4])
-  return 1
+  return announce(ARGV[3], ARGV[4])
 end
 
 -- renew: ARGV[3] holder, [4] lease ms. 1 if the holder still held the lease.
@@ -80,7 +90,7 @@ end
 if op == 'release' then
   if redis.call('GET', lease) ~= ARGV[5] then return 0 end
   redis.call('DEL', lease)
-  redis.call('SPUBLISH', ARGV[3], ARGV[4])
+  announce(ARGV[3], ARGV[4])
   return 1
 end
 
