@@ -27,6 +27,14 @@ from redis.exceptions import NoScriptError
 from shoal import protocol, replication
 from shoal.addresses import mask_url
 from shoal.cluster import ClusterState, read_cluster
+from shoal.coordination.cache import (
+    DEFAULT_FILL_LEASE_S,
+    DEFAULT_LOCAL_BYTES,
+    DEFAULT_TTL_S,
+    Cache,
+    CacheOptions,
+)
+from shoal.coordination.invalidation import Listener
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership, leader_of
 from shoal.coordination.lock import Lock, LockHolder
@@ -143,6 +151,8 @@ class Client:
         self._services: Services | None = None
         self.held_locks: set[Lock] = set()  # released (watchdogs stopped) on close
         self.campaigns: set[Leadership] = set()  # stopped (leaders resign) on close
+        self._caches: dict[str, Cache] = {}
+        self._cache_listener: Listener | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -186,6 +196,7 @@ class Client:
     async def close(self) -> None:
         self._closing = True
         await self._release_locks()
+        await self._close_caches()
         if self._services is not None:
             await self._services.close()
             self._services = None
@@ -228,6 +239,15 @@ class Client:
                 await lock.release()
             except ShoalError as exc:
                 log.warning("lock %r not released on close (%s): it expires", lock.name, exc)
+
+    async def _close_caches(self) -> None:
+        """Stop the invalidation listener: local copies can no longer be kept fresh."""
+        for cache in self._caches.values():
+            cache.close()
+        self._caches.clear()
+        if self._cache_listener is not None:
+            await self._cache_listener.close()
+            self._cache_listener = None
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -332,6 +352,33 @@ class Client:
     async def leader_of(self, name: str) -> LockHolder | None:
         """Who leads ``name``: its holder id and fencing token, or None."""
         return await leader_of(self, name)
+
+    def cache(
+        self,
+        name: str,
+        *,
+        ttl: float | None = DEFAULT_TTL_S,
+        max_local_bytes: int = DEFAULT_LOCAL_BYTES,
+        fill_lease: float = DEFAULT_FILL_LEASE_S,
+    ) -> Cache:
+        """The two-level cache ``name`` (an LRU of ``max_local_bytes`` in this client
+        in front of the engine; entries live ``ttl`` seconds): one object per name
+        and client, kept fresh by one invalidation listener. See
+        shoal.coordination.cache."""
+        options = CacheOptions(ttl=ttl, max_local_bytes=max_local_bytes, fill_lease=fill_lease)
+        cache = self._caches.get(name)
+        if cache is not None:
+            if cache.options != options:
+                raise ConfigurationError(
+                    f"cache {name!r} is already open in this client with {cache.options}; "
+                    f"give the same options (got {options})"
+                )
+            return cache
+        self.redis  # noqa: B018 - raises the not-connected error
+        if self._cache_listener is None:
+            self._cache_listener = Listener(self)
+        cache = self._caches[name] = Cache(self, name, options, self._cache_listener)
+        return cache
 
     # --- submitting -----------------------------------------------------------
 

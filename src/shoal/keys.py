@@ -76,6 +76,13 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | never expires: tokens only grow)     |
 | lock_wake:<name>            | control | list        | one wake-up for waiters, pushed on   |
 |                             |         |             | release (PX: a stale one is harmless)|
+| cache:<name>:<key>          | control | string      | a cache entry: format byte + msgpack |
+|                             |         |             | (zlib when large); PX the cache's ttl|
+| cache_fill:<name>:<key>     | control | string      | get_or_set's fill lease: the holder  |
+|                             |         |             | computing the value (PX, renewed)    |
+| cache_seq                   | control | string      | the last cache write's number (INCR) |
+| cache_changed               | control | shard chan. | "<seq> " + msgpack [writer, cache,   |
+|                             |         |             | keys]: drop older local copies       |
 """
 
 from __future__ import annotations
@@ -341,3 +348,18 @@ class Keys:
     @property
     def services_channel(self) -> str:
         return f"{self.prefix}services_changed"
+
+    # --- the two-level cache (control group; see shoal.coordination.cache) -----------
+
+    def cache(self, name: str, key: str) -> tuple[str, str]:
+        """A cache entry and its fill lease. get_many/set_many touch many entries in
+        one script, and each write publishes on ``cache_channel`` from the script:
+        all share the control tag (one slot on a Cluster)."""
+        return f"{self.prefix}cache:{name}:{key}", f"{self.prefix}cache_fill:{name}:{key}"
+
+    def cache_entry(self, name: str, key: str) -> str:
+        return f"{self.prefix}cache:{name}:{key}"
+
+    @property
+    def cache_channel(self) -> str:
+        return f"{self.prefix}cache_changed"

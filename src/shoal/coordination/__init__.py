@@ -2,11 +2,14 @@
 fencing tokens and leader election; caches, configuration and sagas belong here
 too (DESIGN.md §3)."""
 
+from shoal.coordination.cache import Cache, CacheOptions
 from shoal.coordination.leader import Leadership
 from shoal.coordination.lock import Lock, LockHolder
 from shoal.coordination.ratelimit import RateDecision, RateLimiter, SlidingWindow, TokenBucket
 
 __all__ = [
+    "Cache",
+    "CacheOptions",
     "Leadership",
     "Lock",
     "LockHolder",

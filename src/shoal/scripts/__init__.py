@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "ratewindow",
-    "services", "lock",
+    "services", "lock", "cache",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -93,6 +93,7 @@ class Scripts:
         self.ratewindow = Script(redis, "ratewindow")
         self.services = Script(redis, "services")
         self.lock = Script(redis, "lock")
+        self.cache = Script(redis, "cache")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

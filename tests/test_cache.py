@@ -1,0 +1,395 @@
+"""The two-level cache against the real engine: invalidation across processes, single
+flight under a stampede from three processes, a filler killed mid-computation, the
+local level dropped when the invalidation connection is lost, expiry, the byte
+bound, compression, metrics and bad input (helper processes: tests/cache_procs.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal import Agent, Client, ConfigurationError, Settings, capability
+from shoal.coordination.cache import COMPRESS_OVER, MAX_BATCH
+from shoal.engine import EmbeddedEngine
+from shoal.errors import SerializationError
+from shoal.observability import metrics
+from tests.cache_procs import computed_key
+from tests.conftest import REPO, eventually, node_env, running_node
+
+
+@contextlib.contextmanager
+def cache_process(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.cache_procs", *args],
+        cwd=REPO,
+        env=node_env(settings),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+async def read_line(proc: subprocess.Popen[str], timeout: float = 10) -> str:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
+    return line.strip()
+
+
+async def ask(proc: subprocess.Popen[str], command: str) -> Any:
+    assert proc.stdin is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    return json.loads(await read_line(proc))
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- across processes ---------------------------------------------------------------
+
+
+async def test_a_write_in_one_process_drops_the_local_copies_of_another_within_milliseconds(
+    client: Client, settings: Settings
+) -> None:
+    cache = client.cache("shared", ttl=60)  # a long ttl: only invalidation can refresh
+    await cache.set("user:1", {"name": "ada"})
+    with cache_process(settings, "follow") as other:
+        assert await read_line(other) == "ready"
+        assert await ask(other, "get user:1") == [{"name": "ada"}, "remote"]
+        assert await ask(other, "get user:1") == [{"name": "ada"}, "local"]
+
+        await cache.set("user:1", {"name": "grace"})
+        loop = asyncio.get_running_loop()
+        written = loop.time()
+        await eventually(
+            lambda: _shows(other, "user:1", {"name": "grace"}),
+            "the other process sees the new value",
+            timeout=2,
+            interval=0.001,
+        )
+        assert loop.time() - written < 0.5
+
+        await cache.delete("user:1")
+        await eventually(lambda: _shows(other, "user:1", None), "the other process sees none")
+
+        # The other way: a write there drops this process's local copy.
+        await cache.set("user:2", 1)
+        assert cache.peek("user:2") == 1  # the writer keeps its own fresh copy
+        assert await ask(other, "set user:2 2") == "ok"
+        await eventually(lambda: _gone(cache, "user:2"), "the local copy dropped", timeout=2)
+        assert await cache.get("user:2") == 2
+
+
+async def _shows(proc: subprocess.Popen[str], key: str, want: Any) -> bool:
+    value, _level = await ask(proc, f"get {key}")
+    return bool(value == want)
+
+
+async def _gone(cache: Any, key: str) -> bool:
+    return cache.peek(key) is None
+
+
+async def test_a_stampede_of_100_misses_over_3_processes_computes_the_value_once(
+    client: Client, settings: Settings
+) -> None:
+    with (
+        cache_process(settings, "stampede", "34") as a,
+        cache_process(settings, "stampede", "33") as b,
+        cache_process(settings, "stampede", "33") as c,
+    ):
+        procs = (a, b, c)
+        assert [await read_line(p) for p in procs] == ["ready"] * 3
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        assert [json.loads(await read_line(p)) for p in procs] == [["computed"]] * 3
+    assert int(await client.redis.get(computed_key(client))) == 1
+    assert await client.cache("stampede", ttl=60).get("report") == "computed"
+
+
+async def test_when_the_process_computing_a_value_dies_another_takes_over_after_its_lease(
+    client: Client, settings: Settings
+) -> None:
+    cache = client.cache("takeover", fill_lease=1)
+    with cache_process(settings, "hang") as filler:
+        assert await read_line(filler) == "computing"  # it holds the fill lease
+        waiting = asyncio.create_task(cache.get_or_set("slow", lambda: "taken over"))
+        done, _ = await asyncio.wait({waiting}, timeout=0.3)
+        assert not done, "computed while another process held the fill lease"
+        filler.kill()
+        assert await asyncio.wait_for(waiting, timeout=3) == "taken over"  # lease 1 s + slack
+
+
+async def test_a_failing_computation_hands_the_fill_to_a_waiter_at_once(settings: Settings) -> None:
+    release = asyncio.Event()
+
+    async def fail() -> str:
+        await release.wait()
+        raise RuntimeError("backend down")
+
+    async with Client(settings=settings) as a, Client(settings=settings) as b:
+        first = a.cache("handover", fill_lease=30)  # a lapse would take 30 s: not it
+        second = b.cache("handover", fill_lease=30)
+        failing = asyncio.create_task(first.get_or_set("k", fail))
+        lease = a.keys.cache("handover", "k")[1]
+        await eventually(lambda: a.redis.exists(lease), "the first caller holds the lease")
+        waiting = asyncio.create_task(second.get_or_set("k", lambda: "second"))
+        release.set()
+        with pytest.raises(RuntimeError, match="backend down"):
+            await failing
+        assert await asyncio.wait_for(waiting, timeout=2) == "second"
+
+
+@pytest.mark.topology
+async def test_writes_invalidate_other_clients_on_every_topology(settings: Settings) -> None:
+    async with Client(settings=settings) as a, Client(settings=settings) as b:
+        writer, reader = a.cache("everywhere"), b.cache("everywhere")
+        await writer.set_many({"k": 1, "j": 2})
+        assert await reader.get_many(["k", "j"]) == {"k": 1, "j": 2}
+        assert reader.peek("k") == 1
+        await writer.set("k", 3)
+        await eventually(lambda: _gone(reader, "k"), "the reader's copy dropped", timeout=2)
+        assert await reader.get("k") == 3 and reader.peek("j") == 2
+        assert await reader.get_or_set("new", lambda: "computed") == "computed"
+        assert await writer.get("new") == "computed"
+        assert not writer._waiters and not reader._waiters and not reader._flights
+
+
+# --- connection loss ------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_engine(tmp_path: Path) -> Iterator[Settings]:
+    engine = EmbeddedEngine(tmp_path / "engine")
+    record = engine.ensure()
+    yield Settings(url=record.url, namespace="cache")
+    engine.stop()
+
+
+async def test_a_process_whose_invalidation_connection_broke_drops_its_local_level(
+    own_engine: Settings,
+) -> None:
+    async with Client(settings=own_engine) as client:
+        cache = client.cache("profiles", ttl=60)
+        await cache.set("p", "old")
+        assert cache.peek("p") == "old"
+        # A write whose message this process never gets (as when its connection is down):
+        entry = client.keys.cache_entry("profiles", "p")
+        stored = await client.redis.get(entry)
+        await client.redis.set(entry, stored.replace(b"old", b"new"))
+        assert await cache.get("p") == "old"  # served locally: nothing said otherwise
+        killed = await client.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1  # (this test's own engine: only its listener subscribes)
+        assert await eventually(lambda: _fetched(cache, "p", "new"), "the stale copy dropped")
+        assert cache.stats.dropped >= 1
+        # Once subscribed again, the local level fills again.
+        await eventually(lambda: _local(cache, "p", "new"), "local copies kept again", timeout=5)
+
+
+async def _fetched(cache: Any, key: str, want: Any) -> bool:
+    return bool(await cache.get(key) == want)
+
+
+async def _local(cache: Any, key: str, want: Any) -> bool:
+    await cache.get(key)
+    return bool(cache.peek(key) == want)
+
+
+async def test_a_silent_invalidation_connection_stops_local_hits_until_the_engine_answers(
+    own_engine: Settings,
+) -> None:
+    async with Client(settings=own_engine) as client:
+        cache = client.cache("quiet", ttl=60)
+        await cache.set("k", 1)
+        dropped = cache.stats.dropped
+        await client.redis.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        # The listener's pings go unanswered: past its bound the copy is not served.
+        await eventually(lambda: _gone(cache, "k"), "local hits stopped", timeout=1.9)
+        # The pause ends; a pong proves nothing was missed: the same copy serves again.
+        assert await eventually(lambda: _peeked(cache, "k"), "served again", timeout=5) == 1
+        assert cache.stats.dropped == dropped
+
+
+async def _peeked(cache: Any, key: str) -> Any:
+    return cache.peek(key)
+
+
+# --- expiry, bound, encoding ----------------------------------------------------------
+
+
+async def test_a_local_copy_never_outlives_its_engine_entry(
+    client: Client, settings: Settings
+) -> None:
+    cache = client.cache("short", ttl=0.3)
+    async with Client(settings=settings) as other:
+        reader = other.cache("short", ttl=0.3)
+        await cache.set("k", "v")
+        assert await reader.get("k") == "v" and reader.peek("k") == "v"
+        entry = client.keys.cache_entry("short", "k")
+        await eventually(lambda: _absent(client, entry), "the engine entry expired", interval=0.005)
+        assert reader.peek("k") is None and cache.peek("k") is None
+        assert await reader.get("k") is None
+    await cache.set("forever", 1, ttl=None)
+    assert await client.redis.pttl(client.keys.cache_entry("short", "forever")) == -1
+
+
+async def _absent(client: Client, key: str) -> bool:
+    return not await client.redis.exists(key)
+
+
+async def test_the_local_level_keeps_within_its_byte_bound(client: Client) -> None:
+    cache = client.cache("bounded", max_local_bytes=20_000)
+    value = "x" * 1000
+    for i in range(100):
+        await cache.set(f"k{i}", f"{i}{value}")
+    held = sample("shoal_cache_local_bytes", cache="bounded")
+    assert 15_000 < held <= 20_000
+    assert cache.peek("k99") is not None and cache.peek("k0") is None  # least recent went
+    await cache.set("huge", "y" * 30_000)  # bigger than the whole bound: engine only
+    assert cache.peek("huge") is None and await cache.get("huge") == "y" * 30_000
+    assert sample("shoal_cache_local_bytes", cache="bounded") <= 20_000
+    engine_only = client.cache("engine-only", max_local_bytes=0)
+    await engine_only.set("k", 1)
+    assert engine_only.peek("k") is None and await engine_only.get("k") == 1
+
+
+async def test_large_values_are_compressed_in_the_engine_and_read_back_whole(
+    client: Client, settings: Settings
+) -> None:
+    cache = client.cache("blobs")
+    document = {"text": "the tide comes in " * 1000, "n": [1, 2, 3]}
+    noise = os.urandom(COMPRESS_OVER * 2)  # incompressible: stored as it is
+    await cache.set_many({"doc": document, "noise": noise, "small": "s" * 100})
+    stored = {
+        k: await client.redis.get(client.keys.cache_entry("blobs", k))
+        for k in ("doc", "noise", "small")
+    }
+    assert stored["doc"][:1] == b"\x01" and len(stored["doc"]) < 2000
+    assert stored["noise"][:1] == b"\x00" and stored["small"][:1] == b"\x00"
+    async with Client(settings=settings) as other:
+        found = await other.cache("blobs").get_many(["doc", "noise", "small", "none"])
+    assert found == {"doc": document, "noise": noise, "small": "s" * 100}
+
+
+async def test_a_caller_mutating_a_returned_value_does_not_change_the_cache(client: Client) -> None:
+    cache = client.cache("immutable")
+    await cache.set("k", {"items": [1]})
+    (await cache.get("k"))["items"].append(2)
+    assert await cache.get("k") == {"items": [1]}
+
+
+# --- metrics, the handler context, closing -------------------------------------------
+
+
+async def test_hits_and_misses_are_counted_per_level(client: Client) -> None:
+    cache = client.cache("counted")
+
+    def figures() -> list[float]:
+        return [
+            sample(f"shoal_cache_{what}_total", cache="counted", level=level)
+            for what in ("hits", "misses")
+            for level in ("local", "remote")
+        ]
+
+    assert await cache.get("a") is None  # local miss, remote miss
+    await cache.set("a", 1)
+    assert await cache.get("a") == 1  # local hit (the writer's own copy)
+    assert await cache.get_many(["a", "b"]) == {"a": 1}  # local hit; local + remote miss
+    assert figures() == [2, 0, 2, 2]  # local hits, remote hits, local misses, remote misses
+    cache.drop_local()
+    assert await cache.get("a") == 1  # local miss, remote hit
+    assert figures() == [2, 1, 3, 2]
+
+
+class Profiles(Agent):
+    @capability("profile")
+    async def profile(self, user: str) -> Any:
+        async def load() -> dict[str, str]:
+            return {"user": user, "by": self.ctx.node_id}
+
+        return await self.ctx.cache("profiles", ttl=30).get_or_set(user, load)
+
+
+async def test_a_handler_caches_through_its_context(client: Client, settings: Settings) -> None:
+    async with running_node([Profiles], settings) as node:
+        first = await client.call("profile", user="ada")
+        assert first == {"user": "ada", "by": node.node_id}
+        assert await client.call("profile", user="ada") == first
+        assert await client.cache("profiles", ttl=30).get("ada") == first
+
+
+async def test_a_closing_client_stops_its_invalidation_listener(settings: Settings) -> None:
+    async with Client(settings=settings) as client:
+        cache = client.cache("closing")
+        await cache.set("k", 1)
+        listener = client._cache_listener
+        assert listener is not None and listener._task is not None
+        task = listener._task
+    assert task.done() and cache.peek("k") is None
+    assert client._cache_listener is None
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"name": "bad name"}, "cache name 'bad name' is invalid"),
+        ({"name": "a:b"}, "cache name 'a:b' is invalid"),
+        ({"ttl": 0}, "ttl must be None"),
+        ({"ttl": True}, "ttl must be None"),
+        ({"ttl": "60"}, "ttl must be None"),
+        ({"max_local_bytes": -1}, "max_local_bytes must be a whole number"),
+        ({"max_local_bytes": 1.5}, "max_local_bytes must be a whole number"),
+        ({"fill_lease": 0.01}, "fill_lease must be a number of seconds within 0.1..300"),
+    ],
+)
+async def test_bad_cache_options_are_refused_saying_what_is_allowed(
+    client: Client, options: dict[str, Any], message: str
+) -> None:
+    name = options.pop("name", "fine")
+    with pytest.raises(ConfigurationError, match=message):
+        client.cache(name, **options)
+
+
+async def test_bad_keys_values_and_calls_are_refused(client: Client) -> None:
+    cache = client.cache("strict", ttl=10)
+    with pytest.raises(ConfigurationError, match="already open in this client"):
+        client.cache("strict", ttl=20)
+    assert client.cache("strict", ttl=10) is cache
+    for key in ("", 42, "k" * 1025):
+        with pytest.raises(ConfigurationError, match=r"cache key .* is invalid"):
+            await cache.get(key)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="cache key"):
+        await cache.get(["unhashable"])  # type: ignore[arg-type]
+    with pytest.raises(SerializationError, match="cannot be cached"):
+        await cache.set("k", object())
+    with pytest.raises(ConfigurationError, match="ttl must be None"):
+        await cache.set("k", 1, ttl=-5)
+    with pytest.raises(ConfigurationError, match="needs a function"):
+        await cache.get_or_set("k", 42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=f"at most {MAX_BATCH} keys"):
+        await cache.get_many(f"k{i}" for i in range(MAX_BATCH + 1))
+    assert await cache.delete() == 0 and await cache.get_many([]) == {}
