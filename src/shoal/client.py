@@ -27,6 +27,7 @@ from redis.exceptions import NoScriptError
 from shoal import protocol, replication
 from shoal.addresses import mask_url
 from shoal.cluster import ClusterState, read_cluster
+from shoal.coordination.config import ConfigStore
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership, leader_of
 from shoal.coordination.lock import Lock, LockHolder
@@ -141,6 +142,7 @@ class Client:
         self._watcher: Watcher | None = None
         self._services: Services | None = None
         self.held_locks: set[Lock] = set()  # released (watchdogs stopped) on close
+        self._config: ConfigStore | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -184,6 +186,8 @@ class Client:
     async def close(self) -> None:
         self._closing = True
         await self._release_locks()
+        if self._config is not None:
+            await self._config.close()
         if self._services is not None:
             await self._services.close()
             self._services = None
@@ -307,6 +311,14 @@ class Client:
     async def leader_of(self, name: str) -> LockHolder | None:
         """Who leads ``name``: its holder id and fencing token, or None."""
         return await leader_of(self, name)
+
+    @property
+    def config(self) -> ConfigStore:
+        """The namespace's live configuration: get, set, delete, list, history, watch
+        (see shoal.coordination.config)."""
+        if self._config is None:
+            self._config = ConfigStore(self)
+        return self._config
 
     # --- submitting -----------------------------------------------------------
 

@@ -75,6 +75,12 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | never expires: tokens only grow)     |
 | lock_wake:<name>            | control | list        | one wake-up for waiters, pushed on   |
 |                             |         |             | release (PX: a stale one is harmless)|
+| live_config                 | control | hash        | setting key -> "<version>\n<at ms>\n |
+|                             |         |             | <by>\n<JSON value>" (live settings)  |
+| live_config_version         | control | string      | the last config version (INCR)       |
+| live_config_history         | control | stream      | every change: key, version, op,      |
+|                             |         |             | value, by, at (capped)               |
+| live_config_changed         | control | shard chan. | "<version> <key>" of each change     |
 """
 
 from __future__ import annotations
@@ -335,3 +341,17 @@ class Keys:
     @property
     def services_channel(self) -> str:
         return f"{self.prefix}services_changed"
+
+    # --- live configuration (control group; see shoal.coordination.config) ----------
+
+    @property
+    def live_config(self) -> tuple[str, str, str]:
+        """The settings, their version counter and their history: config.lua writes
+        all three in one call, so they share the control tag (one slot on a Cluster).
+        (``config``, above, is the namespace's fixed layout, not these.)"""
+        base = f"{self.prefix}live_config"
+        return base, f"{base}_version", f"{base}_history"
+
+    @property
+    def live_config_channel(self) -> str:
+        return f"{self.prefix}live_config_changed"

@@ -23,6 +23,7 @@ SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
     "lock",
+    "config",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -92,6 +93,7 @@ class Scripts:
         self.ratelimit = Script(redis, "ratelimit")
         self.services = Script(redis, "services")
         self.lock = Script(redis, "lock")
+        self.config = Script(redis, "config")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]
