@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from shoal import ConfigurationError, Settings
 from shoal.cli import app
-from shoal.cli_config import NotSet
 from shoal.coordination import ConfigConflict
+from shoal.coordination.config import ConfigNotSet
 from tests.test_services_cli import Ran, ok
 
 runner = CliRunner()
@@ -73,7 +73,7 @@ def test_a_bad_key_value_or_version_is_an_error(settings: Settings) -> None:
     stale = config(settings, "set", "app.x", "2", "--expect-version", "0")
     assert isinstance(stale.error, ConfigConflict)
     unset = config(settings, "get", "app.missing")
-    assert isinstance(unset.error, NotSet)
+    assert isinstance(unset.error, ConfigNotSet)
 
 
 def test_keys_lists_the_known_settings() -> None:

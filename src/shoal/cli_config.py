@@ -18,8 +18,7 @@ from shoal.cli_options import AsJson, DataDir, Namespace, Redis, out, print_json
 from shoal.cli_support import client as _client
 from shoal.cli_support import run as _run
 from shoal.cli_support import ts
-from shoal.coordination.config import ConfigChange, ConfigEntry, parse, schema
-from shoal.errors import ShoalError
+from shoal.coordination.config import ConfigChange, ConfigEntry, ConfigNotSet, parse, schema
 
 config_app = typer.Typer(
     help="Read and change the live configuration nodes apply without a restart.",
@@ -32,10 +31,6 @@ ExpectVersion = Annotated[
     int | None,
     typer.Option("--expect-version", help="Only if the key is at this version (0: unset)."),
 ]
-
-
-class NotSet(ShoalError, LookupError):
-    """``shoal config get`` of a key that has no value."""
 
 
 def _value(value: object) -> str:
@@ -58,7 +53,7 @@ def get(
 
     entry = _run(go())
     if entry is None:
-        raise NotSet(f"config key {key!r} is not set (the code's default applies)")
+        raise ConfigNotSet(f"config key {key!r} is not set (the code's default applies)")
     if as_json:
         print_json(to_data(entry))
         return

@@ -65,6 +65,10 @@ class ConfigConflict(ShoalError):
         self.current = current
 
 
+class ConfigNotSet(ShoalError, LookupError):
+    """The key has no value (the code's default applies)."""
+
+
 # --- the schema of known settings -------------------------------------------------------
 
 
@@ -254,6 +258,13 @@ class ConfigChange(msgspec.Struct, frozen=True):
     value: Any  # None for a delete
     by: str
     at: int
+
+
+class ConfigDeleted(msgspec.Struct, frozen=True):
+    """The answer to a delete: the key and the version of its deletion."""
+
+    key: str
+    version: int
 
 
 class ConfigSnapshot(msgspec.Struct, frozen=True):
