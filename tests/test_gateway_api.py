@@ -52,6 +52,11 @@ ROUTES = {
     ("PUT", "/v1/services/{name}/instances/{instance_id}/status"),
     ("DELETE", "/v1/services/{name}/instances/{instance_id}"),
 }  # fmt: skip
+# tested in tests/test_gateway_config.py:
+ROUTES |= {
+    ("GET", "/v1/config"), ("GET", "/v1/config/history"), ("GET", "/v1/config/{key}"),
+    ("PUT", "/v1/config/{key}"), ("DELETE", "/v1/config/{key}"),
+}  # fmt: skip
 
 
 async def checked(response: httpx.Response) -> None:

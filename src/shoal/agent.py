@@ -26,7 +26,7 @@ from shoal.coordination.cache import DEFAULT_FILL_LEASE_S, DEFAULT_LOCAL_BYTES, 
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership
 from shoal.coordination.lock import Lock
-from shoal.coordination.ratelimit import RateLimiter
+from shoal.coordination.ratelimit import RateLimiter, validate_burst, validate_rate
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import validate_capability
 from shoal.protocol import validate_agent_type
@@ -72,6 +72,10 @@ class CapabilitySpec:
     max_backoff: float = 300.0
     non_retryable: tuple[type[BaseException], ...] = ()
     max_queue_length: int | None = None
+    concurrency: int | None = None  # per node; None: up to the node's concurrency
+    rate: float | None = None  # starts per second, cluster-wide; None: unlimited
+    burst: int | None = None  # starts above the rate at once; None: one second's worth
+    explicit: frozenset[str] = frozenset()  # the retry options the code set itself
     _names: frozenset[str] = field(init=False, repr=False, compare=False)
     _required: frozenset[str] = field(init=False, repr=False, compare=False)
     _open_ended: bool = field(init=False, repr=False, compare=False)
@@ -113,6 +117,25 @@ def _positive(name: str, value: float | None, cap: str) -> None:
         raise ConfigurationError(f"capability {cap!r}: {name} must be > 0, got {value!r}")
 
 
+def _check_limits(cap: str, concurrency: Any, rate: Any, burst: Any) -> None:
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise ConfigurationError(
+            f"capability {cap!r}: concurrency must be a whole number >= 1 (tasks of it one "
+            f"node runs at once), got {concurrency!r}"
+        )
+    try:
+        if rate is not None:
+            validate_rate(rate)
+        if burst is not None:
+            validate_burst(burst)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"capability {cap!r}: {exc}") from None
+    if burst is not None and rate is None:
+        raise ConfigurationError(f"capability {cap!r}: burst= needs rate= (starts per second)")
+
+
 def _check_signature(func: Callable[..., Any], cap: str) -> inspect.Signature:
     signature = inspect.signature(func)
     params = list(signature.parameters.values())[1:]  # drop self
@@ -136,17 +159,24 @@ def capability(
     *,
     max_attempts: int | None = None,
     timeout: float | None = None,
-    backoff: float = 1.0,
-    max_backoff: float = 300.0,
+    backoff: float | None = None,
+    max_backoff: float | None = None,
     non_retryable: tuple[type[BaseException], ...] = (),
     max_queue_length: int | None = None,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    burst: int | None = None,
 ) -> Callable[[F], F]:
     """Mark an Agent method as the handler of capability ``name`` (default: its name).
 
     ``max_attempts``/``timeout`` are defaults a task may override; ``backoff`` is the
-    first retry delay in seconds (doubled per attempt, with jitter, up to
-    ``max_backoff``); exceptions in ``non_retryable`` fail the task at once;
-    ``max_queue_length`` bounds the capability's queue (submits beyond it get QueueFull).
+    first retry delay in seconds (default 1, doubled per attempt, with jitter, up to
+    ``max_backoff``, default 300); exceptions in ``non_retryable`` fail the task at
+    once; ``max_queue_length`` bounds the capability's queue (submits beyond it get
+    QueueFull). ``concurrency`` caps the tasks of it one node runs at once;
+    ``rate`` caps how many start per second across the cluster (``burst`` above it
+    at once). The live settings ``capability.<name>.*`` override all but the
+    task's own options (docs/coordination.md, Configuration).
     """
 
     def decorate(func: F) -> F:
@@ -158,6 +188,7 @@ def capability(
         _positive("max_backoff", max_backoff, cap)
         if max_queue_length is not None and max_queue_length < 1:
             raise ConfigurationError(f"capability {cap!r}: max_queue_length must be >= 1")
+        _check_limits(cap, concurrency, rate, burst)
         for exc_type in non_retryable:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise ConfigurationError(
@@ -171,10 +202,16 @@ def capability(
             signature=_check_signature(func, cap),
             max_attempts=max_attempts,
             timeout=timeout,
-            backoff=backoff,
-            max_backoff=max_backoff,
+            backoff=1.0 if backoff is None else backoff,
+            max_backoff=300.0 if max_backoff is None else max_backoff,
             non_retryable=tuple(non_retryable),
             max_queue_length=max_queue_length,
+            concurrency=concurrency,
+            rate=None if rate is None else float(rate),
+            burst=burst,
+            explicit=frozenset(
+                n for n, v in (("backoff", backoff), ("max_backoff", max_backoff)) if v is not None
+            ),
         )
         setattr(func, _CAPABILITY_ATTR, spec)
         return func

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from shoal import cli_bench, cli_status, cli_tasks, protocol
 from shoal.cli_cluster import register as register_cluster_commands
+from shoal.cli_config import config_app
 from shoal.cli_keys import keys_app
 from shoal.cli_options import (
     AsJson,
@@ -67,6 +68,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
 app.add_typer(services_app, name="services")
+app.add_typer(config_app, name="config")
 register_cluster_commands(app)
 
 

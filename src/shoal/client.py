@@ -34,6 +34,7 @@ from shoal.coordination.cache import (
     Cache,
     CacheOptions,
 )
+from shoal.coordination.config import ConfigStore
 from shoal.coordination.invalidation import Listener
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership, leader_of
@@ -153,6 +154,7 @@ class Client:
         self.campaigns: set[Leadership] = set()  # stopped (leaders resign) on close
         self._caches: dict[str, Cache] = {}
         self._cache_listener: Listener | None = None
+        self._config: ConfigStore | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -197,6 +199,8 @@ class Client:
         self._closing = True
         await self._release_locks()
         await self._close_caches()
+        if self._config is not None:
+            await self._config.close()
         if self._services is not None:
             await self._services.close()
             self._services = None
@@ -379,6 +383,14 @@ class Client:
             self._cache_listener = Listener(self)
         cache = self._caches[name] = Cache(self, name, options, self._cache_listener)
         return cache
+
+    @property
+    def config(self) -> ConfigStore:
+        """The namespace's live configuration: get, set, delete, list, history, watch
+        (see shoal.coordination.config)."""
+        if self._config is None:
+            self._config = ConfigStore(self)
+        return self._config
 
     # --- submitting -----------------------------------------------------------
 

@@ -83,6 +83,12 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 | cache_seq                   | control | string      | the last cache write's number (INCR) |
 | cache_changed               | control | shard chan. | "<seq> " + msgpack [writer, cache,   |
 |                             |         |             | keys]: drop older local copies       |
+| live_config                 | control | hash        | setting key -> "<version>\n<at ms>\n |
+|                             |         |             | <by>\n<JSON value>" (live settings)  |
+| live_config_version         | control | string      | the last config version (INCR)       |
+| live_config_history         | control | stream      | every change: key, version, op,      |
+|                             |         |             | value, by, at (capped)               |
+| live_config_changed         | control | shard chan. | "<version> <key>" of each change     |
 """
 
 from __future__ import annotations
@@ -363,3 +369,17 @@ class Keys:
     @property
     def cache_channel(self) -> str:
         return f"{self.prefix}cache_changed"
+
+    # --- live configuration (control group; see shoal.coordination.config) ----------
+
+    @property
+    def live_config(self) -> tuple[str, str, str]:
+        """The settings, their version counter and their history: config.lua writes
+        all three in one call, so they share the control tag (one slot on a Cluster).
+        (``config``, above, is the namespace's fixed layout, not these.)"""
+        base = f"{self.prefix}live_config"
+        return base, f"{base}_version", f"{base}_history"
+
+    @property
+    def live_config_channel(self) -> str:
+        return f"{self.prefix}live_config_changed"

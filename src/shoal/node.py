@@ -28,14 +28,17 @@ import msgspec
 import redis
 
 from shoal import __version__, protocol
+from shoal.admission import Admission
 from shoal.agent import Agent, CapabilitySpec, TaskContext
 from shoal.channels import ShardSubscription
 from shoal.client import Client
+from shoal.coordination.config import ConfigView
 from shoal.engine import translate
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome
 from shoal.hosting import AgentHost
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
+from shoal.live_settings import LogLevels, capability_limits, retry_spec
 from shoal.liveness import Heartbeat, deregister, register
 from shoal.observability.hooks import NodeTelemetry
 from shoal.observability.logs import set_process_node
@@ -53,6 +56,7 @@ RELEASE_BATCH = 1000
 FETCH_WARN_EVERY_S = 5.0  # at most one warning this often for failing group fetches
 IDLE_BLOCK_MS = 1000  # upper bound of one blocking wait for work (then re-check stop)
 CANCEL_LISTEN_S = 0.5  # how often the cancel listener looks up to see if it should end
+CONFIG_LOOK_S = 0.5  # how often the config loop looks up to see if it should end
 CANCEL_SWEEP_S = 2.0  # how often running tasks' cancel flags are read (missed messages)
 RECANCEL_AFTER_S = 5.0  # an attempt still running this long after its cancel gets another
 # /healthz fails when the watchdog (which turns at least once a second) has not
@@ -135,7 +139,14 @@ class Node:
             name: (agent.capabilities()[name], self._instances[agent])
             for name, agent in table.items()
         }
+        self._code_specs = {name: spec for name, (spec, _) in self._specs.items()}
         self.client = Client(settings=self.settings)
+        # live configuration: what it limits, and the version applied (shown in the
+        # node's record and metrics, so operators and tests can wait for it)
+        self._recheck = asyncio.Event()  # a limited capability may start tasks again
+        self.admission = Admission(self.client, self._recheck.set)
+        self._log_levels = LogLevels()
+        self.config_version = 0
         self._agent_types = sorted(
             (a for a in set(agents) if a.is_addressable()), key=lambda a: a.agent_type
         )
@@ -200,6 +211,8 @@ class Node:
         self.telemetry.start()
         try:
             await self.client.connect()
+            config = await self.client.config.watch()
+            self._apply_config(config)  # before registering: _publish writes its defaults
             await self._register()
             self._start_heartbeat()
             if self.agents is not None:
@@ -214,6 +227,7 @@ class Node:
                 group.create_task(self._cancel_sweep())
                 group.create_task(self._reaper.run(self._closing))
                 group.create_task(self._watchdog())
+                group.create_task(self._config_loop(config))
                 if self.config.probe_services:
                     group.create_task(Prober(self.client, self.node_id).run(self._closing))
                 if self.agents is not None:
@@ -235,6 +249,8 @@ class Node:
                     )  # fmt: skip
                 log.info("node %s left (drained, deregistered)", self.node_id)
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self.admission.close()
+            self._log_levels.restore()
             await self.client.close()
             await self.telemetry.stop()
 
@@ -312,6 +328,59 @@ class Node:
             if value
         }
 
+    # --- live configuration (shoal.coordination.config, shoal.live_settings) ----------
+
+    def _apply_config(self, config: ConfigView) -> bool:
+        """Apply the settings as of ``config``: retry options (the specs attempts
+        use), admission limits, log levels. True if a default the engine keeps for
+        the fetch script (max_attempts) changed and must be published again."""
+        values = config.values
+        republish = False
+        for name, code_spec in self._code_specs.items():
+            spec, agent = self._specs[name]
+            live = retry_spec(code_spec, values)
+            republish = republish or live.max_attempts != spec.max_attempts
+            self._specs[name] = (live, agent)
+        self.admission.set_limits(
+            {name: capability_limits(spec, values) for name, spec in self._code_specs.items()}
+        )
+        self._log_levels.apply(values)
+        self.config_version = config.version
+        return republish
+
+    async def _config_loop(self, config: ConfigView) -> None:
+        """Apply each new version of the settings as the client's watch sees it."""
+        pending = False  # defaults to publish (an earlier attempt failed)
+        while not self._closing.is_set():
+            if await config.wait_for(self.config_version + 1, timeout=CONFIG_LOOK_S):
+                try:
+                    pending = self._apply_config(config) or pending
+                except Exception:  # a bug here must not take the node down
+                    log.exception("applying config version %d failed", config.version)
+                    self.config_version = config.version  # not again and again
+                    continue
+                log.info("node %s applied config version %d", self.node_id, config.version)
+            if pending:
+                try:
+                    await self._publish_defaults()
+                    pending = False
+                except ShoalError as exc:
+                    log.warning("publishing capability defaults failed (%s); retrying", exc)
+
+    async def _publish_defaults(self) -> None:
+        """Each capability's max_attempts as configured now, in every group's copy of
+        its settings, where fetch.lua reads it for tasks that set none."""
+        async with self.client.errors():
+            pipe = self.client.redis.pipeline(transaction=False)
+            for name, (spec, _) in self._specs.items():
+                for group in range(self.keys.groups):
+                    key = self.keys.capability(name, group)
+                    if spec.max_attempts is None:
+                        pipe.hdel(key, "max_attempts")
+                    else:
+                        pipe.hset(key, "max_attempts", spec.max_attempts)
+            await pipe.execute()
+
     def _start_heartbeat(self) -> None:
         def notify(state: str) -> None:
             self.loop.call_soon_threadsafe(self._on_liveness, state)
@@ -329,6 +398,7 @@ class Node:
             "free": max(0, self.config.concurrency - len(self._running)),
             "completed": self.recorder.recorded,
             "stalled": self.stalled,
+            "config_version": self.config_version,
             **(self.agents.load() if self.agents is not None else {}),
         }
 
@@ -435,8 +505,10 @@ class Node:
                 self._slot_freed.clear()
                 await self._until(self._slot_freed)
                 continue
+            forced = self._recheck.is_set()  # a limited capability may start more now
+            self._recheck.clear()
             try:
-                idle = await self._fetch_round(free, expired)
+                idle = await self._fetch_round(free, expired, forced)
             except ShoalError as exc:
                 delay = backoff.next_delay()
                 log.warning("fetching work failed: %s; retrying in %.2fs", exc, delay)
@@ -448,11 +520,14 @@ class Node:
                 await self._wait_for_work(idle)
 
     async def _fetch_round(
-        self, free: int, expired: bytes
+        self, free: int, expired: bytes, forced: bool = False
     ) -> dict[int, tuple[list[str], list[bytes]] | None]:
         """Fetch from the key groups in turn (each group's queues are in one slot)
         until ``free`` tasks started or every group was asked once; returns the
-        groups that had nothing, with where to block on their streams."""
+        groups that had nothing, with where to block on their streams. Limited
+        capabilities start no more than their budgets (shoal.admission); ``forced``
+        asks groups whose blocking read saw nothing new too (a budget opened)."""
+        budgets = await self.admission.budgets(free)
         idle: dict[int, tuple[list[str], list[bytes]] | None] = {}
         failures: list[ShoalError] = []
         groups = self.keys.groups
@@ -460,7 +535,7 @@ class Node:
         for step in range(groups):
             group = (self._group_turn + step) % groups
             read = self._idle_reads.get(group)
-            if read is not None and not read.done():
+            if read is not None and not read.done() and not forced:
                 # empty at its last fetch, and its blocking read has seen nothing
                 # new since: asking again would cost a round trip for nothing
                 idle[group] = None
@@ -468,7 +543,9 @@ class Node:
             queues = self._queue_order(group)
             lives = self._lives
             try:
-                started, consumed, last_ids = await self._fetch(group, queues, free, expired)
+                started, consumed, last_ids = await self._fetch(
+                    group, queues, free, expired, budgets
+                )
             except ShoalError as exc:
                 failures.append(exc)
                 await self._after_fetch_error(group, exc)
@@ -477,7 +554,10 @@ class Node:
                 self._hand_back([Job.from_reply(row) for row in started])
                 return idle  # declared dead while the fetch was on its way
             for row in started:
-                self._start(Job.from_reply(row))
+                job = Job.from_reply(row)
+                if job.capability in budgets:
+                    budgets[job.capability] -= 1
+                self._start(job)
             free -= len(started)
             if consumed == 0:
                 idle[group] = (queues, last_ids)
@@ -521,12 +601,21 @@ class Node:
         return [self.keys.queue(cap, prio, group) for prio in PRIORITIES for cap in caps]
 
     async def _fetch(
-        self, group: int, queues: list[str], count: int, expired: bytes
+        self,
+        group: int,
+        queues: list[str],
+        count: int,
+        expired: bytes,
+        budgets: dict[str, int] | None = None,
     ) -> tuple[list[Any], int, list[bytes]]:
-        args = [
+        args: list[Any] = [
             self.keys.group_prefix(group), CONSUMER_GROUP, self.node_id, count, protocol.now_ms(),
             int(self.settings.retention * 1000), expired,
         ]  # fmt: skip
+        if budgets:
+            args.append(len(budgets))
+            for cap, budget in budgets.items():
+                args += [cap, budget]
         async with self.client.errors():
             started, consumed, last_ids = await self.client.scripts.fetch(
                 queues, args, on=self.client.blocking
@@ -551,8 +640,11 @@ class Node:
                 self._idle_reads[group] = asyncio.ensure_future(
                     self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
                 )
+        # a budget that opens (a limited capability's task ended, its rate allows
+        # again, the config changed) ends the wait too
+        recheck = asyncio.ensure_future(self._recheck.wait())
         self._idle_wait = asyncio.ensure_future(
-            asyncio.wait(self._idle_reads.values(), return_when=asyncio.FIRST_COMPLETED)
+            asyncio.wait([*self._idle_reads.values(), recheck], return_when=asyncio.FIRST_COMPLETED)
         )
         try:
             done, _ = await self._idle_wait  # stop() cancels it
@@ -562,6 +654,7 @@ class Node:
             return
         finally:
             self._idle_wait = None
+            recheck.cancel()
         for group, read in list(self._idle_reads.items()):
             if read in done:
                 del self._idle_reads[group]
@@ -588,6 +681,7 @@ class Node:
         )  # fmt: skip
         attempt = Attempt(job, spec, agent, ctx)
         self._running[job.task_id] = attempt
+        self.admission.started(job.capability)
         attempt.task = asyncio.create_task(
             self._run_attempt(attempt), name=f"shoal-task-{job.task_id}"
         )
@@ -600,6 +694,7 @@ class Node:
             outcome = attempt._failure(exc, self.node_id)
         finally:
             self._running.pop(attempt.job.task_id, None)
+            self.admission.finished(attempt.job.capability)
             self._slot_freed.set()
         if outcome is not None:
             self.recorder.add_outcome(outcome)

@@ -39,6 +39,7 @@ import httpx
 import msgspec
 
 from shoal.balancing import Load, Replica, Strategy, make_strategy
+from shoal.coordination.config import BREAKER_FIELDS, ConfigView
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.observability import metrics
 from shoal.registry import InstanceState, ServiceView, Status, decode_health
@@ -65,6 +66,11 @@ OUTCOME_FLUSH_S = 0.1  # successes are batched this long; failures and trials go
 LOAD_SHARE_S = 0.25  # calls in flight are published and read this often
 LOAD_STALE_S = 3.0  # another process's counts older than this are ignored (it died)
 DEFAULT_TIMEOUT_S = 30.0
+
+# The default breaker of a pool: BreakerPolicy's defaults under the live ``breaker.*``
+# settings, followed while the pool runs (compared by identity: a pool given a
+# BreakerPolicy() of its own keeps it).
+LIVE_BREAKER = BreakerPolicy()
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_load = msgspec.msgpack.Decoder(tuple[float, dict[str, int]]).decode
@@ -164,7 +170,7 @@ class ServicePool:
         strategy: str = "least_outstanding",
         zone: str | None = None,
         spill_at: int = 32,
-        breaker: BreakerPolicy | None = BreakerPolicy(),  # noqa: B008 - frozen, shared
+        breaker: BreakerPolicy | None = LIVE_BREAKER,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, shared
         timeout: float = DEFAULT_TIMEOUT_S,
         max_concurrent: int = 64,
@@ -185,6 +191,8 @@ class ServicePool:
         self.strategy_name = strategy
         self.strategy: Strategy = make_strategy(strategy, self.load, zone, spill_at)
         self.breaker = breaker
+        self._live_breaker = breaker is LIVE_BREAKER  # follows the live configuration
+        self._config: ConfigView | None = None
         self.retry = retry
         self.timeout = timeout
         self.bulkhead = Bulkhead(service, max_concurrent, max_wait)
@@ -215,6 +223,10 @@ class ServicePool:
         return self
 
     async def _start(self) -> None:
+        if self._live_breaker and self._config is None:
+            self._config = await self._client.config.watch()
+            self._follow_breaker(self._config)
+            self._config.on_change(self._follow_breaker)
         self._view = await self._client.registry.watch(self.service)
         self._view.on_change(self._show_breakers)
         self._show_breakers(self._view)
@@ -235,6 +247,8 @@ class ServicePool:
         # The flag as well as cancel(): redis-py can swallow a cancellation (see
         # node._cancel_listener), so the loops also stop on it; the wait is bounded.
         self._closed = True
+        if self._config is not None:
+            self._config.remove_listener(self._follow_breaker)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -250,6 +264,16 @@ class ServicePool:
         finally:
             if self._own_http and self._http is not None:
                 await self._http.aclose()
+
+    def _follow_breaker(self, config: ConfigView) -> None:
+        """The breaker policy as the live ``breaker.*`` settings say now (each value
+        was checked on write; a combination BreakerPolicy refuses keeps the last)."""
+        fields = {n: config.values[f"breaker.{n}"] for n in BREAKER_FIELDS
+                  if f"breaker.{n}" in config.values}  # fmt: skip
+        try:
+            self.breaker = BreakerPolicy(**fields)
+        except ConfigurationError as exc:
+            log.error("service %s: live breaker settings %s refused: %s", self.service, fields, exc)
 
     @property
     def view(self) -> ServiceView:

@@ -3,6 +3,7 @@ fencing tokens and leader election; caches, configuration and sagas belong here
 too (DESIGN.md §3)."""
 
 from shoal.coordination.cache import Cache, CacheOptions
+from shoal.coordination.config import ConfigChange, ConfigConflict, ConfigEntry, ConfigView
 from shoal.coordination.leader import Leadership
 from shoal.coordination.lock import Lock, LockHolder
 from shoal.coordination.ratelimit import RateDecision, RateLimiter, SlidingWindow, TokenBucket
@@ -10,6 +11,10 @@ from shoal.coordination.ratelimit import RateDecision, RateLimiter, SlidingWindo
 __all__ = [
     "Cache",
     "CacheOptions",
+    "ConfigChange",
+    "ConfigConflict",
+    "ConfigEntry",
+    "ConfigView",
     "Leadership",
     "Lock",
     "LockHolder",

@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal import errors
+from shoal.coordination.config import ConfigConflict, ConfigNotSet
 from shoal.registry import UnknownService
 
 log = logging.getLogger("shoal.gateway")
@@ -55,6 +56,8 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (errors.UnknownAgentType, 404),
     (errors.KeyNotFound, 404),
     (UnknownService, 404),
+    (ConfigNotSet, 404),
+    (ConfigConflict, 409),
     (errors.RequestTimeout, 504),
     (errors.RequestFailed, 502),
     (errors.SerializationError, 422),
@@ -139,6 +142,7 @@ def schema_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "No API key, or an unknown or revoked one.",
         403: "The API key lacks the scope this route needs.",
         404: "No such task, agent type, key, dead letter or service instance.",
+        409: "The setting is not at the version the request expected.",
         413: "The request body is larger than the gateway accepts.",
         422: "A field is invalid; the message names it.",
         429: "The API key's rate limit, or its share of waiting requests, is reached; "

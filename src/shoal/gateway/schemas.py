@@ -18,6 +18,7 @@ from shoal.agent import TASK_OPTIONS
 from shoal.apikeys import ApiKey, CreatedKey
 from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
+from shoal.coordination.config import ConfigChange, ConfigDeleted, ConfigEntry, ConfigSnapshot
 from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE
 from shoal.gateway.problems import ErrorResponse
 from shoal.options import MAX_SECONDS
@@ -299,6 +300,7 @@ RESPONSE_TYPES: tuple[Any, ...] = (
     AgentInfo, AgentTypeInfo, AgentState, ClusterState, DeadLetter, Redriven, ApiKey,
     CreatedKey, Health, Service, ServiceInstance, ErrorResponse,
 )  # fmt: skip
+RESPONSE_TYPES += (ConfigEntry, ConfigChange, ConfigSnapshot, ConfigDeleted)
 
 
 def openapi_components() -> dict[str, Any]:

@@ -184,6 +184,7 @@ _NODE_GAUGES = {  # field of Node._load() -> (metric name, help)
     "free": ("shoal_node_free_slots", "Free task slots of the node (concurrency - in flight)."),
     "active_agents": ("shoal_node_active_agents", "Agents active (in memory) on the node."),
     "partitions": ("shoal_node_partitions", "Agent partitions whose lease the node holds."),
+    "config_version": ("shoal_node_config_version", "The live config version the node applied."),
 }
 
 

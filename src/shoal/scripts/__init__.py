@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "ratewindow",
-    "services", "lock", "cache",
+    "services", "lock", "cache", "config",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -94,6 +94,7 @@ class Scripts:
         self.services = Script(redis, "services")
         self.lock = Script(redis, "lock")
         self.cache = Script(redis, "cache")
+        self.config = Script(redis, "config")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -2,7 +2,9 @@
 -- start them: mark each task running, count the attempt, return what the node needs.
 -- KEYS     the queue streams to read, in priority order (all in the namespace's slot)
 -- ARGV     prefix, group, consumer (node id), count, now_ms, retention_ms,
---          expired_error (msgpack ErrorInfo recorded for tasks past their deadline)
+--          expired_error (msgpack ErrorInfo recorded for tasks past their deadline),
+--          then optionally n and n pairs capability, budget: at most `budget` tasks
+--          of that capability start (its concurrency limit or rate; shoal.admission)
 -- Touches  queue streams (XREADGROUP, XACK/XDEL of skipped entries), task:<id>,
 --          capability:<cap> (read: max_attempts, timeout), events:<id> and the
 --          reply inbox of tasks that expire here
@@ -19,6 +21,10 @@ local now = tonumber(ARGV[5])
 local retention_ms = tonumber(ARGV[6])
 local expired_error = ARGV[7]
 local started, consumed = {}, 0
+local budgets = {}
+for i = 1, tonumber(ARGV[8] or '0') do
+  budgets[ARGV[7 + 2 * i]] = tonumber(ARGV[8 + 2 * i])
+end
 
 local function drop(q, eid)
   redis.call('XACK', q, group, eid)
@@ -63,15 +69,23 @@ local function start(q, eid, id)
   started[#started + 1] = {q, eid, id, r[3], r[6], attempt, max_att, timeout,
     r[7] or '', r[8] or '', token}
   remaining = remaining - 1
+  return true
 end
 
 for _, q in ipairs(KEYS) do
   if remaining <= 0 then break end
-  local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', remaining, 'STREAMS', q, '>')
-  if res then
-    for _, entry in ipairs(res[1][2]) do
-      consumed = consumed + 1
-      start(q, entry[1], entry[2][2])
+  -- the capability: the key is <prefix>queue:<capability>:<priority>
+  local cap = string.match(string.sub(q, #prefix + 1), '^queue:(.+):[^:]+$')
+  local count = math.min(remaining, budgets[cap] or remaining)
+  if count > 0 then
+    local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', q, '>')
+    if res then
+      for _, entry in ipairs(res[1][2]) do
+        consumed = consumed + 1
+        if start(q, entry[1], entry[2][2]) and budgets[cap] then
+          budgets[cap] = budgets[cap] - 1
+        end
+      end
     end
   end
 end
