@@ -31,6 +31,7 @@ from shoal.protocol import validate_agent_type
 
 if TYPE_CHECKING:
     from shoal.client import Client, TaskHandle
+    from shoal.coordination.saga import Sagas
     from shoal.services import Services
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -472,6 +473,12 @@ class TaskContext:
         return self._runtime.client.leader(
             name, on_elected=on_elected, on_lost=on_lost, ttl=ttl, holder=self.node_id
         )
+
+    @property
+    def sagas(self) -> Sagas:
+        """Start and follow sagas from a handler: ``await self.ctx.sagas.start(saga)``
+        (see shoal.coordination.saga)."""
+        return self._runtime.client.sagas
 
     # --- messaging ------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from shoal.cluster import ClusterState, read_cluster
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership, leader_of
 from shoal.coordination.lock import Lock, LockHolder
+from shoal.coordination.saga import Sagas
 from shoal.engine import (
     engine_errors,
     engine_kind,
@@ -307,6 +308,12 @@ class Client:
     async def leader_of(self, name: str) -> LockHolder | None:
         """Who leads ``name``: its holder id and fencing token, or None."""
         return await leader_of(self, name)
+
+    @property
+    def sagas(self) -> Sagas:
+        """Durable sagas: ``handle = await client.sagas.start(saga)``, then
+        ``await handle.result()`` (see shoal.coordination.saga)."""
+        return Sagas(self)
 
     # --- submitting -----------------------------------------------------------
 

@@ -583,3 +583,24 @@ BREAKER_LEVELS = {"closed": 0, "half_open": 1, "open": 2}
 
 def fallback_answered(chain: str, source: str) -> None:
     SERVICE_FALLBACKS.labels(chain, source).inc()
+
+
+# --- sagas (shoal.coordination.saga) -----------------------------------------------------
+
+SAGAS_ENDED = Counter(
+    "shoal_sagas_ended",
+    "Sagas whose coordinator in this process ended them, by status: succeeded, "
+    "compensated, cancelled, compensation_failed.",
+    ["status"],
+    registry=REGISTRY,
+)
+SAGA_RESUMES = Counter(
+    "shoal_saga_resumes",
+    "Saga coordinators this process ran that resumed a saga from its log (after a "
+    "takeover or a retry of the coordinator task).",
+    registry=REGISTRY,
+)
+
+
+def saga_ended(status: str) -> None:
+    SAGAS_ENDED.labels(status).inc()

@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
-    "lock",
+    "lock", "saga",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -92,6 +92,7 @@ class Scripts:
         self.ratelimit = Script(redis, "ratelimit")
         self.services = Script(redis, "services")
         self.lock = Script(redis, "lock")
+        self.saga = Script(redis, "saga")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -1,0 +1,238 @@
+"""Durable sagas: steps in order, compensations in reverse, resumed after the
+coordinating node is killed (real processes, real engine)."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import pytest
+
+from shoal import Client, ConfigurationError, Saga, SagaFailed, SagaNotFound, SagaStep
+from shoal.errors import SerializationError
+from shoal.settings import Settings
+from tests.conftest import eventually, node_process, running_node
+from tests.saga_app import Steps, done_key, gate_key, started_key
+
+
+async def done(client: Client) -> list[str]:
+    return [d.decode() for d in await client.redis.lrange(done_key(client.keys.prefix), 0, -1)]
+
+
+async def open_gate(client: Client, name: str) -> None:
+    await client.redis.rpush(gate_key(client.keys.prefix, name), "open")
+
+
+def booking(*items: str, failing: str | None = None) -> Saga:
+    saga = Saga("booking")
+    for item in items:
+        saga.step("reserve", {"item": item}, name=item, compensate="release", key_arg="key")
+    if failing:
+        saga.step("explode", {"item": failing}, name=failing, compensate="release")
+    return saga
+
+
+async def test_a_saga_runs_its_steps_in_order_and_returns_their_results(
+    client: Client, settings: Settings
+) -> None:
+    saga = booking("flight", "hotel").step("combine", {"item": "trip"}, results_arg="earlier")
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        results = await handle.result(timeout=20)
+    assert results == {
+        "flight": {"item": "flight", "key": f"{handle.id}:0"},
+        "hotel": {"item": "hotel", "key": f"{handle.id}:1"},
+        "combine": ["flight", "hotel"],  # the results of the steps before it
+    }
+    assert await done(client) == ["reserve:flight", "reserve:hotel", "combine:trip"]
+    info = await handle.status()
+    assert info.status == "succeeded" and [s.status for s in info.steps] == ["succeeded"] * 3
+    assert [e.event for e in info.log] == [
+        "created", "coordinating", "step_started", "step_succeeded", "step_started",
+        "step_succeeded", "step_started", "step_succeeded", "succeeded",
+    ]  # fmt: skip
+
+
+async def test_a_failing_step_compensates_the_completed_steps_in_reverse(
+    client: Client, settings: Settings
+) -> None:
+    saga = booking("a", "b").step("reserve", {"item": "c"}, name="c")  # c: nothing to undo
+    saga.step("explode", {"item": "d"}, name="d", compensate="release")
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        with pytest.raises(SagaFailed) as failed:
+            await handle.result(timeout=20)
+    assert failed.value.status == "compensated" and failed.value.step == "d"
+    assert "d cannot be booked" in failed.value.message
+    # the failed step is not compensated (it did not complete); a, b in reverse
+    assert await done(client) == [
+        "reserve:a", "reserve:b", "reserve:c", "release:b", "release:a",
+    ]  # fmt: skip
+    info = await handle.status()
+    assert [s.status for s in info.steps] == ["compensated", "compensated", "succeeded", "failed"]
+    assert info.error is not None and "step 'd' failed" in info.error
+
+
+async def test_a_compensation_receives_the_steps_key_and_result(
+    client: Client, settings: Settings
+) -> None:
+    saga = Saga("undo-args").step(
+        "reserve", {"item": "x"}, compensate="release", key_arg="key", results_arg="seen"
+    )
+    saga.step("explode", {"item": "y"})
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        with pytest.raises(SagaFailed):
+            await handle.result(timeout=20)
+        info = await handle.status()
+        assert info.steps[0].compensation_task is not None
+        undo = await client.result(info.steps[0].compensation_task)
+        status = await client.status(info.steps[0].compensation_task)
+    assert status.parent == info.coordinator  # (the dashboard shows steps under it)
+    key = f"{handle.id}:0"
+    assert undo == {"key": key, "seen": {"reserve": {"item": "x", "key": key}}}
+
+
+async def test_a_compensation_that_keeps_failing_leaves_the_saga_stuck_not_skipped(
+    client: Client, settings: Settings
+) -> None:
+    saga = Saga("stuck", compensation_attempts=3)
+    saga.step("reserve", {"item": "a"}, name="a", compensate="release")
+    saga.step("reserve", {"item": "b"}, name="b", compensate="refuse")
+    saga.step("explode", {"item": "c"}, name="c")
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        with pytest.raises(SagaFailed) as failed:
+            await handle.result(timeout=20)
+    assert failed.value.status == "compensation_failed"
+    # b's compensation was tried 3 times; a's was never run after it: nothing is
+    # skipped, the saga stops where an operator must look
+    assert await done(client) == ["reserve:a", "reserve:b"] + ["refuse:b"] * 3
+    info = await handle.status()
+    assert [s.status for s in info.steps] == ["succeeded", "compensation_failed", "failed"]
+    assert info.error is not None and "compensation of step 'b' failed" in info.error
+    assert [s.status for s in await client.sagas.list(status="compensation_failed")] == [
+        "compensation_failed"
+    ]
+
+
+async def test_cancelling_a_saga_cancels_its_running_step_and_rolls_back(
+    client: Client, settings: Settings
+) -> None:
+    saga = booking("a").step("gated", {"item": "b", "gate": "never"}, compensate="release")
+    saga.step("reserve", {"item": "c"})
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        await eventually(
+            lambda: client.redis.lrange(started_key(client.keys.prefix), 0, -1), "step b runs"
+        )
+        assert await handle.cancel() == "cancelling"
+        with pytest.raises(SagaFailed) as failed:
+            await handle.result(timeout=20)
+        assert await handle.cancel() == "already_cancelled"
+    assert failed.value.status == "cancelled"
+    assert await done(client) == ["reserve:a", "release:a"]  # b never completed, c never ran
+    info = await handle.status()
+    assert info.cancel_requested and [s.status for s in info.steps] == [
+        "compensated", "failed", "pending"
+    ]  # fmt: skip
+
+
+async def test_a_saga_past_its_timeout_is_rolled_back(client: Client, settings: Settings) -> None:
+    saga = Saga("slow", timeout=0.5).step("reserve", {"item": "a"}, compensate="release")
+    saga.step("gated", {"item": "b", "gate": "never"})
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        with pytest.raises(SagaFailed) as failed:
+            await handle.result(timeout=20)
+    assert failed.value.status == "compensated" and "timeout" in failed.value.message
+    assert await done(client) == ["reserve:a", "release:a"]
+
+
+async def test_a_step_of_a_capability_no_node_ever_hosted_fails_the_saga(
+    client: Client, settings: Settings
+) -> None:
+    saga = booking("a").step("no_such_capability", {"x": 1}, name="ghost")
+    async with running_node([Steps], settings):
+        with pytest.raises(SagaFailed) as failed:
+            await (await client.sagas.start(saga)).result(timeout=20)
+    assert failed.value.step == "ghost" and "NotHosted" in failed.value.message
+    assert await done(client) == ["reserve:a", "release:a"]
+
+
+async def test_starting_with_a_saga_id_twice_starts_it_once(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Steps], settings):
+        first = await client.sagas.start(booking("a"), saga_id="order-42")
+        again = await client.sagas.start(booking("a"), saga_id="order-42")
+        assert (first.is_new, again.is_new) == (True, False)
+        assert await again.result(timeout=20) == {"a": {"item": "a", "key": "order-42:0"}}
+    assert await done(client) == ["reserve:a"]
+    listed = await client.sagas.list()
+    assert [(s.id, s.status) for s in listed] == [("order-42", "succeeded")]
+
+
+async def test_bad_definitions_fail_at_once_saying_what_to_do(client: Client) -> None:
+    with pytest.raises(ConfigurationError, match="no steps"):
+        await client.sagas.start(Saga("empty"))
+    with pytest.raises(ConfigurationError, match="two steps are named 'reserve'"):
+        Saga("twice").step("reserve").step("reserve")
+    with pytest.raises(SerializationError):
+        Saga("bad").step("reserve", {"item": object()})
+    with pytest.raises(ConfigurationError, match="clashes with the task option"):
+        SagaStep(capability="reserve", key_arg="timeout")
+    with pytest.raises(ConfigurationError, match="capability name"):
+        Saga("bad").step("not a capability")
+    with pytest.raises(
+        ConfigurationError, match=r"Unexpected keyword argument 'compensation'.*compensate_args"
+    ):
+        Saga("bad").step("reserve", compensation="release")
+    with pytest.raises(ConfigurationError, match="saga timeout"):
+        Saga("bad", timeout=0)
+    with pytest.raises(SagaNotFound):
+        await client.sagas.get("nope")
+
+
+async def test_the_saga_resumes_on_another_node_when_its_coordinator_is_killed(
+    client: Client, settings: Settings
+) -> None:
+    """SIGKILL the node coordinating the saga while a step runs: the other node takes
+    the coordination over from the log; each step completes exactly once and the
+    compensations run in reverse when the last step fails."""
+    saga = booking("a")
+    saga.step("gated", {"item": "b", "gate": "g"}, name="b", compensate="release",
+              compensate_args={"item": "b"})  # fmt: skip
+    saga.step("reserve", {"item": "c"}, name="c", compensate="release")
+    saga.step("explode", {"item": "d"}, name="d")
+    with (
+        node_process(settings, "tests.saga_app", "--name", "n1") as n1,
+        node_process(settings, "tests.saga_app", "--name", "n2") as n2,
+    ):
+        await client.wait_for_hosts("shoal.saga", 2, timeout=30)
+        handle = await client.sagas.start(saga)
+        await eventually(
+            lambda: client.redis.lrange(started_key(client.keys.prefix), 0, -1), "step b runs"
+        )
+        coordinator = (await handle.status()).coordinator
+        assert coordinator is not None
+        doomed = (await client.status(coordinator)).node
+        victim, survivor = (n1, "n2") if doomed == "n1" else (n2, "n1")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+        async def resumed() -> Any:
+            log = (await handle.status()).log
+            return [e for e in log if e.event == "resumed" and e.node == survivor]
+
+        await eventually(resumed, "the survivor resumes the saga", timeout=20)
+        await open_gate(client, "g")
+        with pytest.raises(SagaFailed) as failed:
+            await handle.result(timeout=30)
+    assert failed.value.status == "compensated" and failed.value.step == "d"
+    assert await done(client) == [
+        "reserve:a", "gated:b", "reserve:c", "release:c", "release:b", "release:a",
+    ]  # fmt: skip
+    info = await handle.status()
+    started = [e.step for e in info.log if e.event == "step_started"]
+    assert started == [0, 1, 2, 3]  # the resumed coordinator did not submit b again
