@@ -3,12 +3,17 @@ coordinating node is killed (real processes, real engine)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 from typing import Any
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from shoal import Client, ConfigurationError, Saga, SagaFailed, SagaNotFound, SagaStep
+from shoal.cli import app
 from shoal.errors import SerializationError
 from shoal.settings import Settings
 from tests.conftest import eventually, node_process, running_node
@@ -236,3 +241,44 @@ async def test_the_saga_resumes_on_another_node_when_its_coordinator_is_killed(
     info = await handle.status()
     started = [e.step for e in info.log if e.event == "step_started"]
     assert started == [0, 1, 2, 3]  # the resumed coordinator did not submit b again
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def sagas_cli(settings: Settings, *args: str) -> Result:
+    """``shoal sagas ARGS`` in this process, on the test's engine and namespace."""
+    assert settings.url
+    return runner.invoke(
+        app, ["sagas", *args, "--redis", settings.url, "--namespace", settings.namespace]
+    )
+
+
+async def test_shoal_sagas_list_and_show_tell_each_sagas_steps_and_log(
+    client: Client, settings: Settings
+) -> None:
+    async with running_node([Steps], settings):
+        ok = await client.sagas.start(booking("a"), saga_id="fine")
+        await ok.wait(timeout=20)
+        bad = await client.sagas.start(booking("x", failing="y"), saga_id="broken")
+        await bad.wait(timeout=20)
+    listed = await asyncio.to_thread(sagas_cli, settings, "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert [(s["id"], s["status"]) for s in json.loads(listed.stdout)] == [
+        ("broken", "compensated"), ("fine", "succeeded"),
+    ]  # fmt: skip
+    only = await asyncio.to_thread(sagas_cli, settings, "list", "--status", "succeeded")
+    assert "fine" in only.stdout and "broken" not in only.stdout
+    shown = await asyncio.to_thread(sagas_cli, settings, "show", "broken", "--json")
+    data = json.loads(shown.stdout)
+    assert [s["status"] for s in data["steps"]] == ["compensated", "failed"]
+    assert [e["event"] for e in data["log"]][-3:] == [
+        "compensation_started", "compensation_succeeded", "compensated",
+    ]  # fmt: skip
+    table = await asyncio.to_thread(sagas_cli, settings, "show", "broken")
+    assert table.exit_code == 0, table.output
+    assert "compensated" in table.stdout and "y cannot be booked" in table.stdout
+    missing = await asyncio.to_thread(sagas_cli, settings, "show", "nope")
+    assert isinstance(missing.exception, SagaNotFound)
