@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shoal import Client, Settings
+from shoal import Client, Saga, Settings
 from shoal.apikeys import SCOPES, KeyStore
 from shoal.gateway import create_app
 from shoal.gateway.app import DASHBOARD
@@ -61,6 +61,7 @@ async def world(engine_url: str) -> AsyncIterator[World]:
         handle = await client.submit("echo", value=1)
         await handle.result(timeout=10)
         await client.registry.register("llm", "http://127.0.0.1:9001", id="a", ttl=None)
+        await client.sagas.start(Saga("auth").step("echo"), saga_id="s1")
         yield World(url, store, client.registry, only, all_but, revoked.secret, handle.id)
 
 
@@ -129,6 +130,9 @@ MATRIX: dict[tuple[str, str], tuple[str, Callable[[World], Awaitable[Call]]]] = 
         "admin", fixed("PUT", "/v1/services/llm/instances/a/status", json={"status": "up"})
     ),
     ("DELETE", "/v1/services/{name}/instances/{instance_id}"): ("admin", victim_instance),
+    ("GET", "/v1/sagas"): ("read", fixed("GET", "/v1/sagas")),
+    ("GET", "/v1/sagas/{saga_id}"): ("read", fixed("GET", "/v1/sagas/s1")),
+    ("POST", "/v1/sagas/{saga_id}/cancel"): ("submit", fixed("POST", "/v1/sagas/s1/cancel")),
 }  # fmt: skip
 
 ROUTES = sorted(api_routes(create_app(Settings())))

@@ -17,7 +17,9 @@ from shoal.cli import app
 from shoal.errors import SerializationError
 from shoal.settings import Settings
 from tests.conftest import eventually, node_process, running_node
+from tests.gateways import serving
 from tests.saga_app import Steps, done_key, gate_key, started_key
+from tests.test_gateway_api import error_of, http
 
 
 async def done(client: Client) -> list[str]:
@@ -282,3 +284,29 @@ async def test_shoal_sagas_list_and_show_tell_each_sagas_steps_and_log(
     assert "compensated" in table.stdout and "y cannot be booked" in table.stdout
     missing = await asyncio.to_thread(sagas_cli, settings, "show", "nope")
     assert isinstance(missing.exception, SagaNotFound)
+
+
+# --- the HTTP API -------------------------------------------------------------------------
+
+
+async def test_the_http_api_lists_shows_and_cancels_sagas(
+    client: Client, settings: Settings
+) -> None:
+    saga = booking("a").step("gated", {"item": "b", "gate": "shut"}, compensate="release")
+    async with running_node([Steps], settings), serving(settings) as url, http(url) as api:
+        handle = await client.sagas.start(saga, saga_id="via-http")
+        await eventually(
+            lambda: client.redis.lrange(started_key(client.keys.prefix), 0, -1), "step b runs"
+        )
+        listed = (await api.get("/v1/sagas", params={"status": "running"})).json()
+        assert [(s["id"], s["step"], s["log"]) for s in listed] == [("via-http", 1, [])]
+        shown = (await api.get("/v1/sagas/via-http")).json()
+        assert [s["status"] for s in shown["steps"]] == ["succeeded", "running"]
+        assert shown["log"][0]["event"] == "created"
+        cancel = await api.post("/v1/sagas/via-http/cancel")
+        assert cancel.json() == {"outcome": "cancelling"}
+        assert (await handle.wait(timeout=20)).status == "cancelled"
+        again = await api.post("/v1/sagas/via-http/cancel")
+        assert again.json() == {"outcome": "already_cancelled"}
+        error_of(await api.get("/v1/sagas/nope"), 404, "SagaNotFound")
+        assert (await api.get("/v1/sagas", params={"status": "sideways"})).status_code == 422

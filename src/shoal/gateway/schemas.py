@@ -19,6 +19,7 @@ from shoal.apikeys import ApiKey, CreatedKey
 from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
 from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE
+from shoal.coordination.saga import SagaInfo
 from shoal.gateway.problems import ErrorResponse
 from shoal.options import MAX_SECONDS
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
@@ -299,6 +300,7 @@ RESPONSE_TYPES: tuple[Any, ...] = (
     AgentInfo, AgentTypeInfo, AgentState, ClusterState, DeadLetter, Redriven, ApiKey,
     CreatedKey, Health, Service, ServiceInstance, ErrorResponse,
 )  # fmt: skip
+RESPONSE_TYPES += (SagaInfo,)  # (its steps and log entries come along)
 
 
 def openapi_components() -> dict[str, Any]:
