@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import Result
+from playwright.async_api import expect
 from typer.testing import CliRunner
 
 from shoal import Client, ConfigurationError, Saga, SagaFailed, SagaNotFound, SagaStep
@@ -19,6 +21,7 @@ from shoal.settings import Settings
 from tests.conftest import eventually, node_process, running_node
 from tests.gateways import serving
 from tests.saga_app import Steps, done_key, gate_key, started_key
+from tests.test_dashboard import CHROMIUM, dashboard
 from tests.test_gateway_api import error_of, http
 
 
@@ -310,3 +313,28 @@ async def test_the_http_api_lists_shows_and_cancels_sagas(
         assert again.json() == {"outcome": "already_cancelled"}
         error_of(await api.get("/v1/sagas/nope"), 404, "SagaNotFound")
         assert (await api.get("/v1/sagas", params={"status": "sideways"})).status_code == 422
+
+
+# --- the dashboard ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}")
+async def test_the_dashboard_shows_sagas_and_a_step_tasks_saga(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    async with running_node([Steps], settings), serving(settings) as url:
+        handle = await client.sagas.start(booking("a", failing="b"), saga_id="dash")
+        info = await handle.wait(timeout=20)
+        step_task = info.steps[0].compensation_task
+        async with dashboard(url, tmp_path) as board:
+            page = board.page
+            saga_row = page.locator('#sagas-body tr[data-saga-id="dash"]')
+            await expect(saga_row).to_have_attribute("data-status", "compensated")
+            await expect(saga_row).to_contain_text("a: compensated")
+            await expect(saga_row).to_contain_text("b: failed")
+            await saga_row.locator('button[data-step="a"]').click()
+            await expect(page.locator("#detail-id")).to_have_text(step_task or "?")
+            part = page.locator("#detail .saga-part")
+            await expect(part).to_contain_text("compensation of step a (compensated)")
+            await expect(part).to_contain_text("step 'b' failed")
+            await board.screenshot("saga")
