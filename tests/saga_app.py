@@ -67,4 +67,23 @@ class Steps(Agent):
         raise RuntimeError(f"{item} cannot be released")
 
 
-agents = [Steps]
+class Wallet(Agent):
+    """An addressed agent: a step sent to ``wallet/<key>`` runs there, with its state."""
+
+    @capability("credit")
+    async def credit(self, amount: int, key: str) -> int:
+        return self._apply(amount, f"credit:{key}")
+
+    @capability("debit")
+    async def debit(self, amount: int, key: str) -> int:
+        return self._apply(-amount, f"debit:{key}")
+
+    def _apply(self, amount: int, key: str) -> int:
+        seen = self.state.setdefault("seen", [])
+        if key not in seen:  # the idempotency key makes a re-run harmless
+            seen.append(key)
+            self.state["balance"] = self.state.get("balance", 0) + amount
+        return int(self.state["balance"])
+
+
+agents = [Steps, Wallet]

@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 
 from shoal import Client, ConfigurationError, Saga, SagaFailed, SagaNotFound, SagaStep
 from shoal.cli import app
-from shoal.errors import SerializationError
+from shoal.coordination.saga_coordinator import Coordinator, StaleCoordinator
+from shoal.errors import ResultTimeout, SerializationError
 from shoal.settings import Settings
 from tests.conftest import eventually, node_process, running_node
 from tests.gateways import serving
-from tests.saga_app import Steps, done_key, gate_key, started_key
+from tests.saga_app import Steps, Wallet, done_key, gate_key, started_key
 from tests.test_dashboard import CHROMIUM, dashboard
 from tests.test_gateway_api import error_of, http
 
@@ -103,6 +104,23 @@ async def test_a_compensation_receives_the_steps_key_and_result(
     assert undo == {"key": key, "seen": {"reserve": {"item": "x", "key": key}}}
 
 
+async def test_a_step_can_be_an_agent_call_compensated_on_the_same_agent(
+    client: Client, settings: Settings
+) -> None:
+    saga = Saga("pay").step(
+        "credit", {"amount": 10}, agent="wallet/w1", compensate="debit", key_arg="key"
+    )
+    saga.step("explode", {"item": "x"})
+    async with running_node([Steps, Wallet], settings):
+        handle = await client.sagas.start(saga)
+        with pytest.raises(SagaFailed):
+            await handle.result(timeout=20)
+        state = await client.agent_state("wallet/w1")
+    key = f"{handle.id}:0"
+    assert state == {"seen": [f"credit:{key}", f"debit:{key}"], "balance": 0}
+    assert (await handle.status()).steps[0].result == 10
+
+
 async def test_a_compensation_that_keeps_failing_leaves_the_saga_stuck_not_skipped(
     client: Client, settings: Settings
 ) -> None:
@@ -181,6 +199,20 @@ async def test_starting_with_a_saga_id_twice_starts_it_once(
     assert await done(client) == ["reserve:a"]
     listed = await client.sagas.list()
     assert [(s.id, s.status) for s in listed] == [("order-42", "succeeded")]
+
+
+async def test_a_superseded_coordinator_cannot_write_to_the_log(client: Client) -> None:
+    handle = await client.sagas.start(booking("a"))  # no node: it stays pending
+    with pytest.raises(ResultTimeout):
+        await handle.wait(timeout=0.2)
+
+    def run(token: int) -> Coordinator:
+        return Coordinator(client, handle.id, token=token, node="n", task_id="t", traceparent=None)
+
+    await run(5)._log("resumed")
+    with pytest.raises(StaleCoordinator):
+        await run(4)._log("resumed")  # a paused node's run, woken after a takeover
+    assert [e.event for e in (await handle.status()).log] == ["created", "resumed"]
 
 
 async def test_bad_definitions_fail_at_once_saying_what_to_do(client: Client) -> None:

@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shoal import protocol
-from shoal.errors import ConfigurationError, SagaFailed, SagaNotFound, SerializationError
+from shoal.errors import (
+    ConfigurationError,
+    ResultTimeout,
+    SagaFailed,
+    SagaNotFound,
+    SerializationError,
+)
 from shoal.keys import validate_capability
 from shoal.options import TaskOptions
 
@@ -52,6 +58,7 @@ TERMINAL = frozenset({"succeeded", "compensated", "cancelled", "compensation_fai
 STATUSES = ("pending", "running", "compensating", *sorted(TERMINAL))
 WAIT_BLOCK_MS = 5000  # longest block on a saga's log before its status is read again
 MAX_STEPS = 1000
+LIST_SCAN = 20  # a status-filtered listing looks at this many sagas per one asked for
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -413,7 +420,8 @@ class Sagas:
 
     async def list(self, *, status: str | None = None, limit: int = 50) -> list[SagaInfo]:
         """Sagas newest first (those started within the retention period), optionally
-        only those in ``status``; without their logs."""
+        only those in ``status`` among the newest ``limit * LIST_SCAN``; without their
+        logs."""
         if status is not None and status not in STATUSES:
             raise ConfigurationError(
                 f"saga status {status!r} is unknown: use one of {', '.join(STATUSES)}"
@@ -421,8 +429,10 @@ class Sagas:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ConfigurationError(f"limit must be a whole number 1..1000, got {limit!r}")
         client, found = self.client, builtins.list[SagaInfo]()
+        scan = limit * LIST_SCAN  # bounded, as a filtered task listing is
         async with client.errors():
-            ids = [i.decode() for i in await client.redis.zrevrange(client.keys.sagas, 0, -1)]
+            raw = await client.redis.zrevrange(client.keys.sagas, 0, scan - 1)
+        ids = [i.decode() for i in raw]
         for start in range(0, len(ids), limit):
             for info in await self._many(ids[start : start + limit]):
                 if status is None or info.status == status:
@@ -465,20 +475,35 @@ class Sagas:
         )
 
     async def wait(self, saga_id: str, timeout: float | None = None) -> SagaInfo:
-        """Wait until the saga ends (up to ``timeout`` seconds: TimeoutError) and
+        """Wait until the saga ends (up to ``timeout`` seconds, then ResultTimeout) and
         return it. Blocks on the saga's log, which its end is written to."""
         _positive(timeout, "timeout")
         validate_saga_id(saga_id)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._wait(saga_id, timeout)
+        except TimeoutError:
+            raise ResultTimeout(
+                f"saga {saga_id} has not ended after {timeout}s; it goes on (wait again, or "
+                "cancel it)"
+            ) from None
+
+    async def _wait(self, saga_id: str, timeout: float | None) -> SagaInfo:
         _, log_key, _ = self.client.keys.saga(saga_id)
-        last = "0-0"
-        async with asyncio.timeout(timeout):
-            while True:
-                info = await self.get(saga_id)
-                if info.terminal:
-                    return info
-                last = info.log[-1].id if info.log else last
-                async with self.client.errors():
-                    await self.client.blocking.xread({log_key: last}, count=1, block=WAIT_BLOCK_MS)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            info = await self.get(saga_id)
+            if info.terminal:
+                return info
+            last = info.log[-1].id if info.log else "0-0"
+            # A block no longer than the time left: redis-py can let a blocking read
+            # outlive the cancellation of its caller.
+            block = WAIT_BLOCK_MS
+            if deadline is not None:
+                block = max(1, min(block, int((deadline - loop.time()) * 1000)))
+            async with self.client.errors():
+                await self.client.blocking.xread({log_key: last}, count=1, block=block)
 
     async def result(self, saga_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The completed saga's results (``{step name: result}``); SagaFailed if it
