@@ -64,6 +64,7 @@ async def test_a_saga_runs_its_steps_in_order_and_returns_their_results(
     ]  # fmt: skip
 
 
+@pytest.mark.topology
 async def test_a_failing_step_compensates_the_completed_steps_in_reverse(
     client: Client, settings: Settings
 ) -> None:
