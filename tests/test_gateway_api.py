@@ -51,6 +51,8 @@ ROUTES = {
     ("PUT", "/v1/services/{name}/instances/{instance_id}/heartbeat"),
     ("PUT", "/v1/services/{name}/instances/{instance_id}/status"),
     ("DELETE", "/v1/services/{name}/instances/{instance_id}"),
+    # tested in tests/test_sagas.py:
+    ("GET", "/v1/sagas"), ("GET", "/v1/sagas/{saga_id}"), ("POST", "/v1/sagas/{saga_id}/cancel"),
 }  # fmt: skip
 # tested in tests/test_gateway_config.py:
 ROUTES |= {

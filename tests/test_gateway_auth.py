@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shoal import Client, Settings
+from shoal import Client, Saga, Settings
 from shoal.apikeys import SCOPES, KeyStore
+from shoal.coordination.config import ConfigStore
 from shoal.gateway import create_app
 from shoal.gateway.app import DASHBOARD
 from shoal.registry import Registry
@@ -40,6 +41,7 @@ class World:
     all_but: dict[str, str]  # scope -> a key holding every other scope
     revoked: str
     task_id: str
+    config: ConfigStore
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,11 @@ async def world(engine_url: str) -> AsyncIterator[World]:
         handle = await client.submit("echo", value=1)
         await handle.result(timeout=10)
         await client.registry.register("llm", "http://127.0.0.1:9001", id="a", ttl=None)
-        yield World(url, store, client.registry, only, all_but, revoked.secret, handle.id)
+        await client.sagas.start(Saga("auth").step("echo"), saga_id="s1")
+        await client.config.set("app.auth", 1)
+        yield World(
+            url, store, client.registry, only, all_but, revoked.secret, handle.id, client.config
+        )
 
 
 Call = tuple[str, str, dict[str, Any]]
@@ -75,6 +81,11 @@ async def victim_key(world: World) -> Call:
 async def victim_instance(world: World) -> Call:
     victim = await world.registry.register("llm", "http://127.0.0.1:9002", ttl=None)
     return "DELETE", f"/v1/services/llm/instances/{victim.id}", {}
+
+
+async def victim_setting(world: World) -> Call:
+    await world.config.set("app.victim", 1)
+    return "DELETE", "/v1/config/app.victim", {}
 
 
 def fixed(method: str, path: str, **kwargs: Any) -> Callable[[World], Awaitable[Call]]:
@@ -129,6 +140,14 @@ MATRIX: dict[tuple[str, str], tuple[str, Callable[[World], Awaitable[Call]]]] = 
         "admin", fixed("PUT", "/v1/services/llm/instances/a/status", json={"status": "up"})
     ),
     ("DELETE", "/v1/services/{name}/instances/{instance_id}"): ("admin", victim_instance),
+    ("GET", "/v1/config"): ("read", fixed("GET", "/v1/config")),
+    ("GET", "/v1/config/history"): ("read", fixed("GET", "/v1/config/history")),
+    ("GET", "/v1/config/{key}"): ("read", fixed("GET", "/v1/config/app.auth")),
+    ("PUT", "/v1/config/{key}"): ("admin", fixed("PUT", "/v1/config/app.auth", json={"value": 2})),
+    ("DELETE", "/v1/config/{key}"): ("admin", victim_setting),
+    ("GET", "/v1/sagas"): ("read", fixed("GET", "/v1/sagas")),
+    ("GET", "/v1/sagas/{saga_id}"): ("read", fixed("GET", "/v1/sagas/s1")),
+    ("POST", "/v1/sagas/{saga_id}/cancel"): ("submit", fixed("POST", "/v1/sagas/s1/cancel")),
 }  # fmt: skip
 
 ROUTES = sorted(api_routes(create_app(Settings())))

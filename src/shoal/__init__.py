@@ -5,6 +5,7 @@ The public API, grouped by concept. Everything else is internal.
 
 from shoal.agent import Agent, TaskContext, capability, handler, subscribe
 from shoal.client import Client, DeadLetter, TaskHandle
+from shoal.coordination.saga import Saga, SagaHandle, SagaInfo, SagaStep
 from shoal.errors import (
     ConfigurationError,
     DeadlineExceeded,
@@ -19,6 +20,8 @@ from shoal.errors import (
     RequestTimeout,
     ResultTimeout,
     Retry,
+    SagaFailed,
+    SagaNotFound,
     SerializationError,
     ShoalError,
     TaskCancelled,
@@ -46,6 +49,11 @@ __all__ = [
     "SyncClient",
     "TaskHandle",
     "connect",
+    # sagas
+    "Saga",
+    "SagaHandle",
+    "SagaInfo",
+    "SagaStep",
     # data
     "AgentInfo",
     "AgentTypeInfo",
@@ -67,6 +75,8 @@ __all__ = [
     "RequestTimeout",
     "ResultTimeout",
     "Retry",
+    "SagaFailed",
+    "SagaNotFound",
     "SerializationError",
     "ShoalError",
     "TaskCancelled",

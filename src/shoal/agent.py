@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from shoal.coordination.cache import DEFAULT_FILL_LEASE_S, DEFAULT_LOCAL_BYTES, DEFAULT_TTL_S, Cache
+from shoal.coordination.config import ConfigStore
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership
 from shoal.coordination.lock import Lock
@@ -33,6 +34,7 @@ from shoal.protocol import validate_agent_type
 
 if TYPE_CHECKING:
     from shoal.client import Client, TaskHandle
+    from shoal.coordination.saga import Sagas
     from shoal.services import Services
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -543,6 +545,18 @@ class TaskContext:
         return self._runtime.client.cache(
             name, ttl=ttl, max_local_bytes=max_local_bytes, fill_lease=fill_lease
         )
+
+    @property
+    def config(self) -> ConfigStore:
+        """The namespace's live configuration, e.g. an ``app.`` setting of your own:
+        ``await self.ctx.config.get("app.tone", "plain")`` (see shoal.coordination.config)."""
+        return self._runtime.client.config
+
+    @property
+    def sagas(self) -> Sagas:
+        """Start and follow sagas from a handler: ``await self.ctx.sagas.start(saga)``
+        (see shoal.coordination.saga)."""
+        return self._runtime.client.sagas
 
     # --- messaging ------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from shoal.cli_options import (
     to_data,
 )
 from shoal.cli_progress import spinner
+from shoal.cli_sagas import sagas_app
 from shoal.cli_services import services_app
 from shoal.cli_support import ago as _ago
 from shoal.cli_support import client as _client
@@ -69,6 +70,7 @@ app.add_typer(engine_app, name="engine")
 app.add_typer(keys_app, name="keys")
 app.add_typer(services_app, name="services")
 app.add_typer(config_app, name="config")
+app.add_typer(sagas_app, name="sagas")
 register_cluster_commands(app)
 
 

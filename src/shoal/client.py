@@ -40,6 +40,7 @@ from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership, leader_of
 from shoal.coordination.lock import Lock, LockHolder
 from shoal.coordination.ratelimit import RateLimiter
+from shoal.coordination.saga import Sagas
 from shoal.engine import (
     engine_errors,
     engine_kind,
@@ -391,6 +392,12 @@ class Client:
         if self._config is None:
             self._config = ConfigStore(self)
         return self._config
+
+    @property
+    def sagas(self) -> Sagas:
+        """Durable sagas: ``handle = await client.sagas.start(saga)``, then
+        ``await handle.result()`` (see shoal.coordination.saga)."""
+        return Sagas(self)
 
     # --- submitting -----------------------------------------------------------
 

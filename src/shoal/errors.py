@@ -167,3 +167,23 @@ class RateLimited(ShoalError):
         self.limiter = limiter
         self.key = key
         self.retry_after = retry_after
+
+
+class SagaNotFound(ShoalError, KeyError):
+    """No saga with this id (never started here, or expired after its retention)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0]) if self.args else "saga not found"
+
+
+class SagaFailed(ShoalError):
+    """The saga ended without completing: ``status`` says how (compensated,
+    cancelled, or compensation_failed: a compensation kept failing and the saga
+    needs an operator); ``step`` names the step that failed, if one did."""
+
+    def __init__(self, saga_id: str, status: str, step: str | None, message: str) -> None:
+        self.saga_id = saga_id
+        self.status = status
+        self.step = step
+        self.message = message
+        super().__init__(f"saga {saga_id} {status}: {message}")

@@ -89,6 +89,11 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 | live_config_history         | control | stream      | every change: key, version, op,      |
 |                             |         |             | value, by, at (capped)               |
 | live_config_changed         | control | shard chan. | "<version> <key>" of each change     |
+| saga:<id>                   | control | hash        | a saga's summary: name, status,      |
+|                             |         |             | definition, current step, token      |
+| saga_log:<id>               | control | stream      | the saga's durable log: one entry per|
+|                             |         |             | transition (the coordinator's truth) |
+| sagas                       | control | sorted set  | saga id -> created (ms), for listing |
 """
 
 from __future__ import annotations
@@ -383,3 +388,14 @@ class Keys:
     @property
     def live_config_channel(self) -> str:
         return f"{self.prefix}live_config_changed"
+
+    # --- sagas (control group; see shoal.coordination.saga) -------------------------
+
+    def saga(self, saga_id: str) -> tuple[str, str, str]:
+        """A saga's record, its log and the index of sagas: saga.lua writes all
+        three together, so they share the control tag."""
+        return f"{self.prefix}saga:{saga_id}", f"{self.prefix}saga_log:{saga_id}", self.sagas
+
+    @property
+    def sagas(self) -> str:
+        return f"{self.prefix}sagas"

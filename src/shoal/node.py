@@ -33,6 +33,7 @@ from shoal.agent import Agent, CapabilitySpec, TaskContext
 from shoal.channels import ShardSubscription
 from shoal.client import Client
 from shoal.coordination.config import ConfigView
+from shoal.coordination.saga_coordinator import SagaCoordinator
 from shoal.engine import translate
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome
@@ -134,6 +135,8 @@ class Node:
         self.config = config or NodeConfig()
         self.node_id = self.config.node_id()
         table = capability_table(agents)
+        if table:  # a node that runs capability tasks also coordinates sagas
+            table = capability_table([*agents, SagaCoordinator])
         self._instances = {agent: agent() for agent in set(table.values())}
         self._specs: dict[str, tuple[CapabilitySpec, Agent]] = {
             name: (agent.capabilities()[name], self._instances[agent])

@@ -7,6 +7,7 @@ from shoal.coordination.config import ConfigChange, ConfigConflict, ConfigEntry,
 from shoal.coordination.leader import Leadership
 from shoal.coordination.lock import Lock, LockHolder
 from shoal.coordination.ratelimit import RateDecision, RateLimiter, SlidingWindow, TokenBucket
+from shoal.coordination.saga import Saga, SagaHandle, SagaInfo, Sagas, SagaStep
 
 __all__ = [
     "Cache",
@@ -20,6 +21,11 @@ __all__ = [
     "LockHolder",
     "RateDecision",
     "RateLimiter",
+    "Saga",
+    "SagaHandle",
+    "SagaInfo",
+    "SagaStep",
+    "Sagas",
     "SlidingWindow",
     "TokenBucket",
 ]

@@ -24,6 +24,7 @@ from shoal.gateway import problems
 from shoal.gateway.middleware import BodyLimit, Observed
 from shoal.gateway.routes import admin, agents, cluster, services, tasks
 from shoal.gateway.routes import config as config_routes
+from shoal.gateway.routes import sagas as saga_routes
 from shoal.gateway.schemas import openapi_components
 from shoal.gateway.state import GatewayConfig, GatewayState
 from shoal.gateway.telemetry import GatewayMetrics
@@ -62,6 +63,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> FastA
     for router in (tasks.router, agents.router, cluster.router, services.router, admin.router):
         app.include_router(router)
     app.include_router(config_routes.router)
+    app.include_router(saga_routes.router)
     _install_errors(app)
     app.add_middleware(Observed, metrics=metrics)
     app.add_middleware(BodyLimit, max_body=config.max_body)

@@ -55,6 +55,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (errors.TaskNotFound, 404),
     (errors.UnknownAgentType, 404),
     (errors.KeyNotFound, 404),
+    (errors.SagaNotFound, 404),
     (UnknownService, 404),
     (ConfigNotSet, 404),
     (ConfigConflict, 409),

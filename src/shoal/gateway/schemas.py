@@ -20,6 +20,7 @@ from shoal.client import DeadLetter
 from shoal.cluster import ClusterState
 from shoal.coordination.config import ConfigChange, ConfigDeleted, ConfigEntry, ConfigSnapshot
 from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE
+from shoal.coordination.saga import SagaInfo
 from shoal.gateway.problems import ErrorResponse
 from shoal.options import MAX_SECONDS
 from shoal.protocol import AgentInfo, AgentTypeInfo, ErrorInfo, Event, TaskInfo
@@ -301,6 +302,7 @@ RESPONSE_TYPES: tuple[Any, ...] = (
     CreatedKey, Health, Service, ServiceInstance, ErrorResponse,
 )  # fmt: skip
 RESPONSE_TYPES += (ConfigEntry, ConfigChange, ConfigSnapshot, ConfigDeleted)
+RESPONSE_TYPES += (SagaInfo,)  # (its steps and log entries come along)
 
 
 def openapi_components() -> dict[str, Any]:

@@ -672,3 +672,22 @@ class _CacheCollector(Collector):
 
 
 REGISTRY.register(_CacheCollector())
+# --- sagas (shoal.coordination.saga) -----------------------------------------------------
+
+SAGAS_ENDED = Counter(
+    "shoal_sagas_ended",
+    "Sagas whose coordinator in this process ended them, by status: succeeded, "
+    "compensated, cancelled, compensation_failed.",
+    ["status"],
+    registry=REGISTRY,
+)
+SAGA_RESUMES = Counter(
+    "shoal_saga_resumes",
+    "Saga coordinators this process ran that resumed a saga from its log (after a "
+    "takeover or a retry of the coordinator task).",
+    registry=REGISTRY,
+)
+
+
+def saga_ended(status: str) -> None:
+    SAGAS_ENDED.labels(status).inc()

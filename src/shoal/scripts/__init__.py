@@ -23,6 +23,8 @@ SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "ratewindow",
     "services", "lock", "cache", "config",
+    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
+    "lock", "saga",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -95,6 +97,7 @@ class Scripts:
         self.lock = Script(redis, "lock")
         self.cache = Script(redis, "cache")
         self.config = Script(redis, "config")
+        self.saga = Script(redis, "saga")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

@@ -6,6 +6,7 @@ import { draw } from "./charts.js";
 import { TaskDetail } from "./detail.js";
 import { clock, h, ms, rate, show } from "./dom.js";
 import { Metrics, WINDOW_S } from "./metrics.js";
+import { sagaRows, sagaTasks } from "./sagas.js";
 import * as views from "./views.js";
 
 const POLL_MS = 1000;
@@ -13,6 +14,7 @@ const SLOW_EVERY = 3; // failures, dead letters and agents: every 3rd poll
 const FAILURES_LIMIT = 50;
 const DEAD_LETTERS_LIMIT = 50;
 const AGENTS_LIMIT = 200;
+const SAGAS_LIMIT = 50;
 const MESSAGE_MS = 60_000; // how long a redrive's outcome stays on screen
 const TASK_STATUSES = ["scheduled", "queued", "running", "cancelled", "dead", "expired", "failed", "succeeded"];
 
@@ -43,6 +45,7 @@ async function poll() {
     loadTasks(),
     slow ? loadFailures() : null,
     slow ? loadAgents() : null,
+    slow ? loadSagas() : null,
     detail.isOpen ? detail.refresh().catch(() => null) : null, // shown in the panel
   ]);
   report(results.filter((r) => r.status === "rejected").map((r) => r.reason));
@@ -164,6 +167,13 @@ async function loadAgents() {
   const list = await get("v1/agents", { limit: AGENTS_LIMIT });
   show($("agents-body"), list, () => views.agents(list, AGENTS_LIMIT));
   $("agents-count").textContent = `${list.length}${list.length >= AGENTS_LIMIT ? "+" : ""}`;
+}
+
+async function loadSagas() {
+  const list = await get("v1/sagas", { limit: SAGAS_LIMIT });
+  detail.sagaOf = sagaTasks(list);
+  show($("sagas-body"), list, () => sagaRows(list, openTask));
+  $("sagas-count").textContent = list.length ? `${list.length}${list.length >= SAGAS_LIMIT ? "+" : ""}` : "";
 }
 
 /** Dead letters of each capability that has some: on slow polls, or when a count changed. */

@@ -4,6 +4,7 @@
 import { ApiError, get } from "./api.js";
 import { clock, h, json, ms, pill, show } from "./dom.js";
 import { follow } from "./events.js";
+import { sagaKind } from "./sagas.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "dead", "expired"]);
 const MAX_EVENTS = 1000;
@@ -13,6 +14,7 @@ export class TaskDetail {
     this.root = root;
     this.taskId = null;
     this.follower = null;
+    this.sagaOf = new Map(); // task id -> {saga, step, role}: set by the sagas panel
     root.querySelector(".close").addEventListener("click", () => this.close());
     document.addEventListener("keydown", (e) => e.key === "Escape" && this.close());
     this.record = root.querySelector("#detail-record");
@@ -53,7 +55,8 @@ export class TaskDetail {
     const taskId = this.taskId;
     try {
       const result = await get(`v1/tasks/${encodeURIComponent(taskId)}`);
-      if (taskId === this.taskId) show(this.record, result, (r) => record(r, (id) => this.open(id)));
+      if (taskId === this.taskId) show(this.record, { result, part: this.sagaOf.get(taskId) },
+        ({ part }) => [record(result, (id) => this.open(id)), sagaPart(part)]);
       return result;
     } catch (error) {
       if (taskId === this.taskId) {
@@ -137,4 +140,17 @@ function eventBody({ kind, data }) {
   if (kind === "done" && data) return h("span", { class: "event-body" }, "ended ", pill(data.status));
   if (kind === "redriven") return h("span", { class: "event-body" }, "queued again from the dead letters");
   return h("code", { class: "event-body small" }, JSON.stringify(data));
+}
+
+/** Where a task belongs in a saga: the saga, its status, and the step it runs. */
+function sagaPart(part) {
+  if (!part) return null;
+  const { saga, step, role } = part;
+  return h("div", { class: "saga-part", dataset: { sagaId: saga.id } },
+    h("h3", {}, "Saga"),
+    h("p", {}, h("span", { class: "mono" }, saga.name), " ", h("span", { class: "mono small" }, saga.id), " ",
+      pill(saga.status, sagaKind(saga.status)),
+      " — ", role === "coordinator" ? "this task coordinates it"
+        : `${role === "step" ? "step" : "compensation of step"} ${step.name} (${step.status})`),
+    saga.error ? h("p", { class: "error-text" }, saga.error) : null);
 }
