@@ -18,7 +18,7 @@ writes) and, for the bucket, one that refuses nearly all (refusals write nothing
 **Cache** (``client.cache``): a local hit (in-process LRU), a remote hit (the local
 level empty: one engine read), and invalidation-to-visible: a writer process sets a
 key another process holds locally; the time until the reader's local level answers
-the new value. Targets: ≤ 5 µs, ≤ 0.5 ms, ≤ 50 ms p99.
+the new value. Targets: ≤ 5 µs, ≤ 0.5 ms, ≤ 50 ms, each held to at p99 here.
 
 Each loop is also run once under pyinstrument and summarised by function, so the
 report says where the time goes.
@@ -163,6 +163,98 @@ async def limiter_decisions(url: str, n: int, concurrency: int) -> list[dict[str
     return [*rows, {"limiter": "token_bucket, allows", "profile": profile}]
 
 
+# --- cache --------------------------------------------------------------------------
+
+CACHE_VALUE = {"user": 42, "name": "Ada Lovelace", "roles": ["admin", "author"], "score": 0.97}
+
+
+async def cache_hits(url: str, n: int) -> dict[str, Any]:
+    """Local hits (the LRU) and remote hits (a cache without a local level: each get
+    one engine read) of one small value."""
+    async with Client(settings=_settings(url, "cache")) as client:
+        local = client.cache("local", ttl=600)
+        remote = client.cache("remote", ttl=600, max_local_bytes=0)
+        for cache in (local, remote):
+            await cache.set("k", CACHE_VALUE)
+        rows = {}
+        for label, cache in (("local", local), ("remote", remote)):
+            for _ in range(min(n, 500)):
+                await cache.get("k")
+            samples = []
+            for _ in range(n):
+                started = time.perf_counter_ns()
+                await cache.get("k")
+                samples.append(time.perf_counter_ns() - started)
+            assert await cache.get("k") == CACHE_VALUE
+            rows[label] = {**_latency(samples), "profile": await _profiled(
+                lambda c=cache: c.get("k"), min(n, 2000))}  # fmt: skip
+        rows["local"]["stats"] = {
+            "local_hits": local.stats.local_hits, "local_misses": local.stats.local_misses
+        }  # the local loop really hit locally  # fmt: skip
+    return rows
+
+
+async def invalidation(url: str, namespace: str, n: int) -> dict[str, Any]:
+    """A writer (here) sets a key that a reader process holds locally; the reader
+    reports when its local copy stopped serving the old value (CLOCK_MONOTONIC is
+    one clock for every process of the machine). One write at a time."""
+    samples = []
+    async with Client(settings=Settings(url=url, namespace=namespace)) as client:
+        cache = client.cache("inval", ttl=600)
+        await cache.set("k", 0)  # before the reader starts: it begins by holding 0
+        reader = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.coordination", "--reader", url, namespace, str(n),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert reader.stdout is not None
+        for i in range(1, n + 1):
+            line = await asyncio.wait_for(reader.stdout.readline(), 30)  # holds i - 1
+            if not line.startswith(b"ready"):
+                raise RuntimeError(f"invalidation reader: {line!r}")
+            started = time.monotonic_ns()
+            await cache.set("k", i)
+            seen = await asyncio.wait_for(reader.stdout.readline(), 30)
+            samples.append(int(seen.split()[1]) - started)
+        await reader.wait()
+    return _latency(samples)
+
+
+async def invalidation_reader(url: str, namespace: str, n: int) -> None:
+    """The reader process: hold the value locally, say so, spin on the local level
+    until the copy is dropped, say when; read the new value; again."""
+    async with Client(settings=Settings(url=url, namespace=namespace)) as client:
+        cache = client.cache("inval", ttl=600)
+        for i in range(n):
+            # the write of i was in the engine before its invalidation was sent
+            value = await cache.get("k")
+            if value != i or cache.peek("k") != i:
+                raise RuntimeError(f"reader: expected {i} held locally, read {value!r}")
+            print("ready", flush=True)
+            # A spin, not an Event: the cache has no hook for its listener, and a
+            # sleep(0) loop lets the listener run with no timer in the measurement.
+            while cache.peek("k") == i:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+            print("seen", time.monotonic_ns(), flush=True)
+
+
+CACHE_TARGETS_US = {"local": 5, "remote": 500, "invalidation": 50_000}
+
+
+def cache_rows(cache: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for what, label in (("local", "local hit (LRU)"), ("remote", "remote hit (engine)"),
+                        ("invalidation", "invalidation visible in another process")):  # fmt: skip
+        figures = cache[what]
+        target = CACHE_TARGETS_US[what]
+        measured = figures["p99_us"]  # the stricter reading of the targets
+        rows.append({
+            "what": label, **{k: figures[k] for k in ("mean_us", "p50_us", "p99_us")},
+            "target": f"p99 ≤ {target:,} µs",
+            "met": measured <= target,
+        })  # fmt: skip
+    return rows
+
+
 # --- report -------------------------------------------------------------------------
 
 
@@ -192,9 +284,10 @@ def markdown(result: dict[str, Any]) -> str:
     if "cache" in result:
         lines += ["", "| cache | mean | p50 | p99 | target |", "|---|---|---|---|---|"]
         for row in result["cache"]["rows"]:
+            met = "met" if row["met"] else "**missed**"
             lines.append(
                 f"| {row['what']} | {row['mean_us']} µs | {row['p50_us']} µs "
-                f"| {row['p99_us']} µs | {row['target']} |"
+                f"| {row['p99_us']} µs | {row['target']}: {met} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -217,6 +310,7 @@ def parse_args() -> argparse.Namespace:
         help="also save the JSON under bench/results/",
     )  # fmt: skip
     parser.add_argument("--table", metavar="JSON", help="print the docs' tables of a saved run")
+    parser.add_argument("--reader", nargs=3, help=argparse.SUPPRESS)  # url namespace n
     args = parser.parse_args()
     if args.quick:
         args.n, args.duration, args.contenders, args.concurrency = 200, 0.5, 4, 4
@@ -227,6 +321,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.reader:
+        url, namespace, n = args.reader
+        asyncio.run(invalidation_reader(url, namespace, int(n)))
+        return
     if args.table:
         with open(args.table) as saved:
             sys.stdout.write(markdown(json.load(saved)))
@@ -251,6 +349,14 @@ def main() -> None:
         if "limiter" in parts:
             print("rate limiter: decisions per second", file=sys.stderr, flush=True)
             result["limiter"] = asyncio.run(limiter_decisions(url, args.n, args.concurrency))
+        if "cache" in parts:
+            print("cache: local hit, remote hit, invalidation", file=sys.stderr, flush=True)
+            cache = asyncio.run(cache_hits(url, args.n))
+            writes = max(50, args.n // 10)
+            namespace = _settings(url, "inval").namespace
+            cache["invalidation"] = asyncio.run(invalidation(url, namespace, writes))
+            cache["rows"] = cache_rows(cache)
+            result["cache"] = cache
     if {"lock", "limiter"} <= parts:
         sys.stderr.write("\n" + markdown(result))
     if args.save:
