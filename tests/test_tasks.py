@@ -696,3 +696,25 @@ async def test_a_node_whose_every_slot_is_busy_stops_within_its_grace(
     await asyncio.wait_for(running, 10)
     assert time.monotonic() - started < 5
     assert (await handle.status()).status == "queued", "handed back to its queue"
+
+
+async def test_a_cancel_that_lands_before_the_attempt_starts_still_ends_it(
+    client: Client, settings: Settings
+) -> None:
+    """The cancel message can arrive between the fetch (status 'running') and the
+    attempt's first step: cancelling a task that has not started skips its body,
+    its bookkeeping with it. The attempt must still end 'cancelled' and free its slot."""
+    async with running_node([Toolbox], settings) as node:
+        start = node._start
+
+        def start_then_cancel_at_once(job: Any) -> None:
+            start(job)
+            node._cancel_running(job.task_id)  # before the attempt's task ever ran
+
+        node._start = start_then_cancel_at_once  # type: ignore[method-assign]
+        handle = await client.submit("sleepy", seconds=30)
+        with pytest.raises(TaskCancelled):
+            await handle.result(timeout=5)
+        node._start = start  # type: ignore[method-assign]
+        assert await client.call("echo", value=1) == 1
+        assert not node._running, "the cancelled attempt gave its slot back"

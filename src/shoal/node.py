@@ -427,8 +427,8 @@ class Node:
         attempts = list(self._running.values())
         for attempt in attempts:
             attempt.abandoned = True
-            if attempt.task is not None:
-                attempt.task.cancel()
+            if attempt.task is not None:  # after its first step (see _cancel_running)
+                asyncio.get_running_loop().call_soon(attempt.task.cancel)
         return len(attempts)
 
     async def _rejoin(self) -> None:
@@ -776,7 +776,11 @@ class Node:
             return
         self._cancels_asked[task_id] = now
         attempt.ctx.cancel_requested = True
-        attempt.task.cancel()
+        # Not task.cancel() at once: an attempt fetched a moment ago may not have run
+        # its first step, and cancelling a task before that skips its whole body —
+        # its outcome and its slot's release with it. The task's first step is already
+        # in the loop's queue; this call comes after it, so the body has begun.
+        asyncio.get_running_loop().call_soon(attempt.task.cancel)
 
     async def _cancel_sweep(self) -> None:
         """Every CANCEL_SWEEP_S, look at the 'cancel' flag of the tasks running here:
