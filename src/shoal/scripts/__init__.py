@@ -22,9 +22,7 @@ from redis.exceptions import NoScriptError
 SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "ratewindow",
-    "services", "lock", "cache", "config",
-    "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "services",
-    "lock", "saga",
+    "services", "lock", "cache", "config", "saga",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
