@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -160,3 +161,32 @@ async def test_a_connection_torn_down_inside_redis_py_is_engine_unavailable() ->
     with pytest.raises(AttributeError):
         async with engine_errors("redis://127.0.0.1:1/0"):
             getattr(None, "writelines")  # noqa: B009 - a bug of our own, raised here
+
+
+async def test_a_command_that_timed_out_is_not_sent_again(
+    engine_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command whose reply is late may still run: retrying it could run it twice
+    (a submit would queue its task twice). Only lost connections are retried."""
+    import redis.asyncio as aioredis
+
+    from shoal import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "COMMAND_TIMEOUT_S", 0.3)
+    key = f"timed-out-{os.getpid()}"
+    conn = engine_module.open_connection(engine_url)
+    admin = aioredis.Redis.from_url(engine_url)
+    try:
+        await conn.delete(key)
+        await admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            await conn.incr(key)  # parked by the pause past its 0.3 s timeout
+        assert time.monotonic() - started < 0.6, "one attempt, not a retry after it"
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        assert int(await admin.get(key) or 0) <= 1
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.delete(key)
+        await conn.aclose()
+        await admin.aclose()

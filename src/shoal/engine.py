@@ -69,9 +69,11 @@ RETRY_CAP_S = 1.0
 
 def _retry_options(retries: int = RETRIES) -> dict[str, Any]:
     # Only connection errors are retried: a timed-out script may have run, and
-    # running a submit twice would queue a task twice.
+    # running a submit twice would queue a task twice. (redis-py's Retry also
+    # retries TimeoutError unless told otherwise: ``supported_errors`` says so.)
+    backoff = ExponentialBackoff(cap=RETRY_CAP_S, base=0.05)
     return {
-        "retry": AsyncRetry(ExponentialBackoff(cap=RETRY_CAP_S, base=0.05), retries=retries),
+        "retry": AsyncRetry(backoff, retries=retries, supported_errors=(redis.ConnectionError,)),
         "retry_on_error": [redis.ConnectionError],
     }
 
