@@ -8,6 +8,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -270,3 +271,69 @@ async def test_an_acquire_whose_reply_never_came_is_freed_by_its_nonce(client: C
     waiter = asyncio.create_task(client.lock("ghost", wait=10).acquire())
     await lost_reply._abandon()
     assert await asyncio.wait_for(waiter, 5) == 2  # woken by the abandon, not by the ttl
+
+
+async def test_a_renewal_the_engine_does_not_answer_loses_the_lock_before_its_ttl(
+    client: Client, settings: Settings
+) -> None:
+    """A renewal stuck waiting for its reply (a paused engine here) must not leave the
+    holder believing it holds the lock past the ttl: it is lost a margin before."""
+    async with Client(settings=settings) as admin:
+        lock = client.lock("stalled", ttl=0.6)
+        await lock.acquire()
+        await admin.redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        try:
+            paused = time.monotonic()
+            await asyncio.wait_for(lock.lost.wait(), timeout=1.0)
+            assert time.monotonic() - paused < 0.6  # within the ttl of the last renewal
+        finally:
+            await admin.redis.execute_command("CLIENT", "UNPAUSE")
+        assert not lock.held
+        await lock.release()
+
+
+async def test_a_leader_that_stops_from_its_own_callback_resigns(
+    client: Client, settings: Settings
+) -> None:
+    async with Client(settings=settings) as other:
+        lead = client.leader("self-stopping", ttl=30)
+
+        async def step_down(token: int) -> None:
+            await lead.stop()
+
+        lead._on_elected = step_down
+        await lead.start()
+        heir = await other.leader("self-stopping", ttl=30, holder="heir").start()
+        await asyncio.wait_for(heir.elected.wait(), 5)  # not in 30 s: it resigned
+        assert not lead.is_leader and lead not in client.campaigns
+        await heir.stop()
+
+
+async def test_a_closing_client_tells_a_running_block_it_lost_its_lock(
+    settings: Settings,
+) -> None:
+    async with Client(settings=settings) as holder:
+        entered = asyncio.Event()
+
+        async def hold() -> None:
+            async with holder.lock("closing-block", ttl=30):
+                entered.set()
+                await asyncio.Event().wait()
+
+        block = asyncio.create_task(hold())
+        await asyncio.wait_for(entered.wait(), 5)
+        await holder.close()
+        with pytest.raises(LockLost, match="the client closed"):
+            await asyncio.wait_for(block, 5)
+
+
+async def test_a_waiter_that_leaves_passes_a_wake_up_on_only_for_a_free_lock(
+    client: Client,
+) -> None:
+    held = client.lock("handed-on", ttl=30)
+    await held.acquire()
+    wake = client.keys.lock("handed-on")[2]
+    assert await held._call("wake") == 0 and not await client.redis.exists(wake)
+    await held.release()
+    await client.redis.delete(wake)  # the release's own wake-up, taken by nobody
+    assert await held._call("wake") == 1 and await client.redis.llen(wake) == 1

@@ -240,6 +240,7 @@ class Client:
                     "leader %r did not resign on close (%s): it expires", campaign.name, exc
                 )
         for lock in list(self.held_locks):
+            lock._lose("the client closed")  # a block still running learns it at once
             try:
                 await lock.release()
             except ShoalError as exc:

@@ -90,9 +90,10 @@ class Leadership:
         that resigns knows it)."""
         campaign, self._campaign = self._campaign, None
         self._client.campaigns.discard(self)
-        if campaign is not None:
+        if campaign is not None and campaign is not asyncio.current_task():
             campaign.cancel()
             await asyncio.gather(campaign, return_exceptions=True)
+        # (from a callback, the campaign is this task: it ends when the callback returns)
         self.elected.clear()
         await self._lock.release()
 
@@ -106,6 +107,8 @@ class Leadership:
                 continue
             self.elected.set()
             await self._call(self._on_elected, token, "on_elected")
+            if self._campaign is not asyncio.current_task():
+                return  # stopped by the callback
             await self._lock.lost.wait()
             self.elected.clear()
             try:  # forget the lost term (the script refuses to delete another's)
@@ -113,6 +116,8 @@ class Leadership:
             except ShoalError as exc:
                 log.warning("leader %r: release after the loss failed (%s)", self.name, exc)
             await self._call(self._on_lost, token, "on_lost")
+            if self._campaign is not asyncio.current_task():
+                return
 
     async def _call(self, callback: Callback | None, token: int, what: str) -> None:
         if callback is None:

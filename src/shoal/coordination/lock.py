@@ -51,6 +51,7 @@ log = logging.getLogger("shoal.lock")
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,255}")
 MIN_TTL = 0.1  # seconds; the watchdog renews at ttl/3, so shorter is all round trips
+LOSS_MARGIN = 0.1  # a holder gives the lock up this share of its ttl before it expires
 MAX_TTL = 86_400.0
 
 
@@ -127,6 +128,7 @@ class Lock:
         self._cancelled_owner = False
         self._why = ""
         self._claim = ""  # "<holder> <nonce>" of the current acquisition
+        self._expires = 0.0  # monotonic time the lease surely lasts until
 
     @property
     def held(self) -> bool:
@@ -155,10 +157,11 @@ class Lock:
         # token is known, so a cancelled acquire can free what it may have taken.
         self._claim = f"{self.holder} {secrets.token_hex(8)}"
         while True:
+            sent = time.monotonic()
             try:
                 async with self._client.errors():
                     taken, value = await self._call("acquire", self._claim, self._ttl_ms)
-            except asyncio.CancelledError:
+            except BaseException:  # cancelled, or no reply: the script may have run
                 await asyncio.shield(self._abandon())
                 raise
             if taken:
@@ -171,13 +174,27 @@ class Lock:
                 )
             # Sleep until a release wakes us or the holder's lease would expire.
             block = max(value / 1000, 0.01) if left is None else min(value / 1000, left)
-            async with self._client.errors():
-                await self._client.blocking.blpop([wake], timeout=max(block, 0.01))
+            try:
+                async with self._client.errors():
+                    await self._client.blocking.blpop([wake], timeout=max(block, 0.01))
+            except asyncio.CancelledError:  # the wake-up may have been ours: pass it on
+                await asyncio.shield(self._pass_wake_up())
+                raise
+        self._expires = sent + self.ttl  # counted from before the acquire was sent
         self.token = int(value)
         self.lost.clear()
         self._client.held_locks.add(self)
         self._watchdog = asyncio.create_task(self._renew(), name=f"shoal-lock-{self.name}")
         return self.token
+
+    async def _pass_wake_up(self) -> None:
+        """A waiter leaving may have popped the wake-up a release pushed: if the lock
+        is free, push one for the next waiter (else they sleep until a ttl runs out)."""
+        try:
+            async with self._client.errors():
+                await self._call("wake")
+        except ShoalError as exc:
+            log.debug("lock %r: could not pass a wake-up on (%s)", self.name, exc)
 
     async def _abandon(self) -> None:
         """Free the lock if the acquire that was cancelled under way did take it:
@@ -198,39 +215,53 @@ class Lock:
             self._watchdog = None
         if self.token is None:
             return False
-        try:
-            async with self._client.errors():
-                released = bool(await self._call("release", self._value))
-        finally:
-            self.token = None
-        return released
+        # Forgotten before the call: a release racing this one (a closing client's
+        # and the block's own exit) finds nothing left to release.
+        value, self.token = self._value, None
+        async with self._client.errors():
+            return bool(await self._call("release", value))
 
     async def _renew(self) -> None:
-        """Extend the lock every ttl/3 while held. An engine outage is retried until
-        the lease, counted from the last renewal sent, would have expired."""
-        expires = time.monotonic() + self.ttl
+        """Extend the lock every ttl/3 while held. The lease is counted from when the
+        last successful renewal (or the acquire) was *sent*; the lock is given up as
+        lost a margin before that lease runs out — whether renewals failed, or one is
+        still waiting for its reply (a slow engine, a busy pool): a holder must stop
+        before another can have taken the lock."""
+        margin = self.ttl * LOSS_MARGIN
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            deadline = self._expires - margin
+            await asyncio.sleep(max(0.0, min(self.ttl / 3, deadline - time.monotonic())))
             sent = time.monotonic()
-            if sent >= expires:
+            if sent >= deadline:
                 return self._lose("the engine could not renew it before its ttl ran out")
+            # The call is waited for, not cancelled, at the deadline: cancelling a
+            # command mid-reply costs redis-py its connection. A late answer is moot.
+            call = asyncio.ensure_future(self._renewal())
+            done, _ = await asyncio.wait({call}, timeout=deadline - sent)
+            if not done:
+                call.add_done_callback(_ignore_outcome)
+                return self._lose("no renewal was answered before its ttl ran out")
             try:
-                async with self._client.errors():
-                    held = await self._call("renew", self._value, self._ttl_ms)
+                held = call.result()
             except EngineUnavailable as exc:
                 log.warning("lock %r: renewal failed (%s); retrying", self.name, exc)
                 continue
             if not held:
                 return self._lose("it expired or another holder took it")
-            expires = sent + self.ttl
+            self._expires = sent + self.ttl
+
+    async def _renewal(self) -> bool:
+        async with self._client.errors():
+            return bool(await self._call("renew", self._value, self._ttl_ms))
 
     def _lose(self, why: str) -> None:
         log.warning("lock %r (token %s) lost: %s", self.name, self.token, why)
         self._why = why
         self.lost.set()
-        if self._owner is not None and not self._owner.done():
+        owner = self._owner
+        if owner is not None and not owner.done() and owner is not asyncio.current_task():
             self._cancelled_owner = True
-            self._owner.cancel(f"lock {self.name!r} lost")
+            owner.cancel(f"lock {self.name!r} lost")
 
     # --- async with --------------------------------------------------------------------
 
@@ -258,3 +289,9 @@ class Lock:
         raise LockLost(
             f"lock {self.name!r} (fencing token {token}) was lost while held: {self._why}"
         ) from None
+
+
+def _ignore_outcome(call: asyncio.Future[Any]) -> None:
+    """A renewal answered after its lock was given up: its answer changes nothing."""
+    if not call.cancelled():
+        call.exception()  # retrieved, so asyncio does not log it as never retrieved

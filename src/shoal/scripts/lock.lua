@@ -52,4 +52,13 @@ if op == 'abandon' then
   return 1
 end
 
+-- wake: a waiter gave up and may have taken the wake-up meant for the next one:
+-- if the lock is free, push one. Returns 1 if it pushed.
+if op == 'wake' then
+  if redis.call('EXISTS', lock) == 1 then return 0 end
+  redis.call('RPUSH', wake, '1')
+  redis.call('PEXPIRE', wake, 10000)
+  return 1
+end
+
 return redis.error_reply('lock: unknown op ' .. tostring(op))
