@@ -108,6 +108,10 @@ class Admission:
         if limit is not None and running == limit - 1:
             self._on_open()
 
+    def held_back(self, capability: str) -> float:
+        """Seconds until the capability's rate lets the node try again (0: not held)."""
+        return max(0.0, self._refused_until.get(capability, 0.0) - time.monotonic())
+
     async def budgets(self, free: int) -> dict[str, int]:
         """How many tasks of each limited capability may start in this round. The
         tokens taken for them are the node's until ``settle``: call it after the

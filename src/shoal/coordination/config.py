@@ -135,7 +135,7 @@ def _check_json(key: str, value: Any) -> Any:
     try:
         encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{key}: the value must be JSON data ({str(exc):.200})") from None
+        raise ConfigurationError(f"{key}: the value must be JSON data ({exc!s:.200})") from None
     except RecursionError:
         raise ConfigurationError(f"{key}: the value is nested too deeply") from None
     if len(encoded) > MAX_VALUE_BYTES:
