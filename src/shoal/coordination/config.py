@@ -53,6 +53,7 @@ HISTORY_LENGTH = 1000  # changes kept (all keys together); older ones are trimme
 HISTORY_PAGE = 100  # entries read per round trip by history(key=...)
 REFRESH_S = 1.0  # a watcher re-reads the version this often besides the announcements
 MAX_VALUE_BYTES = 64 * 1024  # a setting is configuration, not data
+MAX_DEPTH = 32  # lists and objects within each other: a setting, not a document
 MAX_BY_LENGTH = 200
 _KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,254}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -142,7 +143,23 @@ def _check_json(key: str, value: Any) -> Any:
         raise ConfigurationError(
             f"{key}: the value is {len(encoded)} bytes as JSON; at most {MAX_VALUE_BYTES}"
         )
-    return json.loads(encoded)  # tuples become lists, as they come back from the store
+    value = json.loads(encoded)  # tuples become lists, as they come back from the store
+    if _depth(value) > MAX_DEPTH:
+        raise ConfigurationError(f"{key}: the value is nested more than {MAX_DEPTH} deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
 
 
 _DAY = 86_400.0
