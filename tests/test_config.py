@@ -174,6 +174,19 @@ async def test_a_watched_view_follows_changes_at_once(client: Client, settings: 
         assert "app.colour" not in view.values
 
 
+async def test_a_burst_of_changes_costs_a_watcher_a_few_reads(
+    client: Client, settings: Settings
+) -> None:
+    async with Client(settings=settings) as other:
+        view = await other.config.watch()
+        watcher = other.config._watcher
+        assert watcher is not None
+        before = watcher.reads
+        entries = await asyncio.gather(*(client.config.set("app.n", n) for n in range(200)))
+        assert await view.wait_for(max(e.version for e in entries), timeout=3)
+        assert watcher.reads - before < 50, watcher.reads - before  # not one per change
+
+
 async def test_a_missed_announcement_is_made_up_for_by_the_periodic_look(
     client: Client, settings: Settings
 ) -> None:

@@ -562,6 +562,11 @@ class Watcher:
         self._reading: asyncio.Task[None] | None = None
         self._again = False  # another read is wanted once the one under way ends
 
+    @property
+    def reads(self) -> int:
+        """Snapshots read so far (announcements coalesce: see the class)."""
+        return self._sent
+
     async def view(self) -> ConfigView:
         """The view, read once before it is handed out (concurrent callers share it)."""
         ready = self._ready
