@@ -55,7 +55,8 @@ REFRESH_S = 1.0  # a watcher re-reads the version this often besides the announc
 MAX_VALUE_BYTES = 64 * 1024  # a setting is configuration, not data
 MAX_DEPTH = 32  # lists and objects within each other: a setting, not a document
 MAX_BY_LENGTH = 200
-_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,254}")
+# no '/': a key is one segment of the HTTP path /v1/config/{key}
+_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -221,8 +222,7 @@ def setting_for(key: Any) -> Setting:
     """The schema entry of ``key``, or a ConfigurationError saying what keys exist."""
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise ConfigurationError(
-            f"config key {key!r:.80} is invalid: up to 255 letters, digits, '_', '.', ':', "
-            "'/' or '-'"
+            f"config key {key!r:.80} is invalid: up to 255 letters, digits, '_', '.', ':' or '-'"
         )
     head, _, rest = key.partition(".")
     found: Setting | None = None

@@ -85,7 +85,7 @@ async def config_history(
 
 
 @router.get(
-    "/{key:path}",
+    "/{key}",
     summary="Read a setting",
     response_class=Response,
     responses=ok("ConfigEntry", "Its value, version, author and time.") | NOT_SET | COMMON_ERRORS,
@@ -98,7 +98,7 @@ async def get_config(key: Key, request: Request, caller: Read) -> Response:
 
 
 @router.put(
-    "/{key:path}",
+    "/{key}",
     summary="Change a setting",
     response_class=Response,
     responses=ok("ConfigEntry", "The new value and its version.")
@@ -115,7 +115,7 @@ async def set_config(key: Key, body: ConfigWrite, request: Request, caller: Admi
 
 
 @router.delete(
-    "/{key:path}",
+    "/{key}",
     summary="Unset a setting",
     response_class=Response,
     responses=ok("ConfigDeleted", "The version of the deletion.")
