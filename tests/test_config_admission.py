@@ -86,6 +86,8 @@ async def test_a_rate_limited_capability_keeps_its_rate_beside_a_busy_one_on_a_f
         assert (await busy[-1].status()).status == "queued"
     starts = sorted([(await h.status()).started_at or 0 for h in rated])
     measured = (len(starts) - 1) / ((starts[-1] - starts[0]) / 1000)
+    # ~9.7/s measured; a token spent whether or not its capability got the slot
+    # (the reviewed code) gave ~8/s
     assert abs(measured - rate) / rate < 0.12, f"{measured:.2f} starts/s, configured {rate}"
 
 
