@@ -59,3 +59,20 @@ class Caller(Agent):
         await pool.start()
         assert pool.breaker is not None
         return dataclasses.asdict(pool.breaker)
+
+
+class Mixed(Agent):
+    """A rate-limited capability beside a busy unlimited one and a spare one."""
+
+    @capability("cfg_rated")
+    async def rated(self, i: int = 0) -> int:
+        return i
+
+    @capability("cfg_busy")
+    async def busy(self, i: int = 0) -> int:
+        await asyncio.sleep(0.004)  # keeps the node's one slot taken most of the time
+        return i
+
+    @capability("cfg_spare")
+    async def spare(self) -> str:
+        return "spare"

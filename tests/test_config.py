@@ -59,7 +59,22 @@ async def test_the_history_is_bounded(client: Client) -> None:
     pipe_sets = [client.config.set("app.counter", n) for n in range(HISTORY_LENGTH + 5)]
     await asyncio.gather(*pipe_sets)
     assert await client.redis.xlen(client.keys.live_config[2]) == HISTORY_LENGTH
-    assert len(await client.config.history(limit=HISTORY_LENGTH)) == HISTORY_LENGTH
+    history = await client.config.history(limit=HISTORY_LENGTH)
+    versions = [c.version for c in history]
+    newest = HISTORY_LENGTH + 5
+    assert versions == list(range(newest, newest - HISTORY_LENGTH, -1))  # distinct, consecutive
+
+
+async def test_a_key_s_history_is_read_in_pages_back_to_its_changes(client: Client) -> None:
+    first = await client.config.set("app.rare", "a")
+    await asyncio.gather(*(client.config.set("app.busy", n) for n in range(250)))
+    last = await client.config.set("app.rare", "b")
+    assert [c.version for c in await client.config.history("app.rare")] == [
+        last.version,
+        first.version,
+    ]
+    assert [c.value for c in await client.config.history("app.rare", limit=1)] == ["b"]
+    assert len(await client.config.history("app.busy", limit=120)) == 120
 
 
 async def test_expect_version_makes_a_compare_and_set(client: Client) -> None:
@@ -71,6 +86,11 @@ async def test_expect_version_makes_a_compare_and_set(client: Client) -> None:
     with pytest.raises(ConfigConflict):
         await client.config.delete("app.owner", expect_version=created.version)
     assert await client.config.delete("app.owner", expect_version=updated.version)
+    # an unset key is at version 0: expecting another one is a conflict, not "not set"
+    with pytest.raises(ConfigConflict) as raised:
+        await client.config.delete("app.owner", expect_version=updated.version)
+    assert raised.value.current == 0
+    assert await client.config.delete("app.owner", expect_version=0) is None
 
 
 async def test_list_returns_the_settings_under_a_prefix(client: Client) -> None:
@@ -102,6 +122,13 @@ async def test_list_returns_the_settings_under_a_prefix(client: Client) -> None:
         ("app.blob", "x" * 70_000, "at most"),
         ("app.obj", {1, 2}, "JSON"),
         ("bad key!", 1, "invalid"),
+        ("capability.summarize.concurrency", 10**400, "within 0..1000000"),  # no float
+        ("retry.backoff", 10**400, "within"),
+        (
+            "app.deep",
+            [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+            "nested",
+        ),
     ],
 )
 async def test_a_wrong_key_or_value_is_refused_saying_what_is_allowed(
@@ -110,6 +137,17 @@ async def test_a_wrong_key_or_value_is_refused_saying_what_is_allowed(
     with pytest.raises(ConfigurationError, match=says):
         await client.config.set(key, value)
     assert await client.config.version() == 0  # nothing was written
+
+
+async def test_an_empty_author_is_refused_not_replaced(client: Client) -> None:
+    with pytest.raises(ConfigurationError, match="'by' names who"):
+        await client.config.set("app.x", 1, by="")
+    value: list[Any] = []
+    for _ in range(100_000):  # deeper than json.dumps can recurse
+        value = [value]
+    with pytest.raises(ConfigurationError, match=r"nested too deeply"):
+        await client.config.set("app.x", value)
+    assert await client.config.version() == 0
 
 
 def test_values_typed_as_text_take_the_settings_type() -> None:
@@ -134,6 +172,19 @@ async def test_a_watched_view_follows_changes_at_once(client: Client, settings: 
         deleted = await client.config.delete("app.colour")
         assert deleted is not None and await view.wait_for(deleted, timeout=0.5)
         assert "app.colour" not in view.values
+
+
+async def test_a_burst_of_changes_costs_a_watcher_a_few_reads(
+    client: Client, settings: Settings
+) -> None:
+    async with Client(settings=settings) as other:
+        view = await other.config.watch()
+        watcher = other.config._watcher
+        assert watcher is not None
+        before = watcher.reads
+        entries = await asyncio.gather(*(client.config.set("app.n", n) for n in range(200)))
+        assert await view.wait_for(max(e.version for e in entries), timeout=3)
+        assert watcher.reads - before < 50, watcher.reads - before  # not one per change
 
 
 async def test_a_missed_announcement_is_made_up_for_by_the_periodic_look(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from shoal import Client, Settings
+from shoal import Client, ConfigurationError, Settings
 from shoal.apikeys import KeyStore
 from tests.gateways import bearer, serving
 from tests.test_gateway_api import error_of, http
@@ -73,3 +73,34 @@ async def test_reading_needs_read_and_changing_needs_admin(
     admin = await KeyStore(client).create("ops", ["read", "admin"])
     changed = await api.put("/v1/config/app.x", json={"value": 3}, headers=bearer(admin.secret))
     assert changed.json()["by"] == f"apikey:{admin.key.id}"
+
+
+async def test_a_huge_number_or_deeply_nested_value_is_422_not_a_crash(
+    api: httpx.AsyncClient,
+) -> None:
+    json_body = {"content-type": "application/json"}
+    huge = await api.put(CONCURRENCY, content=b'{"value": ' + b"9" * 400 + b"}", headers=json_body)
+    assert "within 0..1000000" in error_of(huge, 422, "ConfigurationError")["message"]
+    for depth in (33, 900):  # deeper than MAX_DEPTH, within what the JSON parser takes
+        nested = b"[" * depth + b"]" * depth
+        deep = await api.put(
+            "/v1/config/app.deep", content=b'{"value": ' + nested + b"}", headers=json_body
+        )
+        assert "nested more than" in error_of(deep, 422, "ConfigurationError")["message"]
+    # beyond the parser's own limit, the body is refused before it reaches Shoal
+    nested = b"[" * 50_000 + b"]" * 50_000
+    deep = await api.put(
+        "/v1/config/app.deep", content=b'{"value": ' + nested + b"}", headers=json_body
+    )
+    assert deep.status_code in (400, 413), deep.text[:200]
+    assert (await api.get("/v1/config/app.deep")).status_code == 404
+
+
+async def test_a_key_with_a_slash_is_refused_everywhere(
+    api: httpx.AsyncClient, client: Client
+) -> None:
+    """A key is one path segment; one with a '/' could be written but not reached."""
+    with pytest.raises(ConfigurationError, match="invalid"):
+        await client.config.set("app.models/default", "small")
+    response = await api.put("/v1/config/app.models%2Fdefault", json={"value": "small"})
+    assert 400 <= response.status_code < 500, response.text  # never stored

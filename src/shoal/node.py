@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from shoal.errors import ConfigurationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome
 from shoal.hosting import AgentHost
 from shoal.keys import CONSUMER_GROUP, PRIORITIES
-from shoal.live_settings import LogLevels, capability_limits, retry_spec
+from shoal.live_settings import LogLevels, capability_limits, checked_values, retry_spec
 from shoal.liveness import Heartbeat, deregister, register
 from shoal.observability.hooks import NodeTelemetry
 from shoal.observability.logs import set_process_node
@@ -150,6 +151,7 @@ class Node:
         self.admission = Admission(self.client, self._recheck.set)
         self._log_levels = LogLevels()
         self.config_version = 0
+        self._config_seen = 0  # the view's update count applied (versions can go back)
         self._agent_types = sorted(
             (a for a in set(agents) if a.is_addressable()), key=lambda a: a.agent_type
         )
@@ -162,6 +164,8 @@ class Node:
         self._serving = asyncio.Event()  # cleared while the node may have been declared dead
         # the blocking reads for work (one per key group) and the wait on them
         self._idle_reads: dict[int, asyncio.Future[Any]] = {}
+        self._idle_streams: dict[int, set[str]] = {}  # what each of those reads watches
+        self.fetch_calls = 0  # fetch script calls made (tests count useless ones)
         self._idle_wait: asyncio.Future[Any] | None = None
         self._turn = 0  # rotates which capability is read first (see _queue_order)
         self._group_turn = 0  # rotates which key group is read first
@@ -215,8 +219,10 @@ class Node:
         try:
             await self.client.connect()
             config = await self.client.config.watch()
+            seen, version = config.changes, config.version
             self._apply_config(config)  # before registering: _publish writes its defaults
             await self._register()
+            self._config_seen, self.config_version = seen, version
             self._start_heartbeat()
             if self.agents is not None:
                 await self.agents.start()
@@ -335,40 +341,64 @@ class Node:
 
     def _apply_config(self, config: ConfigView) -> bool:
         """Apply the settings as of ``config``: retry options (the specs attempts
-        use), admission limits, log levels. True if a default the engine keeps for
-        the fetch script (max_attempts) changed and must be published again."""
-        values = config.values
-        republish = False
-        for name, code_spec in self._code_specs.items():
-            spec, agent = self._specs[name]
-            live = retry_spec(code_spec, values)
-            republish = republish or live.max_attempts != spec.max_attempts
-            self._specs[name] = (live, agent)
-        self.admission.set_limits(
-            {name: capability_limits(spec, values) for name, spec in self._code_specs.items()}
-        )
+        use), admission limits, log levels. Each value is checked first (an invalid
+        one is skipped) and everything is computed before anything is changed, so
+        a change is applied whole or not at all. True if a default the engine keeps
+        for the fetch script (max_attempts) changed and must be published again."""
+        values = checked_values(config.values)
+        specs = {
+            name: (retry_spec(code_spec, values), self._specs[name][1])
+            for name, code_spec in self._code_specs.items()
+        }
+        limits = {name: capability_limits(spec, values) for name, spec in self._code_specs.items()}
+        for name, lim in limits.items():
+            if lim.burst is not None and lim.rate is None:
+                log.warning("config: capability %s has a burst but no rate: it has no effect", name)
+        republish = any(specs[n][0].max_attempts != self._specs[n][0].max_attempts for n in specs)
+        self._specs.update(specs)
+        self.admission.set_limits(limits)
         self._log_levels.apply(values)
-        self.config_version = config.version
         return republish
 
     async def _config_loop(self, config: ConfigView) -> None:
-        """Apply each new version of the settings as the client's watch sees it."""
-        pending = False  # defaults to publish (an earlier attempt failed)
-        while not self._closing.is_set():
-            if await config.wait_for(self.config_version + 1, timeout=CONFIG_LOOK_S):
-                try:
-                    pending = self._apply_config(config) or pending
-                except Exception:  # a bug here must not take the node down
-                    log.exception("applying config version %d failed", config.version)
-                    self.config_version = config.version  # not again and again
-                    continue
-                log.info("node %s applied config version %d", self.node_id, config.version)
-            if pending:
-                try:
-                    await self._publish_defaults()
-                    pending = False
-                except ShoalError as exc:
-                    log.warning("publishing capability defaults failed (%s); retrying", exc)
+        """Apply each change of the settings as the client's watch sees it. The
+        version shown as applied (``config_version``) moves only once a change is
+        applied and the defaults it changed are published: waiting for it means
+        the change is in force."""
+        changed = asyncio.Event()
+
+        def on_change(_: ConfigView) -> None:
+            changed.set()
+
+        config.on_change(on_change)
+        target, pending, warned = self.config_version, False, 0.0
+        try:
+            while not self._closing.is_set():
+                changed.clear()
+                if config.changes != self._config_seen:
+                    self._config_seen, version = config.changes, config.version
+                    try:
+                        pending = self._apply_config(config) or pending
+                    except Exception:  # a bug here must not take the node down
+                        log.exception("applying config version %d failed", version)
+                        continue  # not again until the next change; not shown as applied
+                    target = version
+                if pending:
+                    try:
+                        await self._publish_defaults()
+                        pending = False
+                    except ShoalError as exc:
+                        if time.monotonic() - warned > FETCH_WARN_EVERY_S:
+                            warned = time.monotonic()
+                            log.warning("publishing capability defaults failed (%s); retrying", exc)
+                        await self._until(self._closing, timeout=CONFIG_LOOK_S)
+                        continue
+                if self.config_version != target:
+                    self.config_version = target
+                    log.info("node %s applied config version %d", self.node_id, target)
+                await self._until(changed, timeout=CONFIG_LOOK_S)
+        finally:
+            config.remove_listener(on_change)
 
     async def _publish_defaults(self) -> None:
         """Each capability's max_attempts as configured now, in every group's copy of
@@ -496,6 +526,7 @@ class Node:
                 read.cancel()
             await asyncio.gather(*self._idle_reads.values(), return_exceptions=True)
             self._idle_reads.clear()
+            self._idle_streams.clear()
 
     async def _fetch_until_stopped(self, expired: bytes) -> None:
         backoff = Backoff()
@@ -531,6 +562,21 @@ class Node:
         capabilities start no more than their budgets (shoal.admission); ``forced``
         asks groups whose blocking read saw nothing new too (a budget opened)."""
         budgets = await self.admission.budgets(free)
+        started: Counter[str] = Counter()
+        try:
+            return await self._fetch_groups(free, expired, forced, budgets, started)
+        finally:
+            # tokens taken for starts that did not happen go back to their buckets
+            await self.admission.settle(started)
+
+    async def _fetch_groups(
+        self,
+        free: int,
+        expired: bytes,
+        forced: bool,
+        budgets: dict[str, int],
+        started_caps: Counter[str],
+    ) -> dict[int, tuple[list[str], list[bytes]] | None]:
         idle: dict[int, tuple[list[str], list[bytes]] | None] = {}
         failures: list[ShoalError] = []
         groups = self.keys.groups
@@ -543,7 +589,10 @@ class Node:
                 # new since: asking again would cost a round trip for nothing
                 idle[group] = None
                 continue
-            queues = self._queue_order(group)
+            queues = self._queue_order(group, budgets)
+            if not queues:  # every capability is held back: nothing to ask for
+                idle[group] = ([], [])
+                continue
             lives = self._lives
             try:
                 started, consumed, last_ids = await self._fetch(
@@ -560,6 +609,7 @@ class Node:
                 job = Job.from_reply(row)
                 if job.capability in budgets:
                     budgets[job.capability] -= 1
+                started_caps[job.capability] += 1
                 self._start(job)
             free -= len(started)
             if consumed == 0:
@@ -594,13 +644,20 @@ class Node:
             for job in jobs:
                 self.recorder.add_outcome(Outcome(job, "requeue"))
 
-    def _queue_order(self, group: int) -> list[str]:
+    def _queue_order(self, group: int, budgets: dict[str, int]) -> list[str]:
         """Priorities in order; within one, the capabilities take turns going first,
-        so a busy capability cannot starve the others hosted by this node."""
+        so a busy capability cannot starve the others hosted by this node. Limited
+        capabilities with a budget go before unlimited ones (the tokens taken for a
+        rate-limited one are spent on it, not on a busy neighbour that takes the
+        last free slot); those with no budget are left out: reading them would
+        start nothing, and blocking on them would wake the node for nothing."""
         self._turn += 1
-        caps = list(self._specs)
+        caps = [cap for cap in self._specs if budgets.get(cap, 1) > 0]
+        if not caps:
+            return []
         shift = self._turn % len(caps)
         caps = caps[shift:] + caps[:shift]
+        caps.sort(key=lambda cap: cap not in budgets)  # stable: the turns are kept
         return [self.keys.queue(cap, prio, group) for prio in PRIORITIES for cap in caps]
 
     async def _fetch(
@@ -619,6 +676,7 @@ class Node:
             args.append(len(budgets))
             for cap, budget in budgets.items():
                 args += [cap, budget]
+        self.fetch_calls += 1
         async with self.client.errors():
             started, consumed, last_ids = await self.client.scripts.fetch(
                 queues, args, on=self.client.blocking
@@ -637,17 +695,31 @@ class Node:
             # step leaves a coroutine never awaited.
             return
         for group, where in idle.items():
-            if where is not None and group not in self._idle_reads:
-                queues, last_ids = where
+            if where is None:
+                continue
+            queues, last_ids = where
+            if group in self._idle_reads and self._idle_streams.get(group) != set(queues):
+                # the streams to watch changed (a capability's budget closed or
+                # opened): the old read would wake the node for a paused capability
+                # or miss one that may start again
+                self._drop_idle_read(group)
+            if queues and group not in self._idle_reads:
                 streams = dict(zip(queues, last_ids, strict=True))
+                self._idle_streams[group] = set(queues)
                 self._idle_reads[group] = asyncio.ensure_future(
                     self.client.blocking.xread(streams, count=1, block=IDLE_BLOCK_MS)
                 )
         # a budget that opens (a limited capability's task ended, its rate allows
-        # again, the config changed) ends the wait too
+        # again, the config changed) ends the wait too; with no stream to watch
+        # (every capability held back) the loop still turns once per IDLE_BLOCK_MS
         recheck = asyncio.ensure_future(self._recheck.wait())
+        timeout = None if self._idle_reads else IDLE_BLOCK_MS / 1000
         self._idle_wait = asyncio.ensure_future(
-            asyncio.wait([*self._idle_reads.values(), recheck], return_when=asyncio.FIRST_COMPLETED)
+            asyncio.wait(
+                [*self._idle_reads.values(), recheck],
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         )
         try:
             done, _ = await self._idle_wait  # stop() cancels it
@@ -661,11 +733,20 @@ class Node:
         for group, read in list(self._idle_reads.items()):
             if read in done:
                 del self._idle_reads[group]
+                self._idle_streams.pop(group, None)
                 if not read.cancelled() and (exc := read.exception()) is not None:
                     if not isinstance(exc, redis.RedisError):
                         raise exc
                     log.warning("waiting for work failed: %s", translate(exc, self.client.url))
                     await self._until(self._stopping, timeout=0.5)
+
+    def _drop_idle_read(self, group: int) -> None:
+        """Cancel a group's blocking read (its connection is closed: only when the
+        streams to watch change, not on every round)."""
+        read = self._idle_reads.pop(group)
+        self._idle_streams.pop(group, None)
+        read.cancel()
+        read.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _until(self, event: asyncio.Event, timeout: float | None = None) -> bool:
         """Wait for ``event`` at most ``timeout`` seconds; True if it is set."""

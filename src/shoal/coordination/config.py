@@ -50,10 +50,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.config")
 
 HISTORY_LENGTH = 1000  # changes kept (all keys together); older ones are trimmed
+HISTORY_PAGE = 100  # entries read per round trip by history(key=...)
 REFRESH_S = 1.0  # a watcher re-reads the version this often besides the announcements
 MAX_VALUE_BYTES = 64 * 1024  # a setting is configuration, not data
+MAX_DEPTH = 32  # lists and objects within each other: a setting, not a document
 MAX_BY_LENGTH = 200
-_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,254}")
+# no '/': a key is one segment of the HTTP path /v1/config/{key}
+_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -96,8 +99,10 @@ class Setting:
             raise ConfigurationError(f"{key} must be {self._range()}, got {value!r}")
         if self.kind == "int" and not isinstance(value, int):
             raise ConfigurationError(f"{key} must be {self._range()}, got {value!r}")
-        if not math.isfinite(value) or not self.low <= value <= self.high:  # type: ignore[operator]
-            raise ConfigurationError(f"{key} must be {self._range()}, got {value!r}")
+        # the range first: an int too big for a float (400 digits from a JSON body)
+        # compares exactly, where math.isfinite would raise OverflowError
+        if not self.low <= value <= self.high or not math.isfinite(value):  # type: ignore[operator]
+            raise ConfigurationError(f"{key} must be {self._range()}, got {value!r:.80}")
         return value if self.kind == "int" else float(value)
 
     def _range(self) -> str:
@@ -119,6 +124,8 @@ class Setting:
             value = json.loads(text)
         except ValueError:
             value = text  # not JSON: the text itself
+        except RecursionError:
+            raise ConfigurationError(f"{key}: the value is nested too deeply") from None
         return self.check(key, value)
 
 
@@ -130,12 +137,30 @@ def _check_json(key: str, value: Any) -> Any:
     try:
         encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{key}: the value must be JSON data ({exc})") from None
+        raise ConfigurationError(f"{key}: the value must be JSON data ({exc!s:.200})") from None
+    except RecursionError:
+        raise ConfigurationError(f"{key}: the value is nested too deeply") from None
     if len(encoded) > MAX_VALUE_BYTES:
         raise ConfigurationError(
             f"{key}: the value is {len(encoded)} bytes as JSON; at most {MAX_VALUE_BYTES}"
         )
-    return json.loads(encoded)  # tuples become lists, as they come back from the store
+    value = json.loads(encoded)  # tuples become lists, as they come back from the store
+    if _depth(value) > MAX_DEPTH:
+        raise ConfigurationError(f"{key}: the value is nested more than {MAX_DEPTH} deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
 
 
 _DAY = 86_400.0
@@ -197,8 +222,7 @@ def setting_for(key: Any) -> Setting:
     """The schema entry of ``key``, or a ConfigurationError saying what keys exist."""
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise ConfigurationError(
-            f"config key {key!r:.80} is invalid: up to 255 letters, digits, '_', '.', ':', "
-            "'/' or '-'"
+            f"config key {key!r:.80} is invalid: up to 255 letters, digits, '_', '.', ':' or '-'"
         )
     head, _, rest = key.partition(".")
     found: Setting | None = None
@@ -351,7 +375,7 @@ class ConfigStore:
         ``expect_version``, only if the key is at that version (0: unset), else
         ConfigConflict."""
         value = validate(key, value)
-        author = _check_by(by or default_author())
+        author = _check_by(default_author() if by is None else by)
         done, version, *at = await self._run(
             "set", key, json.dumps(value), author, HISTORY_LENGTH, _expected(expect_version)
         )
@@ -366,13 +390,15 @@ class ConfigStore:
         self, key: str, *, by: str | None = None, expect_version: int | None = None
     ) -> int | None:
         """Unset ``key`` (back to the code's default); the version of the deletion,
-        or None if it was not set."""
+        or None if it was not set. With ``expect_version``, only if the key is at
+        that version (an unset key is at 0), else ConfigConflict."""
         setting_for(key)
-        author = _check_by(by or default_author())
+        author = _check_by(default_author() if by is None else by)
         done, version = await self._run(
             "delete", key, author, HISTORY_LENGTH, _expected(expect_version)
         )
-        if not done and version:
+        # an unset key is at version 0: a delete expecting another version conflicts
+        if not done and (version or expect_version not in (None, 0)):
             raise ConfigConflict(
                 f"config {key!r} is at version {version}, not {expect_version}: read it again",
                 int(version),
@@ -398,14 +424,23 @@ class ConfigStore:
             raise ConfigurationError(f"limit must be 1..{HISTORY_LENGTH}, got {limit!r}")
         if key is not None:
             setting_for(key)
+        stream = self._client.keys.live_config[2]
+        changes: builtins.list[ConfigChange] = []
+        newest: bytes | str = "+"
         async with self._client.errors():
-            rows = await self._client.redis.xrevrange(
-                self._client.keys.live_config[2], count=limit if key is None else None
-            )
-        changes = [_change(fields) for _, fields in rows]
-        if key is not None:
-            changes = [c for c in changes if c.key == key][:limit]
-        return changes
+            # page back through the stream (entries may be up to MAX_VALUE_BYTES):
+            # a key's latest changes are usually near the end
+            while len(changes) < limit:
+                page = limit if key is None else HISTORY_PAGE
+                rows = await self._client.redis.xrevrange(stream, max=newest, count=page)
+                for _, fields in rows:
+                    change = _change(fields)
+                    if key is None or change.key == key:
+                        changes.append(change)
+                if len(rows) < page:
+                    break
+                newest = b"(" + rows[-1][0]  # exclusive: before the last one read
+        return changes[:limit]
 
     async def version(self) -> int:
         """The version of the last change (0: never changed)."""
@@ -438,6 +473,7 @@ class ConfigView:
         self.version = 0
         self.values: Mapping[str, Any] = {}
         self.refreshed_at = 0.0
+        self.changes = 0  # +1 per update taken (versions can go back: see update)
         self._listeners: list[Listener] = []
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -466,12 +502,25 @@ class ConfigView:
             self._waiters = [(v, f) for v, f in self._waiters if f is not future]
         return True
 
-    def update(self, snapshot: ConfigSnapshot) -> bool:
-        """Take a fresh read; True (and listeners told) if it is newer."""
+    def update(self, snapshot: ConfigSnapshot, *, latest: bool = False) -> bool:
+        """Take a fresh read; True (and listeners told) if it changed the view.
+
+        Without ``latest``, only a higher version is taken (the read may have been
+        overtaken by another). With it, the caller vouches that no later read was
+        taken before (the Watcher numbers its reads), so a *lower* version means the
+        engine's counter went back — its data was flushed, or it restarted without
+        persistence — and the read is taken as it is, rather than leaving the view
+        stale until the counter climbs past its old value."""
         self.refreshed_at = time.monotonic()
-        if snapshot.version <= self.version:
-            return False  # older or the same: a read overtaken by another
+        if snapshot.version == self.version or (snapshot.version < self.version and not latest):
+            return False  # the same, or a read overtaken by another
+        if snapshot.version < self.version:
+            log.warning(
+                "config: the version went back from %d to %d (the engine lost its data?); "
+                "taking the settings as they are now", self.version, snapshot.version,
+            )  # fmt: skip
         self.version = snapshot.version
+        self.changes += 1
         self.values = {e.key: e.value for e in snapshot.entries}
         for listener in list(self._listeners):
             try:
@@ -484,9 +533,21 @@ class ConfigView:
         return True
 
 
+def _quiet(task: asyncio.Task[None]) -> None:
+    """A background read's error is logged here (the poll reads again later)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("config: reading the settings failed: %s", exc)
+
+
 class Watcher:
     """Keeps one client's ConfigView current: the change channel, and a look at
-    the version every ``refresh`` seconds (a missed announcement is made up for)."""
+    the version every ``refresh`` seconds (a missed announcement is made up for).
+
+    Reads are numbered as they are sent and a reply is taken only if no later
+    read's reply was taken before it, so the view may follow the version counter
+    back (an engine that lost its data) without an overtaken read undoing a newer
+    one. Announcements that arrive while a read is on its way are coalesced into
+    one more read, so a burst of changes costs a few reads, not one each."""
 
     def __init__(self, store: ConfigStore, refresh: float = REFRESH_S) -> None:
         self._store = store
@@ -496,12 +557,22 @@ class Watcher:
         self._ready: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._sent = 0  # reads sent
+        self._taken = 0  # the number of the latest read whose reply was taken
+        self._reading: asyncio.Task[None] | None = None
+        self._again = False  # another read is wanted once the one under way ends
+
+    @property
+    def reads(self) -> int:
+        """Snapshots read so far (announcements coalesce: see the class)."""
+        return self._sent
 
     async def view(self) -> ConfigView:
         """The view, read once before it is handed out (concurrent callers share it)."""
-        if self._ready is None or (self._ready.done() and self._ready.exception() is not None):
-            self._ready = asyncio.create_task(self._first_read())
-        await asyncio.shield(self._ready)
+        ready = self._ready
+        if ready is None or (ready.done() and (ready.cancelled() or ready.exception())):
+            self._ready = ready = asyncio.create_task(self._first_read())
+        await asyncio.shield(ready)
         return self._view
 
     async def _first_read(self) -> None:
@@ -513,14 +584,38 @@ class Watcher:
             ]
 
     async def _read(self) -> None:
-        self._view.update(await self._store.snapshot())
+        self._sent += 1
+        number = self._sent
+        snapshot = await self._store.snapshot()
+        if number > self._taken:  # not overtaken by a later read already taken
+            self._taken = number
+            self._view.update(snapshot, latest=True)
+
+    def _kick(self) -> asyncio.Task[None]:
+        """Read, or, if a read is under way, have it followed by one more (the
+        changes announced meanwhile may have been written after it was served)."""
+        if self._reading is not None and not self._reading.done():
+            self._again = True
+            return self._reading
+        self._reading = asyncio.ensure_future(self._read_until_quiet())
+        self._reading.add_done_callback(_quiet)
+        return self._reading
+
+    async def _refresh(self) -> None:
+        await asyncio.shield(self._kick())
+
+    async def _read_until_quiet(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            await self._read()
 
     async def _poll(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.refresh)
             try:
                 if await self._store.version() != self._view.version:
-                    await self._read()
+                    await self._refresh()
                 else:
                     self._view.refreshed_at = time.monotonic()
             except ShoalError as exc:
@@ -534,11 +629,12 @@ class Watcher:
             subscription = ShardSubscription(self._client.blocking, [channel])
             try:
                 await subscription.open()
-                await self._read()  # what changed while not subscribed
+                await self._refresh()  # what changed while not subscribed
                 while not self._closing:
                     data = await subscription.next(timeout=self.refresh)
-                    if data is not None and int(data.split(b" ", 1)[0]) > self._view.version:
-                        await self._read()
+                    # any other version than the view's: a lower one after a reset too
+                    if data is not None and int(data.split(b" ", 1)[0]) != self._view.version:
+                        self._kick()  # not awaited: announcements meanwhile coalesce
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the poll keeps the view current meanwhile
@@ -556,3 +652,5 @@ class Watcher:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2 * self.refresh + 1)
         self._tasks = []
+        if self._reading is not None:
+            self._reading.cancel()

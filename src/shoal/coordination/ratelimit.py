@@ -39,8 +39,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import redis
+from redis.exceptions import NoScriptError
 
-from shoal.errors import ConfigurationError, RateLimited
+from shoal.engine import translate
+from shoal.errors import ConfigurationError, RateLimited, ShoalError
 
 if TYPE_CHECKING:  # the client may use the limiter itself one day: no import cycle
     from shoal.client import Client
@@ -132,6 +135,77 @@ class TokenBucket:
                 [bucket], [keys.prefix, repr(rate), burst, cost]
             )
         return _decision(reply)
+
+    async def take_each(
+        self, wanted: dict[str, tuple[float, int, int]]
+    ) -> dict[str, tuple[int, RateDecision] | ShoalError]:
+        """For each key, take as many whole tokens as its bucket has, up to the
+        number asked (``key -> (rate, burst, most)``), all in one round trip: how
+        many each gave (0: refused, with ``retry_after`` until one is there). A key
+        whose call failed maps to its error (EngineError, EngineUnavailable), so one
+        broken bucket does not cost the others their answer. Tokens taken and not
+        used go back with ``give_each``."""
+        calls = {
+            key: self._call(key, rate, burst, most, "upto")
+            for key, (rate, burst, most) in wanted.items()
+        }
+        replies = await self._run_each(calls)
+        return {
+            key: reply if isinstance(reply, ShoalError) else (int(reply[0]), _decision(reply))
+            for key, reply in replies.items()
+        }
+
+    async def give_each(self, given: dict[str, tuple[float, int, int]]) -> None:
+        """Put tokens taken by ``take_each`` and not used back (``key -> (rate,
+        burst, count)``), in one round trip; a bucket never fills past ``burst``.
+        Raises the first error (the tokens of a failed give are lost: the bucket
+        only refills later than it could have)."""
+        calls = {
+            key: self._call(key, rate, burst, count, "give")
+            for key, (rate, burst, count) in given.items()
+        }
+        for reply in (await self._run_each(calls)).values():
+            if isinstance(reply, ShoalError):
+                raise reply
+
+    def _call(
+        self, key: str, rate: float, burst: int, count: int, op: str
+    ) -> tuple[list[str], list[str | int]]:
+        rate, burst = validate_rate(rate), validate_burst(burst)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError(f"a token count is a whole number >= 1, got {count!r}")
+        keys = self._client.keys
+        return [keys.ratelimit(self.name, _validate_key(key))], [
+            keys.prefix, repr(rate), burst, count, op,
+        ]  # fmt: skip
+
+    async def _run_each(
+        self, calls: dict[str, tuple[list[str], list[str | int]]]
+    ) -> dict[str, Any]:
+        """Each call's reply or its error (translated), one pipeline for all."""
+        script = self._client.scripts.ratelimit
+        with self._client.errors():
+            if len(calls) == 1:
+                ((key, call),) = calls.items()
+                try:
+                    return {key: await script(*call)}
+                except redis.ResponseError as exc:
+                    return {key: translate(exc, self._client.url)}
+            pipe = self._client.redis.pipeline(transaction=False)
+            for bucket, args in calls.values():
+                script.queue(pipe, bucket, args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            results: dict[str, Any] = {}
+            for (key, call), reply in zip(calls.items(), replies, strict=True):
+                if isinstance(reply, NoScriptError):  # the engine restarted: load and rerun
+                    try:
+                        reply = await script(*call)
+                    except redis.ResponseError as exc:
+                        reply = exc
+                if isinstance(reply, redis.RedisError):
+                    reply = translate(reply, self._client.url)
+                results[key] = reply
+        return results
 
 
 def _decision(reply: list[Any]) -> RateDecision:

@@ -6,7 +6,8 @@
 --          then optionally n and n pairs capability, budget: at most `budget` tasks
 --          of that capability start (its concurrency limit or rate; shoal.admission)
 -- Touches  queue streams (XREADGROUP, XACK/XDEL of skipped entries), task:<id>,
---          capability:<cap> (read: max_attempts, timeout), events:<id> and the
+--          capability:<cap> (read: max_attempts, timeout; a max_attempts taken from
+--          it is marked max_att_d and read again at the next attempt), events:<id> and the
 --          reply inbox of tasks that expire here
 -- Skips    entries whose task is gone, no longer queued (cancelled; duplicate entry)
 --          or past its deadline (recorded as 'expired' and never run)
@@ -33,9 +34,10 @@ end
 
 local function start(q, eid, id)
   local tk = task_key(id)
-  -- status, deadline, cap, max_att, timeout, args, parent, trace, reply, follow, created
+  -- status, deadline, cap, max_att, timeout, args, parent, trace, reply, follow, created,
+  -- max_att_d ('1': max_att is the capability's default, written by an earlier attempt)
   local r = redis.call('HMGET', tk, 'status', 'deadline', 'cap', 'max_att', 'timeout',
-    'args', 'parent', 'trace', 'reply', 'follow', 'created')
+    'args', 'parent', 'trace', 'reply', 'follow', 'created', 'max_att_d')
   if r[1] ~= 'queued' then drop(q, eid); return end
   if r[2] and tonumber(r[2]) < now then
     finish_task(id, 'expired', now, retention_ms, {r[9], r[10]}, expired_error,
@@ -44,6 +46,9 @@ local function start(q, eid, id)
     return
   end
   local max_att, timeout = r[4], r[5]
+  -- a default is read again at every attempt, so a live change of the capability's
+  -- max_attempts reaches tasks already under way; a task's own option stays
+  if r[12] == '1' then max_att = nil end
   -- never before it was created, even if this node's clock is behind the client's
   local started_at = math.max(now, tonumber(r[11] or now))
   local fields = {'status', 'running', 'started', started_at, 'node', consumer}
@@ -54,6 +59,7 @@ local function start(q, eid, id)
     if not max_att then
       max_att = d[1] or '3'
       fields[#fields + 1], fields[#fields + 2] = 'max_att', max_att
+      fields[#fields + 1], fields[#fields + 2] = 'max_att_d', '1'
     end
     if not timeout then
       timeout = d[2] or ''
