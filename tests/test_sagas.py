@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -499,6 +500,13 @@ async def test_shoal_sagas_list_and_show_tell_each_sagas_steps_and_log(
     assert "compensated" in table.stdout and "y cannot be booked" in table.stdout
     missing = await asyncio.to_thread(sagas_cli, settings, "show", "nope")
     assert isinstance(missing.exception, SagaNotFound)
+    again = await asyncio.to_thread(sagas_cli, settings, "cancel", "fine")
+    assert again.exit_code == 0 and again.stdout.strip() == "already_succeeded"
+    cancel_missing = await asyncio.to_thread(sagas_cli, settings, "cancel", "nope")
+    assert isinstance(cancel_missing.exception, SagaNotFound)
+    not_stuck = await asyncio.to_thread(sagas_cli, settings, "retry-compensation", "broken")
+    assert isinstance(not_stuck.exception, ConfigurationError)
+    assert "compensated, not compensation_failed" in str(not_stuck.exception)
 
 
 # --- the HTTP API -------------------------------------------------------------------------
@@ -526,6 +534,9 @@ async def test_the_http_api_lists_shows_and_cancels_sagas(
         again = await api.post("/v1/sagas/via-http/cancel")
         assert again.json() == {"outcome": "already_cancelled"}
         error_of(await api.get("/v1/sagas/nope"), 404, "SagaNotFound")
+        retry = await api.post("/v1/sagas/via-http/retry-compensation")
+        error_of(retry, 422, "ConfigurationError")
+        error_of(await api.post("/v1/sagas/nope/retry-compensation"), 404, "SagaNotFound")
         assert (await api.get("/v1/sagas", params={"status": "sideways"})).status_code == 422
 
 
@@ -546,6 +557,8 @@ async def test_the_dashboard_shows_sagas_and_a_step_tasks_saga(
             await expect(saga_row).to_have_attribute("data-status", "compensated")
             await expect(saga_row).to_contain_text("a: compensated")
             await expect(saga_row).to_contain_text("b: failed")
+            pill_b = saga_row.locator(".pill", has_text="b: failed")
+            await expect(pill_b).to_have_attribute("title", re.compile("b cannot be booked"))
             await saga_row.locator('button[data-step="a"]').click()
             await expect(page.locator("#detail-id")).to_have_text(step_task or "?")
             part = page.locator("#detail .saga-part")

@@ -55,7 +55,8 @@ if TYPE_CHECKING:
     from shoal.client import Client
 
 TERMINAL = frozenset({"succeeded", "compensated", "cancelled", "compensation_failed"})
-STATUSES = ("pending", "running", "compensating", *sorted(TERMINAL))
+ACTIVE = ("pending", "running", "compensating")
+STATUSES = (*ACTIVE, *sorted(TERMINAL))
 WAIT_BLOCK_MS = 5000  # longest block on a saga's log before its status is read again
 MAX_STEPS = 1000
 LIST_SCAN = 20  # a status-filtered listing looks at this many sagas per one asked for
@@ -265,7 +266,7 @@ class SagaStepInfo(msgspec.Struct):
     """A step as the log tells it. ``status``: pending, running, succeeded, failed,
     unknown (its outcome is unknown: it may have succeeded, so it is compensated),
     compensating, compensated or compensation_failed. A listing (``list``) fills in
-    the status and task ids only; ``get`` everything."""
+    all but ``result``; ``get`` everything."""
 
     name: str
     capability: str
@@ -429,7 +430,7 @@ class Sagas:
         the steps that completed (or may have: a step cancelled while it ran) are
         compensated; it ends 'cancelled'. Returns 'cancelling', or
         'already_<status>' for a saga that had ended."""
-        outcome, running = await self._script(validate_saga_id(saga_id), "cancel")
+        outcome, running = (await self._script(validate_saga_id(saga_id), "cancel"))[:2]
         if outcome == b"missing":
             raise self._missing(saga_id)
         if running:  # (its runner cancels it too, should it not be submitted yet)
@@ -461,8 +462,8 @@ class Sagas:
 
     async def list(self, *, status: str | None = None, limit: int = 50) -> list[SagaInfo]:
         """Sagas newest first, optionally only those in ``status`` among the newest
-        ``limit * LIST_SCAN``; from their records (steps with status and task ids,
-        no results or logs: ``get`` has those). Sagas that have not ended, and
+        ``limit * LIST_SCAN``; from their records (steps without their results, no
+        logs: ``get`` has those). Sagas that have not ended, and
         those stuck in compensation_failed, stay listed however old."""
         if status is not None and status not in STATUSES:
             raise ConfigurationError(
@@ -472,8 +473,10 @@ class Sagas:
             raise ConfigurationError(f"limit must be a whole number 1..1000, got {limit!r}")
         client, found = self.client, builtins.list[SagaInfo]()
         scan = limit * LIST_SCAN  # bounded, as a filtered task listing is
+        # sagas that have not ended are all in the active set, however old
+        index = client.keys.sagas_active if status in ACTIVE else client.keys.sagas
         async with client.errors():
-            raw = await client.redis.zrevrange(client.keys.sagas, 0, scan - 1)
+            raw = await client.redis.zrevrange(index, 0, scan - 1)
         ids = [i.decode() for i in raw]
         for start in range(0, len(ids), limit):
             for info in await self._many(ids[start : start + limit]):
@@ -572,13 +575,22 @@ def _record_steps(saga: Saga, record: dict[bytes, bytes]) -> builtins.list[SagaS
     steps = []
     for n, s in enumerate(saga.steps):
         status, task, undo = (record.get(f"{k}{n}".encode(), b"").decode() for k in "stc")
+        error, undo_error = (record.get(f"{k}{n}".encode()) for k in "ex")
         steps.append(
             SagaStepInfo(
                 s.name, s.capability, s.compensate, s.agent, status=status or "pending",
                 task=task or None, compensation_task=undo or None,
+                error=protocol.decode(error) if error else None,
+                compensation_error=protocol.decode(undo_error) if undo_error else None,
             )
         )  # fmt: skip
     return steps
+
+
+_TEXT_FIELDS = frozenset(
+    f.encode() for f in ("name", "status", "created", "updated", "step", "cancel", "coordinator",
+                         "error")
+)  # fmt: skip
 
 
 def _info(
@@ -588,7 +600,7 @@ def _info(
     steps: builtins.list[SagaStepInfo],
     entries: builtins.list[SagaEntry],
 ) -> SagaInfo:
-    text = {k.decode(): v.decode() for k, v in record.items() if k != b"def"}
+    text = {k.decode(): v.decode() for k, v in record.items() if k in _TEXT_FIELDS}
     return SagaInfo(
         id=saga_id,
         name=text.get("name", saga.name),

@@ -4,7 +4,8 @@
 -- listing never replays logs). One script writes both, so they never disagree.
 -- KEYS[1]  saga:<id>      (hash: id, name, status, def, steps, created, updated,
 --                          token, step, running, cancel, coordinator, error, and per
---                          step i: s<i> status, t<i> task id, c<i> compensation task)
+--                          step i: s<i> status, t<i> task id, c<i> compensation task,
+--                          e<i> its failure, x<i> its compensation's (msgpack))
 -- KEYS[2]  saga_log:<id>  (stream: one entry per transition: e event, s step,
 --                          t task id, d msgpack detail, n node, at ms)
 -- KEYS[3]  sagas          (sorted set: saga id -> created ms, for listing; an id
@@ -93,6 +94,15 @@ if op == 'log' then
     if effect then
       redis.call('HSET', record, 's' .. ARGV[8], effect[1])
       if effect[2] then redis.call('HSET', record, effect[2] .. ARGV[8], ARGV[9]) end
+    end
+    -- why a step or its compensation failed (msgpack), for listings
+    local event = ARGV[7]
+    if event == 'step_failed' or event == 'step_unknown' then
+      redis.call('HSET', record, 'e' .. ARGV[8], ARGV[10])
+    elseif event == 'compensation_failed' then
+      redis.call('HSET', record, 'x' .. ARGV[8], ARGV[10])
+    elseif event == 'compensation_submitting' then
+      redis.call('HDEL', record, 'x' .. ARGV[8])
     end
     if string.sub(ARGV[7], 1, 5) == 'step_' then redis.call('HSET', record, 'step', ARGV[8]) end
   end
