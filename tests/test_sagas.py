@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import signal
@@ -243,6 +244,24 @@ async def test_a_cancel_while_a_step_runs_compensates_the_step_if_it_completed_a
     assert "step_unknown" in [e.event for e in info.log if e.step == 1]
 
 
+async def test_a_cancel_during_compensation_changes_nothing(
+    client: Client, settings: Settings
+) -> None:
+    saga = Saga("late").step(
+        "reserve", {"item": "a"}, compensate="gated", compensate_args={"item": "a", "gate": "u"}
+    )
+    saga.step("explode", {"item": "b"})
+    async with running_node([Steps], settings):
+        handle = await client.sagas.start(saga)
+        await step_runs(client)  # the compensation waits at its gate
+        assert await handle.cancel() == "cancelling"
+        await open_gate(client, "u")
+        info = await handle.wait(timeout=20)
+    assert info.status == "compensated" and info.cancel_requested  # it failed first
+    assert info.error is not None and "step 'explode' failed" in info.error
+    assert await done(client) == ["reserve:a", "gated:a"]
+
+
 async def test_a_saga_past_its_timeout_is_rolled_back(client: Client, settings: Settings) -> None:
     saga = Saga("slow", timeout=0.5).step("reserve", {"item": "a"}, compensate="release")
     saga.step("gated", {"item": "b", "gate": "never"})
@@ -364,6 +383,32 @@ async def test_a_cancel_in_the_crash_window_finds_the_step_and_compensates_it(
     assert await done(client) == ["reserve:a", "release:a"]  # found, and undone
     info = await client.sagas.get(saga_id)
     assert [s.status for s in info.steps] == ["compensated", "pending"]
+
+
+async def test_a_step_whose_task_record_expired_is_maybe_done_and_compensated(
+    settings: Settings,
+) -> None:
+    """A runner resuming after the step's task record expired cannot know the
+    outcome (nor resubmit: it may have run): the step counts as done."""
+    short = dataclasses.replace(settings, retention=1.5)
+    async with Client(settings=short) as client, running_node([Steps], short, run_sagas=False):
+        saga_id, task_id = await crashed_after_submitting(client, booking("a", "b"), submit=True)
+        await client.result(task_id, timeout=10)
+        task_key = client.keys.task(task_id)
+        await eventually(
+            lambda: _gone(client, task_key), "the step's task record expires", timeout=10
+        )
+        async with saga_runner(client):
+            info = await client.sagas.wait(saga_id, timeout=20)
+        assert await done(client) == ["reserve:a", "release:a"]  # b never ran
+    assert info.status == "compensated" and info.error is not None
+    assert "may have run" in info.error
+    assert [s.status for s in info.steps] == ["compensated", "pending"]
+    assert [e.step for e in info.log if e.event == "step_unknown"] == [0]
+
+
+async def _gone(client: Client, key: str) -> bool:
+    return not await client.redis.exists(key)
 
 
 async def test_the_saga_resumes_on_another_node_when_its_runners_node_is_killed(

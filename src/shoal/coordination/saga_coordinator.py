@@ -288,8 +288,8 @@ class Coordinator:
     def _young(self, task_id: str) -> bool:
         """Whether a missing record of this task can only mean it was never submitted
         (its id's time is well within the retention period)."""
-        made = int(task_id[:12], 16)
-        return self._now() - made < self.client.settings.retention * 1000 - CLOCK_MARGIN_MS
+        made, retention = int(task_id[:12], 16), self.client.settings.retention * 1000
+        return self._now() - made < retention - min(CLOCK_MARGIN_MS, retention / 10)
 
     async def _exists(self, task_id: str) -> bool:
         async with self.client.errors():

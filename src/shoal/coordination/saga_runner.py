@@ -91,6 +91,9 @@ class SagaRunner:
             except ShoalError as exc:
                 log.warning("saga runner %s: %s; retrying", self.node_id, exc)
                 await asyncio.sleep(backoff.next_delay())
+            except Exception:  # a bug here must not take the node down with it
+                log.exception("saga runner %s: unexpected error; retrying", self.node_id)
+                await asyncio.sleep(backoff.next_delay())
 
     async def _wait(self, last: str) -> str:
         """Block on the wake-up stream for up to SCAN_S; the last entry seen."""
