@@ -9,6 +9,7 @@ list the test pushes to), so a test can act while the step runs.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from shoal import Agent, capability
@@ -24,6 +25,11 @@ def gate_key(prefix: str, name: str) -> str:
 
 def started_key(prefix: str) -> str:
     return f"{prefix}saga_test:started"
+
+
+def fixed_key(prefix: str) -> str:
+    """Set by a test: ``mend`` succeeds from then on."""
+    return f"{prefix}saga_test:fixed"
 
 
 class Steps(Agent):
@@ -56,6 +62,29 @@ class Steps(Agent):
         await client.blocking.blmove(gate_key(prefix, gate), gate_key(prefix, gate), 0)
         await self._record(f"gated:{item}")
         return item
+
+    @capability("stubborn", max_attempts=1)
+    async def stubborn(self, item: str, gate: str) -> str:
+        """Like ``gated``, but a cancellation does not stop it: it does its side
+        effect and returns anyway (as a handler that shields its work would)."""
+        client = self.ctx.sagas.client
+        prefix = client.keys.prefix
+        await client.redis.rpush(started_key(prefix), f"{item}:{self.ctx.node_id}")
+        try:
+            await client.blocking.blmove(gate_key(prefix, gate), gate_key(prefix, gate), 0)
+        except asyncio.CancelledError:
+            await self._record(f"stubborn:{item}")
+            return item
+        await self._record(f"stubborn:{item}")
+        return item
+
+    @capability("mend", max_attempts=2, backoff=0.01, max_backoff=0.02)
+    async def mend(self, item: str) -> None:
+        """A compensation that fails until the test sets fixed_key."""
+        client = self.ctx.sagas.client
+        if not await client.redis.exists(fixed_key(client.keys.prefix)):
+            raise RuntimeError(f"{item} cannot be mended yet")
+        await self._record(f"mend:{item}")
 
     @capability("explode", max_attempts=1)
     async def explode(self, item: str) -> None:

@@ -53,6 +53,7 @@ ROUTES = {
     ("DELETE", "/v1/services/{name}/instances/{instance_id}"),
     # tested in tests/test_sagas.py:
     ("GET", "/v1/sagas"), ("GET", "/v1/sagas/{saga_id}"), ("POST", "/v1/sagas/{saga_id}/cancel"),
+    ("POST", "/v1/sagas/{saga_id}/retry-compensation"),
 }  # fmt: skip
 # tested in tests/test_gateway_config.py:
 ROUTES |= {

@@ -83,6 +83,15 @@ async def victim_instance(world: World) -> Call:
     return "DELETE", f"/v1/services/llm/instances/{victim.id}", {}
 
 
+async def stuck_saga(world: World) -> Call:
+    """A saga stuck in compensation_failed (echo's compensation always fails)."""
+    client: Client = world.registry._client
+    saga = Saga("stuck").step("echo", compensate="permanent").step("always_fails")
+    handle = await client.sagas.start(saga)
+    assert (await handle.wait(timeout=10)).status == "compensation_failed"
+    return "POST", f"/v1/sagas/{handle.id}/retry-compensation", {}
+
+
 async def victim_setting(world: World) -> Call:
     await world.config.set("app.victim", 1)
     return "DELETE", "/v1/config/app.victim", {}
@@ -148,6 +157,7 @@ MATRIX: dict[tuple[str, str], tuple[str, Callable[[World], Awaitable[Call]]]] = 
     ("GET", "/v1/sagas"): ("read", fixed("GET", "/v1/sagas")),
     ("GET", "/v1/sagas/{saga_id}"): ("read", fixed("GET", "/v1/sagas/s1")),
     ("POST", "/v1/sagas/{saga_id}/cancel"): ("submit", fixed("POST", "/v1/sagas/s1/cancel")),
+    ("POST", "/v1/sagas/{saga_id}/retry-compensation"): ("admin", stuck_saga),
 }  # fmt: skip
 
 ROUTES = sorted(api_routes(create_app(Settings())))

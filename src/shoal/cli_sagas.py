@@ -1,4 +1,5 @@
-"""``shoal sagas``: list sagas and show one with its steps and its log.
+"""``shoal sagas``: list sagas, show one with its steps and its log, cancel one,
+retry the compensations of one stuck in compensation_failed.
 
 Thin, like every command: each calls ``client.sagas`` (shoal.coordination.saga) and
 prints the answer. Errors reach ``shoal.cli.main``, which prints them as one line
@@ -22,13 +23,15 @@ from shoal.cli_support import ts as _ts
 from shoal.coordination.saga import SagaInfo
 
 sagas_app = typer.Typer(
-    help="List durable sagas and show one's steps and log.", no_args_is_help=True
+    help="List durable sagas, show one's steps and log, cancel one, retry a stuck one's "
+    "compensations.",
+    no_args_is_help=True,
 )
 
 COLOURS = {
     "pending": "cyan", "running": "cyan", "compensating": "yellow", "succeeded": "green",
     "compensated": "yellow", "cancelled": "magenta", "compensation_failed": "red",
-    "failed": "red",
+    "failed": "red", "unknown": "yellow",
 }  # fmt: skip
 
 
@@ -103,7 +106,7 @@ def show(
         out.print("cancellation requested", markup=False)
     if saga.error:
         out.print(f"error: {saga.error}", markup=False)
-    out.print(f"coordinator task: {saga.coordinator or '-'}", markup=False)
+    out.print(f"driven by node: {saga.coordinator or '-'}", markup=False)
     out.print(_steps_table(saga))
     out.print(_log_table(saga))
 
@@ -139,3 +142,39 @@ def _log_table(saga: SagaInfo) -> Table:
             Text(entry.node or "-"),
         )  # fmt: skip
     return table
+
+
+@sagas_app.command("cancel")
+def cancel(
+    saga_id: Annotated[str, typer.Argument(help="Saga id (see: shoal sagas list).")],
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Cancel a saga: its running step's task is cancelled and the steps that
+    completed (or may have) are compensated; it ends 'cancelled'. Prints
+    'cancelling', or 'already_<status>' for a saga that had ended."""
+
+    async def go() -> str:
+        async with _client(redis, namespace, data_dir) as client:
+            return await client.sagas.cancel(saga_id)
+
+    out.print(_run(go()), markup=False)
+
+
+@sagas_app.command("retry-compensation")
+def retry_compensation(
+    saga_id: Annotated[str, typer.Argument(help="Id of a saga in compensation_failed.")],
+    redis: Redis = None,
+    namespace: Namespace = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Retry the compensations of a saga stuck in compensation_failed, once the
+    cause is fixed: the failed one runs again, then the earlier ones (a node's
+    saga runner picks it up at once). Compensations must be idempotent."""
+
+    async def go() -> str:
+        async with _client(redis, namespace, data_dir) as client:
+            return await client.sagas.retry_compensation(saga_id)
+
+    out.print(_run(go()), markup=False)

@@ -446,13 +446,18 @@ class Client:
         agent: str | None = None,
         _parent: str | None = None,
         _traceparent: str | None = None,
+        _task_id: str | None = None,
     ) -> TaskHandle:
         """``submit`` with the handler's arguments as one mapping and the options built
         (``TaskOptions.build``): for callers whose arguments come from data — the HTTP
-        gateway — where no argument may be taken for an option."""
+        gateway — where no argument may be taken for an option. ``_task_id``: an id
+        the caller made (``keys.new_task_id``) and recorded before submitting, as a
+        saga's runner does; a task of that id that exists already is left as it is."""
         with tracing.producer("submit", capability, _traceparent, _attrs(capability, agent)) as p:
             trace = p.traceparent
-            handles = await self._submit(capability, [arguments], options, _parent, trace, agent)
+            handles = await self._submit(
+                capability, [arguments], options, _parent, trace, agent, _task_id
+            )
             p.annotate("shoal.task_id", handles[0].id)
         return handles[0]
 
@@ -494,6 +499,7 @@ class Client:
         parent: str | None,
         traceparent: str | None,
         agent: str | None = None,
+        task_id: str | None = None,
     ) -> list[TaskHandle]:
         validate_capability(capability)
         fixed_group: int | None = None
@@ -502,6 +508,10 @@ class Client:
             mbox, agent_id, fixed_group = await self._agents.task_target(agent, capability)
         elif options.idempotency_key:
             fixed_group = self.keys.key_group(options.idempotency_key)
+        if task_id is not None:  # (one task) the id names its group
+            if fixed_group is not None and fixed_group != self.keys.task_group(task_id):
+                raise ConfigurationError(f"task id {task_id} is not in key group {fixed_group}")
+            fixed_group = self.keys.task_group(task_id)
         payloads: list[tuple[bytes, str]] = []
         for kwargs in arguments:
             if not isinstance(kwargs, Mapping):
@@ -518,7 +528,10 @@ class Client:
         chunks: list[tuple[int, list[tuple[str, bytes, str]]]] = []
         for i in range(0, len(payloads), SUBMIT_CHUNK):
             group = fixed_group if fixed_group is not None else self._take_group()
-            chunk = [(self.keys.new_task_id(group), *row) for row in payloads[i : i + SUBMIT_CHUNK]]
+            chunk = [
+                (task_id or self.keys.new_task_id(group), *row)
+                for row in payloads[i : i + SUBMIT_CHUNK]
+            ]
             chunks.append((group, chunk))
         calls: list[tuple[list[str], list[str | int | bytes]]] = []
         now = protocol.now_ms()

@@ -90,10 +90,15 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | value, by, at (capped)               |
 | live_config_changed         | control | shard chan. | "<version> <key>" of each change     |
 | saga:<id>                   | control | hash        | a saga's summary: name, status,      |
-|                             |         |             | definition, current step, token      |
+|                             |         |             | definition, current step, token,     |
+|                             |         |             | each step's status and task ids      |
 | saga_log:<id>               | control | stream      | the saga's durable log: one entry per|
-|                             |         |             | transition (the coordinator's truth) |
+|                             |         |             | transition (the runner's truth)      |
 | sagas                       | control | sorted set  | saga id -> created (ms), for listing |
+| sagas_active                | control | sorted set  | saga id -> created (ms): the sagas a |
+|                             |         |             | runner must drive                    |
+| saga_wake                   | control | stream      | a saga that needs a runner now       |
+|                             |         |             | (capped; read by every SagaRunner)   |
 """
 
 from __future__ import annotations
@@ -391,11 +396,23 @@ class Keys:
 
     # --- sagas (control group; see shoal.coordination.saga) -------------------------
 
-    def saga(self, saga_id: str) -> tuple[str, str, str]:
-        """A saga's record, its log and the index of sagas: saga.lua writes all
-        three together, so they share the control tag."""
-        return f"{self.prefix}saga:{saga_id}", f"{self.prefix}saga_log:{saga_id}", self.sagas
+    def saga(self, saga_id: str) -> tuple[str, str, str, str, str]:
+        """A saga's record, its log, the index of sagas, the active sagas and the
+        runners' wake-up stream: saga.lua writes them together, so they share the
+        control tag."""
+        return (
+            f"{self.prefix}saga:{saga_id}", f"{self.prefix}saga_log:{saga_id}", self.sagas,
+            self.sagas_active, self.saga_wake,
+        )  # fmt: skip
 
     @property
     def sagas(self) -> str:
         return f"{self.prefix}sagas"
+
+    @property
+    def sagas_active(self) -> str:
+        return f"{self.prefix}sagas_active"
+
+    @property
+    def saga_wake(self) -> str:
+        return f"{self.prefix}saga_wake"

@@ -34,7 +34,7 @@ from shoal.agent import Agent, CapabilitySpec, TaskContext
 from shoal.channels import ShardSubscription
 from shoal.client import Client
 from shoal.coordination.config import ConfigView
-from shoal.coordination.saga_coordinator import SagaCoordinator
+from shoal.coordination.saga_runner import MAX_SAGAS, SagaRunner
 from shoal.engine import translate
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.execution import Attempt, Job, Outcome
@@ -85,6 +85,8 @@ class NodeConfig:
     metrics_port: int | None = None  # serve /metrics here (0: a free port, published)
     metrics_host: str = "127.0.0.1"  # loopback by default: metrics name the cluster's work
     probe_services: bool = True  # take part in electing the prober of each probed service
+    run_sagas: bool = True  # drive sagas (a SagaRunner beside the task slots)
+    max_sagas: int = MAX_SAGAS  # at most this many sagas driven at once
 
     def __post_init__(self) -> None:
         if not isinstance(self.concurrency, int) or self.concurrency < 1:
@@ -136,8 +138,6 @@ class Node:
         self.config = config or NodeConfig()
         self.node_id = self.config.node_id()
         table = capability_table(agents)
-        if table:  # a node that runs capability tasks also coordinates sagas
-            table = capability_table([*agents, SagaCoordinator])
         self._instances = {agent: agent() for agent in set(table.values())}
         self._specs: dict[str, tuple[CapabilitySpec, Agent]] = {
             name: (agent.capabilities()[name], self._instances[agent])
@@ -239,6 +239,9 @@ class Node:
                 group.create_task(self._config_loop(config))
                 if self.config.probe_services:
                     group.create_task(Prober(self.client, self.node_id).run(self._closing))
+                if self.config.run_sagas:
+                    sagas = SagaRunner(self.client, self.node_id, max_sagas=self.config.max_sagas)
+                    group.create_task(sagas.run(self._stopping))
                 if self.agents is not None:
                     group.create_task(self.agents.run(self._closing))
                 try:

@@ -2,33 +2,37 @@
 
 ``handle = await client.sagas.start(saga)`` runs the steps in order; when one fails
 (or the saga is cancelled, or runs past its timeout) the compensations of the steps
-that completed run in reverse, and ``await handle.result()`` raises SagaFailed.
+that completed — or may have — run in reverse, and ``await handle.result()`` raises
+SagaFailed.
 
-Who coordinates: the saga's coordinator is itself a Shoal task, on the built-in
-capability ``shoal.saga`` that every node running capability tasks serves (see
-shoal.coordination.saga_coordinator). So the task machinery that already moves
-work off dead nodes — leases, reaping, re-queueing with a larger fencing token —
-moves the coordination too; nothing here elects anyone.
+Who drives a saga: not a task. Every node runs a SagaRunner
+(shoal.coordination.saga_runner) beside its task slots; a runner takes a saga by
+taking the Lock ``saga:<id>`` and drives it until it ends, its node stops, or the
+lock is lost. A dead node's lock lapses after its ttl and another runner takes
+the saga over. Steps are ordinary tasks the runner submits, so a saga never
+holds a task slot while it waits (a node with concurrency 1 runs sagas too).
 
-What makes a resumed coordinator safe is the saga's **log** (a stream) and its
+What makes a resumed runner safe is the saga's **log** (a stream) and its
 **record** (a hash), written together by saga.lua:
 
-* every transition is logged before the coordinator acts on it, and a resumed
-  coordinator replays the log (``replay``) and continues from it;
-* every step's task is submitted with a deterministic idempotency key
-  (``saga:<id>:<step>:do`` / ``:undo``): a coordinator that died between
-  submitting and logging gets the *same* task back when it submits again, so a
-  step is never run twice to completion by the saga (the task itself is
-  at-least-once, like every Shoal task — hence the key handed to the handler);
-* the log refuses writes from a superseded coordinator (its fencing token is
-  smaller than one already written), so a paused node that wakes up cannot
-  continue a saga another node took over.
+* every transition is logged before the runner acts on it, and a resumed runner
+  replays the log (``replay``) and continues from it;
+* a step's task id is made by the runner and logged (``step_submitting``) *before*
+  the task is submitted with that id: a resumed runner always knows the task and
+  awaits it (the submit script skips an id that exists, so submitting again is
+  harmless) — a step is never run twice by the saga (the task itself is
+  at-least-once, like every Shoal task: hence the key handed to the handler);
+* every write carries the fencing token of the runner's lock, and saga.lua refuses
+  a token lower than the highest it saw for the saga: a runner that lost its lock
+  (paused past the ttl, then superseded) is refused and stops; a write to an ended
+  saga is refused too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import keyword
 import re
 from collections.abc import Iterable, Mapping
@@ -43,25 +47,22 @@ from shoal.errors import (
     SagaFailed,
     SagaNotFound,
     SerializationError,
+    TaskNotFound,
 )
 from shoal.keys import validate_capability
-from shoal.options import TaskOptions
 
 if TYPE_CHECKING:
     from shoal.client import Client
 
-COORDINATOR_CAPABILITY = "shoal.saga"
-# A coordinator attempt ends only when its node dies (or the engine is away for
-# longer than engine_timeout): each takeover counts one attempt, so allow many.
-COORDINATOR_ATTEMPTS = 100
 TERMINAL = frozenset({"succeeded", "compensated", "cancelled", "compensation_failed"})
-STATUSES = ("pending", "running", "compensating", *sorted(TERMINAL))
+ACTIVE = ("pending", "running", "compensating")
+STATUSES = (*ACTIVE, *sorted(TERMINAL))
 WAIT_BLOCK_MS = 5000  # longest block on a saga's log before its status is read again
 MAX_STEPS = 1000
 LIST_SCAN = 20  # a status-filtered listing looks at this many sagas per one asked for
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ':': step keys are saga:<id>:<i>
 
 
 def _name(value: Any, what: str) -> str:
@@ -76,7 +77,7 @@ def _name(value: Any, what: str) -> str:
 def validate_saga_id(saga_id: Any) -> str:
     if not isinstance(saga_id, str) or not _ID_RE.match(saga_id):
         raise ConfigurationError(
-            f"saga id {saga_id!r:.80} is invalid: 1-128 letters, digits, '_', '.', ':' or '-'"
+            f"saga id {saga_id!r:.80} is invalid: 1-128 letters, digits, '_', '.' or '-'"
         )
     return saga_id
 
@@ -91,8 +92,8 @@ def _positive(value: Any, what: str, *, whole: bool = False) -> None:
         )
 
 
-def _arg_name(value: Any, what: str, args: Mapping[str, Any]) -> None:
-    """``key_arg``/``results_arg`` name a handler parameter the coordinator fills in."""
+def _arg_name(value: Any, what: str, *arg_sets: Mapping[str, Any] | None) -> None:
+    """``key_arg``/``results_arg`` name a handler parameter the runner fills in."""
     from shoal.agent import TASK_OPTIONS  # (shoal.agent imports this package)
 
     if value is None:
@@ -101,8 +102,9 @@ def _arg_name(value: Any, what: str, args: Mapping[str, Any]) -> None:
         raise ConfigurationError(f"{what} must be a parameter name, got {value!r}")
     if value in TASK_OPTIONS:
         raise ConfigurationError(f"{what} {value!r} clashes with the task option of that name")
-    if value in args:
-        raise ConfigurationError(f"{what} {value!r} is also one of the step's args")
+    for args, whose in zip(arg_sets, ("args", "compensate_args"), strict=False):
+        if args is not None and value in args:
+            raise ConfigurationError(f"{what} {value!r} is also one of the step's {whose}")
 
 
 class SagaStep(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,10 +113,11 @@ class SagaStep(msgspec.Struct, frozen=True, kw_only=True):
 
     ``agent="type/key"`` sends both to that agent instead (an agent call).
     ``key_arg`` names a parameter that receives the step's idempotency key
-    (``<saga id>:<step index>``, the same for the step and its compensation), so
-    a handler can deduplicate its side effects; ``results_arg`` one that receives
-    the results of the steps completed before (``{step name: result}``; for the
-    compensation, the step's own result included). ``timeout``/``max_attempts``
+    (``saga:<saga id>:<step index>``, the same for the step and its compensation,
+    unique per saga and step), so a handler can deduplicate its side effects;
+    ``results_arg`` one that receives the results of the steps completed before
+    (``{step name: result}``; for the compensation, the step's own result
+    included, unless its outcome is unknown). ``timeout``/``max_attempts``
     are the step task's options.
     """
 
@@ -149,8 +152,11 @@ class SagaStep(msgspec.Struct, frozen=True, kw_only=True):
             protocol.AgentId.parse(self.agent)
         _positive(self.timeout, f"step {self.name!r}: timeout")
         _positive(self.max_attempts, f"step {self.name!r}: max_attempts", whole=True)
-        _arg_name(self.key_arg, f"step {self.name!r}: key_arg", self.args)
-        _arg_name(self.results_arg, f"step {self.name!r}: results_arg", self.args)
+        where = (self.args, self.compensate_args)
+        _arg_name(self.key_arg, f"step {self.name!r}: key_arg", *where)
+        _arg_name(self.results_arg, f"step {self.name!r}: results_arg", *where)
+        if self.key_arg is not None and self.key_arg == self.results_arg:
+            raise ConfigurationError(f"step {self.name!r}: key_arg and results_arg are the same")
 
     def undo_args(self) -> dict[str, Any]:
         return dict(self.args if self.compensate_args is None else self.compensate_args)
@@ -253,12 +259,14 @@ class SagaEntry(msgspec.Struct, frozen=True):
     task: str | None
     detail: Any
     node: str | None
-    at: int  # ms since the epoch
+    at: int  # ms since the epoch (the engine's clock)
 
 
 class SagaStepInfo(msgspec.Struct):
     """A step as the log tells it. ``status``: pending, running, succeeded, failed,
-    compensating, compensated or compensation_failed."""
+    unknown (its outcome is unknown: it may have succeeded, so it is compensated),
+    compensating, compensated or compensation_failed. A listing (``list``) fills in
+    all but ``result``; ``get`` everything."""
 
     name: str
     capability: str
@@ -282,7 +290,7 @@ class SagaInfo(msgspec.Struct):
     updated_at: int
     step: int  # the index of the step it is at (-1 before the first)
     cancel_requested: bool
-    coordinator: str | None  # the coordinator task's id
+    coordinator: str | None  # the node whose runner drives (or last drove) it
     error: str | None
     steps: list[SagaStepInfo]
     log: list[SagaEntry] = msgspec.field(default_factory=list)
@@ -305,28 +313,51 @@ def entry_from_stream(entry_id: bytes, fields: dict[bytes, bytes]) -> SagaEntry:
     )
 
 
-def replay(saga: Saga, entries: Iterable[SagaEntry]) -> tuple[list[SagaStepInfo], bool]:
-    """The steps' states after ``entries``, and whether compensation has begun."""
-    steps = [SagaStepInfo(s.name, s.capability, s.compensate, s.agent) for s in saga.steps]
-    compensating = False
+class Replayed(msgspec.Struct):
+    """A saga's state after its log: the steps, and why it compensates (None while
+    it runs forward; 'failure', 'cancel' or 'timeout' once it compensates)."""
+
+    steps: list[SagaStepInfo]
+    cause: str | None = None
+    started: set[int] = msgspec.field(default_factory=set)  # steps logged as submitted
+
+
+def replay(saga: Saga, entries: Iterable[SagaEntry]) -> Replayed:
+    """The saga's state after ``entries``."""
+    state = Replayed(
+        [SagaStepInfo(s.name, s.capability, s.compensate, s.agent) for s in saga.steps]
+    )
     for entry in entries:
         if entry.event == "compensating":
-            compensating = True
-        if entry.step is None or not 0 <= entry.step < len(steps):
-            continue
-        _apply(steps[entry.step], entry)
-    return steps, compensating
+            detail = entry.detail if isinstance(entry.detail, dict) else {}
+            state.cause = str(detail.get("cause", "failure"))
+        elif entry.event == "compensation_retry":  # an operator's retry: run them again
+            for step in state.steps:
+                if step.status == "compensation_failed":
+                    step.status, step.compensation_task = "compensating", None
+                    step.compensation_error = None
+        if entry.step is not None and 0 <= entry.step < len(state.steps):
+            _apply(state.steps[entry.step], entry)
+            if entry.event == "step_started":
+                state.started.add(entry.step)
+            elif entry.event == "step_not_run":
+                state.started.discard(entry.step)
+    return state
 
 
 def _apply(step: SagaStepInfo, entry: SagaEntry) -> None:
     event = entry.event
-    if event == "step_started":
+    if event in ("step_submitting", "step_started"):
         step.status, step.task = "running", entry.task
+    elif event == "step_not_run":  # its task was never submitted
+        step.status, step.task = "pending", None
     elif event == "step_succeeded":
         step.status, step.result = "succeeded", entry.detail
     elif event == "step_failed":
         step.status, step.error = "failed", entry.detail
-    elif event == "compensation_started":
+    elif event == "step_unknown":
+        step.status, step.error = "unknown", entry.detail
+    elif event in ("compensation_submitting", "compensation_started"):
         step.status, step.compensation_task = "compensating", entry.task
     elif event == "compensation_succeeded":
         step.status = "compensated"
@@ -364,7 +395,7 @@ class SagaHandle:
 
 
 class Sagas:
-    """``client.sagas``: start, inspect, wait for and cancel sagas."""
+    """``client.sagas``: start, inspect, wait for, cancel and retry sagas."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -372,15 +403,16 @@ class Sagas:
     async def _script(self, saga_id: str, op: str, *args: str | int | bytes) -> Any:
         client = self.client
         head: list[str | int | bytes] = [
-            client.keys.prefix, op, protocol.now_ms(), int(client.settings.retention * 1000),
+            client.keys.prefix, op, int(client.settings.retention * 1000),
         ]  # fmt: skip
         async with client.errors():
             return await client.scripts.saga(list(client.keys.saga(saga_id)), [*head, *args])
 
     async def start(self, saga: Saga, *, saga_id: str | None = None) -> SagaHandle:
-        """Record the saga and queue its coordinator. With ``saga_id`` given, starting
-        again is idempotent: the handle of the saga of that id comes back
-        (``is_new`` False), whatever definition it was started with."""
+        """Record the saga; a node's runner picks it up at once (the record wakes the
+        runners). With ``saga_id`` given, starting again is idempotent: the handle of
+        the saga of that id comes back (``is_new`` False), whatever definition it
+        was started with."""
         if not isinstance(saga, Saga):
             raise ConfigurationError(f"start() takes a Saga, got {type(saga).__name__}")
         saga_id = protocol.new_id() if saga_id is None else validate_saga_id(saga_id)
@@ -388,15 +420,6 @@ class Sagas:
         created = await self._script(
             saga_id, "create", saga_id, saga.name, definition, len(saga.steps)
         )
-        options = TaskOptions.build(
-            max_attempts=COORDINATOR_ATTEMPTS, idempotency_key=f"saga:{saga_id}"
-        )
-        # Also when the saga existed: a starter that died between recording it and
-        # queueing its coordinator is completed here (the key dedups the rest).
-        task = await self.client.submit_arguments(
-            COORDINATOR_CAPABILITY, {"saga_id": saga_id}, options
-        )
-        await self._script(saga_id, "coordinator", task.id)
         return SagaHandle(self, saga_id, is_new=bool(created))
 
     def handle(self, saga_id: str) -> SagaHandle:
@@ -404,24 +427,44 @@ class Sagas:
 
     async def cancel(self, saga_id: str) -> str:
         """Stop the saga and roll it back: the running step's task is cancelled, and
-        the completed steps are compensated; it ends 'cancelled'. Returns
-        'cancelling', or 'already_<status>' for a saga that had ended."""
-        outcome, running = await self._script(validate_saga_id(saga_id), "cancel")
+        the steps that completed (or may have: a step cancelled while it ran) are
+        compensated; it ends 'cancelled'. Returns 'cancelling', or
+        'already_<status>' for a saga that had ended."""
+        outcome, running = (await self._script(validate_saga_id(saga_id), "cancel"))[:2]
         if outcome == b"missing":
             raise self._missing(saga_id)
-        if running:
-            await self.client.cancel(running.decode())
+        if running:  # (its runner cancels it too, should it not be submitted yet)
+            with contextlib.suppress(TaskNotFound):
+                await self.client.cancel(running.decode())
         return str(outcome.decode())
+
+    async def retry_compensation(self, saga_id: str) -> str:
+        """Run the compensations of a saga stuck in ``compensation_failed`` again
+        (after an operator fixed the cause): the one that failed first, then the
+        earlier ones. Returns 'retrying'; ConfigurationError for a saga in another
+        status."""
+        outcome = await self._script(validate_saga_id(saga_id), "retry")
+        if isinstance(outcome, list):  # {'missing', ...}
+            raise self._missing(saga_id)
+        text = outcome.decode()
+        if text.startswith("not_stuck:"):
+            raise ConfigurationError(
+                f"saga {saga_id} is {text.partition(':')[2]}, not compensation_failed: only a "
+                "saga stuck in compensation_failed can have its compensations retried"
+            )
+        return str(text)
 
     async def get(self, saga_id: str) -> SagaInfo:
         """The saga with its steps and its whole log."""
         record, entries = await self._read(validate_saga_id(saga_id))
-        return _info(saga_id, record, entries, with_log=True)
+        saga = Saga.decode(record[b"def"])
+        return _info(saga_id, record, saga, replay(saga, entries).steps, entries)
 
     async def list(self, *, status: str | None = None, limit: int = 50) -> list[SagaInfo]:
-        """Sagas newest first (those started within the retention period), optionally
-        only those in ``status`` among the newest ``limit * LIST_SCAN``; without their
-        logs."""
+        """Sagas newest first, optionally only those in ``status`` among the newest
+        ``limit * LIST_SCAN``; from their records (steps without their results, no
+        logs: ``get`` has those). Sagas that have not ended, and
+        those stuck in compensation_failed, stay listed however old."""
         if status is not None and status not in STATUSES:
             raise ConfigurationError(
                 f"saga status {status!r} is unknown: use one of {', '.join(STATUSES)}"
@@ -430,8 +473,10 @@ class Sagas:
             raise ConfigurationError(f"limit must be a whole number 1..1000, got {limit!r}")
         client, found = self.client, builtins.list[SagaInfo]()
         scan = limit * LIST_SCAN  # bounded, as a filtered task listing is
+        # sagas that have not ended are all in the active set, however old
+        index = client.keys.sagas_active if status in ACTIVE else client.keys.sagas
         async with client.errors():
-            raw = await client.redis.zrevrange(client.keys.sagas, 0, scan - 1)
+            raw = await client.redis.zrevrange(index, 0, scan - 1)
         ids = [i.decode() for i in raw]
         for start in range(0, len(ids), limit):
             for info in await self._many(ids[start : start + limit]):
@@ -445,20 +490,17 @@ class Sagas:
         async with self.client.errors():
             pipe = self.client.redis.pipeline(transaction=False)
             for saga_id in ids:
-                record, log, _ = self.client.keys.saga(saga_id)
-                pipe.hgetall(record)
-                pipe.xrange(log)
-            replies = await pipe.execute()
+                pipe.hgetall(self.client.keys.saga(saga_id)[0])
+            records = await pipe.execute()
         infos = []
-        for n, saga_id in enumerate(ids):
-            record, raw = replies[2 * n], replies[2 * n + 1]
-            if record:  # expired since it was listed
-                entries = [entry_from_stream(i, f) for i, f in raw]
-                infos.append(_info(saga_id, record, entries, with_log=False))
+        for saga_id, record in zip(ids, records, strict=True):
+            if record:  # (expired since it was listed)
+                saga = Saga.decode(record[b"def"])
+                infos.append(_info(saga_id, record, saga, _record_steps(saga, record), []))
         return infos
 
     async def _read(self, saga_id: str) -> tuple[dict[bytes, bytes], builtins.list[SagaEntry]]:
-        record_key, log_key, _ = self.client.keys.saga(saga_id)
+        record_key, log_key = self.client.keys.saga(saga_id)[:2]
         async with self.client.errors():
             pipe = self.client.redis.pipeline(transaction=False)
             pipe.hgetall(record_key)
@@ -481,29 +523,40 @@ class Sagas:
         validate_saga_id(saga_id)
         try:
             async with asyncio.timeout(timeout):
-                return await self._wait(saga_id, timeout)
+                await self._wait(saga_id, timeout)
         except TimeoutError:
             raise ResultTimeout(
                 f"saga {saga_id} has not ended after {timeout}s; it goes on (wait again, or "
                 "cancel it)"
             ) from None
+        return await self.get(saga_id)
 
-    async def _wait(self, saga_id: str, timeout: float | None) -> SagaInfo:
-        _, log_key, _ = self.client.keys.saga(saga_id)
+    async def _wait(self, saga_id: str, timeout: float | None) -> None:
+        """Until the saga is in a terminal status: its status and its log's last
+        entry id are read (two small reads), then a blocking read waits for the log's
+        next entry — no log is read whole while waiting."""
+        record_key, log_key = self.client.keys.saga(saga_id)[:2]
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            info = await self.get(saga_id)
-            if info.terminal:
-                return info
-            last = info.log[-1].id if info.log else "0-0"
+            async with self.client.errors():
+                pipe = self.client.redis.pipeline(transaction=False)
+                pipe.hget(record_key, "status")
+                pipe.xrevrange(log_key, count=1)
+                status, last = await pipe.execute()
+            if status is None:
+                raise self._missing(saga_id)
+            if status.decode() in TERMINAL:
+                return
             # A block no longer than the time left: redis-py can let a blocking read
             # outlive the cancellation of its caller.
             block = WAIT_BLOCK_MS
             if deadline is not None:
                 block = max(1, min(block, int((deadline - loop.time()) * 1000)))
             async with self.client.errors():
-                await self.client.blocking.xread({log_key: last}, count=1, block=block)
+                await self.client.blocking.xread(
+                    {log_key: last[0][0] if last else "0-0"}, count=1, block=block
+                )
 
     async def result(self, saga_id: str, timeout: float | None = None) -> dict[str, Any]:
         """The completed saga's results (``{step name: result}``); SagaFailed if it
@@ -511,16 +564,43 @@ class Sagas:
         info = await self.wait(saga_id, timeout)
         if info.status == "succeeded":
             return {s.name: s.result for s in info.steps}
-        failed = next((s.name for s in info.steps if s.status == "failed"), None)
+        failed = next((s.name for s in info.steps if s.status in ("failed", "unknown")), None)
+        if failed is None and 0 <= info.step < len(info.steps):
+            failed = info.steps[info.step].name  # (a compensated step that may have run)
         raise SagaFailed(saga_id, info.status, failed, info.error or info.status)
 
 
+def _record_steps(saga: Saga, record: dict[bytes, bytes]) -> builtins.list[SagaStepInfo]:
+    """The steps as the record summarises them (status and task ids)."""
+    steps = []
+    for n, s in enumerate(saga.steps):
+        status, task, undo = (record.get(f"{k}{n}".encode(), b"").decode() for k in "stc")
+        error, undo_error = (record.get(f"{k}{n}".encode()) for k in "ex")
+        steps.append(
+            SagaStepInfo(
+                s.name, s.capability, s.compensate, s.agent, status=status or "pending",
+                task=task or None, compensation_task=undo or None,
+                error=protocol.decode(error) if error else None,
+                compensation_error=protocol.decode(undo_error) if undo_error else None,
+            )
+        )  # fmt: skip
+    return steps
+
+
+_TEXT_FIELDS = frozenset(
+    f.encode() for f in ("name", "status", "created", "updated", "step", "cancel", "coordinator",
+                         "error")
+)  # fmt: skip
+
+
 def _info(
-    saga_id: str, record: dict[bytes, bytes], entries: list[SagaEntry], *, with_log: bool
+    saga_id: str,
+    record: dict[bytes, bytes],
+    saga: Saga,
+    steps: builtins.list[SagaStepInfo],
+    entries: builtins.list[SagaEntry],
 ) -> SagaInfo:
-    saga = Saga.decode(record[b"def"])
-    steps, _ = replay(saga, entries)
-    text = {k.decode(): v.decode() for k, v in record.items() if k != b"def"}
+    text = {k.decode(): v.decode() for k, v in record.items() if k in _TEXT_FIELDS}
     return SagaInfo(
         id=saga_id,
         name=text.get("name", saga.name),
@@ -532,5 +612,5 @@ def _info(
         coordinator=text.get("coordinator") or None,
         error=text.get("error") or None,
         steps=steps,
-        log=entries if with_log else [],
+        log=entries,
     )

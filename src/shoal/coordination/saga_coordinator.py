@@ -1,31 +1,38 @@
-"""The saga coordinator: a task on the built-in capability ``shoal.saga``.
+"""Driving one saga from its log: what a SagaRunner does with a saga it holds.
 
-Every node that runs capability tasks serves it (shoal.node adds it), so a saga's
-coordination is placed, retried and — when its node dies — taken over by the same
-machinery as any task. Each (re)start replays the saga's log and continues:
+A ``Coordinator`` is one run over one saga by the runner that holds the saga's lock
+(shoal.coordination.saga_runner). It replays the log and continues:
 
-* forward: each step not yet completed is submitted with its deterministic
-  idempotency key (an earlier coordinator's submission comes back instead of a
-  second task), logged as started, and awaited; its outcome is logged;
+* forward: for each step not yet done, a task id is made and logged
+  (``step_submitting``) before the task is submitted with that id, then logged as
+  started and awaited; its outcome is logged;
 * backward (a step failed, the saga was cancelled, or its timeout passed): the
-  compensations of the completed steps run in reverse, each logged the same way;
-  one that fails after its attempts stops the saga in ``compensation_failed``.
+  compensations of the steps that completed — or may have — run in reverse, each
+  logged the same way; one that fails after its attempts stops the saga in
+  ``compensation_failed``.
 
-Every log write carries the coordinator task's fencing token; a write from a run
-superseded by a takeover is refused and that run stops (StaleCoordinator).
+Outcomes of a step (``_settle``):
+
+* succeeded → compensated on a rollback;
+* failed (the handler raised, its attempts ran out, or it was cancelled before it
+  started) → not compensated: it did not complete;
+* unknown → compensated: the task was cancelled after it had started (an async
+  handler may have finished its side effect; a sync one goes on in its thread),
+  or its record expired before the runner read it (a runner resumed more than a
+  retention period later). "Maybe done" is treated as done.
+
+Every log write carries the fencing token of the runner's lock; saga.lua refuses a
+lower token than it has seen (StaleCoordinator) and a write to an ended saga
+(SagaEnded): the run stops at once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from shoal import protocol
-from shoal.agent import Agent, capability
 from shoal.coordination.saga import (
-    COORDINATOR_ATTEMPTS,
-    COORDINATOR_CAPABILITY,
     TERMINAL,
     Saga,
     SagaStep,
@@ -53,54 +60,36 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.saga")
 
 Failure = dict[str, Any]  # {"type": ..., "message": ...}: why a step or compensation failed
+# A task id younger than this (by the time in it) whose record is missing was never
+# submitted: records live one retention period after their task ends. The margin
+# covers clock differences between the process that made the id and the engine.
+CLOCK_MARGIN_MS = 60_000
+REASONS = {"cancel": "the saga was cancelled", "timeout": "the saga ran past its timeout"}
 
 
 class StaleCoordinator(ShoalError):
-    """Another run of this saga's coordinator (a takeover) wrote to its log since:
+    """A runner with a later fencing token (a takeover) wrote to this saga's log:
     this run stops."""
 
 
-class SagaCoordinator(Agent):
-    """The built-in agent that coordinates sagas (hosted by every node with
-    capabilities; never addressed by id)."""
-
-    agent_type = "shoal_saga"
-
-    @capability(
-        COORDINATOR_CAPABILITY, max_attempts=COORDINATOR_ATTEMPTS, backoff=0.5,
-        max_backoff=30.0, non_retryable=(SagaNotFound,),
-    )  # fmt: skip
-    async def coordinate(self, saga_id: str) -> str:
-        ctx = self.ctx
-        run = Coordinator(
-            ctx.sagas.client, saga_id, token=ctx.fencing_token, node=ctx.node_id,
-            task_id=ctx.task_id, traceparent=ctx.traceparent,
-        )  # fmt: skip
-        return await run.run(resumed=ctx.attempt > 1)
+class SagaEnded(StaleCoordinator):
+    """The saga ended (another runner finished it): this run stops."""
 
 
 class Coordinator:
-    """One run of one saga's coordinator."""
+    """One run over one saga, by the runner holding its lock (fencing ``token``)."""
 
-    def __init__(
-        self,
-        client: Client,
-        saga_id: str,
-        *,
-        token: int,
-        node: str,
-        task_id: str,
-        traceparent: str | None,
-    ) -> None:
+    def __init__(self, client: Client, saga_id: str, *, token: int, node: str) -> None:
         self.client = client
         self.saga_id = saga_id
         self.token = token
         self.node = node
-        self.task_id = task_id
-        self.traceparent = traceparent
         self.cancel = False
-        self.deadline: float | None = None  # wall clock (s), from the saga's timeout
+        self.deadline: int | None = None  # engine ms, from the saga's timeout
+        self.offset_ms = 0  # the engine's clock minus this process's
+        self.cause: str | None = None  # why it compensates: failure, cancel, timeout
         self.failure: Failure | None = None
+        self.started: set[int] = set()  # steps whose task is logged as submitted
 
     # --- the log -----------------------------------------------------------------------
 
@@ -117,22 +106,29 @@ class Coordinator:
     ) -> None:
         keys, client = self.client.keys, self.client
         args: list[str | int | bytes] = [
-            keys.prefix, "log", protocol.now_ms(), int(client.settings.retention * 1000),
-            self.token, status, event, "" if step is None else step, task,
-            b"" if detail is None else protocol.encode(detail), self.node, running, error,
+            keys.prefix, "log", int(client.settings.retention * 1000), self.token, self.node,
+            status, event, "" if step is None else step, task,
+            b"" if detail is None else protocol.encode(detail), running, error,
         ]  # fmt: skip
         async with client.errors():
-            outcome, cancel = await client.scripts.saga(list(keys.saga(self.saga_id)), args)
+            outcome, cancel, now = await client.scripts.saga(list(keys.saga(self.saga_id)), args)
         self.cancel = self.cancel or cancel == b"1"
+        self.offset_ms = int(now) - protocol.now_ms()
         if outcome == b"stale":
-            raise StaleCoordinator(f"saga {self.saga_id}: a later coordinator took over")
+            raise StaleCoordinator(f"saga {self.saga_id}: a later runner took over")
+        if outcome == b"ended":
+            raise SagaEnded(f"saga {self.saga_id} has ended")
         if outcome == b"missing":
-            raise SagaNotFound(f"saga {self.saga_id} is gone (expired?)")
-        if status in TERMINAL and outcome == b"ok":
+            raise SagaNotFound(f"saga {self.saga_id} is gone")
+        if status in TERMINAL:
             metrics.saga_ended(status)
 
-    async def _load(self) -> tuple[Saga, dict[bytes, bytes], list[SagaStepInfo], bool]:
-        record_key, log_key, _ = self.client.keys.saga(self.saga_id)
+    def _now(self) -> int:
+        """The engine's clock (ms), as of the last write."""
+        return protocol.now_ms() + self.offset_ms
+
+    async def _load(self) -> tuple[Saga, dict[bytes, bytes], list[SagaStepInfo], str | None]:
+        record_key, log_key = self.client.keys.saga(self.saga_id)[:2]
         async with self.client.errors():
             pipe = self.client.redis.pipeline(transaction=False)
             pipe.hgetall(record_key)
@@ -141,196 +137,147 @@ class Coordinator:
         if not record:
             raise SagaNotFound(f"saga {self.saga_id} is gone (expired?)")
         saga = Saga.decode(record[b"def"])
-        steps, compensating = replay(saga, [entry_from_stream(i, f) for i, f in raw])
-        return saga, record, steps, compensating
+        state = replay(saga, [entry_from_stream(i, f) for i, f in raw])
+        self.started = set(state.started)
+        return saga, record, state.steps, state.cause
 
     # --- the run -----------------------------------------------------------------------
 
-    async def run(self, *, resumed: bool) -> str:
-        saga, record, steps, compensating = await self._load()
+    async def run(self) -> str:
+        """Drive the saga to its end; its final status."""
+        saga, record, steps, cause = await self._load()
         status = record[b"status"].decode()
         if status in TERMINAL:
             return status
         self.cancel = record.get(b"cancel") == b"1"
         if saga.timeout is not None:
-            self.deadline = int(record[b"created"]) / 1000 + saga.timeout
-        if resumed or status != "pending":
+            self.deadline = int(record[b"created"]) + int(saga.timeout * 1000)
+        if status != "pending":
             metrics.SAGA_RESUMES.inc()
         await self._log(
             "resumed" if status != "pending" else "coordinating",
-            status="" if status != "pending" else "running", detail={"task": self.task_id},
+            status="running" if status == "pending" else "", detail={"token": self.token},
         )  # fmt: skip
-        if not compensating:
+        if cause is None:
             failed = await self._forward(saga, steps)
             if failed is None:
                 await self._log("succeeded", status="succeeded", running="")
                 return "succeeded"
+            cause = self.cause or "failure"
             await self._log(
-                "compensating",
-                status="compensating",
-                step=failed,
-                running="",
-                error=self._reason(saga, failed),
-            )
-        return await self._backward(saga, steps)
+                "compensating", status="compensating", step=failed, running="",
+                detail={"cause": cause}, error=self._reason(saga, failed, cause),
+            )  # fmt: skip
+        return await self._backward(saga, steps, cause)
 
-    def _reason(self, saga: Saga, failed: int) -> str:
+    def _reason(self, saga: Saga, failed: int, cause: str) -> str:
+        name = saga.steps[failed].name
+        if cause in REASONS:
+            return f"{REASONS[cause]} (at step {name!r})"
         failure = self.failure or {"type": "?", "message": "?"}
+        verb = "may have run (outcome unknown)" if failure.get("unknown") else "failed"
+        return f"step {name!r} {verb}: {failure.get('type')}: {failure.get('message')}"
+
+    def _stopping(self) -> str | None:
+        """'cancel' or 'timeout' when the forward run must stop, else None."""
         if self.cancel:
-            return "cancelled"
-        return f"step {saga.steps[failed].name!r} failed: {failure['type']}: {failure['message']}"
+            return "cancel"
+        if self.deadline is not None and self._now() >= self.deadline:
+            return "timeout"
+        return None
 
     async def _forward(self, saga: Saga, steps: list[SagaStepInfo]) -> int | None:
-        """Run the steps not yet completed, in order; the index of the step that
-        failed (or would have run next when cancelled or timed out), or None."""
+        """Run the steps not yet done, in order; the index of the step the run stopped
+        at (failed, outcome unknown, or next when cancelled/timed out), or None."""
+        unhosted = await self._unhosted_compensation(saga)
         for index, (step, state) in enumerate(zip(saga.steps, steps, strict=True)):
             if state.status == "succeeded":
                 continue
-            if state.status == "failed":  # logged before this run: compensate
-                self.failure = state.error
+            if state.status in ("failed", "unknown"):  # logged before this run
+                self.failure, self.cause = state.error, "failure"
                 return index
-            if state.task is None and (self.cancel or self._expired()):
-                self.failure = self._stop_reason(saga)
-                return index  # (a started step is awaited first: it may have completed)
-            ok, value = await self._run_step(saga, index, step, state, steps)
-            if not ok:
-                self.failure = value
-                await self._log(
-                    "step_failed", step=index, task=state.task or "", detail=value, running=""
-                )
+            if unhosted is not None and state.task is None:
+                return await self._fail_unstarted(index, unhosted)
+            if state.task is None:
+                stop = self._stopping()
+                if stop is not None:
+                    self.cause = stop
+                    return index
+                failure = await self._submit_step(saga, index, step, state, steps)
+                if failure is not None:
+                    return await self._fail_unstarted(index, failure)
+            await self._settle(saga, index, steps, forward=True)
+            if state.status != "succeeded":
+                self.cause = self.cause or "failure"
                 return index
-            state.status, state.result = "succeeded", value
-            await self._log(
-                "step_succeeded", step=index, task=state.task or "", detail=value, running=""
-            )
         return None
 
-    def _expired(self) -> bool:
-        return self.deadline is not None and time.time() >= self.deadline
+    async def _fail_unstarted(self, index: int, failure: Failure) -> int:
+        self.failure, self.cause = failure, "failure"
+        await self._log("step_failed", step=index, detail=failure, running="")
+        return index
 
-    def _stop_reason(self, saga: Saga) -> Failure:
-        if self.cancel:
-            return {"type": "cancelled", "message": "the saga was cancelled"}
-        return {"type": "timeout", "message": f"the saga ran past its timeout of {saga.timeout}s"}
+    async def _unhosted_compensation(self, saga: Saga) -> Failure | None:
+        """A compensation no node ever hosted would leave the saga stuck on its first
+        rollback: such a saga fails before its next step instead."""
+        for step in saga.steps:
+            if step.compensate and step.agent is None and not await self._known(step.compensate):
+                return {
+                    "type": "shoal.errors.NotHosted",
+                    "message": f"no node in this namespace ever hosted the compensation "
+                    f"{step.compensate!r} (of step {step.name!r})",
+                }
+        return None
 
-    async def _run_step(
-        self,
+    async def _submit_step(
+        self, saga: Saga, index: int, step: SagaStep, state: SagaStepInfo, steps: list[SagaStepInfo]
+    ) -> Failure | None:
+        """Make the step's task id, log it, submit the task; why it cannot run, or None."""
+        group = await self._group(step, step.capability)
+        if isinstance(group, dict):
+            return group
+        task_id = self.client.keys.new_task_id(group)
+        state.status, state.task = "running", task_id
+        await self._log("step_submitting", step=index, task=task_id, running=task_id)
+        if self.cancel:  # the canceller may have looked before the id was logged
+            state.status, state.task = "pending", None
+            await self._log("step_not_run", step=index, running="")
+            self.cause = "cancel"
+            return {"type": "cancelled", "message": REASONS["cancel"]}
+        args = self._arguments(step, step.args, index, steps, own=False)
+        return await self._submit_task(step, step.capability, args, task_id, "do", saga)
+
+    async def _submit_task(
+        self, step: SagaStep, capability: str, args: dict[str, Any], task_id: str, phase: str,
         saga: Saga,
-        index: int,
-        step: SagaStep,
-        state: SagaStepInfo,
-        steps: list[SagaStepInfo],
-    ) -> tuple[bool, Any]:
-        if state.task is None:
-            args = self._arguments(step, step.args, index, steps, step.results_arg, own=False)
-            submitted = await self._submit(
-                step, step.capability, args, index, "do", step.max_attempts
-            )
-            if isinstance(submitted, dict):
-                return False, submitted
-            state.task = submitted
-            await self._log(
-                "step_started", status="", step=index, task=submitted, running=submitted
-            )
-            if self.cancel:  # asked between the canceller's read and this step's start
-                await self.client.cancel(submitted)
-        return await self._outcome(state.task, deadline=True, saga=saga)
-
-    async def _backward(self, saga: Saga, steps: list[SagaStepInfo]) -> str:
-        for index in reversed(range(len(saga.steps))):
-            step, state = saga.steps[index], steps[index]
-            if state.status not in ("succeeded", "compensating") or step.compensate is None:
-                continue  # never completed (nothing to undo), undone, or nothing to run
-            ok, value = await self._run_compensation(saga, index, step, state, steps)
-            if not ok:
-                await self._log(
-                    "compensation_failed", status="compensation_failed", step=index,
-                    task=state.compensation_task or "", detail=value,
-                    error=f"compensation of step {step.name!r} failed: {value['type']}: "
-                    f"{value['message']}",
-                )  # fmt: skip
-                log.error(
-                    "saga %s: compensation of step %r failed: %s", self.saga_id, step.name, value
-                )
-                return "compensation_failed"
-            state.status = "compensated"
-            await self._log(
-                "compensation_succeeded", step=index, task=state.compensation_task or ""
-            )
-        final = "cancelled" if self.cancel else "compensated"
-        await self._log(final, status=final)
-        return final
-
-    async def _run_compensation(
-        self,
-        saga: Saga,
-        index: int,
-        step: SagaStep,
-        state: SagaStepInfo,
-        steps: list[SagaStepInfo],
-    ) -> tuple[bool, Any]:
-        if state.compensation_task is None:
-            assert step.compensate is not None
-            args = self._arguments(step, step.undo_args(), index, steps, step.results_arg, own=True)
-            submitted = await self._submit(
-                step, step.compensate, args, index, "undo", saga.compensation_attempts
-            )
-            if isinstance(submitted, dict):
-                return False, submitted
-            state.compensation_task = submitted
-            await self._log("compensation_started", step=index, task=submitted)
-        return await self._outcome(state.compensation_task, deadline=False, saga=saga)
-
-    # --- tasks -------------------------------------------------------------------------
-
-    def _arguments(
-        self,
-        step: SagaStep,
-        base: dict[str, Any],
-        index: int,
-        steps: list[SagaStepInfo],
-        results_arg: str | None,
-        *,
-        own: bool,
-    ) -> dict[str, Any]:
-        args = dict(base)
-        if step.key_arg:
-            args[step.key_arg] = f"{self.saga_id}:{index}"
-        if results_arg:
-            done = ("succeeded", "compensating", "compensated")
-            upto = index + 1 if own else index
-            args[results_arg] = {s.name: s.result for s in steps[:upto] if s.status in done}
-        return args
-
-    async def _submit(
-        self,
-        step: SagaStep,
-        capability: str,
-        args: dict[str, Any],
-        index: int,
-        phase: str,
-        max_attempts: int | None,
-    ) -> str | Failure:
-        """The step's task id (the same task again for a resubmission: the key is
-        deterministic), or why it cannot run. Engine trouble raises: the
-        coordinator task is retried and resumes from the log."""
-        if step.agent is None and not await self._known(capability):
-            return {
-                "type": "shoal.errors.NotHosted",
-                "message": f"no node in this namespace ever hosted {capability!r}",
-            }
+    ) -> Failure | None:  # fmt: skip
         options = TaskOptions.build(
-            timeout=step.timeout if phase == "do" else None, max_attempts=max_attempts,
-            idempotency_key=f"saga:{self.saga_id}:{index}:{phase}",
+            timeout=step.timeout if phase == "do" else None,
+            max_attempts=step.max_attempts if phase == "do" else saga.compensation_attempts,
         )  # fmt: skip
         try:
-            handle = await self.client.submit_arguments(
-                capability, args, options, agent=step.agent, _parent=self.task_id,
-                _traceparent=self.traceparent,
-            )  # fmt: skip
+            await self.client.submit_arguments(
+                capability, args, options, agent=step.agent, _task_id=task_id
+            )
         except (UnknownAgentType, SerializationError, ConfigurationError) as exc:
             return {"type": f"shoal.errors.{type(exc).__name__}", "message": str(exc)}
-        return handle.id
+        return None
+
+    async def _group(self, step: SagaStep, capability: str) -> int | Failure:
+        """The key group the step's task id must live in (an agent's partition's), or
+        why the task cannot be submitted."""
+        if step.agent is None:
+            if not await self._known(capability):
+                return {
+                    "type": "shoal.errors.NotHosted",
+                    "message": f"no node in this namespace ever hosted {capability!r}",
+                }
+            return self.client._take_group()
+        try:
+            _, _, group = await self.client._agents.task_target(step.agent, capability)
+        except (UnknownAgentType, ConfigurationError) as exc:
+            return {"type": f"shoal.errors.{type(exc).__name__}", "message": str(exc)}
+        return group
 
     async def _known(self, capability: str) -> bool:
         async with self.client.errors():
@@ -338,32 +285,202 @@ class Coordinator:
                 await self.client.redis.sismember(self.client.keys.capabilities, capability)
             )
 
-    async def _outcome(self, task_id: str, *, deadline: bool, saga: Saga) -> tuple[bool, Any]:
-        """(True, result) or (False, failure) once the task ended. Past the saga's
-        deadline a forward step is cancelled — and still awaited: it may have
-        succeeded meanwhile, and then it is compensated like the others."""
+    def _young(self, task_id: str) -> bool:
+        """Whether a missing record of this task can only mean it was never submitted
+        (its id's time is well within the retention period)."""
+        made, retention = int(task_id[:12], 16), self.client.settings.retention * 1000
+        return self._now() - made < retention - min(CLOCK_MARGIN_MS, retention / 10)
+
+    async def _exists(self, task_id: str) -> bool:
+        async with self.client.errors():
+            return bool(await self.client.redis.exists(self.client.keys.task(task_id)))
+
+    async def _settle(
+        self, saga: Saga, index: int, steps: list[SagaStepInfo], *, forward: bool
+    ) -> None:
+        """Await the step's task and log its outcome: succeeded, failed or unknown
+        (``steps[index]`` updated). A step whose task was logged but never submitted
+        is submitted now (forward, not stopping) or logged as not run."""
+        state = steps[index]
+        assert state.task is not None
+        task_id = state.task
+        if not await self._submitted(saga, index, steps, forward=forward):
+            return
+        if index not in self.started:
+            self.started.add(index)
+            await self._log("step_started", step=index, task=task_id, running=task_id)
+        if not forward or self._stopping() is not None:
+            await self.client.cancel(task_id)
+        try:
+            result = await self._await_task(task_id, deadline=forward)
+        except TaskFailed as exc:
+            failure = {"type": exc.error_type, "message": exc.message, "task": task_id}
+            await self._failed(index, state, failure)
+        except TaskCancelled:
+            await self._refresh_cancel()
+            self.cause = self.cause or self._stopping()
+            if await self._started(task_id):
+                await self._outcome_unknown(index, state, "it was cancelled while it ran")
+            else:  # it never ran: nothing to undo
+                why = f"task {task_id} was cancelled before it started"
+                await self._failed(index, state, {"type": "cancelled", "message": why})
+        except TaskNotFound:
+            await self._outcome_unknown(index, state, "its task's record expired")
+        else:
+            state.status, state.result = "succeeded", result
+            await self._log("step_succeeded", step=index, task=task_id, detail=result, running="")
+
+    async def _submitted(
+        self, saga: Saga, index: int, steps: list[SagaStepInfo], *, forward: bool
+    ) -> bool:
+        """Whether the step's task exists (submitting it if it was logged but never
+        submitted, and may still run); False when its outcome is logged already."""
+        state, step = steps[index], saga.steps[index]
+        assert state.task is not None
+        if await self._exists(state.task):
+            return True
+        if not self._young(state.task):
+            await self._outcome_unknown(index, state, "its task's record expired")
+            return False
+        if not forward or self._stopping() is not None:
+            state.status, state.task = "pending", None
+            await self._log("step_not_run", step=index, running="")
+            return False
+        args = self._arguments(step, step.args, index, steps, own=False)
+        failure = await self._submit_task(step, step.capability, args, state.task, "do", saga)
+        if failure is not None:
+            await self._failed(index, state, failure)
+            return False
+        return True
+
+    async def _failed(self, index: int, state: SagaStepInfo, failure: Failure) -> None:
+        state.status, state.error, self.failure = "failed", failure, failure
+        await self._log(
+            "step_failed", step=index, task=state.task or "", detail=failure, running=""
+        )
+
+    async def _outcome_unknown(self, index: int, state: SagaStepInfo, why: str) -> None:
+        failure = {
+            "type": "unknown", "unknown": True, "task": state.task,
+            "message": f"step {state.name!r} may have run: {why}; it is compensated",
+        }  # fmt: skip
+        state.status, state.error, self.failure = "unknown", failure, failure
+        await self._log(
+            "step_unknown", step=index, task=state.task or "", detail=failure, running=""
+        )
+
+    async def _refresh_cancel(self) -> None:
+        """Read the cancel flag: a canceller cancels the running step's task itself,
+        and this run learns why before it logs the step's outcome."""
+        async with self.client.errors():
+            flag = await self.client.redis.hget(self.client.keys.saga(self.saga_id)[0], "cancel")
+        self.cancel = self.cancel or flag == b"1"
+
+    async def _started(self, task_id: str) -> bool:
+        try:
+            info = await self.client.status(task_id)
+        except TaskNotFound:
+            return True  # cannot tell: maybe
+        return info.started_at is not None or info.attempts > 0
+
+    async def _await_task(self, task_id: str, *, deadline: bool) -> Any:
+        """The task's result. Past the saga's deadline (forward steps) the task is
+        cancelled — and still awaited: it may have succeeded meanwhile."""
         remaining = None
         if deadline and self.deadline is not None:
-            remaining = max(0.0, self.deadline - time.time())
+            remaining = max(0.0, (self.deadline - self._now()) / 1000)
         try:
-            return True, await self.client.result(task_id, timeout=remaining)
+            return await self.client.result(task_id, timeout=remaining)
         except ResultTimeout:
             await self.client.cancel(task_id)
-            ok, value = await self._outcome(task_id, deadline=False, saga=saga)
-            return ok, value if ok else self._stop_reason(saga)
-        except TaskFailed as exc:
-            return False, {"type": exc.error_type, "message": exc.message, "task": task_id}
-        except TaskCancelled:
-            if self.cancel:
-                return False, self._stop_reason(saga)
-            return False, {
-                "type": "shoal.errors.TaskCancelled",
-                "task": task_id,
-                "message": f"task {task_id} was cancelled",
+            return await self.client.result(task_id)
+
+    # --- backward ----------------------------------------------------------------------
+
+    async def _backward(self, saga: Saga, steps: list[SagaStepInfo], cause: str) -> str:
+        for index in reversed(range(len(saga.steps))):
+            step, state = saga.steps[index], steps[index]
+            if state.status == "running":  # left by a run that stopped: find its outcome
+                await self._settle(saga, index, steps, forward=False)
+            if state.status not in ("succeeded", "unknown", "compensating"):
+                continue  # never completed (nothing to undo), or undone
+            if step.compensate is None:
+                continue  # nothing to run
+            failure = await self._compensate(saga, index, step, state, steps)
+            if failure is not None:
+                await self._log(
+                    "compensation_failed", status="compensation_failed", step=index,
+                    task=state.compensation_task or "", detail=failure,
+                    error=f"compensation of step {step.name!r} failed: {failure['type']}: "
+                    f"{failure['message']}",
+                )  # fmt: skip
+                log.error(
+                    "saga %s: compensation of step %r failed: %s", self.saga_id, step.name, failure
+                )
+                return "compensation_failed"
+            state.status = "compensated"
+            await self._log(
+                "compensation_succeeded", step=index, task=state.compensation_task or ""
+            )
+        final = "cancelled" if cause == "cancel" else "compensated"
+        await self._log(final, status=final)
+        return final
+
+    async def _compensate(
+        self, saga: Saga, index: int, step: SagaStep, state: SagaStepInfo, steps: list[SagaStepInfo]
+    ) -> Failure | None:
+        """Run the step's compensation (again, if its task is gone: compensations are
+        idempotent) until it ended; why it failed, or None."""
+        assert step.compensate is not None
+        args = self._arguments(step, step.undo_args(), index, steps, own=True)
+        while True:
+            task_id = state.compensation_task
+            if task_id is None or not await self._exists(task_id):
+                if task_id is None:
+                    group = await self._group(step, step.compensate)
+                    if isinstance(group, dict):
+                        return group
+                    task_id = self.client.keys.new_task_id(group)
+                    state.compensation_task = task_id
+                    await self._log("compensation_submitting", step=index, task=task_id)
+                failure = await self._submit_task(
+                    step, step.compensate, args, task_id, "undo", saga
+                )
+                if failure is not None:
+                    return failure
+                await self._log("compensation_started", step=index, task=task_id)
+            try:
+                await self.client.result(task_id)
+                return None
+            except TaskFailed as exc:
+                return {"type": exc.error_type, "message": exc.message, "task": task_id}
+            except TaskCancelled:
+                return {
+                    "type": "shoal.errors.TaskCancelled", "task": task_id,
+                    "message": f"compensation task {task_id} was cancelled",
+                }  # fmt: skip
+            except TaskNotFound:
+                state.compensation_task = None  # vanished: submit it afresh
+
+    # --- arguments ---------------------------------------------------------------------
+
+    def _arguments(
+        self, step: SagaStep, base: dict[str, Any], index: int, steps: list[SagaStepInfo], *,
+        own: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        args = dict(base)
+        if step.key_arg:
+            args[step.key_arg] = step_key(self.saga_id, index)
+        if step.results_arg:  # the results of the steps that completed, up to this one
+            done = ("succeeded", "compensating", "compensated", "compensation_failed")
+            upto = index + 1 if own else index
+            args[step.results_arg] = {
+                s.name: s.result for s in steps[:upto] if s.status in done and s.error is None
             }
-        except TaskNotFound:
-            return False, {
-                "type": "shoal.errors.TaskNotFound",
-                "task": task_id,
-                "message": f"task {task_id} expired before the saga read it",
-            }
+        return args
+
+
+def step_key(saga_id: str, index: int) -> str:
+    """The idempotency key a step and its compensation receive: ``saga:<id>:<index>``
+    (saga ids have no ':', so no two steps of any sagas share one)."""
+    return f"saga:{saga_id}:{index}"

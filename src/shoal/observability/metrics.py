@@ -683,8 +683,13 @@ SAGAS_ENDED = Counter(
 )
 SAGA_RESUMES = Counter(
     "shoal_saga_resumes",
-    "Saga coordinators this process ran that resumed a saga from its log (after a "
-    "takeover or a retry of the coordinator task).",
+    "Sagas this process's runner resumed from their log (after a takeover, a node's "
+    "stop, or an engine error).",
+    registry=REGISTRY,
+)
+SAGAS_DRIVEN = Gauge(
+    "shoal_sagas_driven",
+    "Sagas this process's SagaRunner drives now (at most the node's max_sagas).",
     registry=REGISTRY,
 )
 

@@ -150,7 +150,6 @@ function sagaPart(part) {
     h("h3", {}, "Saga"),
     h("p", {}, h("span", { class: "mono" }, saga.name), " ", h("span", { class: "mono small" }, saga.id), " ",
       pill(saga.status, sagaKind(saga.status)),
-      " — ", role === "coordinator" ? "this task coordinates it"
-        : `${role === "step" ? "step" : "compensation of step"} ${step.name} (${step.status})`),
+      " — ", `${role === "step" ? "step" : "compensation of step"} ${step.name} (${step.status})`),
     saga.error ? h("p", { class: "error-text" }, saga.error) : null);
 }

@@ -8,7 +8,6 @@ import { ago, emptyRow, h, pill, row } from "./dom.js";
 export function sagaTasks(sagas) {
   const index = new Map();
   for (const saga of sagas) {
-    if (saga.coordinator) index.set(saga.coordinator, { saga, step: null, role: "coordinator" });
     for (const step of saga.steps) {
       if (step.task) index.set(step.task, { saga, step, role: "step" });
       if (step.compensation_task) index.set(step.compensation_task, { saga, step, role: "compensation" });
@@ -31,8 +30,10 @@ export function sagaRows(sagas, open) {
 function stepPill(step, open) {
   const task = step.compensation_task || step.task;
   const label = `${step.name}: ${step.status}`;
+  const problem = (p) => (p ? `${p.type}: ${p.message}` : null);
   const title = [step.capability, step.compensate ? `undo: ${step.compensate}` : null,
-    step.error ? `${step.error.type}: ${step.error.message}` : null].filter(Boolean).join(" · ");
+    problem(step.error), step.compensation_error ? `undo failed: ${problem(step.compensation_error)}` : null,
+  ].filter(Boolean).join(" · ");
   if (!task) return pill(label, sagaKind(step.status));
   return h("button", { type: "button", class: `link pill pill-${sagaKind(step.status)}`, title,
     dataset: { step: step.name, taskId: task }, onclick: () => open(task) }, label);
@@ -41,7 +42,7 @@ function stepPill(step, open) {
 /** A saga's (or step's) status as one of the pill colours the page has. */
 export function sagaKind(status) {
   if (status === "succeeded") return "succeeded";
-  if (status === "compensated") return "queued"; // rolled back as designed: a warning colour
+  if (status === "compensated" || status === "unknown") return "queued"; // a warning colour
   if (status === "compensation_failed" || status === "failed") return "failed";
   if (status === "cancelled") return "expired";
   return "running";
