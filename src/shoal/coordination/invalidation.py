@@ -128,14 +128,20 @@ class Listener:
                 # Called on every reconnection redis-py makes by itself (it
                 # resubscribes): what was published meanwhile is lost.
                 connection.register_connect_callback(self._reconnected)
-                backoff.reset()
                 await self._read(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the engine is away: engine-only until back
                 self._settled.set()  # the attempt had its outcome: nobody waits for it
-                log.warning("cache invalidation subscription lost (%s); resubscribing", exc)
+                # Said once per outage: a refused subscription (no channel permission)
+                # fails on every attempt, each a second apart.
+                level = (
+                    logging.WARNING if self._confirmed or not backoff.failures else logging.DEBUG
+                )
+                log.log(level, "cache invalidation subscription lost (%s); resubscribing", exc)
             finally:
+                if self._confirmed:  # it worked for a while: the next failure is a new one
+                    backoff.reset()
                 self._drop("the invalidation subscription ended")
                 # The connection goes back to the client's blocking pool: its next
                 # user (a lock wait, an inbox read) must not drop our levels.
