@@ -23,7 +23,7 @@ import redis
 from redis.crc import key_slot
 
 from shoal import Agent, Client, ConfigurationError, Settings, capability
-from shoal.coordination.cache import COMPRESS_OVER, MAX_BATCH
+from shoal.coordination.cache import COMPRESS_OVER, ENTRY_OVERHEAD, MAX_BATCH
 from shoal.engine import EmbeddedEngine
 from shoal.errors import EngineError, EngineUnavailable, SerializationError
 from shoal.observability import metrics
@@ -165,6 +165,88 @@ async def test_a_failing_computation_hands_the_fill_to_a_waiter_at_once(settings
         with pytest.raises(RuntimeError, match="backend down"):
             await failing
         assert await asyncio.wait_for(waiting, timeout=2) == "second"
+
+
+async def test_a_computation_past_fill_timeout_is_cancelled_and_its_lease_released(
+    client: Client,
+) -> None:
+    cache = client.cache("bounded-fill", fill_lease=30, fill_timeout=0.2)
+    cancelled = asyncio.Event()
+
+    async def hang() -> str:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return "never"
+
+    with pytest.raises(TimeoutError, match=r"took more than fill_timeout=0\.2s"):
+        await asyncio.wait_for(cache.get_or_set("k", hang), 3)
+    assert cancelled.is_set()
+    assert not await client.redis.exists(client.keys.cache("bounded-fill", "k")[1])
+    assert await cache.get_or_set("k", lambda: "next") == "next"
+
+
+async def test_a_fill_whose_callers_all_gave_up_is_cancelled_and_releases_its_lease(
+    client: Client, settings: Settings
+) -> None:
+    cache = client.cache("abandoned", fill_lease=30)  # a lapse would take 30 s
+    lease = client.keys.cache("abandoned", "k")[1]
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+        return "never"
+
+    callers = [asyncio.create_task(cache.get_or_set("k", slow)) for _ in range(2)]
+    await asyncio.wait_for(started.wait(), 3)
+    callers[0].cancel()
+    await asyncio.sleep(0.05)  # one caller left: the fill goes on
+    assert not cancelled.is_set() and await client.redis.exists(lease)
+    callers[1].cancel()
+    await asyncio.wait_for(cancelled.wait(), 2)
+    await eventually(lambda: _absent(client, lease), "the lease released", timeout=2)
+    async with Client(settings=settings) as other:
+        computed = other.cache("abandoned", fill_lease=30).get_or_set("k", lambda: "other")
+        assert await asyncio.wait_for(computed, 2) == "other"
+    assert all(c.cancelled() for c in callers) and not cache._flights
+
+
+async def test_a_get_or_set_cancelled_as_the_lease_is_granted_releases_it(client: Client) -> None:
+    cache = client.cache("granted", fill_lease=30)
+    real = cache._call
+
+    async def granted_then_cancelled(op: str, keys: list[str], *args: Any) -> Any:
+        reply = await real(op, keys, *args)
+        if op == "load":
+            assert reply[2] == 1  # the lease is ours
+            raise asyncio.CancelledError
+        return reply
+
+    cache._call = granted_then_cancelled  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await cache.get_or_set("k", lambda: "never")
+    del cache._call
+    assert not await client.redis.exists(client.keys.cache("granted", "k")[1])
+
+
+async def test_a_new_caller_never_gets_a_landed_flight_s_old_error(client: Client) -> None:
+    cache = client.cache("relanded")
+
+    def fail() -> str:
+        raise RuntimeError("backend down")
+
+    caller = asyncio.ensure_future(cache.get_or_set("k", fail))
+    await asyncio.sleep(0)  # the flight is registered
+    flight = cache._flights["k"]
+    with pytest.raises(RuntimeError):
+        await caller
+    cache._flights["k"] = flight  # as between its end and its done-callback
+    assert await cache.get_or_set("k", lambda: "fresh") == "fresh"
 
 
 @pytest.mark.topology
@@ -452,6 +534,34 @@ async def test_a_write_that_ran_but_whose_reply_was_lost_leaves_no_old_copy(
     assert await cache.get("k") == 2
 
 
+async def test_a_cancelled_write_that_runs_later_still_invalidates_the_writer(
+    client: Client,
+) -> None:
+    """A cancelled command can still run in the engine afterwards (it was sent):
+    its message, applied by the writer too, drops what the writer read meanwhile."""
+    cache = client.cache("late", ttl=None)
+    await cache.set("k", 1)
+    real, go = cache._call, asyncio.Event()
+    later: list[asyncio.Task[Any]] = []
+
+    async def runs_after_the_cancel(op: str, keys: list[str], *args: Any) -> Any:
+        async def run() -> Any:
+            await go.wait()
+            return await real(op, keys, *args)
+
+        later.append(asyncio.create_task(run()))
+        raise asyncio.CancelledError
+
+    cache._call = runs_after_the_cancel  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await cache.set("k", 2)
+    del cache._call
+    assert await cache.get("k") == 1 and cache.peek("k") == 1  # it has not run yet
+    go.set()
+    await later[0]
+    await eventually(lambda: _fetched(cache, "k", 2), "the late write seen", timeout=2)
+
+
 async def test_the_writer_applies_its_own_messages_and_keeps_its_fresh_copy(
     client: Client, settings: Settings
 ) -> None:
@@ -501,6 +611,9 @@ async def test_the_local_level_keeps_within_its_byte_bound(client: Client) -> No
     await cache.set("huge", "y" * 30_000)  # bigger than the whole bound: engine only
     assert cache.peek("huge") is None and await cache.get("huge") == "y" * 30_000
     assert sample("shoal_cache_local_bytes", cache="bounded") <= 20_000
+    wide = client.cache("wide-keys")
+    await wide.set("é" * 100, b"")  # 200 bytes of UTF-8 in 100 characters
+    assert wide.local_bytes() == 2 + 200 + ENTRY_OVERHEAD  # msgpack b"" is 2 bytes
     engine_only = client.cache("engine-only", max_local_bytes=0)
     await engine_only.set("k", 1)
     assert engine_only.peek("k") is None and await engine_only.get("k") == 1
@@ -552,6 +665,43 @@ async def test_hits_and_misses_are_counted_per_level(client: Client) -> None:
     cache.drop_local()
     assert await cache.get("a") == 1  # local miss, remote hit
     assert figures() == [2, 1, 3, 2]
+    with pytest.raises(ConfigurationError):
+        await cache.get("")  # not a key: not a miss either
+    assert figures() == [2, 1, 3, 2]
+
+
+async def test_get_or_set_counts_one_remote_hit_or_miss_per_caller(
+    client: Client, settings: Settings
+) -> None:
+    """A caller counts a remote miss when the value had to be computed (here or by
+    another process it waited for), a remote hit when the engine had it."""
+    cache = client.cache("counted-fill")
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "v"
+
+    def figures() -> list[float]:
+        return [
+            sample(f"shoal_cache_{what}_total", cache="counted-fill", level="remote")
+            for what in ("hits", "misses")
+        ]
+
+    async with Client(settings=settings) as other:
+        filling = asyncio.create_task(cache.get_or_set("k", slow))
+        lease = client.keys.cache("counted-fill", "k")[1]
+        await eventually(lambda: client.redis.exists(lease), "the first process fills")
+        waiting = [other.cache("counted-fill").get_or_set("k", slow) for _ in range(3)]
+        waiters = asyncio.gather(*waiting)  # they wait for the fill, then read it
+        await asyncio.sleep(0.05)
+        release.set()
+        assert [await filling, *await waiters] == ["v"] * 4
+        assert figures() == [0, 4]  # four callers, all of a value that was computed
+        other.cache("counted-fill").drop_local()
+        assert await asyncio.gather(*(other.cache("counted-fill").get_or_set("k", slow)
+                                      for _ in range(2))) == ["v", "v"]  # fmt: skip
+        assert figures() == [2, 4]
 
 
 class Profiles(Agent):
