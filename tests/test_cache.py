@@ -746,6 +746,8 @@ async def test_a_closing_client_stops_its_invalidation_listener(settings: Settin
         ({"max_local_bytes": -1}, "max_local_bytes must be a whole number"),
         ({"max_local_bytes": 1.5}, "max_local_bytes must be a whole number"),
         ({"fill_lease": 0.01}, "fill_lease must be a number of seconds within 0.1..300"),
+        ({"fill_timeout": 0}, "fill_timeout must be a number of seconds within 0.1..86400"),
+        ({"fill_timeout": None}, "fill_timeout must be a number of seconds"),
     ],
 )
 async def test_bad_cache_options_are_refused_saying_what_is_allowed(
