@@ -22,7 +22,13 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
-from shoal.coordination.cache import DEFAULT_FILL_LEASE_S, DEFAULT_LOCAL_BYTES, DEFAULT_TTL_S, Cache
+from shoal.coordination.cache import (
+    DEFAULT_FILL_LEASE_S,
+    DEFAULT_FILL_TIMEOUT_S,
+    DEFAULT_LOCAL_BYTES,
+    DEFAULT_TTL_S,
+    Cache,
+)
 from shoal.coordination.config import ConfigStore
 from shoal.coordination.leader import DEFAULT_TTL as LEADER_TTL
 from shoal.coordination.leader import Callback, Leadership
@@ -537,13 +543,18 @@ class TaskContext:
         ttl: float | None = DEFAULT_TTL_S,
         max_local_bytes: int = DEFAULT_LOCAL_BYTES,
         fill_lease: float = DEFAULT_FILL_LEASE_S,
+        fill_timeout: float = DEFAULT_FILL_TIMEOUT_S,
     ) -> Cache:
         """The two-level cache ``name``, shared by this node's handlers (one local
         level per node) and with every other process through the engine:
         ``await self.ctx.cache("users", ttl=60).get_or_set(key, load)``. See
         shoal.coordination.cache."""
         return self._runtime.client.cache(
-            name, ttl=ttl, max_local_bytes=max_local_bytes, fill_lease=fill_lease
+            name,
+            ttl=ttl,
+            max_local_bytes=max_local_bytes,
+            fill_lease=fill_lease,
+            fill_timeout=fill_timeout,
         )
 
     @property

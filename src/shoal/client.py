@@ -29,6 +29,7 @@ from shoal.addresses import mask_url
 from shoal.cluster import ClusterState, read_cluster
 from shoal.coordination.cache import (
     DEFAULT_FILL_LEASE_S,
+    DEFAULT_FILL_TIMEOUT_S,
     DEFAULT_LOCAL_BYTES,
     DEFAULT_TTL_S,
     Cache,
@@ -366,12 +367,18 @@ class Client:
         ttl: float | None = DEFAULT_TTL_S,
         max_local_bytes: int = DEFAULT_LOCAL_BYTES,
         fill_lease: float = DEFAULT_FILL_LEASE_S,
+        fill_timeout: float = DEFAULT_FILL_TIMEOUT_S,
     ) -> Cache:
         """The two-level cache ``name`` (an LRU of ``max_local_bytes`` in this client
         in front of the engine; entries live ``ttl`` seconds): one object per name
         and client, kept fresh by one invalidation listener. See
         shoal.coordination.cache."""
-        options = CacheOptions(ttl=ttl, max_local_bytes=max_local_bytes, fill_lease=fill_lease)
+        options = CacheOptions(
+            ttl=ttl,
+            max_local_bytes=max_local_bytes,
+            fill_lease=fill_lease,
+            fill_timeout=fill_timeout,
+        )
         cache = self._caches.get(name)
         if cache is not None:
             if cache.options != options:

@@ -17,19 +17,22 @@ the namespace:
   write may override. A local copy expires when its engine entry does: its
   deadline is taken before the request that read or wrote it was sent.
 * **Invalidation.** Every write publishes the keys it changed from the script
-  that writes them; every other process drops its local copies on receipt (the
-  writer keeps its own, fresh one). A process whose subscription broke or was
-  silent serves no local copy until it is sure again (shoal.coordination.
-  invalidation). Writes are numbered in the engine (``cache_seq``) and reads
-  return the number they saw, so an invalidation that arrives while a read of
-  the same key is on its way back keeps that read's value out of the local
-  level only if its write came after the read (a copy remembers its number too).
+  that writes them; every process drops its local copies older than the write on
+  receipt (the writer's own copy is as new as its write: it stays). A process
+  whose subscription broke, ended or was silent serves no local copy until it is
+  sure again (shoal.coordination.invalidation). Writes are numbered in the engine
+  (``cache_seq``) and reads return the number they saw, so an invalidation that
+  arrives while a read of the same key is on its way back keeps that read's value
+  out of the local level only if its write came after the read (a copy remembers
+  its number too). A write that fails or is cancelled may still have run: the
+  writer drops its copies of those keys at once.
 * **Single flight.** ``get_or_set(key, fn)`` computes a missing value once across
   all processes: concurrent callers of one process share one attempt, and the
   processes race for a fill lease in the engine (SET NX PX, renewed while ``fn``
   runs). The winner computes and stores; the others wait for the write's message,
   each wait bounded by the lease, and take over if the winner dies (its lease
-  lapses) or its ``fn`` fails (it releases the lease at once).
+  lapses) or its ``fn`` fails, exceeds ``fill_timeout`` or is abandoned by all
+  its callers (it releases the lease at once).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import math
 import re
 import time
 import zlib
+from asyncio import Task
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import itemgetter
@@ -67,6 +71,8 @@ MAX_TTL_S = 365 * 86_400.0
 DEFAULT_TTL_S = 300.0
 DEFAULT_LOCAL_BYTES = 64 << 20
 DEFAULT_FILL_LEASE_S = 5.0
+DEFAULT_FILL_TIMEOUT_S = 120.0  # the longest a get_or_set's fn may compute
+MAX_FILL_TIMEOUT_S = 86_400.0
 COMPRESS_OVER = 4096  # encoded bytes from which a value is compressed in the engine
 ENTRY_OVERHEAD = 160  # bytes counted per local entry besides its key and value
 MAX_BATCH = 1000  # keys per get_many/set_many/delete call (one script each)
@@ -84,6 +90,7 @@ class CacheOptions:
     ttl: float | None = DEFAULT_TTL_S
     max_local_bytes: int = DEFAULT_LOCAL_BYTES
     fill_lease: float = DEFAULT_FILL_LEASE_S
+    fill_timeout: float = DEFAULT_FILL_TIMEOUT_S
 
     def __post_init__(self) -> None:
         _check_ttl(self.ttl, "ttl")
@@ -98,6 +105,17 @@ class CacheOptions:
             raise ConfigurationError(
                 f"fill_lease must be a number of seconds within 0.1..300 (how long another "
                 f"process waits for a dead filler before taking over), got {lease!r}"
+            )
+        bound = self.fill_timeout
+        if (
+            isinstance(bound, bool)
+            or not isinstance(bound, int | float)
+            or not 0.1 <= bound <= MAX_FILL_TIMEOUT_S
+        ):
+            raise ConfigurationError(
+                f"fill_timeout must be a number of seconds within 0.1..{MAX_FILL_TIMEOUT_S:.0f} "
+                f"(how long a get_or_set's fn may compute before it is cancelled and "
+                f"another process may take over), got {bound!r}"
             )
 
 
@@ -168,6 +186,18 @@ def unpack(stored: bytes) -> bytes:
 
 
 _MISSING: Any = object()
+_UNKNOWN_SEQ = 1 << 62  # a write of unknown number may have happened: keep nothing
+
+
+class _Flight:
+    """One ``get_or_set`` computation in this process, shared by its callers."""
+
+    __slots__ = ("callers", "found", "task")
+
+    def __init__(self) -> None:
+        self.task: Task[bytes] | None = None
+        self.callers = 0
+        self.found: bool | None = None  # the first look found the value in the engine
 
 
 class Cache:
@@ -188,10 +218,14 @@ class Cache:
         # key -> [engine calls in flight, the latest write seq heard meanwhile]
         self._pending: dict[str, list[int]] = {}
         self._waiters: dict[str, asyncio.Event] = {}  # key -> wake-up of a fill waiter
-        self._flights: dict[str, asyncio.Future[bytes]] = {}  # get_or_set, per key
+        self._flights: dict[str, _Flight] = {}  # get_or_set, per key
         self.stats = cache_stats(self.name)
-        self.stats.sizes[id(self)] = lambda: int(self._local.currsize)
+        self.stats.sizes.add(self)
         listener.add(self.name, self)
+
+    def local_bytes(self) -> int:
+        """Bytes the local level counts as held (for ``shoal_cache_local_bytes``)."""
+        return int(self._local.currsize)
 
     # --- the local level -----------------------------------------------------------
 
@@ -227,7 +261,7 @@ class Cache:
         if epoch != self._listener.epoch or not self._listener.fresh(time.monotonic()):
             return
         expires = math.inf if ttl_ms < 0 else sent + ttl_ms / 1000
-        size = len(raw) + len(key) + ENTRY_OVERHEAD
+        size = len(raw) + len(key.encode(errors="surrogatepass")) + ENTRY_OVERHEAD
         if size <= self.options.max_local_bytes:  # else LRUCache refuses it
             self._local[key] = (raw, expires, size, seq)
 
@@ -262,11 +296,22 @@ class Cache:
             waiter.set()
         return dropped
 
-    def invalidate(self, keys: list[str], seq: int) -> None:
-        """Another process's write ``seq`` changed ``keys`` (the listener calls this)."""
+    def invalidate(self, keys: list[str], seq: int, *, ours: bool) -> None:
+        """Write ``seq`` changed ``keys`` (the listener calls this); ``ours``: this
+        client wrote it (the copy the write kept is not older: it stays)."""
         for key in keys:
-            if self._touch(key, seq):
+            if self._touch(key, seq) and not ours:
                 self.stats.invalidated += 1
+
+    def _forget(self, keys: list[str]) -> None:
+        """A write of ``keys`` failed or was cancelled, perhaps after its script ran:
+        drop their copies and keep reads in flight from keeping theirs (their
+        number cannot be judged against a write whose number never came back)."""
+        for key in keys:
+            self._local.pop(key, None)
+            slot = self._pending.get(key)
+            if slot is not None:
+                slot[1] = _UNKNOWN_SEQ
 
     def drop_local(self) -> None:
         """Forget every local copy (the listener calls this when messages may have
@@ -285,8 +330,9 @@ class Cache:
         if raw is not None:
             self.stats.local_hits += 1
             return _decode(raw)
+        _check_key(key)
         self.stats.local_misses += 1
-        found = await self._fetch([_check_key(key)])
+        found = await self._fetch([key])
         return _decode(found[key]) if key in found else default
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
@@ -374,6 +420,9 @@ class Cache:
         channel = self._client.keys.cache_channel
         try:
             result = await self._call(op, [self._entry(k) for k in keys], channel, message, *args)
+        except BaseException:
+            self._forget(keys)
+            raise
         finally:
             latest = [self._end(k) for k in keys]
         seq = int(result[1] if op == "delete" else result)
@@ -398,61 +447,81 @@ class Cache:
         coroutine function) computes it — once across every process of the
         namespace however many ask at the same time — and it is stored for ``ttl``.
         Concurrent callers in one process share the first caller's ``fn`` and its
-        outcome (its exception too)."""
+        outcome (its exception too); when every caller was cancelled, the
+        computation is cancelled too (and its fill lease released)."""
         raw = self._local_raw(key)
         if raw is not None:
             self.stats.local_hits += 1
             return _decode(raw)
-        self.stats.local_misses += 1
         _check_key(key)
         if not callable(fn):
             raise ConfigurationError(
                 f"get_or_set needs a function to compute the value, got {fn!r:.80}"
             )
         ttl_ms = self._ttl_ms if ttl is _MISSING else _ttl_ms(_check_ttl(ttl, "ttl"))
+        self.stats.local_misses += 1
         flight = self._flights.get(key)
-        if flight is None:
-            flight = asyncio.ensure_future(self._fill(key, fn, ttl_ms))
-            self._flights[key] = flight
-            flight.add_done_callback(lambda f: self._landed(key, f))
-        return _decode(await asyncio.shield(flight))
+        if flight is None or flight.task is None or flight.task.done():  # never a landed one
+            flight = self._flights[key] = _Flight()
+            task = flight.task = asyncio.ensure_future(self._fill(key, fn, ttl_ms, flight))
+            task.add_done_callback(lambda _: self._landed(key, flight))
+        task = flight.task
+        flight.callers += 1
+        try:
+            return _decode(await asyncio.shield(task))
+        finally:
+            flight.callers -= 1
+            if flight.found is not None:  # per caller: the engine had it, or it was computed
+                if flight.found:
+                    self.stats.remote_hits += 1
+                else:
+                    self.stats.remote_misses += 1
+            if flight.callers == 0 and not task.done():  # every caller gave up on it
+                self._landed(key, flight)
+                task.cancel()
 
-    def _landed(self, key: str, flight: asyncio.Future[bytes]) -> None:
+    def _landed(self, key: str, flight: _Flight) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if not flight.cancelled():
-            flight.exception()  # retrieved: a flight no caller awaits any more is no error
+        task = flight.task
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: a flight no caller awaits any more is no error
 
-    async def _fill(self, key: str, fn: Callable[[], Any], ttl_ms: int) -> bytes:
+    async def _fill(self, key: str, fn: Callable[[], Any], ttl_ms: int, flight: _Flight) -> bytes:
+        waiter = asyncio.Event()
         try:
-            return await self._look_or_compute(key, fn, ttl_ms)
+            return await self._look_or_compute(key, fn, ttl_ms, flight, waiter)
         finally:
-            self._waiters.pop(key, None)  # one flight per key and process: it was ours
+            if self._waiters.get(key) is waiter:
+                del self._waiters[key]
 
-    async def _look_or_compute(self, key: str, fn: Callable[[], Any], ttl_ms: int) -> bytes:
+    async def _look_or_compute(
+        self, key: str, fn: Callable[[], Any], ttl_ms: int, flight: _Flight, waiter: asyncio.Event
+    ) -> bytes:
         await self._listener.wait_subscribed()
         holder = f"{self._client.client_id}:{new_id()}"
         lease_ms = int(self.options.fill_lease * 1000)
-        counted = False
         while True:
-            waiter = self._waiters[key] = asyncio.Event()  # before the look: no lost wake
+            waiter.clear()
+            self._waiters[key] = waiter  # before the look: no lost wake
             self._begin(key)
             epoch, sent = self._listener.epoch, time.monotonic()
             try:
                 stored, pttl, leased, seq = await self._call(
                     "load", list(self._client.keys.cache(self.name, key)), holder, lease_ms
                 )
+            except asyncio.CancelledError:  # the script may have granted us the lease
+                await asyncio.shield(self._release(key, holder))
+                raise
             finally:
                 latest = self._end(key)
             raw = self._read(key, stored)
+            if flight.found is None:
+                flight.found = raw is not None
             if raw is not None:
-                self.stats.remote_hits += 1
                 if latest <= seq:
                     self._install(key, raw, int(pttl), sent, epoch, seq)
                 return raw
-            if not counted:
-                self.stats.remote_misses += 1
-                counted = True
             if leased:
                 return await self._compute(key, fn, ttl_ms, holder)
             # Another process computes it: its write's message wakes us, or its lease
@@ -465,7 +534,7 @@ class Cache:
         try:
             value = fn()
             if inspect.isawaitable(value):
-                value = await value
+                value = await self._bounded(key, value)
             stored, raw = pack(value)
         except BaseException:
             renewal.cancel()
@@ -480,12 +549,27 @@ class Cache:
                 "fill", list(self._client.keys.cache(self.name, key)), channel,
                 self._message([key]), ttl_ms, stored, holder,
             )  # fmt: skip
+        except BaseException:
+            self._forget([key])
+            raise
         finally:
             latest = self._end(key)
         self._touch(key, seq)
         if latest <= seq:
             self._install(key, raw, ttl_ms or -1, sent, epoch, seq)
         return raw
+
+    async def _bounded(self, key: str, computing: Awaitable[Any]) -> Any:
+        """``fn``'s awaitable, cancelled past ``fill_timeout``: a hung computation
+        would otherwise keep its lease renewed, and every waiter waiting, forever."""
+        bound = self.options.fill_timeout
+        try:
+            return await asyncio.wait_for(computing, bound)
+        except TimeoutError:
+            raise TimeoutError(
+                f"cache {self.name!r}: computing {key!r} took more than fill_timeout="
+                f"{bound:g}s; it was cancelled (raise fill_timeout for slower computations)"
+            ) from None
 
     async def _renew(self, key: str, holder: str) -> None:
         """Keep the fill lease while ``fn`` runs, so a slow computation is not
@@ -529,8 +613,9 @@ class Cache:
     def close(self) -> None:
         """Cancel fills in flight (their callers get CancelledError)."""
         for flight in list(self._flights.values()):
-            flight.cancel()
-        self.stats.sizes.pop(id(self), None)
+            if flight.task is not None:
+                flight.task.cancel()
+        self.stats.sizes.discard(self)
         self._local.clear()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -605,7 +606,9 @@ class CacheStats:
         self.remote_misses = 0
         self.invalidated = 0  # local copies dropped by another process's write
         self.dropped = 0  # whole local levels dropped (subscription lost or replaced)
-        self.sizes: dict[int, Callable[[], int]] = {}  # per Cache object: bytes held
+        # The Cache objects of that name (each has ``local_bytes()``), held weakly:
+        # a cache whose client was never closed must not live on for the metric.
+        self.sizes: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 CACHES: dict[str, CacheStats] = {}  # by cache name, shared by the clients of the process
@@ -633,7 +636,7 @@ class _CacheCollector(Collector):
             misses.add_metric([name, "remote"], stats.remote_misses)
             invalidated.add_metric([name], stats.invalidated)
             dropped.add_metric([name], stats.dropped)
-            size.add_metric([name], float(sum(s() for s in stats.sizes.copy().values())))
+            size.add_metric([name], float(sum(c.local_bytes() for c in list(stats.sizes))))
         return families
 
     @staticmethod
