@@ -73,9 +73,11 @@ async def test_one_round_trip_takes_every_capability_s_tokens_and_finishes_wake_
 async def test_a_rate_limited_capability_keeps_its_rate_beside_a_busy_one_on_a_full_node(
     client: Client, settings: Settings
 ) -> None:
-    rate, n = 10.0, 16
+    rate, n, burst = 10.0, 16, 3
     await client.config.set("capability.cfg_rated.rate", rate)
-    entry = await client.config.set("capability.cfg_rated.burst", 1)
+    # a burst of a few tokens: a round the loaded node runs late loses no accrual
+    # (with burst 1, every late millisecond is a token never made)
+    entry = await client.config.set("capability.cfg_rated.burst", burst)
     async with running_node([Mixed], settings, concurrency=1) as node:
         await applied(node, entry.version)
         busy = await client.submit_many("cfg_busy", [{"i": i} for i in range(1200)])
@@ -85,10 +87,10 @@ async def test_a_rate_limited_capability_keeps_its_rate_beside_a_busy_one_on_a_f
         # the node's one slot was wanted by the busy capability all along
         assert (await busy[-1].status()).status == "queued"
     starts = sorted([(await h.status()).started_at or 0 for h in rated])
-    measured = (len(starts) - 1) / ((starts[-1] - starts[0]) / 1000)
-    # ~9.7/s measured; a token spent whether or not its capability got the slot
-    # (the reviewed code) gave ~8/s
-    assert abs(measured - rate) / rate < 0.12, f"{measured:.2f} starts/s, configured {rate}"
+    measured = (len(starts) - burst) / ((starts[-1] - starts[0]) / 1000)  # the burst at once
+    # ~9.97/s measured, also beside another run; tokens not given back when the
+    # slot went to the busy capability (the reviewed code) gave 8.8-9.5/s
+    assert abs(measured - rate) / rate < 0.05, f"{measured:.2f} starts/s, configured {rate}"
 
 
 async def test_a_held_back_capability_s_submissions_do_not_wake_the_node(
