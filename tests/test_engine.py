@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -163,30 +165,46 @@ async def test_a_connection_torn_down_inside_redis_py_is_engine_unavailable() ->
             getattr(None, "writelines")  # noqa: B009 - a bug of our own, raised here
 
 
+@pytest.mark.topology
 async def test_a_command_that_timed_out_is_not_sent_again(
     engine_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A command whose reply is late may still run: retrying it could run it twice
-    (a submit would queue its task twice). Only lost connections are retried."""
-    import redis.asyncio as aioredis
+    (a submit would queue its task twice). Only lost connections are retried — by
+    the Cluster client too."""
+    from redis.asyncio.cluster import RedisCluster
 
     from shoal import engine as engine_module
 
     monkeypatch.setattr(engine_module, "COMMAND_TIMEOUT_S", 0.3)
     key = f"timed-out-{os.getpid()}"
     conn = engine_module.open_connection(engine_url)
-    admin = aioredis.Redis.from_url(engine_url)
+    admin = engine_module.open_connection(engine_url, for_blocking=True)  # no timeout
+    every = {"target_nodes": RedisCluster.ALL_NODES} if "cluster" in engine_url else {}
+
+    async def client_command(*args: str | int) -> None:
+        if args == ("UNPAUSE",):  # (the Cluster client routes only its own method)
+            await admin.client_unpause(**every)
+        else:
+            await admin.execute_command("CLIENT", *args, **every)
+
     try:
         await conn.delete(key)
-        await admin.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        await client_command("PAUSE", 1500, "WRITE")
         started = time.monotonic()
         with pytest.raises(redis.TimeoutError):
             await conn.incr(key)  # parked by the pause past its 0.3 s timeout
         assert time.monotonic() - started < 0.6, "one attempt, not a retry after it"
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await client_command("UNPAUSE")
         assert int(await admin.get(key) or 0) <= 1
     finally:
-        await admin.execute_command("CLIENT", "UNPAUSE")
+        await client_command("UNPAUSE")
         await admin.delete(key)
         await conn.aclose()
         await admin.aclose()
+        # redis-py's Cluster client drops the ClusterNode of a timed-out command from
+        # its cache without closing it (a ResourceWarning at collection, in redis-py,
+        # not Shoal): collected here, quietly, rather than in whichever test runs next.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()

@@ -109,6 +109,19 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **options)
 
 
+class _ClusterClient(AsyncRedisCluster):
+    """redis-py's Cluster client, minus retrying a command that timed out: its reply
+    was late, not lost, so it may have run (see _retry_options). A lost connection,
+    a cluster that is down and an uncovered slot are still retried, after the slot
+    map is reloaded."""
+
+    # (redis-py types the attribute as exactly its own four errors: hence the ignore)
+    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]
+        redis.ConnectionError, redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
+    )  # fmt: skip
+
+
 def _open_cluster(address: EngineAddress, options: dict[str, Any]) -> AsyncRedisCluster:
     """redis-py's Cluster client follows MOVED/ASK itself; a lost shard connection
     makes it reload the slot map and retry (``retry``), which rides out a restart."""
@@ -116,7 +129,7 @@ def _open_cluster(address: EngineAddress, options: dict[str, Any]) -> AsyncRedis
 
     retry = options.pop("retry")
     options.pop("retry_on_error")
-    return AsyncRedisCluster(
+    return _ClusterClient(
         startup_nodes=[ClusterNode(host, port) for host, port in address.hosts],
         username=address.username, password=address.password, ssl=address.tls,
         retry=retry, socket_keepalive=True, max_connections=CLUSTER_POOL_SIZE, **options,
