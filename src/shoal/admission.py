@@ -79,6 +79,7 @@ class Admission:
         self._taken: dict[str, int] = {}  # tokens taken for the round under way
         self._warned = 0.0
         self.token_calls = 0  # round trips to the buckets (takes and gives), for tests
+        self.tokens: Counter[str] = Counter()  # start tokens kept (taken - given back)
 
     def set_limits(self, limits: dict[str, Limits]) -> None:
         """New limits (a config change). A capability whose limits changed is not
@@ -151,6 +152,7 @@ class Admission:
             got[cap] = taken
             if taken:
                 self._taken[cap] = self._taken.get(cap, 0) + taken
+                self.tokens[cap] += taken
             else:
                 self._refuse(cap, now, decision.retry_after)
         return got
@@ -175,6 +177,8 @@ class Admission:
         self.token_calls += 1
         try:
             await self._bucket.give_each(unused)
+            for cap, (_, _, left) in unused.items():
+                self.tokens[cap] -= left
         except ShoalError as exc:  # lost tokens: the bucket refills later than it could
             self._warn("giving back unused start tokens failed: %s", exc)
 

@@ -12,11 +12,16 @@ this class hides that difference.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+
+log = logging.getLogger("shoal.channels")
 
 
 class ShardSubscription:
@@ -51,3 +56,41 @@ class ShardSubscription:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()
+
+
+async def follow(
+    redis: Any,
+    channel: str,
+    *,
+    on_subscribed: Callable[[], Awaitable[None]],
+    on_message: Callable[[bytes], Awaitable[None] | None],
+    wait: float,
+    stopped: Callable[[], bool],
+    what: str,
+) -> None:
+    """Listen to one shard channel until ``stopped()``, for a watcher that also polls.
+
+    After each (re)subscription ``on_subscribed`` catches up on what changed while
+    not subscribed (messages sent meanwhile are lost); then ``on_message`` gets each
+    message. A lost subscription is retried after ``wait`` seconds — the caller's
+    poll keeps its view current meanwhile, so it is logged at debug level only.
+    ``stopped`` is checked as well as cancellation: redis-py's pub/sub read can
+    swallow a cancel."""
+    while not stopped():
+        subscription = ShardSubscription(redis, [channel])
+        try:
+            await subscription.open()
+            await on_subscribed()
+            while not stopped():
+                data = await subscription.next(timeout=wait)
+                if data is not None:
+                    handled = on_message(data)
+                    if inspect.isawaitable(handled):
+                        await handled
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("%s: change subscription lost (%s); resubscribing", what, exc)
+            await asyncio.sleep(wait)
+        finally:
+            await subscription.close()

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from shoal.balancing import Replica
-from shoal.channels import ShardSubscription
+from shoal.channels import follow
 from shoal.errors import ConfigurationError, ShoalError
 
 if TYPE_CHECKING:  # the client owns the registry's watcher: no import cycle
@@ -658,24 +658,15 @@ class Watcher:
                     log.exception("service %s: refresh failed", view.service)
 
     async def _listen(self) -> None:
-        channel = self._client.keys.services_channel
-        while not self._closing:
-            subscription = ShardSubscription(self._client.blocking, [channel])
-            try:
-                await subscription.open()
-                for view in list(self._views.values()):
-                    await self._read(view)  # what changed while not subscribed
-                while not self._closing:
-                    data = await subscription.next(timeout=self.refresh)
-                    if data is not None:
-                        await self.refresh_view(data.decode())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the poll keeps views current meanwhile
-                log.debug("services: change subscription lost (%s); resubscribing", exc)
-                await asyncio.sleep(self.refresh)  # back off before resubscribing
-            finally:
-                await subscription.close()
+        async def catch_up() -> None:
+            for view in list(self._views.values()):
+                await self._read(view)
+
+        await follow(
+            self._client.blocking, self._client.keys.services_channel,
+            on_subscribed=catch_up, on_message=lambda data: self.refresh_view(data.decode()),
+            wait=self.refresh, stopped=lambda: self._closing, what="services",
+        )  # fmt: skip
 
     async def close(self) -> None:
         # The flag as well as cancel(): redis-py's pub/sub read can swallow a

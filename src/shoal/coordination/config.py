@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from shoal.channels import ShardSubscription
+from shoal.channels import follow
 from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import validate_capability
@@ -624,24 +624,16 @@ class Watcher:
                 log.exception("config: refresh failed")
 
     async def _listen(self) -> None:
-        channel = self._client.keys.live_config_channel
-        while not self._closing:
-            subscription = ShardSubscription(self._client.blocking, [channel])
-            try:
-                await subscription.open()
-                await self._refresh()  # what changed while not subscribed
-                while not self._closing:
-                    data = await subscription.next(timeout=self.refresh)
-                    # any other version than the view's: a lower one after a reset too
-                    if data is not None and int(data.split(b" ", 1)[0]) != self._view.version:
-                        self._kick()  # not awaited: announcements meanwhile coalesce
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the poll keeps the view current meanwhile
-                log.debug("config: change subscription lost (%s); resubscribing", exc)
-                await asyncio.sleep(self.refresh)
-            finally:
-                await subscription.close()
+        def announced(data: bytes) -> None:
+            # any other version than the view's: a lower one after a reset too
+            if int(data.split(b" ", 1)[0]) != self._view.version:
+                self._kick()  # not awaited: announcements meanwhile coalesce
+
+        await follow(
+            self._client.blocking, self._client.keys.live_config_channel,
+            on_subscribed=self._refresh, on_message=announced,
+            wait=self.refresh, stopped=lambda: self._closing, what="config",
+        )  # fmt: skip
 
     async def close(self) -> None:
         # The flag as well as cancel(): redis-py's pub/sub read can swallow a
