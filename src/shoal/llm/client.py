@@ -473,8 +473,11 @@ class _Assembler:
             message = choice.delta or choice.message
             if message is not None:
                 added += message.content or ""
-                for call in message.tool_calls or []:
-                    slot = self.tools.setdefault(call.index, ["", "", ""])
+                for position, call in enumerate(message.tool_calls or []):
+                    # Stream fragments name their call by index; a whole message
+                    # lists its calls in order and often without an index.
+                    index = call.index if choice.delta is not None else position
+                    slot = self.tools.setdefault(index, ["", "", ""])
                     slot[0] = call.id or slot[0]
                     if call.function is not None:
                         slot[1] = call.function.name or slot[1]
