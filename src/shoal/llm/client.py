@@ -182,6 +182,7 @@ class LLMClient:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
+        key: str | None = None,
         model: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
@@ -191,7 +192,8 @@ class LLMClient:
     ) -> Completion:
         """The whole answer to ``messages`` (OpenAI message dicts). ``extra`` keys
         (``top_p``, ``seed``, ``stop``, ``response_format``...) go into the request
-        body as they are."""
+        body as they are. ``key`` (an affinity key) means nothing to one endpoint;
+        it is taken so that a client and a ProviderPool are interchangeable."""
         body = self._body(
             messages, model, tools, tool_choice, temperature, max_tokens, extra, stream=False
         )
@@ -202,6 +204,7 @@ class LLMClient:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
+        key: str | None = None,
         model: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
