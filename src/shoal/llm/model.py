@@ -19,9 +19,9 @@ class ChatModel(Protocol):
 
     ``key`` is the affinity key (the conversation id): a pool sends the calls of
     one key to the same replica while it is healthy, so its KV cache stays warm.
-    ``caller`` is who to charge the tokens to (the Shoal API key id), ``agent_type``
-    who asked; both only label metrics. Other keywords are request parameters
-    (``temperature``, ``max_tokens``, ``tool_choice``, ``seed``...).
+    Other keywords are request parameters (``model``, ``temperature``,
+    ``max_tokens``, ``tool_choice``, ``seed``...). The returned Completion says
+    who answered (``provider``, ``instance``, ``cached``).
     """
 
     def stream(
