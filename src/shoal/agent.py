@@ -494,6 +494,12 @@ class TaskContext:
             raise
 
     @property
+    def client(self) -> Client:
+        """The node's engine client, for what the context has no shortcut for
+        (reading another task's events, agent state...). Shared: do not close it."""
+        return self._runtime.client
+
+    @property
     def services(self) -> Services:
         """Calls to registered services, with balancing, breakers, retries and
         fallback: ``await self.ctx.services("llm").request("POST", path, json=...)``.

@@ -1,9 +1,14 @@
-"""Shoal's model plane: a client for OpenAI-compatible Chat Completions servers.
+"""Shoal's model plane: LLM agents and the model client under them.
 
-``LLMClient`` (``shoal.llm.client``) calls the model; its results are typed
-(``shoal.llm.types``) and so are its errors (``shoal.llm.errors``).
+``LLMAgent`` (``shoal.llm.agent``) is a conversation as an agent, with tools that
+are capabilities or other agents (``shoal.llm.tools``) and its answer streamed
+into task events (``shoal.llm.answer`` follows them). ``LLMClient``
+(``shoal.llm.client``) calls one OpenAI-compatible endpoint; its results are
+typed (``shoal.llm.types``) and so are its errors (``shoal.llm.errors``).
 """
 
+from shoal.llm.agent import LLMAgent
+from shoal.llm.answer import Answer, AnswerPiece, follow_answer
 from shoal.llm.client import ENV_API_KEY, ENV_BASE_URL, ENV_MODEL, NO_RETRY, LLMClient, RetryPolicy
 from shoal.llm.errors import (
     LLMAuthError,
@@ -16,9 +21,19 @@ from shoal.llm.errors import (
     LLMStreamStalled,
     LLMTimeout,
 )
+from shoal.llm.model import ChatModel
+from shoal.llm.tools import Tool, agent_tool, capability_tool
 from shoal.llm.types import Completion, StreamDelta, ToolCall, Usage
 
 __all__ = [
+    "Answer",
+    "AnswerPiece",
+    "ChatModel",
+    "LLMAgent",
+    "Tool",
+    "agent_tool",
+    "capability_tool",
+    "follow_answer",
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "ENV_MODEL",

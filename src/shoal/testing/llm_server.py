@@ -10,13 +10,16 @@ streams and real dropped connections; only the model is fake. This server answer
 - when the request has ``tools`` and the last user message contains
   ``use NAME({...json...})`` for a tool it lists, the answer is those tool calls,
   in order (``finish_reason="tool_calls"``); streamed arguments come in pieces;
+  when the conversation ends with tool results, the answer is
+  ``"Tool results: <first> | <second>..."``;
 - ``usage`` counts words: prompt = words of all messages, completion = tokens sent;
   a stream sends it last when ``stream_options.include_usage`` asks;
 - knobs (``LLMServerSettings``, changed in-process or by ``POST /_control``):
   ``api_key`` (401 otherwise, with the wrong key echoed in the error like some
   providers do: clients must redact it), ``fail_next`` requests answered
   ``fail_status`` (+ ``Retry-After: retry_after``), ``die_after_chunks`` (a stream
-  is cut, connection closed, after N SSE events); ``GET /_stats`` counts.
+  is cut, connection closed, after N SSE events; only ``die_count`` streams when
+  set); ``GET /_stats`` counts.
 
 In-process (a thread with its own event loop, so sync and async tests use it):
 
@@ -70,6 +73,7 @@ class LLMServerSettings:
     fail_status: int = 500
     retry_after: float | None = None  # sent as Retry-After with each failure
     die_after_chunks: int | None = None  # streams are cut after this many SSE events
+    die_count: int | None = None  # only this many streams are cut (None: every one)
     script: list[str] = field(default_factory=list)  # answers in turn; empty: echo
 
 
@@ -151,6 +155,9 @@ class _Model:
         self, messages: list[Any], tools: list[Any]
     ) -> tuple[str, list[tuple[str, str, str]]]:
         self._turn += 1
+        results = _trailing_tool_results(messages)
+        if results:  # the model's next step after its tools answered: say what they said
+            return "Tool results: " + " | ".join(results), []
         last = next((m for m in reversed(messages) if m.get("role") == "user"), messages[-1])
         said = str(last.get("content") or "")
         names = {t.get("function", {}).get("name") for t in tools}
@@ -168,10 +175,16 @@ class _Model:
         self, model: str, text: str, calls: list[tuple[str, str, str]], prompt: int, usage: bool
     ) -> AsyncIterator[bytes]:
         s, head, sent = self.settings, self._head(model, "chat.completion.chunk"), 0
+        cut_after = s.die_after_chunks
+        if cut_after is not None and s.die_count is not None:
+            if s.die_count <= 0:
+                cut_after = None
+            else:
+                s.die_count -= 1
 
         def event(delta: dict[str, Any] | None, finish: str | None = None, **more: Any) -> bytes:
             nonlocal sent
-            if s.die_after_chunks is not None and sent >= s.die_after_chunks:
+            if cut_after is not None and sent >= cut_after:
                 raise ConnectionAbortedError("die_after_chunks: cutting the stream")
             sent += 1
             choices = (
@@ -233,6 +246,16 @@ class _Model:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "shoal-test", "object": "model"}]})
+
+
+def _trailing_tool_results(messages: list[Any]) -> list[str]:
+    """The contents of the tool messages that end the conversation, in order."""
+    found: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        found.append(str(message.get("content") or ""))
+    return found[::-1]
 
 
 def apply_settings(settings: LLMServerSettings, changes: Any) -> None:

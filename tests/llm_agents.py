@@ -1,0 +1,73 @@
+"""Agents for the LLMAgent tests, hosted in-process and by ``shoal node`` processes.
+
+``LLM_TEST_AGENTS`` picks what a node process hosts: ``tools`` (the lookup
+capability and the helper agent), ``assistant``, or ``all`` (the default). The
+model endpoint comes from ``SHOAL_LLM_BASE_URL`` (a test LLMServer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from shoal import Agent, capability
+from shoal.llm import LLMAgent, agent_tool, capability_tool
+
+
+class Lookup(Agent):
+    @capability("lookup_word")
+    async def lookup_word(self, word: str) -> str:
+        """Look a word up.
+
+        The answer names the node that ran it."""
+        return f"{word} backwards is {word[::-1]} (node {self.ctx.node_id})"
+
+
+GATE: dict[str, Any] = {}  # in-process only: a barrier two tool calls must meet at
+
+
+class Gate(Agent):
+    @capability("meet", concurrency=4)
+    async def meet(self, who: str) -> str:
+        """Wait until every caller of the gate is here: proves calls run at once."""
+        barrier: asyncio.Barrier = GATE["barrier"]
+        await asyncio.wait_for(barrier.wait(), 10)
+        return f"{who} met"
+
+
+class Helper(LLMAgent):
+    system_prompt = "You help the assistant."
+    model_name = "test"
+    temperature = 0
+
+
+class Assistant(LLMAgent):
+    system_prompt = "You are a test assistant."
+    model_name = "test"
+    temperature = 0
+    tools = [
+        capability_tool(Lookup.lookup_word),
+        capability_tool(Gate.meet),
+        agent_tool("helper", description="Ask the helper agent."),
+    ]
+
+
+class Forgetful(LLMAgent):
+    """Remembers two messages; summarises what falls out."""
+
+    model_name = "test"
+    temperature = 0
+    memory_window = 2
+
+    async def summarize(self, dropped: list[dict[str, Any]], summary: str | None) -> str | None:
+        said = [str(m["content"]) for m in dropped if m["role"] == "user"]
+        return "; ".join(filter(None, [summary, *said]))
+
+
+_CHOICES = {
+    "tools": [Lookup, Helper],
+    "assistant": [Assistant],
+    "all": [Lookup, Gate, Helper, Assistant, Forgetful],
+}
+agents = _CHOICES[os.environ.get("LLM_TEST_AGENTS", "all")]

@@ -1,0 +1,204 @@
+"""LLMAgent against the real test model server, a real engine and real nodes: the
+answer streamed as ordered token events and followed by a client, memory across
+turns with a window and a summary, tool calls as tasks (in parallel, on another
+node, to another agent), a model stream broken mid-answer, and a node SIGKILLed
+mid-answer whose re-run turn continues the stream without repeating text."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shoal import Client, Settings
+from shoal.llm import Answer, AnswerPiece, follow_answer
+from shoal.llm.client import ENV_BASE_URL
+from shoal.testing.llm_server import LLMServer
+from tests import llm_agents
+from tests.conftest import node_process, running_node
+
+LONG = " ".join(f"word{i}" for i in range(60))
+
+
+@pytest.fixture
+def model(monkeypatch: pytest.MonkeyPatch) -> Iterator[LLMServer]:
+    with LLMServer() as server:
+        monkeypatch.setenv(ENV_BASE_URL, server.url)
+        yield server
+
+
+async def pieces_of(client: Client, task_id: str) -> list[AnswerPiece]:
+    return [piece async for piece in follow_answer(client, task_id)]
+
+
+def shown(pieces: list[AnswerPiece]) -> str:
+    """The text a UI shows after applying the pieces."""
+    text = ""
+    for piece in pieces:
+        text = text[: len(text) - piece.rewind] + piece.text
+    return text
+
+
+async def test_a_turn_streams_its_answer_in_order_and_returns_it(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    async with running_node(llm_agents.agents, settings):
+        handle = await client.submit(
+            "assistant.chat", agent="assistant/c1", message="hello there friend"
+        )
+        pieces = await pieces_of(client, handle.id)
+        assert await handle.result(timeout=10) == "You said: hello there friend"
+    assert shown(pieces) == "You said: hello there friend"
+    assert [p.text for p in pieces] == ["You ", "said: ", "hello ", "there ", "friend"]
+    offsets = [p.event.data["offset"] for p in pieces]
+    assert offsets == [0, 4, 10, 16, 22]  # each token where the previous one ended
+    assert all(p.rewind == 0 and p.restart is None for p in pieces)
+    events = await client.event_history(handle.id)
+    answer = [e.data for e in events if e.kind == "event" and e.data["type"] == "answer"]
+    assert answer[0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 5}
+    assert answer[0]["cached"] is False
+    # the prompt had the system prompt first
+    assert model.stats.last_request is not None
+    assert model.stats.last_request["messages"][0] == {
+        "role": "system",
+        "content": "You are a test assistant.",
+    }
+
+
+async def test_memory_is_kept_across_turns_within_the_window_with_a_summary(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    async with running_node(llm_agents.agents, settings):
+        for said in ("one", "two", "three"):
+            await client.call(
+                "forgetful.chat", agent="forgetful/c", message=said, result_timeout=10
+            )
+        last = model.stats.last_request
+        state = await client.agent_state("forgetful/c")
+    assert state is not None
+    # window 2: the last exchange stays; the earlier user messages are summarised
+    assert state["messages"] == [
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "You said: three"},
+    ]
+    assert state["summary"] == "one; two"
+    assert last is not None
+    contents = [m["content"] for m in last["messages"]]
+    assert contents[1] == "Summary of the earlier conversation: one"
+    assert contents[2:] == ["two", "You said: two", "three"]
+
+
+async def test_tool_calls_of_one_answer_run_at_once_as_tasks(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    llm_agents.GATE["barrier"] = asyncio.Barrier(2)  # neither returns until both started
+    message = 'use meet({"who": "a"}) use meet({"who": "b"})'
+    async with running_node(llm_agents.agents, settings, concurrency=8):
+        handle = await client.submit("assistant.chat", agent="assistant/g", message=message)
+        answer = await handle.result(timeout=20)
+    assert answer == "Tool results: a met | b met"
+    events = [e.data for e in await client.event_history(handle.id) if e.kind == "event"]
+    calls = [e for e in events if e["type"] == "tool_call"]
+    results = [e for e in events if e["type"] == "tool_result"]
+    assert [(c["name"], c["index"]) for c in calls] == [("meet", 0), ("meet", 1)]
+    assert sorted(r["content"] for r in results) == ["a met", "b met"]
+    assert all(r["ok"] for r in results)
+
+
+async def test_tools_run_on_another_node_and_another_agent_answers(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    env = {ENV_BASE_URL: model.url, "LLM_TEST_AGENTS": "tools"}
+    with node_process(settings, "tests.llm_agents", "--name", "toolbox", env=env):
+        await client.wait_for_hosts("lookup_word", timeout=15)
+        await client.wait_for_hosts("helper.chat", timeout=15)
+        async with running_node([llm_agents.Assistant], settings, name="asker"):
+            message = 'use lookup_word({"word": "abc"}) use helper({"message": "hi"})'
+            answer = await client.call(
+                "assistant.chat", agent="assistant/t", message=message, result_timeout=20
+            )
+            # an unknown tool and bad arguments go back to the model, not into a failure
+            odd = await client.call(
+                "assistant.chat",
+                agent="assistant/t",
+                message='use lookup_word({"nope": 1})',
+                result_timeout=20,
+            )
+        helper_state = await client.agent_state("helper/t.0")
+    assert answer == "Tool results: abc backwards is cba (node toolbox) | You said: hi"
+    assert helper_state is not None  # the helper conversation is its own agent
+    assert helper_state["messages"][0] == {"role": "user", "content": "hi"}
+    assert odd.startswith("Tool results: error: ConfigurationError: tool lookup_word takes")
+
+
+async def test_a_stream_broken_mid_answer_is_asked_again_without_repeating_text(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    model.settings.die_after_chunks = 4  # role + 3 tokens, then the connection dies
+    model.settings.die_count = 1
+    async with running_node(llm_agents.agents, settings):
+        handle = await client.submit("assistant.chat", agent="assistant/b", message="a b c d e f")
+        pieces = await pieces_of(client, handle.id)
+        assert await handle.result(timeout=10) == "You said: a b c d e f"
+    assert shown(pieces) == "You said: a b c d e f"
+    restarts = [p for p in pieces if p.restart]
+    assert len(restarts) == 1 and restarts[0].restart is not None
+    assert restarts[0].restart["kept"] == len("You said: a ")  # what the first stream said
+    assert "stream broke" in restarts[0].restart["reason"]
+    assert "".join(p.text for p in pieces) == "You said: a b c d e f"  # nothing twice
+    assert model.stats.streams == 2
+
+
+def _replay(events: list[Any]) -> Answer:
+    answer = Answer()
+    for data in events:
+        answer.apply(data)
+    return answer
+
+
+@pytest.mark.slow
+async def test_a_node_killed_mid_answer_the_rerun_continues_the_stream(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    model.settings.token_delay = 0.04  # 62 tokens: ~2.5 s of answer
+    env = {ENV_BASE_URL: model.url, "LLM_TEST_AGENTS": "assistant"}
+    with (
+        node_process(settings, "tests.llm_agents", "--name", "n1", env=env) as n1,
+        node_process(settings, "tests.llm_agents", "--name", "n2", env=env) as n2,
+    ):
+        procs = {"n1": n1, "n2": n2}
+        await client.wait_for_hosts("assistant.chat", count=2, timeout=15)
+        handle = await client.submit("assistant.chat", agent="assistant/k", message=LONG)
+        pieces: list[AnswerPiece] = []
+        follower = follow_answer(client, handle.id)
+        async for piece in follower:
+            pieces.append(piece)
+            if len(pieces) == 10:
+                break
+        owner = (await handle.status()).node
+        assert owner in procs
+        procs[owner].send_signal(signal.SIGKILL)
+        procs[owner].wait()
+        resumed = follow_answer(client, handle.id, after=pieces[-1].event.id)
+        pieces += [piece async for piece in resumed]
+        result = await handle.result(timeout=30)
+        info = await handle.status()
+    expected = f"You said: {LONG}"
+    assert result == expected
+    assert info.attempts == 2 and info.node != owner
+    assert shown(pieces) == expected
+    restarts = [p for p in pieces if p.restart]
+    assert len(restarts) == 1 and restarts[0].restart is not None
+    marker = restarts[0].restart
+    assert marker["attempt"] == 2
+    before = pieces[: pieces.index(restarts[0])]
+    # the marker keeps exactly what the client had; the text after it is new
+    assert marker["kept"] == len(shown(before)) >= len("You said: word0 ")
+    assert all(p.rewind == 0 for p in pieces)
+    assert "".join(p.text for p in pieces) == expected  # no text twice
+    # the whole event history replays to the same answer
+    events = [e.data for e in await client.event_history(handle.id) if e.kind == "event"]
+    assert _replay(events).text == expected
