@@ -7,18 +7,22 @@ mid-answer whose re-run turn continues the stream without repeating text."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
-from shoal import Client, Settings
+from shoal import Client, Settings, TaskFailed
 from shoal.llm import Answer, AnswerPiece, follow_answer
-from shoal.llm.client import ENV_BASE_URL
+from shoal.llm.client import ENV_API_KEY, ENV_BASE_URL
 from shoal.testing.llm_server import LLMServer
 from tests import llm_agents
 from tests.conftest import node_process, running_node
+from tests.gateways import serving
 
 LONG = " ".join(f"word{i}" for i in range(60))
 
@@ -202,3 +206,76 @@ async def test_a_node_killed_mid_answer_the_rerun_continues_the_stream(
     # the whole event history replays to the same answer
     events = [e.data for e in await client.event_history(handle.id) if e.kind == "event"]
     assert _replay(events).text == expected
+
+
+async def _sse_tokens(
+    response: httpx.Response, stop_after: int | None = None
+) -> tuple[list[str], str | None]:
+    """Token texts from an SSE response (and the last event id read), stopping
+    after ``stop_after`` tokens or at the stream's end."""
+    texts: list[str] = []
+    last_id: str | None = None
+    event_id: str | None = None
+    async for line in response.aiter_lines():
+        if line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            last_id = event_id
+            event = json.loads(line[5:])
+            data = event.get("data")
+            if isinstance(data, dict) and data.get("type") == "token":
+                texts.append(data["text"])
+                if stop_after is not None and len(texts) == stop_after:
+                    break
+    return texts, last_id
+
+
+async def test_http_followers_resume_the_token_stream_with_last_event_id(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    model.settings.token_delay = 0.02
+    async with (
+        running_node(llm_agents.agents, settings),
+        serving(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as api,
+    ):
+        body = {"capability": "assistant.chat", "agent": "assistant/h", "args": {"message": LONG}}
+        submitted = (await api.post("/v1/tasks", json=body)).json()
+        path = f"/v1/tasks/{submitted['id']}/events"
+        async with api.stream("GET", path) as first:
+            head, cut = await _sse_tokens(first, stop_after=5)
+        assert cut is not None  # the connection is dropped here, mid-answer
+        async with api.stream("GET", path, headers={"Last-Event-ID": cut}) as second:
+            rest, _ = await _sse_tokens(second)
+        answer = await client.result(submitted["id"], timeout=10)
+    assert len(head) == 5
+    assert "".join(head + rest) == answer == f"You said: {LONG}"
+
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+async def test_the_api_key_is_in_no_log_event_or_error(
+    client: Client,
+    settings: Settings,
+    model: LLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model.settings.api_key = SECRET
+    monkeypatch.setenv(ENV_API_KEY, SECRET)
+    caplog.set_level(logging.DEBUG)
+    async with running_node(llm_agents.agents, settings):
+        ok = await client.call("helper.chat", agent="helper/k", message="hi", result_timeout=10)
+        model.settings.api_key = SECRET + "-rotated"  # now ours is wrong: 401 echoing it
+        handle = await client.submit("helper.chat", agent="helper/k", message="again")
+        with pytest.raises(TaskFailed) as failed:
+            await handle.result(timeout=10)
+        info = await handle.status()
+        events = await client.event_history(handle.id)
+    assert ok == "You said: hi"
+    assert "LLMAuthError" in str(failed.value) and "API key" in str(failed.value)
+    assert info.attempts == 1  # an auth error is not retried
+    seen = [str(failed.value), repr(info), repr(events), caplog.text]
+    assert all(SECRET not in text for text in seen)
+    assert model.stats.unauthorized == 1

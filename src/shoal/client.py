@@ -157,8 +157,14 @@ class Client:
         self._caches: dict[str, Cache] = {}
         self._cache_listener: Listener | None = None
         self._config: ConfigStore | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     # --- lifecycle ------------------------------------------------------------
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Have ``closer`` awaited first when this client closes: for what lives
+        as long as the client (an LLM agent's model connections, for one)."""
+        self._closers.append(closer)
 
     async def connect(self) -> Client:
         if self._redis is not None:
@@ -199,6 +205,7 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        await self._run_closers()
         await self._release_locks()
         await self._close_caches()
         if self._config is not None:
@@ -228,6 +235,14 @@ class Client:
         if self._blocking is not None:
             await self._blocking.aclose()
             self._blocking = None
+
+    async def _run_closers(self) -> None:
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            try:
+                await closer()
+            except Exception:  # one owner's failure must not keep the rest open
+                log.exception("closing %r with the client failed", closer)
 
     async def _release_locks(self) -> None:
         """A closing client gives its locks up (their watchdogs would renew through a
