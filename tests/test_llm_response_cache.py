@@ -12,11 +12,13 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shoal import Client, ConfigurationError, Settings
+from shoal.engine import EmbeddedEngine
 from shoal.llm import Completion, LLMClient, LLMStreamBroken, StreamDelta
 from shoal.llm.response_cache import CachedModel, request_key
 from shoal.observability import metrics
@@ -303,6 +305,27 @@ async def test_another_process_shares_the_single_flight_and_the_stored_answer(
     assert {a.content for a in ours} | {content for content, _ in theirs} == {expected}
     flags = [a.cached for a in ours] + [flag for _, flag in theirs]
     assert flags.count(False) == 1  # the one call that asked the model
+
+
+async def test_an_unreachable_engine_costs_the_cache_not_the_answer(
+    tmp_path: Path, model_server: LLMServer, llm: LLMClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = EmbeddedEngine(tmp_path / "engine")
+    try:
+        settings = Settings(url=engine.ensure().url, namespace="llm-cache")
+        async with Client(settings=settings) as client:
+            model = CachedModel(llm, client.cache(CACHE, ttl=60))
+            await model.complete(HELLO, temperature=0)
+            engine.stop()
+            before = requests(model_server)
+            answer = await model.complete(HELLO, temperature=0)
+            _, streamed = await collect(model.stream(HELLO, temperature=0))
+    finally:
+        engine.stop()
+    assert requests(model_server) == before + 2  # the model answered both, uncached
+    assert answer.content == streamed.content == "You said: hello there"
+    assert not answer.cached and not streamed.cached
+    assert "response cache 'answers' unavailable, calling the model" in caplog.text
 
 
 # --- keys and configuration ----------------------------------------------------------
