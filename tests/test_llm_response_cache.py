@@ -145,6 +145,19 @@ async def test_hits_and_misses_are_counted_per_agent_type(
     assert after == (answers or 0) + 3
 
 
+async def test_an_answer_of_tool_calls_is_stored_and_rebuilt_whole(
+    cached: CachedModel, model_server: LLMServer
+) -> None:
+    ask = [{"role": "user", "content": 'please use add({"a": 1, "b": [2, 3]})'}]
+    first = await cached.complete(ask, tools=TOOLS, temperature=0)
+    assert first.finish_reason == "tool_calls" and first.tool_calls
+    before = requests(model_server)
+    _, again = await collect(cached.stream(ask, tools=TOOLS, temperature=0))
+    assert requests(model_server) == before
+    assert again.cached and again.tool_calls == first.tool_calls
+    assert again.tool_calls[0].arguments == {"a": 1, "b": [2, 3]}
+
+
 class Unfinished:
     """A model whose answers never finish properly (a content filter cut them)."""
 
