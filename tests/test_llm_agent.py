@@ -279,3 +279,24 @@ async def test_the_api_key_is_in_no_log_event_or_error(
     seen = [str(failed.value), repr(info), repr(events), caplog.text]
     assert all(SECRET not in text for text in seen)
     assert model.stats.unauthorized == 1
+
+
+async def test_an_agent_with_cache_responses_answers_a_repeated_request_from_the_cache(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    async with running_node(llm_agents.agents, settings):
+        first = await client.submit("cached.chat", agent="cached/a", message="same question")
+        assert await first.result(timeout=10) == "You said: same question"
+        second = await client.submit("cached.chat", agent="cached/b", message="same question")
+        pieces = await pieces_of(client, second.id)
+        assert await second.result(timeout=10) == "You said: same question"
+        # a different conversation's second turn is another request: the model answers
+        await client.call("cached.chat", agent="cached/a", message="more", result_timeout=10)
+    assert model.stats.requests == 2
+    assert shown(pieces) == "You said: same question"  # streamed from the cache as well
+    answers = [
+        e.data
+        for e in await client.event_history(second.id)
+        if e.kind == "event" and e.data["type"] == "answer"
+    ]
+    assert answers[0]["cached"] is True

@@ -22,12 +22,14 @@ from shoal.llm.errors import (
     LLMTimeout,
 )
 from shoal.llm.model import ChatModel
+from shoal.llm.response_cache import CachedModel
 from shoal.llm.tools import Tool, agent_tool, capability_tool
 from shoal.llm.types import Completion, StreamDelta, ToolCall, Usage
 
 __all__ = [
     "Answer",
     "AnswerPiece",
+    "CachedModel",
     "ChatModel",
     "LLMAgent",
     "Tool",
