@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +23,7 @@ from shoal.llm import Answer, AnswerPiece, follow_answer
 from shoal.llm.client import ENV_API_KEY, ENV_BASE_URL
 from shoal.testing.llm_server import LLMServer
 from tests import llm_agents
-from tests.conftest import node_process, running_node
+from tests.conftest import node_env, node_process, running_node
 from tests.gateways import serving
 
 LONG = " ".join(f"word{i}" for i in range(60))
@@ -300,3 +302,22 @@ async def test_an_agent_with_cache_responses_answers_a_repeated_request_from_the
         if e.kind == "event" and e.data["type"] == "answer"
     ]
     assert answers[0]["cached"] is True
+
+
+async def test_shoal_chat_prints_the_answer_as_it_is_written(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    env = {**node_env(settings), ENV_BASE_URL: model.url}
+    shoal = [sys.executable, "-m", "shoal.cli", "chat"]
+
+    def chat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*shoal, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    with node_process(settings, "tests.llm_agents", env=env):
+        await client.wait_for_hosts("helper.chat", timeout=15)
+        said = await asyncio.to_thread(chat, "helper/cli", "hello from the shell")
+        wrong = await asyncio.to_thread(chat, "helper", "hi")
+    assert said.returncode == 0, said.stderr
+    assert said.stdout == "You said: hello from the shell\n"
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "type/key" in wrong.stderr, wrong.stderr
