@@ -321,3 +321,27 @@ async def test_shoal_chat_prints_the_answer_as_it_is_written(
     assert said.stdout == "You said: hello from the shell\n"
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert "type/key" in wrong.stderr, wrong.stderr
+
+
+async def test_every_follower_gets_the_whole_answer_before_the_end(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    """A turn's commit (with its task's 'done') is written apart from the batched
+    events; it must not overtake the last ones (it did for ~15 % of turns under
+    load before the turn waited for its events)."""
+
+    async def events_of(task_id: str) -> list[str]:
+        return [
+            e.data["type"] if e.kind == "event" else e.kind async for e in client.events(task_id)
+        ]
+
+    async with running_node(llm_agents.agents, settings):
+        handles = await asyncio.gather(
+            *(
+                client.submit("helper.chat", agent=f"helper/many{i}", message=f"w{i}")
+                for i in range(60)
+            )
+        )
+        followed = await asyncio.gather(*(events_of(h.id) for h in handles))
+    for kinds in followed:
+        assert kinds[-2:] == ["answer", "done"], kinds

@@ -453,6 +453,9 @@ class TaskContext:
         self.cancel_requested = False
         self._flushed = flushed
         self._children: set[str] = set()
+        # the write of the last event emitted: an agent's turn waits for it before
+        # its commit, which is written apart from the batched events
+        self.pending_events: asyncio.Future[None] | None = None
 
     def _emit(self, kind: str, data: Any) -> Written:
         if not self.task_id:
@@ -460,7 +463,8 @@ class TaskContext:
                 "progress/log/emit record events of a task; this turn handles a message"
             )
         self._runtime.emit_event(self.task_id, self.fencing_token, kind, data)
-        return Written(self._flushed())
+        self.pending_events = self._flushed()
+        return Written(self.pending_events)
 
     def progress(self, fraction: float, message: str | None = None) -> Written:
         if not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:

@@ -57,6 +57,7 @@ READ_MIN_PER_STREAM = 16
 READ_BLOCK_MS = 1000
 DIRECTORY_EVERY_S = 1.0
 LEASE_WATCH_S = 0.1
+EVENTS_WAIT_S = 5.0  # a turn waits this long at most for its events to be written
 
 
 @dataclass(slots=True)
@@ -668,6 +669,7 @@ class AgentHost:
                 result = await attempt_run.run(self.node._executor, self.node.node_id)
             finally:
                 self.running_tasks.pop(job.task_id, None)
+            await self._events_written(ctx)
             outcome = result or Outcome(job, "requeue")
             if not spec.is_async and outcome.kind in ("cancelled", "requeue", "retry", "dead"):
                 self._drop_instance(act, outcome)
@@ -679,6 +681,15 @@ class AgentHost:
         if outcome.kind == "requeue":  # handed back by a draining node (see drain)
             commit.outcome, commit.entry_id = "handback", ""
         return outcome.kind == "ok"  # a cancelled or failed turn's state changes are undone
+
+    async def _events_written(self, ctx: TaskContext) -> None:
+        """Wait (bounded) until the turn's events are in the engine. The turn's
+        commit — its outcome and the task's 'done' event — is written by
+        turn_end.lua, apart from the recorder's batches: without this wait it can
+        overtake the last events, and a follower stops before them."""
+        pending = ctx.pending_events
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending}, timeout=EVENTS_WAIT_S)
 
     def _drop_instance(self, act: Activation, outcome: Outcome) -> None:
         """A sync handler's thread cannot be stopped: after a timeout or cancel it may
