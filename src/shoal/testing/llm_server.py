@@ -19,7 +19,15 @@ streams and real dropped connections; only the model is fake. This server answer
   providers do: clients must redact it), ``fail_next`` requests answered
   ``fail_status`` (+ ``Retry-After: retry_after``), ``die_after_chunks`` (a stream
   is cut, connection closed, after N SSE events; only ``die_count`` streams when
-  set); ``GET /_stats`` counts.
+  set); ``GET /_stats`` counts;
+- ``rules`` script multi-agent flows: each is ``{"system": S, "step": N, "reply": R}``
+  and applies when the system prompt contains ``S`` and the request is the
+  ``N``-th model call after the last user message (0: the first; 1: after one round
+  of tool results...; no ``step``: any); the first that applies answers ``R``, in
+  which ``use NAME({...})`` calls to offered tools become tool calls (their JSON
+  may nest) and ``{user}`` / ``{results}`` are replaced by the last user message
+  and the trailing tool results (`` | ``-joined); ``{user_json}`` /
+  ``{results_json}`` are the same escaped to sit inside a JSON string.
 
 In-process (a thread with its own event loop, so sync and async tests use it):
 
@@ -59,6 +67,8 @@ START_TIMEOUT_S = 10.0
 _GRACEFUL_S = 1
 _TOOL_USE = re.compile(r"use (\w+)\((\{.*?\})\)")
 _TOKEN = re.compile(r"\S+\s*")
+_TOOL_START = re.compile(r"use (\w+)\((?=\{)")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass
@@ -75,6 +85,7 @@ class LLMServerSettings:
     die_after_chunks: int | None = None  # streams are cut after this many SSE events
     die_count: int | None = None  # only this many streams are cut (None: every one)
     script: list[str] = field(default_factory=list)  # answers in turn; empty: echo
+    rules: list[dict[str, Any]] = field(default_factory=list)  # see the module doc
 
 
 @dataclass
@@ -156,6 +167,9 @@ class _Model:
     ) -> tuple[str, list[tuple[str, str, str]]]:
         self._turn += 1
         results = _trailing_tool_results(messages)
+        ruled = self._by_rule(messages, tools, results)
+        if ruled is not None:
+            return ruled
         if results:  # the model's next step after its tools answered: say what they said
             return "Tool results: " + " | ".join(results), []
         last = next((m for m in reversed(messages) if m.get("role") == "user"), messages[-1])
@@ -170,6 +184,25 @@ class _Model:
             return "", calls
         script = self.settings.script
         return (script[(self._turn - 1) % len(script)] if script else f"You said: {said}"), []
+
+    def _by_rule(
+        self, messages: list[Any], tools: list[Any], results: list[str]
+    ) -> tuple[str, list[tuple[str, str, str]]] | None:
+        system = next((str(m.get("content")) for m in messages if m.get("role") == "system"), "")
+        user_at = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        step = sum(1 for m in messages[user_at + 1 :] if m.get("role") == "assistant")
+        for rule in self.settings.rules:
+            if str(rule.get("system", "")) in system and rule.get("step", step) == step:
+                said = str(messages[user_at].get("content") or "") if user_at >= 0 else ""
+                reply = _fill(str(rule.get("reply", "")), said, " | ".join(results))
+                names = {t.get("function", {}).get("name") for t in tools}
+                calls = [
+                    (f"call_{self._turn}_{i}", name, args)
+                    for i, (name, args) in enumerate(_tool_uses(reply))
+                    if name in names
+                ]
+                return ("", calls) if calls else (reply, [])
+        return None
 
     async def _stream(
         self, model: str, text: str, calls: list[tuple[str, str, str]], prompt: int, usage: bool
@@ -256,6 +289,31 @@ def _trailing_tool_results(messages: list[Any]) -> list[str]:
             break
         found.append(str(message.get("content") or ""))
     return found[::-1]
+
+
+def _fill(reply: str, user: str, results: str) -> str:
+    values = {
+        "{user_json}": json.dumps(user)[1:-1],
+        "{results_json}": json.dumps(results)[1:-1],
+        "{user}": user,
+        "{results}": results,
+    }
+    for placeholder, value in values.items():
+        reply = reply.replace(placeholder, value)
+    return reply
+
+
+def _tool_uses(text: str) -> list[tuple[str, str]]:
+    """``use NAME({...})`` in ``text``, with the JSON read whole (it may nest)."""
+    found = []
+    for match in _TOOL_START.finditer(text):
+        try:
+            value, end = _DECODER.raw_decode(text, match.end())
+        except ValueError:
+            continue
+        if isinstance(value, dict) and text[end : end + 1] == ")":
+            found.append((match.group(1), text[match.end() : end]))
+    return found
 
 
 def apply_settings(settings: LLMServerSettings, changes: Any) -> None:
