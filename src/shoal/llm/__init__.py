@@ -16,6 +16,8 @@ from shoal.llm.errors import (
     LLMStreamStalled,
     LLMTimeout,
 )
+from shoal.llm.providers import Provider, ProviderPool, ProvidersFailed
+from shoal.llm.quota import QuotaExceeded
 from shoal.llm.types import Completion, StreamDelta, ToolCall, Usage
 
 __all__ = [
@@ -34,6 +36,10 @@ __all__ = [
     "LLMStreamBroken",
     "LLMStreamStalled",
     "LLMTimeout",
+    "Provider",
+    "ProviderPool",
+    "ProvidersFailed",
+    "QuotaExceeded",
     "RetryPolicy",
     "StreamDelta",
     "ToolCall",

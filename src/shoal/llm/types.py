@@ -44,7 +44,9 @@ class Completion(msgspec.Struct, frozen=True):
     """One whole answer: ``content`` (may be empty when the model only calls tools),
     ``tool_calls``, ``finish_reason`` ("stop", "length", "tool_calls", ...; None if a
     stream broke), ``usage`` (None when the server sent none), ``model``, and the
-    server's ``id`` for the response."""
+    server's ``id`` for the response. Who answered: ``provider`` and ``instance``
+    (set by a ProviderPool; "" from a bare client), ``cached`` (from the response
+    cache)."""
 
     content: str
     tool_calls: list[ToolCall]
@@ -52,6 +54,9 @@ class Completion(msgspec.Struct, frozen=True):
     usage: Usage | None
     model: str
     id: str
+    provider: str = ""
+    instance: str = ""
+    cached: bool = False
 
 
 class StreamDelta(msgspec.Struct, frozen=True):
