@@ -21,6 +21,7 @@ from shoal.llm import (
     ProvidersFailed,
     QuotaExceeded,
 )
+from shoal.llm.model import ChatModel
 from shoal.observability import metrics
 from shoal.resilience import BreakerPolicy, RetryPolicy
 from shoal.testing.llm_server import LLMServer
@@ -89,9 +90,54 @@ async def test_a_failing_replica_is_retried_around_and_its_breaker_opens(
             lambda: asyncio.sleep(0, view.by_id[home].breaker == "open"), "the breaker opened"
         )
         failed = by_id[home].stats.failures
-        assert failed == 2  # then its breaker kept the calls away
-        await pool.complete(HELLO, key="alice")
-        assert by_id[home].stats.failures == failed
+        assert 2 <= failed <= 4  # two open it (outcomes reach the engine in the background)
+        for _ in range(3):
+            assert (await pool.complete(HELLO, key="alice")).instance != home
+        assert by_id[home].stats.failures == failed  # the open breaker keeps calls away
+
+
+async def test_a_429_goes_elsewhere_at_once_or_back_after_its_retry_after(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    by_id = await register(client, "llm", servers[:2])
+    provider = Provider(
+        "local", model="m", service="llm", breaker=BreakerPolicy(consecutive_failures=1)
+    )
+    async with ProviderPool(client, [provider], retry=FAST) as pool:
+        assert isinstance(pool, ChatModel)
+        home = (await pool.complete(HELLO, key="erin")).instance
+        by_id[home].settings.fail_next, by_id[home].settings.fail_status = 1, 429
+        by_id[home].settings.retry_after = 0.5
+        started = time.monotonic()
+        answer = await pool.complete(HELLO, key="erin")
+        assert answer.instance != home and time.monotonic() - started < 0.5  # at once
+
+        await client.registry.deregister("llm", answer.instance)  # one replica left
+        await eventually(lambda: asyncio.sleep(0, len(client.services("llm").candidates()) == 1))
+        by_id[home].settings.fail_next = 1
+        started = time.monotonic()
+        assert (await pool.complete(HELLO, key="erin")).instance == home
+        assert time.monotonic() - started >= 0.5  # waited as the server said
+        assert client.services("llm").view.by_id[home].breaker == "closed"  # busy, not broken
+
+
+async def test_a_stream_abandoned_by_its_reader_is_no_failure(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    await register(client, "llm", servers[:1])
+    provider = Provider(
+        "local", model="m", service="llm", breaker=BreakerPolicy(consecutive_failures=1)
+    )
+    cancelled = metrics.SERVICE_CALLS.labels("llm", "r0", "cancelled")
+    counted = cancelled._value.get()
+    async with ProviderPool(client, [provider]) as pool:
+        for _ in range(3):
+            stream = pool.stream(HELLO, key="frank")
+            first = await anext(stream)  # type: ignore[call-overload]
+            assert first.content == "You "
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert cancelled._value.get() == counted + 3
+        assert (await pool.complete(HELLO, key="frank")).instance == "r0"
 
 
 async def test_a_provider_that_cannot_answer_falls_back_to_the_next(
@@ -175,7 +221,7 @@ async def test_a_rejected_request_is_not_retried_nor_held_against_the_replica(
         assert caller_errors._value.get() == counted + 1
         assert (await pool.complete(HELLO, key="dave")).provider == "local"  # still closed
 
-        servers[0].settings.fail_next, servers[0].settings.fail_status = 1, 500
+        servers[0].settings.fail_next, servers[0].settings.fail_status = 3, 500
         assert (await pool.complete(HELLO, key="dave")).provider == "hosted"
         view = client.services("llm").view
         await eventually(  # a 500 does count: one opens this breaker
