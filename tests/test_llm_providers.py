@@ -272,6 +272,22 @@ async def test_a_request_bigger_than_the_quota_admits_at_once_fails_at_once(
     assert servers[0].stats.requests == 1
 
 
+async def test_a_provider_sends_its_own_key_and_never_the_environments(
+    client: Client, servers: list[LLMServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOAL_LLM_API_KEY", "sk-environment")
+    monkeypatch.setenv("HOSTED_KEY", "sk-environment")
+    servers[0].settings.api_key = "sk-environment"
+    keyless = Provider("local", model="m", base_url=servers[0].url)
+    async with ProviderPool(client, [keyless]) as pool:
+        with pytest.raises(ProvidersFailed, match="401") as caught:
+            await pool.complete(HELLO)
+        assert "sk-environment" not in str(caught.value)
+    keyed = Provider("hosted", model="m", base_url=servers[0].url, api_key_env="HOSTED_KEY")
+    async with ProviderPool(client, [keyed]) as pool:
+        assert (await pool.complete(HELLO)).provider == "hosted"
+
+
 def test_providers_are_validated_with_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     cases: list[tuple[dict[str, Any], str]] = [

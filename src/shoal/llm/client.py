@@ -123,7 +123,9 @@ class LLMClient:
             raise ConfigurationError("LLMClient timeouts must be > 0 seconds")
         self._url = parsed.join(parsed.path + "/chat/completions")
         self._where = str(self._url.copy_with(username=None, password=None))
-        self._api_key = api_key or os.environ.get(ENV_API_KEY) or None
+        # api_key="" says "no key": the environment's is not read (a provider pool's
+        # local replicas must not be sent a hosted API's key)
+        self._api_key = (api_key if api_key is not None else os.environ.get(ENV_API_KEY)) or None
         self.model = model or os.environ.get(ENV_MODEL) or None
         self.retry = retry or DEFAULT_RETRY
         self.read_timeout = read_timeout

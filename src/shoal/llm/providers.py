@@ -514,7 +514,7 @@ class ProviderPool:
                 )
                 http = self._http[provider.name] = httpx.AsyncClient(timeout=timeout, limits=limits)
             llm = self._llms[provider.name, url] = LLMClient(
-                url, provider._api_key, provider.model, retry=NO_RETRY,
+                url, provider._api_key or "", provider.model, retry=NO_RETRY,
                 connect_timeout=t.connect, read_timeout=t.read, total_timeout=t.total,
                 http_client=http,
             )  # fmt: skip
