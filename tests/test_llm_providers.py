@@ -150,8 +150,12 @@ async def test_a_provider_that_cannot_answer_falls_back_to_the_next(
         Provider("local", model="small", service="vllm"),
         Provider("hosted", model="big", base_url=hosted.url, api_key="sk-hosted"),
     ]
+    answered = metrics.LLM_ANSWERS.labels("hosted", "model")
+    server_errors = metrics.LLM_REQUESTS.labels("local", "server_error")
+    counts = answered._value.get(), server_errors._value.get()
     async with ProviderPool(client, chain, retry=FAST) as pool:
         answer = await pool.complete(HELLO, key="bob")
+        assert (answered._value.get(), server_errors._value.get()) == (counts[0] + 1, counts[1] + 3)
         assert (answer.provider, answer.instance) == ("hosted", f"127.0.0.1:{hosted.port}")
         assert answer.model == "big" and local.stats.failures == 3  # three tries, then over
         deltas = [d async for d in pool.stream(HELLO, key="bob")]
@@ -255,9 +259,12 @@ async def test_a_quota_without_room_waits_then_fails_or_falls_back(
             await pool.complete(HELLO)
         assert time.monotonic() - started >= 3 / 18 * 0.9  # three waited for refill
 
+    exceeded = metrics.LLM_QUOTA_EXCEEDED.labels("tight", "requests")
+    before = exceeded._value.get()
     spare = Provider("spare", model="m", base_url=servers[1].url)
     async with ProviderPool(client, [tight, spare]) as pool:
         assert (await pool.complete(HELLO)).provider == "spare"
+    assert exceeded._value.get() == before + 1
 
 
 async def test_a_request_bigger_than_the_quota_admits_at_once_fails_at_once(
