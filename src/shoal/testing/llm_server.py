@@ -14,6 +14,8 @@ streams and real dropped connections; only the model is fake. This server answer
   ``"Tool results: <first> | <second>..."``;
 - ``usage`` counts words: prompt = words of all messages, completion = tokens sent;
   a stream sends it last when ``stream_options.include_usage`` asks;
+  ``stats.request_times`` / ``stats.token_log`` record when requests came and
+  tokens went (for quota tests; they grow with every request);
 - knobs (``LLMServerSettings``, changed in-process or by ``POST /_control``):
   ``api_key`` (401 otherwise, with the wrong key echoed in the error like some
   providers do: clients must redact it), ``fail_next`` requests answered
@@ -98,6 +100,10 @@ class _Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     last_request: dict[str, Any] | None = None
+    # when each request arrived and [when, tokens] of each answer's usage (wall
+    # clock): what a provider's per-minute quota counts, for quota tests
+    request_times: list[float] = field(default_factory=list)
+    token_log: list[list[float]] = field(default_factory=list)
 
 
 class _Model:
@@ -111,6 +117,7 @@ class _Model:
     async def chat(self, request: Request) -> Response:
         s = self.settings
         self.stats.requests += 1
+        self.stats.request_times.append(time.time())
         if s.api_key and request.headers.get("authorization") != f"Bearer {s.api_key}":
             self.stats.unauthorized += 1
             given = request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -252,6 +259,7 @@ class _Model:
     def _usage(self, prompt: int, completion: int) -> dict[str, int]:
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
+        self.stats.token_log.append([time.time(), prompt + completion])
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
