@@ -641,7 +641,7 @@ class AgentHost:
             return None
         if verdict[0] != b"run":
             return True  # nothing to run: the entry is just deleted
-        _, cap, args, attempt, max_att, timeout, parent, trace = verdict
+        _, cap, args, attempt, max_att, timeout, parent, trace, by = verdict
         capability = cap.decode()
         spec = self.types[act.agent_id.partition("/")[0]].capabilities().get(capability)
         job = Job(
@@ -649,6 +649,7 @@ class AgentHost:
             task_id=message.task_id, capability=capability, args=args, attempt=int(attempt),
             max_attempts=int(max_att), timeout=float(timeout) if timeout else None,
             parent=parent.decode() or None, traceparent=trace.decode() or None, token=token,
+            submitted_by=by.decode() or None,
         )  # fmt: skip
         commit.task_id = message.task_id
         if spec is None:
@@ -754,6 +755,7 @@ class AgentHost:
             self.node, job.task_id if job else "", job.capability if job else "",
             job.attempt if job else 1, message.traceparent, self.node.recorder.flushed, token,
             agent_id=act.agent_id, sender=message.sender, topic=message.topic,
+            submitted_by=job.submitted_by if job else None,
         )  # fmt: skip
 
     def _settle_state(self, act: Activation, commit: _Commit, ok: bool) -> None:
