@@ -5,7 +5,6 @@ and the API key kept out of every message, repr and log line."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import email.utils
 import logging
 import os
@@ -37,7 +36,7 @@ from shoal.llm import (
     StreamDelta,
 )
 from shoal.llm.client import _retry_after
-from shoal.testing.llm_server import LLMServer, LLMServerSettings
+from shoal.testing.llm_server import LLMServer
 
 KEY = "sk-test-DO-NOT-LEAK-0123456789"
 FAST_RETRY = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
@@ -57,10 +56,7 @@ def server() -> Iterator[LLMServer]:
 @pytest.fixture
 def model_server(server: LLMServer) -> LLMServer:
     """The shared server with every knob back at its default."""
-    for f in dataclasses.fields(LLMServerSettings):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        setattr(server.settings, f.name, default)
-    return server
+    return server.reset()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from shoal.engine import EmbeddedEngine
 from shoal.llm import Completion, LLMClient, LLMStreamBroken, StreamDelta
 from shoal.llm.response_cache import CachedModel, request_key
 from shoal.observability import metrics
-from shoal.testing.llm_server import LLMServer, LLMServerSettings
+from shoal.testing.llm_server import LLMServer
 from tests.conftest import REPO, node_env
 from tests.llm_cache_procs import CACHE, MODEL
 
@@ -39,10 +38,7 @@ def server() -> Iterator[LLMServer]:
 @pytest.fixture
 def model_server(server: LLMServer) -> LLMServer:
     """The shared server with every knob back at its default."""
-    for f in dataclasses.fields(LLMServerSettings):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        setattr(server.settings, f.name, default)
-    return server
+    return server.reset()
 
 
 @pytest.fixture

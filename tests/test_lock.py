@@ -282,6 +282,24 @@ async def test_a_leader_that_stops_from_its_own_callback_resigns(
         await heir.stop()
 
 
+async def test_a_leader_whose_stop_is_cancelled_still_resigns(
+    client: Client, settings: Settings
+) -> None:
+    """A node shutting down cancels the task that is stopping a campaign (the
+    prober did: a successor then waited out the ttl)."""
+    async with Client(settings=settings) as other:
+        lead = await client.leader("cancelled-stop", ttl=30).start()
+        await asyncio.wait_for(lead.elected.wait(), 5)
+        stopping = asyncio.create_task(lead.stop())
+        await asyncio.sleep(0)  # it has begun: the campaign is being cancelled
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        heir = await other.leader("cancelled-stop", ttl=30, holder="heir").start()
+        await asyncio.wait_for(heir.elected.wait(), 5)  # not in 30 s: it resigned
+        await heir.stop()
+
+
 async def test_a_closing_client_tells_a_running_block_it_lost_its_lock(
     settings: Settings,
 ) -> None:

@@ -51,7 +51,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Self
 
 import uvicorn
@@ -401,6 +401,16 @@ class LLMServer:
     @property
     def stats(self) -> _Stats:
         return self._model.stats
+
+    def reset(self) -> Self:
+        """Every knob back at its default (for a server shared by several tests);
+        the counters keep counting."""
+        for knob in fields(LLMServerSettings):
+            if knob.default_factory is not MISSING:
+                setattr(self.settings, knob.name, knob.default_factory())
+            else:
+                setattr(self.settings, knob.name, knob.default)
+        return self
 
     def _run(self) -> None:
         self._server.run(sockets=[self._sock])
