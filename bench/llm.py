@@ -1,0 +1,466 @@
+"""LLM agents (issue 10): the time to first token Shoal adds to a streamed model
+answer, and the throughput of many concurrent conversations, against the test
+model server (``shoal.testing.llm_server``, a process) with a per-token delay.
+
+    python -m bench.llm [--conversations 1000] [--turns 3] [--token-delay 0.02] \\
+        [--save [NAME]]                                   # the full run: ~2-4 min
+    python -m bench.llm --quick                           # a smoke run, seconds
+    python -m bench.llm --table bench/results/llm-<date>.json   # docs' tables
+
+**Direct baseline**: ``--conversations`` concurrent conversations of ``--turns``
+turns each call the server directly with ``LLMClient.stream`` from this process
+(the conversation's memory re-sent each turn, as an agent does). Time to first
+token (TTFT) is from the call to the first content delta; a turn is the whole
+answer.
+
+**Through Shoal**: the same conversations, each an addressed ``LLMAgent``
+(``bench.llm_app``: ``bench_chat/<id>``) hosted by ``--nodes`` ``shoal node``
+processes on a private engine. The client submits each turn and follows its
+task's events with ``follow_answer``: TTFT is from submit to the first token
+event the client reads; a turn ends when the task has ended and its result is
+read. Every answer is checked, streamed and returned ("You said: <message>").
+**TTFT added by Shoal** is the Shoal p50/p99 minus the direct p50/p99.
+
+Both phases use an HTTP pool of ``--conversations`` connections (httpx's default
+of 100 would queue streams inside the nodes). Before each phase a few warm-up
+turns run (not measured). With ``--profile`` (default on for full runs),
+``py-spy record`` samples node 0 during the Shoal phase; the JSON has its self
+time by function.
+
+TODO(quota phase): the cluster-wide rpm/tpm quota adherence phase (a
+``ProviderPool`` with one ``Provider(..., rpm=, tpm=)`` below the load, the
+server's request rate sampled from ``/_stats`` per window vs the quota, and the
+callers' waits) needs ``shoal.llm.providers``, which is not on this branch yet;
+``bench.llm_app._quota_pool`` is where the agents' route gets built for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    REPO,
+    code_version,
+    emit,
+    machine,
+    node_processes,
+    percentile,
+    private_engine,
+    process_cpu,
+    save,
+    server_stats,
+)
+from bench.llm_app import MODEL, BenchChat, http_client
+from shoal import Client, Settings
+from shoal.llm import LLMClient, follow_answer
+from shoal.llm.client import ENV_BASE_URL
+
+CAPABILITY = BenchChat.chat_capability
+QUICK = {"conversations": 50, "turns": 2}
+WARMUP_CONVERSATIONS = 20
+TURN_TIMEOUT_S = 300.0
+SERVER_START_S = 20.0
+
+
+def message(conversation: int, turn: int) -> str:
+    return f"turn {turn} of conversation {conversation} please"
+
+
+def expected(said: str) -> str:
+    return f"You said: {said}"
+
+
+# --- the model server ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def model_server(token_delay: float, first_token_delay: float) -> Iterator[str]:
+    """The test model server as a process; yields its base URL (…/v1)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.testing.llm_server", "--port", "0",
+         "--token-delay", str(token_delay), "--first-token-delay", str(first_token_delay)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "READY <port>", or "" when it died
+        if not line.startswith("READY "):
+            raise RuntimeError(f"the model server did not start (said {line!r})")
+        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(SERVER_START_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def server_counts(base_url: str) -> dict[str, int]:
+    """The server's request and token counters (``GET /_stats``)."""
+    stats = httpx.get(base_url.removesuffix("/v1") + "/_stats", timeout=10).json()
+    return {k: int(stats[k]) for k in ("requests", "answered", "completion_tokens")}
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Turn:
+    index: int  # the turn's place in its conversation (0: the first)
+    ttft_s: float | None  # None: no token came
+    turn_s: float
+    tokens: int
+    right: bool
+    error: str | None = None
+
+
+def summarize(turns: list[Turn], elapsed: float) -> dict[str, Any]:
+    """Percentiles of TTFT and turn time (ms), throughput, and the answers' check."""
+    ttft = sorted(t.ttft_s * 1000 for t in turns if t.ttft_s is not None)
+    whole = sorted(t.turn_s * 1000 for t in turns)
+    tokens = sum(t.tokens for t in turns)
+    errors = collections.Counter(t.error for t in turns if t.error)
+
+    def pct(values: list[float], q: float) -> float:
+        return round(percentile(values, q), 1)
+
+    by_turn = {}
+    for index in sorted({t.index for t in turns}):
+        of = sorted(t.ttft_s * 1000 for t in turns if t.index == index and t.ttft_s is not None)
+        by_turn[str(index)] = {"p50": pct(of, 0.5), "p99": pct(of, 0.99)}
+    return {
+        "turns": len(turns),
+        "right": sum(t.right for t in turns),
+        "errors": dict(errors),
+        "ttft_ms": {"p50": pct(ttft, 0.5), "p90": pct(ttft, 0.9), "p99": pct(ttft, 0.99),
+                    "max": pct(ttft, 1.0)},
+        "ttft_ms_by_turn": by_turn,
+        "turn_ms": {"p50": pct(whole, 0.5), "p90": pct(whole, 0.9), "p99": pct(whole, 0.99),
+                    "max": pct(whole, 1.0)},
+        "elapsed_s": round(elapsed, 2),
+        "turns_per_s": round(len(turns) / elapsed, 1),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / elapsed, 1),
+    }  # fmt: skip
+
+
+# --- direct baseline -------------------------------------------------------------------
+
+
+async def _direct_conversation(llm: LLMClient, i: int, turns: int, out: list[Turn]) -> None:
+    history: list[dict[str, str]] = []
+    system = {"role": "system", "content": BenchChat.system_prompt}
+    for turn in range(turns):
+        said = message(i, turn)
+        user = {"role": "user", "content": said}
+        started, first, tokens, text = time.perf_counter(), None, 0, ""
+        try:
+            async for delta in llm.stream([system, *history, user], key=str(i), temperature=0):
+                if delta.content:
+                    first = first or time.perf_counter()
+                    tokens += 1
+                    text += delta.content
+        except Exception as exc:  # counted, shown in the JSON: a benchmark reports
+            out.append(Turn(turn, None, time.perf_counter() - started, tokens, False, repr(exc)))
+            return
+        ended = time.perf_counter()
+        ttft = None if first is None else first - started
+        out.append(Turn(turn, ttft, ended - started, tokens, text == expected(said)))
+        history += [user, {"role": "assistant", "content": text}]
+
+
+async def run_direct(base_url: str, conversations: int, turns: int) -> dict[str, Any]:
+    async with http_client(conversations) as http:
+        llm = LLMClient(base_url, model=MODEL, http_client=http)
+        warm: list[Turn] = []
+        await asyncio.gather(
+            *(_direct_conversation(llm, -1 - k, 1, warm) for k in range(WARMUP_CONVERSATIONS))
+        )
+        before, cpu = server_counts(base_url), time.process_time()
+        out: list[Turn] = []
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(_direct_conversation(llm, i, turns, out) for i in range(conversations))
+        )
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    after = server_counts(base_url)
+    return {**summarize(out, elapsed), "client_cpu_s": round(cpu, 2),
+            "server_requests": after["requests"] - before["requests"]}  # fmt: skip
+
+
+# --- through Shoal ---------------------------------------------------------------------
+
+
+async def _shoal_turn(client: Client, agent: str, index: int, said: str) -> Turn:
+    started, first, tokens, text = time.perf_counter(), None, 0, ""
+    try:
+        handle = await client.submit(CAPABILITY, agent=agent, message=said)
+        async for piece in follow_answer(client, handle.id):
+            if piece.text:
+                first = first or time.perf_counter()
+                tokens += 1
+            text = text[: len(text) - piece.rewind] + piece.text
+        result = await handle.result(timeout=TURN_TIMEOUT_S)
+    except Exception as exc:  # counted, shown in the JSON: a benchmark reports
+        return Turn(index, None, time.perf_counter() - started, tokens, False, repr(exc))
+    ended = time.perf_counter()
+    ttft = None if first is None else first - started
+    return Turn(index, ttft, ended - started, tokens, result == text == expected(said))
+
+
+async def _shoal_conversation(
+    client: Client, name: str, i: int, turns: int, out: list[Turn]
+) -> None:
+    for turn in range(turns):
+        agent = f"{BenchChat.agent_type}/{name}"
+        done = await _shoal_turn(client, agent, turn, message(i, turn))
+        out.append(done)
+        if done.error:
+            return
+
+
+async def _shoal_phase(
+    engine_url: str, namespace: str, base_url: str, conversations: int, turns: int, nodes: int
+) -> dict[str, Any]:
+    settings = Settings(url=engine_url, namespace=namespace)
+    async with Client(settings=settings) as client:
+        await client.wait_for_hosts(CAPABILITY, count=nodes, timeout=60)
+        warm: list[Turn] = []
+        await asyncio.gather(
+            *(_shoal_conversation(client, f"warm{k}", k, 1, warm)
+              for k in range(WARMUP_CONVERSATIONS))
+        )  # fmt: skip
+        before, cpu = server_counts(base_url), time.process_time()
+        out: list[Turn] = []
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(_shoal_conversation(client, f"c{i}", i, turns, out) for i in range(conversations))
+        )
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    after = server_counts(base_url)
+    return {**summarize(out, elapsed), "client_cpu_s": round(cpu, 2),
+            "server_requests": after["requests"] - before["requests"],
+            "warmup_right": sum(t.right for t in warm)}  # fmt: skip
+
+
+def run_shoal(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The Shoal phase on a private engine and ``args.nodes`` node processes (node 0
+    sampled by py-spy with ``args.profile``)."""
+    namespace = f"bench-llm-{time.monotonic_ns()}"
+    env = {ENV_BASE_URL: base_url, "BENCH_LLM_CONNECTIONS": str(args.conversations)}
+    concurrency = args.concurrency or args.conversations + WARMUP_CONVERSATIONS
+    with (
+        private_engine() as url,
+        node_processes(url, namespace, args.nodes, concurrency, env, app="bench.llm_app") as procs,
+        tempfile.TemporaryDirectory(prefix="shoal-bench-llm-") as tmp,
+    ):
+        engine_cpu = server_stats(url).cpu_s
+        node_cpu = process_cpu(procs)
+        with _py_spy(procs[0].pid, Path(tmp) / "node0.txt", args.profile) as profile:
+            result = asyncio.run(
+                _shoal_phase(url, namespace, base_url, args.conversations, args.turns, args.nodes)
+            )
+        result["node_cpu_s"] = round(process_cpu(procs) - node_cpu, 2)
+        result["engine_cpu_s"] = round(server_stats(url).cpu_s - engine_cpu, 2)
+        result["node_concurrency"] = concurrency
+    result["profile_node0"] = profile.get("summary")
+    return result
+
+
+# --- profile -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _py_spy(pid: int, out: Path, enabled: bool) -> Iterator[dict[str, Any]]:
+    """``py-spy record`` of a node process for the block's length (its raw,
+    collapsed stacks); after the block, ``summary`` holds self time by function."""
+    holder: dict[str, Any] = {}
+    spy = None
+    if enabled:
+        try:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
+                 "--rate", "200", "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        except FileNotFoundError:
+            holder["summary"] = {"error": "py-spy is not installed"}
+    try:
+        yield holder
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+            holder["summary"] = _collapsed_summary(out)
+
+
+def _collapsed_summary(path: Path, top: int = 15) -> dict[str, Any]:
+    """Self time (leaf frames) and inclusive time of Shoal's and the libraries'
+    functions, as shares of the node's samples."""
+    if not path.exists():
+        return {"error": "py-spy wrote nothing (ptrace not permitted?)"}
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for name in set(frames):
+            inclusive[name] += n
+    if not total:
+        return {"error": "no samples"}
+    return {
+        "samples": total,
+        "self_share": {k: round(v / total, 3) for k, v in own.most_common(top)},
+        "inclusive_share": {k: round(v / total, 3) for k, v in inclusive.most_common(top * 3)
+                            if "shoal/" in k or "bench/" in k},
+    }  # fmt: skip
+
+
+def _frame(frame: str) -> str:
+    """``func (path/to/file.py:12)`` → ``func (file path after site-packages/src)``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for cut in ("site-packages/", "/src/", "/lib/python3"):
+        if cut in where:
+            where = where.split(cut, 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def added(direct: dict[str, Any], shoal: dict[str, Any]) -> dict[str, float]:
+    """Shoal's TTFT and turn time minus the direct ones, per percentile (ms)."""
+    out = {}
+    for metric in ("ttft_ms", "turn_ms"):
+        for q in ("p50", "p99"):
+            out[f"{metric.removesuffix('_ms')}_{q}_ms"] = round(
+                shoal[metric][q] - direct[metric][q], 1
+            )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md (``--table FILE``; also on stderr after a run)."""
+    rows = [
+        "| path | turns right | TTFT p50 ms | TTFT p90 | TTFT p99 | turn p50 ms | turn p99 "
+        "| turns/s | tokens/s | client CPU s | nodes CPU s | engine CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("direct", "shoal"):
+        r = result[name]
+        rows.append(
+            f"| {name} | {r['right']}/{r['turns']} | {r['ttft_ms']['p50']:.0f} "
+            f"| {r['ttft_ms']['p90']:.0f} | {r['ttft_ms']['p99']:.0f} | {r['turn_ms']['p50']:.0f} "
+            f"| {r['turn_ms']['p99']:.0f} | {r['turns_per_s']:.0f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['client_cpu_s']} | {r.get('node_cpu_s', '-')} | {r.get('engine_cpu_s', '-')} |"
+        )
+    a = result["added_by_shoal"]
+    rows += [
+        "",
+        "| added by Shoal | p50 ms | p99 ms |",
+        "|---|---|---|",
+        f"| time to first token | {a['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} |",
+        f"| whole turn | {a['turn_p50_ms']:.0f} | {a['turn_p99_ms']:.0f} |",
+    ]
+    profile = result["shoal"].get("profile_node0") or {}
+    if "self_share" in profile:
+        rows += ["", "| node 0, self time by function (py-spy) | share |", "|---|---|"]
+        rows += [f"| `{name}` | {share:.1%} |" for name, share in profile["self_share"].items()]
+    return "\n".join(rows) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--conversations", type=int, help="concurrent conversations (1000)")
+    parser.add_argument("--turns", type=int, help="turns per conversation (3)")
+    parser.add_argument("--nodes", type=int, default=2, help="shoal node processes")
+    parser.add_argument("--concurrency", type=int, help="each node's --concurrency "
+                        "(default: conversations + warm-up ones)")  # fmt: skip
+    parser.add_argument("--token-delay", type=float, default=0.02, help="seconds per token")
+    parser.add_argument("--first-token-delay", type=float, default=0.0,
+                        help="extra seconds before the first token")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 50 conversations x 2 turns, no profile")  # fmt: skip
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="py-spy node 0 during the Shoal phase (default: on, "
+                        "off with --quick)")  # fmt: skip
+    parser.add_argument("--save", nargs="?", const=f"llm-{time.strftime('%Y-%m-%d')}",
+                        metavar="NAME", help="also write bench/results/NAME.json "
+                        "(default NAME: llm-<date>)")  # fmt: skip
+    parser.add_argument("--table", type=Path, metavar="JSON",
+                        help="print the Markdown tables of a saved run and exit")  # fmt: skip
+    args = parser.parse_args()
+    quick = QUICK if args.quick else {}
+    args.conversations = args.conversations or quick.get("conversations", 1000)
+    args.turns = args.turns or quick.get("turns", 3)
+    args.profile = (not args.quick) if args.profile is None else args.profile
+    if args.conversations < 1 or args.turns < 1 or args.nodes < 1 or args.token_delay < 0:
+        parser.error("--conversations, --turns and --nodes must be >= 1, --token-delay >= 0")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        sys.stdout.write(markdown(json.loads(args.table.read_text())))
+        return
+    load_avg = os.getloadavg()[0]  # anything else on the machine shows here
+    with model_server(args.token_delay, args.first_token_delay) as base_url:
+        print(f"direct: {args.conversations} x {args.turns}", file=sys.stderr, flush=True)
+        direct = asyncio.run(run_direct(base_url, args.conversations, args.turns))
+        print(f"shoal: {args.nodes} nodes", file=sys.stderr, flush=True)
+        shoal = run_shoal(base_url, args)
+    result: dict[str, Any] = {
+        "benchmark": "llm",
+        "machine": machine(),
+        "code": code_version(),
+        "load_avg_1m_before": load_avg,
+        "setup": {"conversations": args.conversations, "turns": args.turns, "nodes": args.nodes,
+                  "token_delay_s": args.token_delay, "first_token_delay_s": args.first_token_delay,
+                  "answer": expected(message(0, 0)), "warmup_conversations": WARMUP_CONVERSATIONS},
+        "direct": direct,
+        "shoal": shoal,
+        "added_by_shoal": added(direct, shoal),
+        "quota": {"skipped": "shoal.llm.providers (ProviderPool quotas) is not merged yet"},
+    }  # fmt: skip
+    sys.stderr.write("\n" + markdown(result))
+    if args.save:
+        save(args.save, result)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
