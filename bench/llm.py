@@ -42,6 +42,7 @@ import collections
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,11 +239,12 @@ async def _shoal_conversation(
 
 
 async def _shoal_phase(
-    engine_url: str, namespace: str, base_url: str, conversations: int, turns: int, nodes: int
+    engine_url: str, namespace: str, base_url: str, args: argparse.Namespace, profile: NodeProfile
 ) -> dict[str, Any]:
+    conversations, turns = args.conversations, args.turns
     settings = Settings(url=engine_url, namespace=namespace)
     async with Client(settings=settings) as client:
-        await client.wait_for_hosts(CAPABILITY, count=nodes, timeout=60)
+        await client.wait_for_hosts(CAPABILITY, count=args.nodes, timeout=60)
         warm: list[Turn] = []
         await asyncio.gather(
             *(_shoal_conversation(client, f"warm{k}", k, 1, warm)
@@ -250,12 +252,14 @@ async def _shoal_phase(
         )  # fmt: skip
         before, cpu = server_counts(base_url), time.process_time()
         out: list[Turn] = []
+        profile.start()
         started = time.perf_counter()
         await asyncio.gather(
             *(_shoal_conversation(client, f"c{i}", i, turns, out) for i in range(conversations))
         )
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu
+        await asyncio.to_thread(profile.stop)
     after = server_counts(base_url)
     return {**summarize(out, elapsed), "client_cpu_s": round(cpu, 2),
             "server_requests": after["requests"] - before["requests"],
@@ -275,46 +279,56 @@ def run_shoal(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
     ):
         engine_cpu = server_stats(url).cpu_s
         node_cpu = process_cpu(procs)
-        with _py_spy(procs[0].pid, Path(tmp) / "node0.txt", args.profile) as profile:
-            result = asyncio.run(
-                _shoal_phase(url, namespace, base_url, args.conversations, args.turns, args.nodes)
-            )
+        profile = NodeProfile(procs[0].pid, Path(tmp) / "node0.txt", args.profile)
+        try:
+            result = asyncio.run(_shoal_phase(url, namespace, base_url, args, profile))
+        finally:
+            profile.stop()
         result["node_cpu_s"] = round(process_cpu(procs) - node_cpu, 2)
         result["engine_cpu_s"] = round(server_stats(url).cpu_s - engine_cpu, 2)
         result["node_concurrency"] = concurrency
-    result["profile_node0"] = profile.get("summary")
+    result["profile_node0"] = profile.summary
     return result
 
 
 # --- profile -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _py_spy(pid: int, out: Path, enabled: bool) -> Iterator[dict[str, Any]]:
-    """``py-spy record`` of a node process for the block's length (its raw,
-    collapsed stacks); after the block, ``summary`` holds self time by function."""
-    holder: dict[str, Any] = {}
-    spy = None
-    if enabled:
+class NodeProfile:
+    """``py-spy record`` of a node process from ``start()`` to ``stop()`` (raw,
+    collapsed stacks; py-spy samples from outside, ``--nonblocking``: the node is
+    never paused); ``stop()`` gives self time by function."""
+
+    def __init__(self, pid: int, out: Path, enabled: bool) -> None:
+        self.pid, self.out, self.enabled = pid, out, enabled
+        self.spy: subprocess.Popen[bytes] | None = None
+        self.summary: dict[str, Any] | None = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        found = shutil.which("py-spy", path=os.pathsep.join(
+            [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))  # fmt: skip
+        if found is None:
+            self.summary = {"error": "py-spy is not installed"}
+            return
+        self.spy = subprocess.Popen(
+            [found, "record", "--pid", str(self.pid), "--format", "raw", "--output",
+             str(self.out), "--rate", "200", "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.spy is None:
+            return
+        self.spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         try:
-            spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(out),
-                 "--rate", "200", "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        except FileNotFoundError:
-            holder["summary"] = {"error": "py-spy is not installed"}
-    try:
-        yield holder
-    finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            try:
-                spy.wait(60)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
-            holder["summary"] = _collapsed_summary(out)
+            self.spy.wait(60)
+        except subprocess.TimeoutExpired:
+            self.spy.kill()
+            self.spy.wait()
+        self.spy = None
+        self.summary = _collapsed_summary(self.out)
 
 
 def _collapsed_summary(path: Path, top: int = 15) -> dict[str, Any]:
