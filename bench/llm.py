@@ -77,6 +77,7 @@ QUICK = {"conversations": 50, "turns": 2}
 WARMUP_CONVERSATIONS = 20
 TURN_TIMEOUT_S = 300.0
 SERVER_START_S = 20.0
+BALANCE_TIMEOUT_S = 60.0
 
 
 def message(conversation: int, turn: int) -> str:
@@ -238,6 +239,36 @@ async def _shoal_conversation(
             return
 
 
+async def lease_owners(client: Client) -> dict[str, int]:
+    """How many of the agent type's partitions each node holds a lease on."""
+    partitions = await client.partitions()
+    pipe = client.redis.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.get(client.keys.lease(BenchChat.agent_type, p))
+    owners = collections.Counter(
+        raw.decode().split()[0] if raw else "(free)" for raw in await pipe.execute()
+    )
+    return dict(sorted(owners.items()))
+
+
+async def balanced(
+    client: Client, nodes: int, timeout: float = BALANCE_TIMEOUT_S
+) -> dict[str, int]:
+    """Wait until the nodes have shared the partitions out (every one leased, to
+    ``nodes`` nodes, the same for a second): node processes start together, the
+    first takes every free partition and hands the others' share over when it sees
+    them — conversations measured before that would wait out the handover."""
+    seen: list[dict[str, int]] = []
+    async with asyncio.timeout(BALANCE_TIMEOUT_S):
+        while True:
+            owners = await lease_owners(client)
+            seen = [*seen[-4:], owners]
+            stable = len(seen) == 5 and all(o == owners for o in seen)
+            if stable and len(owners) == nodes and "(free)" not in owners:
+                return owners
+            await asyncio.sleep(0.2)  # leases move on the keepers' rounds (1 s)
+
+
 async def _shoal_phase(
     engine_url: str, namespace: str, base_url: str, args: argparse.Namespace, profile: NodeProfile
 ) -> dict[str, Any]:
@@ -245,6 +276,7 @@ async def _shoal_phase(
     settings = Settings(url=engine_url, namespace=namespace)
     async with Client(settings=settings) as client:
         await client.wait_for_hosts(CAPABILITY, count=args.nodes, timeout=60)
+        owners = await balanced(client, args.nodes)
         warm: list[Turn] = []
         await asyncio.gather(
             *(_shoal_conversation(client, f"warm{k}", k, 1, warm)
@@ -263,7 +295,8 @@ async def _shoal_phase(
     after = server_counts(base_url)
     return {**summarize(out, elapsed), "client_cpu_s": round(cpu, 2),
             "server_requests": after["requests"] - before["requests"],
-            "warmup_right": sum(t.right for t in warm)}  # fmt: skip
+            "warmup_right": sum(t.right for t in warm),
+            "partitions_per_node": sorted(owners.values())}  # fmt: skip
 
 
 def run_shoal(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -279,7 +312,8 @@ def run_shoal(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
     ):
         engine_cpu = server_stats(url).cpu_s
         node_cpu = process_cpu(procs)
-        profile = NodeProfile(procs[0].pid, Path(tmp) / "node0.txt", args.profile)
+        out = args.profile_out or Path(tmp) / "node0.txt"
+        profile = NodeProfile(procs[0].pid, out, args.profile)
         try:
             result = asyncio.run(_shoal_phase(url, namespace, base_url, args, profile))
         finally:
@@ -431,6 +465,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="py-spy node 0 during the Shoal phase (default: on, "
                         "off with --quick)")  # fmt: skip
+    parser.add_argument("--profile-out", type=Path, metavar="FILE",
+                        help="keep node 0's py-spy stacks (collapsed) in FILE")  # fmt: skip
     parser.add_argument("--save", nargs="?", const=f"llm-{time.strftime('%Y-%m-%d')}",
                         metavar="NAME", help="also write bench/results/NAME.json "
                         "(default NAME: llm-<date>)")  # fmt: skip

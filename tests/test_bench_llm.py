@@ -41,6 +41,7 @@ def test_the_llm_benchmark_streams_every_answer_right_directly_and_through_shoal
         assert run["turns_per_s"] > 0 and run["tokens_per_s"] > 0
         assert set(run["ttft_ms_by_turn"]) == {"0", "1"}
     assert result["shoal"]["warmup_right"] == 20
+    assert len(result["shoal"]["partitions_per_node"]) == 2  # measured once balanced
     assert result["shoal"]["node_cpu_s"] > 0
     assert set(result["added_by_shoal"]) == {"ttft_p50_ms", "ttft_p99_ms", "turn_p50_ms",
                                              "turn_p99_ms"}  # fmt: skip
