@@ -65,9 +65,17 @@ class Forgetful(LLMAgent):
         return "; ".join(filter(None, [summary, *said]))
 
 
+class Cached(LLMAgent):
+    """Answers repeated deterministic requests from the response cache."""
+
+    model_name = "test"
+    temperature = 0
+    cache_responses = True
+
+
 _CHOICES = {
     "tools": [Lookup, Helper],
     "assistant": [Assistant],
-    "all": [Lookup, Gate, Helper, Assistant, Forgetful],
+    "all": [Lookup, Gate, Helper, Assistant, Forgetful, Cached],
 }
 agents = _CHOICES[os.environ.get("LLM_TEST_AGENTS", "all")]

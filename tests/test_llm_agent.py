@@ -7,18 +7,24 @@ mid-answer whose re-run turn continues the stream without repeating text."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
-from shoal import Client, Settings
+from shoal import Client, Settings, TaskFailed
 from shoal.llm import Answer, AnswerPiece, follow_answer
-from shoal.llm.client import ENV_BASE_URL
+from shoal.llm.client import ENV_API_KEY, ENV_BASE_URL
 from shoal.testing.llm_server import LLMServer
 from tests import llm_agents
-from tests.conftest import node_process, running_node
+from tests.conftest import node_env, node_process, running_node
+from tests.gateways import serving
 
 LONG = " ".join(f"word{i}" for i in range(60))
 
@@ -202,3 +208,140 @@ async def test_a_node_killed_mid_answer_the_rerun_continues_the_stream(
     # the whole event history replays to the same answer
     events = [e.data for e in await client.event_history(handle.id) if e.kind == "event"]
     assert _replay(events).text == expected
+
+
+async def _sse_tokens(
+    response: httpx.Response, stop_after: int | None = None
+) -> tuple[list[str], str | None]:
+    """Token texts from an SSE response (and the last event id read), stopping
+    after ``stop_after`` tokens or at the stream's end."""
+    texts: list[str] = []
+    last_id: str | None = None
+    event_id: str | None = None
+    async for line in response.aiter_lines():
+        if line.startswith("id:"):
+            event_id = line[3:].strip()
+        elif line.startswith("data:"):
+            last_id = event_id
+            event = json.loads(line[5:])
+            data = event.get("data")
+            if isinstance(data, dict) and data.get("type") == "token":
+                texts.append(data["text"])
+                if stop_after is not None and len(texts) == stop_after:
+                    break
+    return texts, last_id
+
+
+async def test_http_followers_resume_the_token_stream_with_last_event_id(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    model.settings.token_delay = 0.02
+    async with (
+        running_node(llm_agents.agents, settings),
+        serving(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as api,
+    ):
+        body = {"capability": "assistant.chat", "agent": "assistant/h", "args": {"message": LONG}}
+        submitted = (await api.post("/v1/tasks", json=body)).json()
+        path = f"/v1/tasks/{submitted['id']}/events"
+        async with api.stream("GET", path) as first:
+            head, cut = await _sse_tokens(first, stop_after=5)
+        assert cut is not None  # the connection is dropped here, mid-answer
+        async with api.stream("GET", path, headers={"Last-Event-ID": cut}) as second:
+            rest, _ = await _sse_tokens(second)
+        answer = await client.result(submitted["id"], timeout=10)
+    assert len(head) == 5
+    assert "".join(head + rest) == answer == f"You said: {LONG}"
+
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+async def test_the_api_key_is_in_no_log_event_or_error(
+    client: Client,
+    settings: Settings,
+    model: LLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model.settings.api_key = SECRET
+    monkeypatch.setenv(ENV_API_KEY, SECRET)
+    caplog.set_level(logging.DEBUG)
+    async with running_node(llm_agents.agents, settings):
+        ok = await client.call("helper.chat", agent="helper/k", message="hi", result_timeout=10)
+        model.settings.api_key = SECRET + "-rotated"  # now ours is wrong: 401 echoing it
+        handle = await client.submit("helper.chat", agent="helper/k", message="again")
+        with pytest.raises(TaskFailed) as failed:
+            await handle.result(timeout=10)
+        info = await handle.status()
+        events = await client.event_history(handle.id)
+    assert ok == "You said: hi"
+    assert "LLMAuthError" in str(failed.value) and "API key" in str(failed.value)
+    assert info.attempts == 1  # an auth error is not retried
+    seen = [str(failed.value), repr(info), repr(events), caplog.text]
+    assert all(SECRET not in text for text in seen)
+    assert model.stats.unauthorized == 1
+
+
+async def test_an_agent_with_cache_responses_answers_a_repeated_request_from_the_cache(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    async with running_node(llm_agents.agents, settings):
+        first = await client.submit("cached.chat", agent="cached/a", message="same question")
+        assert await first.result(timeout=10) == "You said: same question"
+        second = await client.submit("cached.chat", agent="cached/b", message="same question")
+        pieces = await pieces_of(client, second.id)
+        assert await second.result(timeout=10) == "You said: same question"
+        # a different conversation's second turn is another request: the model answers
+        await client.call("cached.chat", agent="cached/a", message="more", result_timeout=10)
+    assert model.stats.requests == 2
+    assert shown(pieces) == "You said: same question"  # streamed from the cache as well
+    answers = [
+        e.data
+        for e in await client.event_history(second.id)
+        if e.kind == "event" and e.data["type"] == "answer"
+    ]
+    assert answers[0]["cached"] is True
+
+
+async def test_shoal_chat_prints_the_answer_as_it_is_written(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    env = {**node_env(settings), ENV_BASE_URL: model.url}
+    shoal = [sys.executable, "-m", "shoal.cli", "chat"]
+
+    def chat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*shoal, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    with node_process(settings, "tests.llm_agents", env=env):
+        await client.wait_for_hosts("helper.chat", timeout=15)
+        said = await asyncio.to_thread(chat, "helper/cli", "hello from the shell")
+        wrong = await asyncio.to_thread(chat, "helper", "hi")
+    assert said.returncode == 0, said.stderr
+    assert said.stdout == "You said: hello from the shell\n"
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "type/key" in wrong.stderr, wrong.stderr
+
+
+async def test_every_follower_gets_the_whole_answer_before_the_end(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    """A turn's commit (with its task's 'done') is written apart from the batched
+    events; it must not overtake the last ones (it did for ~15 % of turns under
+    load before the turn waited for its events)."""
+
+    async def events_of(task_id: str) -> list[str]:
+        return [
+            e.data["type"] if e.kind == "event" else e.kind async for e in client.events(task_id)
+        ]
+
+    async with running_node(llm_agents.agents, settings):
+        handles = await asyncio.gather(
+            *(
+                client.submit("helper.chat", agent=f"helper/many{i}", message=f"w{i}")
+                for i in range(60)
+            )
+        )
+        followed = await asyncio.gather(*(events_of(h.id) for h in handles))
+    for kinds in followed:
+        assert kinds[-2:] == ["answer", "done"], kinds

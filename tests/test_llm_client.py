@@ -40,7 +40,7 @@ from shoal.llm.client import _retry_after
 from shoal.testing.llm_server import LLMServer, LLMServerSettings
 
 KEY = "sk-test-DO-NOT-LEAK-0123456789"
-FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
+FAST_RETRY = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
 HELLO = [{"role": "user", "content": "hello there"}]
 TOOLS = [
     {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}},

@@ -22,23 +22,22 @@ from shoal.llm.errors import (
     LLMTimeout,
 )
 from shoal.llm.model import ChatModel
+from shoal.llm.providers import Provider, ProviderPool, ProvidersFailed
+from shoal.llm.quota import QuotaExceeded
+from shoal.llm.response_cache import CachedModel
 from shoal.llm.tools import Tool, agent_tool, capability_tool
 from shoal.llm.types import Completion, StreamDelta, ToolCall, Usage
 
 __all__ = [
     "Answer",
     "AnswerPiece",
+    "CachedModel",
     "ChatModel",
-    "LLMAgent",
-    "Tool",
-    "agent_tool",
-    "capability_tool",
-    "follow_answer",
+    "Completion",
     "ENV_API_KEY",
     "ENV_BASE_URL",
     "ENV_MODEL",
-    "NO_RETRY",
-    "Completion",
+    "LLMAgent",
     "LLMAuthError",
     "LLMBadRequest",
     "LLMClient",
@@ -49,8 +48,17 @@ __all__ = [
     "LLMStreamBroken",
     "LLMStreamStalled",
     "LLMTimeout",
+    "NO_RETRY",
+    "Provider",
+    "ProviderPool",
+    "ProvidersFailed",
+    "QuotaExceeded",
     "RetryPolicy",
     "StreamDelta",
+    "Tool",
     "ToolCall",
     "Usage",
+    "agent_tool",
+    "capability_tool",
+    "follow_answer",
 ]

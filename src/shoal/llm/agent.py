@@ -151,6 +151,7 @@ class LLMAgent(Agent):
 
                 route = CachedModel(route, client.cache(RESPONSE_CACHE), agent_type=self.agent_type)
             models[type(self)] = route
+            client.on_close(route.aclose)  # its connections live as long as the client
         return route
 
     async def respond(self, message: str) -> str:

@@ -20,17 +20,15 @@ that echoes it is redacted.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import httpx
 import msgspec
+import tenacity
 
 from shoal.errors import ConfigurationError
 from shoal.llm.errors import (
@@ -55,8 +53,18 @@ from shoal.llm.types import (
     response_decoder,
     tool_call,
 )
+from shoal.resilience import NO_RETRY, RetryPolicy
+from shoal.resilience import parse_retry_after as _retry_after
 
-__all__ = ["ENV_API_KEY", "ENV_BASE_URL", "ENV_MODEL", "LLMClient", "NO_RETRY", "RetryPolicy"]
+__all__ = [
+    "DEFAULT_RETRY",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "ENV_MODEL",
+    "NO_RETRY",
+    "LLMClient",
+    "RetryPolicy",
+]
 
 ENV_BASE_URL = "SHOAL_LLM_BASE_URL"
 ENV_API_KEY = "SHOAL_LLM_API_KEY"
@@ -68,44 +76,10 @@ log = logging.getLogger("shoal.llm")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often a failed call is tried again, and how long to wait between tries.
-
-    Only failures another try can fix are retried: 429 (after ``Retry-After`` when
-    the server gave one, else a backoff), 5xx and connection errors. A stream is
-    retried only before its first byte arrived. A ``Retry-After`` longer than
-    ``max_retry_after`` is not waited for: the ``LLMRateLimited`` is raised for the
-    caller (or a provider pool) to decide. Every wait also stays within the call's
-    total timeout.
-    """
-
-    attempts: int = 3  # tries in all, the first included
-    base_delay: float = 0.5  # the first backoff; doubles per try, with jitter
-    max_delay: float = 8.0
-    max_retry_after: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ConfigurationError("RetryPolicy.attempts must be >= 1 (1 = no retry)")
-        if min(self.base_delay, self.max_delay, self.max_retry_after) < 0:
-            raise ConfigurationError("RetryPolicy delays must be >= 0 seconds")
-
-    def delay(self, error: LLMError, attempt: int) -> float | None:
-        """Seconds to wait before the next try after ``error`` ended try ``attempt``
-        (1-based), or None when it must be raised."""
-        if attempt >= self.attempts:
-            return None
-        if isinstance(error, LLMRateLimited) and error.retry_after is not None:
-            wait: float = error.retry_after
-            return wait if wait <= self.max_retry_after else None
-        if isinstance(error, LLMRateLimited | LLMServerError | LLMConnectionError):
-            backoff = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-            return backoff * random.uniform(0.5, 1.0)
-        return None
-
-
-NO_RETRY = RetryPolicy(attempts=1)
+# The client's default retry: three tries, backing off from 0.5 s up to 8 s (full
+# jitter), a Retry-After of up to 30 s waited for. Which errors are retried, the
+# errors say themselves (``LLMError.retryable``): 429, 5xx, connection errors.
+DEFAULT_RETRY = RetryPolicy(attempts=3, backoff=0.5, max_backoff=8.0, max_retry_after=30.0)
 
 
 class LLMClient:
@@ -149,9 +123,11 @@ class LLMClient:
             raise ConfigurationError("LLMClient timeouts must be > 0 seconds")
         self._url = parsed.join(parsed.path + "/chat/completions")
         self._where = str(self._url.copy_with(username=None, password=None))
-        self._api_key = api_key or os.environ.get(ENV_API_KEY) or None
+        # api_key="" says "no key": the environment's is not read (a provider pool's
+        # local replicas must not be sent a hosted API's key)
+        self._api_key = (api_key if api_key is not None else os.environ.get(ENV_API_KEY)) or None
         self.model = model or os.environ.get(ENV_MODEL) or None
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DEFAULT_RETRY
         self.read_timeout = read_timeout
         self.total_timeout = total_timeout
         timeout = httpx.Timeout(
@@ -198,7 +174,7 @@ class LLMClient:
             messages, model, tools, tool_choice, temperature, max_tokens, extra, stream=False
         )
         deadline = time.monotonic() + self.total_timeout
-        return await self._retrying(lambda: self._complete_once(body, deadline), deadline)
+        return await self._retried(lambda: self._complete_once(body, deadline), deadline)
 
     async def stream(
         self,
@@ -224,18 +200,23 @@ class LLMClient:
             messages, model, tools, tool_choice, temperature, max_tokens, extra, stream=True
         )
         deadline = time.monotonic() + self.total_timeout
-        attempt = 1
-        while True:
-            assembler = _Assembler()
-            try:
-                async for delta in self._stream_once(body, deadline, assembler):
-                    yield delta
-                return
-            except LLMError as exc:
-                if assembler.received:
-                    raise
-                await self._wait_to_retry(exc, attempt, deadline)
-                attempt += 1
+        deltas: AsyncIterator[StreamDelta] | None = None
+        first: StreamDelta | None = None
+        async for attempt in self._retrying(deadline):
+            with attempt:
+                # Up to the first delta a failure is retried (a failure after bytes
+                # arrived is an LLMStreamBroken, never retried); after it, the
+                # caller has seen text.
+                deltas = self._stream_once(body, deadline, _Assembler())
+                first = await anext(deltas)
+        assert deltas is not None
+        assert first is not None
+        try:
+            yield first
+            async for delta in deltas:
+                yield delta
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]
 
     # --- one try -------------------------------------------------------------------
 
@@ -341,28 +322,25 @@ class LLMClient:
 
     # --- helpers -------------------------------------------------------------------
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        attempt = 1
-        while True:
-            try:
+    async def _retried(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        async for attempt in self._retrying(deadline):
+            with attempt:
                 return await call()
-            except LLMError as exc:
-                await self._wait_to_retry(exc, attempt, deadline)
-                attempt += 1
+        raise AssertionError("unreachable: tenacity either returns or raises")
 
-    async def _wait_to_retry(self, error: LLMError, attempt: int, deadline: float) -> None:
-        """Sleep before the next try, or raise ``error`` when it is not retried."""
-        delay = self.retry.delay(error, attempt)
-        if delay is None or time.monotonic() + delay >= deadline:
-            raise error
+    def _retrying(self, deadline: float) -> tenacity.AsyncRetrying:
+        """The retry policy's controller for one call, within its total timeout."""
+        return self.retry.retrying(deadline).copy(before_sleep=self._log_retry)
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
         log.info(
             "model call failed (try %d of %d), retrying in %.2fs: %s",
-            attempt,
+            state.attempt_number,
             self.retry.attempts,
-            delay,
+            state.upcoming_sleep,
             error,
         )
-        await asyncio.sleep(delay)
 
     def _body(
         self,
@@ -517,18 +495,3 @@ def _server_message(body: bytes) -> str:
     if wire.error is not None:
         return wire.error.message
     return str(wire.detail) if wire.detail is not None else ""
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds, given as seconds or as an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

@@ -34,6 +34,10 @@ __all__ = [
 class LLMError(ShoalError):
     """Root of the model client's errors; ``status`` is the HTTP status, if any."""
 
+    # whether another try (here or on another replica) may succeed: what
+    # shoal.resilience.RetryPolicy's default retry_on reads
+    retryable = False
+
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
@@ -51,13 +55,20 @@ class LLMRateLimited(LLMError):
     """The provider's quota is spent for now (429); try again after ``retry_after``
     seconds when the server said so (None when it did not)."""
 
+    retryable = True
+
     def __init__(self, message: str, status: int | None = 429, retry_after: float | None = None):
         super().__init__(message, status)
         self.retry_after = retry_after
+        # set by a pool retrying on another replica, whose quota this one's
+        # Retry-After says nothing of (shoal.resilience.RetryPolicy reads it)
+        self.elsewhere = False
 
 
 class LLMServerError(LLMError):
     """The server failed (5xx): another attempt or another replica may succeed."""
+
+    retryable = True
 
 
 class LLMTimeout(LLMError):
@@ -66,6 +77,8 @@ class LLMTimeout(LLMError):
 
 class LLMConnectionError(LLMError):
     """The server could not be reached, or dropped the connection before answering."""
+
+    retryable = True
 
 
 class LLMStreamBroken(LLMError):

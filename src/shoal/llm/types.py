@@ -47,8 +47,9 @@ class Completion(msgspec.Struct, frozen=True):
     server's ``id`` for the response.
 
     Who answered: ``provider`` (the provider's name in a ProviderPool, "" for a
-    bare LLMClient), ``instance`` (the service instance id, or the URL) and
-    ``cached`` (True when the response cache answered and no model was called).
+    bare LLMClient), ``instance`` (the service instance id, or host:port of a
+    fixed endpoint) and ``cached`` (True when the response cache answered and no
+    model was called).
     """
 
     content: str

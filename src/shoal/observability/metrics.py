@@ -706,7 +706,7 @@ def saga_ended(status: str) -> None:
 LLM_TOKENS = Counter(
     "shoal_llm_tokens",
     "Model tokens used, as the provider reported them, by agent type, provider, model, "
-    "the Shoal API key that submitted the task (\"-\" when none) and kind (prompt or "
+    'the Shoal API key that submitted the task ("-" when none) and kind (prompt or '
     "completion).",
     ["agent_type", "provider", "model", "api_key", "kind"],
     registry=REGISTRY,

@@ -14,12 +14,22 @@ streams and real dropped connections; only the model is fake. This server answer
   ``"Tool results: <first> | <second>..."``;
 - ``usage`` counts words: prompt = words of all messages, completion = tokens sent;
   a stream sends it last when ``stream_options.include_usage`` asks;
+  ``stats.request_times`` / ``stats.token_log`` record when requests came and
+  tokens went (for quota tests; they grow with every request);
 - knobs (``LLMServerSettings``, changed in-process or by ``POST /_control``):
   ``api_key`` (401 otherwise, with the wrong key echoed in the error like some
   providers do: clients must redact it), ``fail_next`` requests answered
   ``fail_status`` (+ ``Retry-After: retry_after``), ``die_after_chunks`` (a stream
   is cut, connection closed, after N SSE events; only ``die_count`` streams when
-  set); ``GET /_stats`` counts.
+  set); ``GET /_stats`` counts;
+- ``rules`` script multi-agent flows: each is ``{"system": S, "step": N, "reply": R}``
+  and applies when the system prompt contains ``S`` and the request is the
+  ``N``-th model call after the last user message (0: the first; 1: after one round
+  of tool results...; no ``step``: any); the first that applies answers ``R``, in
+  which ``use NAME({...})`` calls to offered tools become tool calls (their JSON
+  may nest) and ``{user}`` / ``{results}`` are replaced by the last user message
+  and the trailing tool results (`` | ``-joined); ``{user_json}`` /
+  ``{results_json}`` are the same escaped to sit inside a JSON string.
 
 In-process (a thread with its own event loop, so sync and async tests use it):
 
@@ -59,6 +69,8 @@ START_TIMEOUT_S = 10.0
 _GRACEFUL_S = 1
 _TOOL_USE = re.compile(r"use (\w+)\((\{.*?\})\)")
 _TOKEN = re.compile(r"\S+\s*")
+_TOOL_START = re.compile(r"use (\w+)\((?=\{)")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass
@@ -75,6 +87,7 @@ class LLMServerSettings:
     die_after_chunks: int | None = None  # streams are cut after this many SSE events
     die_count: int | None = None  # only this many streams are cut (None: every one)
     script: list[str] = field(default_factory=list)  # answers in turn; empty: echo
+    rules: list[dict[str, Any]] = field(default_factory=list)  # see the module doc
 
 
 @dataclass
@@ -87,6 +100,10 @@ class _Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     last_request: dict[str, Any] | None = None
+    # when each request arrived and [when, tokens] of each answer's usage (wall
+    # clock): what a provider's per-minute quota counts, for quota tests
+    request_times: list[float] = field(default_factory=list)
+    token_log: list[list[float]] = field(default_factory=list)
 
 
 class _Model:
@@ -100,6 +117,7 @@ class _Model:
     async def chat(self, request: Request) -> Response:
         s = self.settings
         self.stats.requests += 1
+        self.stats.request_times.append(time.time())
         if s.api_key and request.headers.get("authorization") != f"Bearer {s.api_key}":
             self.stats.unauthorized += 1
             given = request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -156,6 +174,9 @@ class _Model:
     ) -> tuple[str, list[tuple[str, str, str]]]:
         self._turn += 1
         results = _trailing_tool_results(messages)
+        ruled = self._by_rule(messages, tools, results)
+        if ruled is not None:
+            return ruled
         if results:  # the model's next step after its tools answered: say what they said
             return "Tool results: " + " | ".join(results), []
         last = next((m for m in reversed(messages) if m.get("role") == "user"), messages[-1])
@@ -170,6 +191,25 @@ class _Model:
             return "", calls
         script = self.settings.script
         return (script[(self._turn - 1) % len(script)] if script else f"You said: {said}"), []
+
+    def _by_rule(
+        self, messages: list[Any], tools: list[Any], results: list[str]
+    ) -> tuple[str, list[tuple[str, str, str]]] | None:
+        system = next((str(m.get("content")) for m in messages if m.get("role") == "system"), "")
+        user_at = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        step = sum(1 for m in messages[user_at + 1 :] if m.get("role") == "assistant")
+        for rule in self.settings.rules:
+            if str(rule.get("system", "")) in system and rule.get("step", step) == step:
+                said = str(messages[user_at].get("content") or "") if user_at >= 0 else ""
+                reply = _fill(str(rule.get("reply", "")), said, " | ".join(results))
+                names = {t.get("function", {}).get("name") for t in tools}
+                calls = [
+                    (f"call_{self._turn}_{i}", name, args)
+                    for i, (name, args) in enumerate(_tool_uses(reply))
+                    if name in names
+                ]
+                return ("", calls) if calls else (reply, [])
+        return None
 
     async def _stream(
         self, model: str, text: str, calls: list[tuple[str, str, str]], prompt: int, usage: bool
@@ -219,6 +259,7 @@ class _Model:
     def _usage(self, prompt: int, completion: int) -> dict[str, int]:
         self.stats.prompt_tokens += prompt
         self.stats.completion_tokens += completion
+        self.stats.token_log.append([time.time(), prompt + completion])
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -256,6 +297,31 @@ def _trailing_tool_results(messages: list[Any]) -> list[str]:
             break
         found.append(str(message.get("content") or ""))
     return found[::-1]
+
+
+def _fill(reply: str, user: str, results: str) -> str:
+    values = {
+        "{user_json}": json.dumps(user)[1:-1],
+        "{results_json}": json.dumps(results)[1:-1],
+        "{user}": user,
+        "{results}": results,
+    }
+    for placeholder, value in values.items():
+        reply = reply.replace(placeholder, value)
+    return reply
+
+
+def _tool_uses(text: str) -> list[tuple[str, str]]:
+    """``use NAME({...})`` in ``text``, with the JSON read whole (it may nest)."""
+    found = []
+    for match in _TOOL_START.finditer(text):
+        try:
+            value, end = _DECODER.raw_decode(text, match.end())
+        except ValueError:
+            continue
+        if isinstance(value, dict) and text[end : end + 1] == ")":
+            found.append((match.group(1), text[match.end() : end]))
+    return found
 
 
 def apply_settings(settings: LLMServerSettings, changes: Any) -> None:

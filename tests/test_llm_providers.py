@@ -1,0 +1,370 @@
+"""The provider pool against real model servers registered as service instances:
+affinity, failover between replicas and to a fallback provider, breakers, streams
+retried only before their first token, and quotas held across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shoal import Client, Settings
+from shoal.errors import ConfigurationError
+from shoal.llm import (
+    LLMBadRequest,
+    LLMStreamBroken,
+    Provider,
+    ProviderPool,
+    ProvidersFailed,
+    QuotaExceeded,
+)
+from shoal.llm.model import ChatModel
+from shoal.observability import metrics
+from shoal.resilience import BreakerPolicy, RetryPolicy
+from shoal.testing.llm_server import LLMServer
+from tests.conftest import eventually, node_process
+
+HELLO = [{"role": "user", "content": "hello there"}]
+FAST = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05)
+KEYS = [f"conversation-{i}" for i in range(12)]
+
+
+@pytest.fixture
+def servers() -> Iterator[list[LLMServer]]:
+    started = [LLMServer().start() for _ in range(3)]
+    yield started
+    for server in started:
+        server.stop()
+
+
+async def register(client: Client, service: str, servers: list[LLMServer]) -> dict[str, LLMServer]:
+    by_id = {f"r{i}": server for i, server in enumerate(servers)}
+    for instance, server in by_id.items():
+        await client.registry.register(service, server.url, id=instance)
+    return by_id
+
+
+def requests(by_id: dict[str, LLMServer]) -> dict[str, int]:
+    return {instance: server.stats.requests for instance, server in by_id.items()}
+
+
+async def test_calls_of_one_conversation_stay_on_one_replica_and_keys_spread(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    by_id = await register(client, "llm", servers)
+    async with ProviderPool(client, [Provider("local", model="m", service="llm")]) as pool:
+        homes = {}
+        for key in KEYS:
+            before = requests(by_id)
+            answers = [await pool.complete(HELLO, key=key) for _ in range(4)]
+            assert {a.instance for a in answers} == {answers[0].instance}
+            assert {a.provider for a in answers} == {"local"}
+            after = requests(by_id)
+            grew = {i: after[i] - before[i] for i in by_id if after[i] != before[i]}
+            assert grew == {answers[0].instance: 4}  # the servers agree: one replica
+            homes[key] = answers[0].instance
+            streamed = [d async for d in pool.stream(HELLO, key=key)]
+            assert streamed[-1].completion is not None
+            assert streamed[-1].completion.instance == homes[key]
+    assert len(set(homes.values())) >= 2  # twelve conversations spread over the replicas
+
+
+async def test_a_failing_replica_is_retried_around_and_its_breaker_opens(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    by_id = await register(client, "llm", servers)
+    provider = Provider(
+        "local", model="m", service="llm", breaker=BreakerPolicy(consecutive_failures=2)
+    )
+    async with ProviderPool(client, [provider], retry=FAST) as pool:
+        home = (await pool.complete(HELLO, key="alice")).instance
+        by_id[home].settings.fail_next = 1000  # 500s from now on
+        for _ in range(4):
+            answer = await pool.complete(HELLO, key="alice")
+            assert answer.instance != home and answer.content == "You said: hello there"
+        view = client.services("llm").view
+        await eventually(
+            lambda: asyncio.sleep(0, view.by_id[home].breaker == "open"), "the breaker opened"
+        )
+        failed = by_id[home].stats.failures
+        assert 2 <= failed <= 4  # two open it (outcomes reach the engine in the background)
+        for _ in range(3):
+            assert (await pool.complete(HELLO, key="alice")).instance != home
+        assert by_id[home].stats.failures == failed  # the open breaker keeps calls away
+
+
+async def test_a_429_goes_elsewhere_at_once_or_back_after_its_retry_after(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    by_id = await register(client, "llm", servers[:2])
+    provider = Provider(
+        "local", model="m", service="llm", breaker=BreakerPolicy(consecutive_failures=1)
+    )
+    async with ProviderPool(client, [provider], retry=FAST) as pool:
+        assert isinstance(pool, ChatModel)
+        home = (await pool.complete(HELLO, key="erin")).instance
+        by_id[home].settings.fail_next, by_id[home].settings.fail_status = 1, 429
+        by_id[home].settings.retry_after = 0.5
+        started = time.monotonic()
+        answer = await pool.complete(HELLO, key="erin")
+        assert answer.instance != home and time.monotonic() - started < 0.5  # at once
+
+        await client.registry.deregister("llm", answer.instance)  # one replica left
+        await eventually(lambda: asyncio.sleep(0, len(client.services("llm").candidates()) == 1))
+        by_id[home].settings.fail_next = 1
+        started = time.monotonic()
+        assert (await pool.complete(HELLO, key="erin")).instance == home
+        assert time.monotonic() - started >= 0.5  # waited as the server said
+        assert client.services("llm").view.by_id[home].breaker == "closed"  # busy, not broken
+
+
+async def test_a_stream_abandoned_by_its_reader_is_no_failure(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    await register(client, "llm", servers[:1])
+    provider = Provider(
+        "local", model="m", service="llm", breaker=BreakerPolicy(consecutive_failures=1)
+    )
+    cancelled = metrics.SERVICE_CALLS.labels("llm", "r0", "cancelled")
+    counted = cancelled._value.get()
+    async with ProviderPool(client, [provider]) as pool:
+        for _ in range(3):
+            stream = pool.stream(HELLO, key="frank")
+            first = await anext(stream)  # type: ignore[call-overload]
+            assert first.content == "You "
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert cancelled._value.get() == counted + 3
+        assert (await pool.complete(HELLO, key="frank")).instance == "r0"
+
+
+async def test_a_provider_that_cannot_answer_falls_back_to_the_next(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    local, hosted = servers[0], servers[1]
+    await register(client, "vllm", [local])
+    local.settings.fail_next = 1000
+    chain = [
+        Provider("local", model="small", service="vllm"),
+        Provider("hosted", model="big", base_url=hosted.url, api_key="sk-hosted"),
+    ]
+    answered = metrics.LLM_ANSWERS.labels("hosted", "model")
+    server_errors = metrics.LLM_REQUESTS.labels("local", "server_error")
+    counts = answered._value.get(), server_errors._value.get()
+    async with ProviderPool(client, chain, retry=FAST) as pool:
+        answer = await pool.complete(HELLO, key="bob")
+        assert (answered._value.get(), server_errors._value.get()) == (counts[0] + 1, counts[1] + 3)
+        assert (answer.provider, answer.instance) == ("hosted", f"127.0.0.1:{hosted.port}")
+        assert answer.model == "big" and local.stats.failures == 3  # three tries, then over
+        deltas = [d async for d in pool.stream(HELLO, key="bob")]
+        assert deltas[-1].completion is not None
+        assert deltas[-1].completion.provider == "hosted"
+
+        hosted.settings.fail_next = 1000  # both down: one error names each failure
+        with pytest.raises(ProvidersFailed) as caught:
+            await pool.complete(HELLO, key="bob")
+    assert [name for name, _ in caught.value.failures] == ["local", "hosted"]
+    assert "local: " in str(caught.value) and "hosted: " in str(caught.value)
+    assert "500" in str(caught.value) and "sk-hosted" not in str(caught.value)
+
+
+async def test_a_provider_without_replicas_falls_back(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    chain = [
+        Provider("local", model="m", service="nothing-registered"),
+        Provider("hosted", model="m", base_url=servers[0].url),
+    ]
+    async with ProviderPool(client, chain) as pool:
+        assert (await pool.complete(HELLO)).provider == "hosted"
+
+
+async def test_a_stream_is_retried_before_its_first_token_never_after(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    by_id = await register(client, "llm", servers)
+    async with ProviderPool(
+        client, [Provider("local", model="m", service="llm")], retry=FAST
+    ) as pool:
+        home = (await pool.complete(HELLO, key="carol")).instance
+        by_id[home].settings.die_after_chunks = 1  # the role chunk, then cut: no token
+        text = [d.content async for d in pool.stream(HELLO, key="carol")]
+        assert "".join(text) == "You said: hello there"
+        for server in servers:
+            server.settings.die_after_chunks = 3  # cut after two tokens
+        before = sum(requests(by_id).values())
+        seen: list[str] = []
+
+        async def read() -> None:
+            async for delta in pool.stream(HELLO, key="carol"):
+                seen.append(delta.content)
+
+        with pytest.raises(LLMStreamBroken) as caught:
+            await read()
+        assert "".join(seen) == "You said: " == caught.value.partial.content
+        assert sum(requests(by_id).values()) == before + 1  # not retried after text
+
+
+async def test_a_rejected_request_is_not_retried_nor_held_against_the_replica(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    by_id = await register(client, "llm", servers[:1])
+    chain = [
+        Provider("local", model="m", service="llm", breaker=BreakerPolicy(consecutive_failures=1)),
+        Provider("hosted", model="m", base_url=servers[1].url),
+    ]
+    caller_errors = metrics.SERVICE_CALLS.labels("llm", "r0", "caller_error")
+    counted = caller_errors._value.get()
+    async with ProviderPool(client, chain, retry=FAST) as pool:
+        servers[0].settings.fail_next, servers[0].settings.fail_status = 1, 400
+        with pytest.raises(LLMBadRequest, match="400"):
+            await pool.complete(HELLO, key="dave")
+        assert servers[0].stats.requests == 1 and servers[1].stats.requests == 0
+        assert caller_errors._value.get() == counted + 1
+        assert (await pool.complete(HELLO, key="dave")).provider == "local"  # still closed
+
+        servers[0].settings.fail_next, servers[0].settings.fail_status = 3, 500
+        assert (await pool.complete(HELLO, key="dave")).provider == "hosted"
+        view = client.services("llm").view
+        await eventually(  # a 500 does count: one opens this breaker
+            lambda: asyncio.sleep(0, view.by_id["r0"].breaker == "open"), "the breaker opened"
+        )
+    assert by_id["r0"] is servers[0]
+
+
+async def test_a_quota_without_room_waits_then_fails_or_falls_back(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    url = servers[0].url
+    # 4 a minute, half of it at once: two calls now, the third only in ~30 s
+    tight = Provider("tight", model="m", base_url=url, rpm=4, quota_burst=0.5, quota_wait=0.3)
+    async with ProviderPool(client, [tight]) as pool:
+        await pool.complete(HELLO)
+        await pool.complete(HELLO)
+        started = time.monotonic()
+        with pytest.raises(QuotaExceeded, match=r"'tight'.*requests-per-minute") as caught:
+            await pool.complete(HELLO)
+        assert time.monotonic() - started < 0.3  # known at once: it would not fit in time
+        assert caught.value.kind == "requests" and caught.value.wait is not None
+        assert 20 < caught.value.wait <= 30
+    assert servers[0].stats.requests == 2
+
+    # 20 a second, 2 at once: the next calls wait for room, briefly, and get it
+    brisk = Provider("brisk", model="m", base_url=url, rpm=20, quota_period=1.0, quota_wait=2)
+    async with ProviderPool(client, [brisk]) as pool:
+        started = time.monotonic()
+        for _ in range(5):
+            await pool.complete(HELLO)
+        assert time.monotonic() - started >= 3 / 18 * 0.9  # three waited for refill
+
+    exceeded = metrics.LLM_QUOTA_EXCEEDED.labels("tight", "requests")
+    before = exceeded._value.get()
+    spare = Provider("spare", model="m", base_url=servers[1].url)
+    async with ProviderPool(client, [tight, spare]) as pool:
+        assert (await pool.complete(HELLO)).provider == "spare"
+    assert exceeded._value.get() == before + 1
+
+
+async def test_a_request_bigger_than_the_quota_admits_at_once_fails_at_once(
+    client: Client, servers: list[LLMServer]
+) -> None:
+    provider = Provider("small", model="m", base_url=servers[0].url, tpm=1000, quota_wait=30)
+    async with ProviderPool(client, [provider]) as pool:
+        with pytest.raises(QuotaExceeded, match=r"needs about 503 tokens.*at once \(100") as caught:
+            await pool.complete(HELLO, max_tokens=500)
+        assert caught.value.kind == "tokens" and caught.value.wait is None
+        assert (await pool.complete(HELLO, max_tokens=50)).usage is not None
+    assert servers[0].stats.requests == 1
+
+
+async def test_a_provider_sends_its_own_key_and_never_the_environments(
+    client: Client, servers: list[LLMServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOAL_LLM_API_KEY", "sk-environment")
+    monkeypatch.setenv("HOSTED_KEY", "sk-environment")
+    servers[0].settings.api_key = "sk-environment"
+    keyless = Provider("local", model="m", base_url=servers[0].url)
+    async with ProviderPool(client, [keyless]) as pool:
+        with pytest.raises(ProvidersFailed, match="401") as caught:
+            await pool.complete(HELLO)
+        assert "sk-environment" not in str(caught.value)
+    keyed = Provider("hosted", model="m", base_url=servers[0].url, api_key_env="HOSTED_KEY")
+    async with ProviderPool(client, [keyed]) as pool:
+        assert (await pool.complete(HELLO)).provider == "hosted"
+
+
+def test_providers_are_validated_with_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "either service= .* or base_url="),
+        ({"service": "a", "base_url": "http://x/v1"}, "either service="),
+        ({"base_url": "ftp://x"}, "http"),
+        ({"service": "a", "api_key_env": "NO_SUCH_KEY"}, "NO_SUCH_KEY.*not set"),
+        ({"service": "a", "rpm": 0}, "rpm must be a whole number"),
+        ({"service": "a", "tpm": 1.5}, "tpm must be"),
+        ({"service": "a", "strategy": "fastest"}, "strategy must be one of"),
+        ({"service": "a", "quota_burst": 0.9}, "quota_burst"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigurationError, match=message):
+            Provider("p", model="m", **options)
+    with pytest.raises(ConfigurationError, match="model="):
+        Provider("p", model="", service="a")
+    with pytest.raises(ConfigurationError, match="provider name"):
+        Provider("no spaces", model="m", service="a")
+    secret = Provider("p", model="m", base_url="http://127.0.0.1:1/v1", api_key="sk-secret")
+    assert "sk-secret" not in repr(secret)
+
+
+# --- the quota across the cluster ----------------------------------------------------
+
+PERIOD = 2.0  # a scaled "minute": the quota per 2 s, measured over 2-s windows
+DRIVE_S = 5.0
+
+
+def busiest_window(events: list[tuple[float, float]], start: float) -> float:
+    """The most counted in any PERIOD-long window from ``start`` (events: (time, n))."""
+    events = sorted(e for e in events if e[0] >= start)
+    best, j, total = 0.0, 0, 0.0
+    for t, n in events:
+        total += n
+        while events[j][0] <= t - PERIOD:
+            total -= events[j][1]
+            j += 1
+        best = max(best, total)
+    return best
+
+
+async def drive(client: Client, server: LLMServer, provider: str, **task: Any) -> float:
+    """Both nodes drive the provider from one instant; when they started."""
+    start = time.time() + 1.0
+    task.update(url=server.url, provider=provider, start=start, seconds=DRIVE_S)
+    handles = [await client.submit("llm_quota_drive", **task) for _ in range(2)]
+    results = [await h.result(timeout=DRIVE_S + 20) for h in handles]
+    assert len({r["node"] for r in results}) == 2  # one task on each node
+    return start
+
+
+async def test_two_nodes_together_hold_a_quota_within_five_percent(
+    client: Client, settings: Settings
+) -> None:
+    with (
+        node_process(settings, "tests.llm_quota_agents", "--concurrency", "1"),
+        node_process(settings, "tests.llm_quota_agents", "--concurrency", "1"),
+    ):
+        await client.wait_for_hosts("llm_quota_drive", count=2, timeout=20)
+        with LLMServer() as server:  # 60 requests per 2 s
+            limits = {"rpm": 60, "quota_period": PERIOD, "quota_burst": 0.05}
+            start = await drive(client, server, "rpm", limits=limits)
+            calls = [(t, 1.0) for t in server.stats.request_times]
+        busiest = busiest_window(calls, start)
+        assert 0.9 * 60 <= busiest <= 60 * 1.05, busiest
+
+        with LLMServer() as server:  # 300 tokens per 2 s; a call uses 6, estimated 13
+            limits = {"tpm": 300, "quota_period": PERIOD, "quota_burst": 0.05}
+            start = await drive(client, server, "tpm", limits=limits, max_tokens=10)
+            tokens = [(t, n) for t, n in server.stats.token_log]
+        busiest = busiest_window(tokens, start)
+        assert 0.9 * 300 <= busiest <= 300 * 1.05, busiest
