@@ -3,8 +3,8 @@ answer, and the throughput of many concurrent conversations, against the test
 model server (``shoal.testing.llm_server``, a process) with a per-token delay.
 
     python -m bench.llm [--conversations 1000] [--turns 3] [--token-delay 0.02] \\
-        [--save [NAME]]                                   # the full run: ~2-4 min
-    python -m bench.llm --quick                           # a smoke run, seconds
+        [--save [NAME]]                                   # the full run: ~1-2 min
+    python -m bench.llm --quick                           # a smoke run, ~20 s
     python -m bench.llm --table bench/results/llm-<date>.json   # docs' tables
 
 **Direct baseline**: ``--conversations`` concurrent conversations of ``--turns``
@@ -27,11 +27,16 @@ turns run (not measured). With ``--profile`` (default on for full runs),
 ``py-spy record`` samples node 0 during the Shoal phase; the JSON has its self
 time by function.
 
-TODO(quota phase): the cluster-wide rpm/tpm quota adherence phase (a
-``ProviderPool`` with one ``Provider(..., rpm=, tpm=)`` below the load, the
-server's request rate sampled from ``/_stats`` per window vs the quota, and the
-callers' waits) needs ``shoal.llm.providers``, which is not on this branch yet;
-``bench.llm_app._quota_pool`` is where the agents' route gets built for it.
+**Quota adherence** (``--no-quota`` skips it): on the same nodes, 100
+conversations x 3 turns of a second agent type (``bench_quota_chat``) whose model
+route is a ``ProviderPool`` with one provider under cluster-wide quotas set well
+below what the load would use: 120 requests and 3,000 tokens per 10 s (a
+scaled-down "minute", ``quota_period``; --quick: 20 x 2, 12 and 1,000 per 2 s).
+The server's counters (``/_stats``) are sampled every 50 ms; the JSON has the most
+requests and tokens it saw in any period against the quota (the windows are
+measured conservatively: up to one sample longer), the mean per period, and the
+turn times, which include the callers' waits for room (up to 300 s: none may
+give up).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,9 +73,9 @@ from bench.common import (
     save,
     server_stats,
 )
-from bench.llm_app import MODEL, BenchChat, http_client
+from bench.llm_app import MAX_TOKENS, MODEL, BenchChat, BenchQuotaChat, http_client
 from shoal import Client, Settings
-from shoal.llm import LLMClient, follow_answer
+from shoal.llm import LLMAgent, LLMClient, follow_answer
 from shoal.llm.client import ENV_BASE_URL
 
 CAPABILITY = BenchChat.chat_capability
@@ -78,6 +84,11 @@ WARMUP_CONVERSATIONS = 20
 TURN_TIMEOUT_S = 300.0
 SERVER_START_S = 20.0
 BALANCE_TIMEOUT_S = 60.0
+# The quota phase: a load above a provider's quota (rpm/tpm per ``period`` seconds,
+# a scaled-down "minute" so the phase is short), the server's counters sampled.
+QUOTA = {"conversations": 100, "turns": 3, "rpm": 120, "tpm": 3000, "period": 10.0}
+QUOTA_QUICK = {"conversations": 20, "turns": 2, "rpm": 12, "tpm": 1000, "period": 2.0}
+SAMPLE_S = 0.05
 
 
 def message(conversation: int, turn: int) -> str:
@@ -133,6 +144,12 @@ class Turn:
     error: str | None = None
 
 
+def _error(exc: BaseException) -> str:
+    """An error as counted in the JSON: its kind and what it says (a failed task
+    without its id, so that one cause counts once)."""
+    return f"{type(exc).__name__}: {re.sub(r'task [0-9a-f]{16,} ', 'task ', str(exc))}"[:300]
+
+
 def summarize(turns: list[Turn], elapsed: float) -> dict[str, Any]:
     """Percentiles of TTFT and turn time (ms), throughput, and the answers' check."""
     ttft = sorted(t.ttft_s * 1000 for t in turns if t.ttft_s is not None)
@@ -174,13 +191,15 @@ async def _direct_conversation(llm: LLMClient, i: int, turns: int, out: list[Tur
         user = {"role": "user", "content": said}
         started, first, tokens, text = time.perf_counter(), None, 0, ""
         try:
-            async for delta in llm.stream([system, *history, user], key=str(i), temperature=0):
+            async for delta in llm.stream(
+                [system, *history, user], key=str(i), temperature=0, max_tokens=MAX_TOKENS
+            ):
                 if delta.content:
                     first = first or time.perf_counter()
                     tokens += 1
                     text += delta.content
         except Exception as exc:  # counted, shown in the JSON: a benchmark reports
-            out.append(Turn(turn, None, time.perf_counter() - started, tokens, False, repr(exc)))
+            out.append(Turn(turn, None, time.perf_counter() - started, tokens, False, _error(exc)))
             return
         ended = time.perf_counter()
         ttft = None if first is None else first - started
@@ -211,10 +230,12 @@ async def run_direct(base_url: str, conversations: int, turns: int) -> dict[str,
 # --- through Shoal ---------------------------------------------------------------------
 
 
-async def _shoal_turn(client: Client, agent: str, index: int, said: str) -> Turn:
+async def _shoal_turn(
+    client: Client, kind: type[LLMAgent], agent: str, index: int, said: str
+) -> Turn:
     started, first, tokens, text = time.perf_counter(), None, 0, ""
     try:
-        handle = await client.submit(CAPABILITY, agent=agent, message=said)
+        handle = await client.submit(kind.chat_capability, agent=agent, message=said)
         async for piece in follow_answer(client, handle.id):
             if piece.text:
                 first = first or time.perf_counter()
@@ -222,38 +243,36 @@ async def _shoal_turn(client: Client, agent: str, index: int, said: str) -> Turn
             text = text[: len(text) - piece.rewind] + piece.text
         result = await handle.result(timeout=TURN_TIMEOUT_S)
     except Exception as exc:  # counted, shown in the JSON: a benchmark reports
-        return Turn(index, None, time.perf_counter() - started, tokens, False, repr(exc))
+        return Turn(index, None, time.perf_counter() - started, tokens, False, _error(exc))
     ended = time.perf_counter()
     ttft = None if first is None else first - started
     return Turn(index, ttft, ended - started, tokens, result == text == expected(said))
 
 
 async def _shoal_conversation(
-    client: Client, name: str, i: int, turns: int, out: list[Turn]
+    client: Client, name: str, i: int, turns: int, out: list[Turn], kind: type[LLMAgent] = BenchChat
 ) -> None:
     for turn in range(turns):
-        agent = f"{BenchChat.agent_type}/{name}"
-        done = await _shoal_turn(client, agent, turn, message(i, turn))
+        agent = f"{kind.agent_type}/{name}"
+        done = await _shoal_turn(client, kind, agent, turn, message(i, turn))
         out.append(done)
         if done.error:
             return
 
 
-async def lease_owners(client: Client) -> dict[str, int]:
+async def lease_owners(client: Client, agent_type: str) -> dict[str, int]:
     """How many of the agent type's partitions each node holds a lease on."""
     partitions = await client.partitions()
     pipe = client.redis.pipeline(transaction=False)
     for p in range(partitions):
-        pipe.get(client.keys.lease(BenchChat.agent_type, p))
+        pipe.get(client.keys.lease(agent_type, p))
     owners = collections.Counter(
         raw.decode().split()[0] if raw else "(free)" for raw in await pipe.execute()
     )
     return dict(sorted(owners.items()))
 
 
-async def balanced(
-    client: Client, nodes: int, timeout: float = BALANCE_TIMEOUT_S
-) -> dict[str, int]:
+async def balanced(client: Client, nodes: int, agent_type: str) -> dict[str, int]:
     """Wait until the nodes have shared the partitions out (every one leased, to
     ``nodes`` nodes, the same for a second): node processes start together, the
     first takes every free partition and hands the others' share over when it sees
@@ -261,7 +280,7 @@ async def balanced(
     seen: list[dict[str, int]] = []
     async with asyncio.timeout(BALANCE_TIMEOUT_S):
         while True:
-            owners = await lease_owners(client)
+            owners = await lease_owners(client, agent_type)
             seen = [*seen[-4:], owners]
             stable = len(seen) == 5 and all(o == owners for o in seen)
             if stable and len(owners) == nodes and "(free)" not in owners:
@@ -270,19 +289,25 @@ async def balanced(
 
 
 async def _shoal_phase(
-    engine_url: str, namespace: str, base_url: str, args: argparse.Namespace, profile: NodeProfile
+    engine_url: str,
+    namespace: str,
+    base_url: str,
+    args: argparse.Namespace,
+    procs: list[subprocess.Popen[bytes]],
+    profile: NodeProfile,
 ) -> dict[str, Any]:
     conversations, turns = args.conversations, args.turns
     settings = Settings(url=engine_url, namespace=namespace)
     async with Client(settings=settings) as client:
         await client.wait_for_hosts(CAPABILITY, count=args.nodes, timeout=60)
-        owners = await balanced(client, args.nodes)
+        owners = await balanced(client, args.nodes, BenchChat.agent_type)
         warm: list[Turn] = []
         await asyncio.gather(
             *(_shoal_conversation(client, f"warm{k}", k, 1, warm)
               for k in range(WARMUP_CONVERSATIONS))
         )  # fmt: skip
         before, cpu = server_counts(base_url), time.process_time()
+        node_cpu, engine_cpu = process_cpu(procs), server_stats(engine_url).cpu_s
         out: list[Turn] = []
         profile.start()
         started = time.perf_counter()
@@ -291,35 +316,105 @@ async def _shoal_phase(
         )
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu
+        node_cpu = process_cpu(procs) - node_cpu
+        engine_cpu = server_stats(engine_url).cpu_s - engine_cpu
         await asyncio.to_thread(profile.stop)
-    after = server_counts(base_url)
-    return {**summarize(out, elapsed), "client_cpu_s": round(cpu, 2),
+        after = server_counts(base_url)
+        quota = await _quota_phase(client, base_url, args) if args.quota else None
+    return {**summarize(out, elapsed), "client_cpu_s": round(cpu, 2), "quota": quota,
+            "node_cpu_s": round(node_cpu, 2), "engine_cpu_s": round(engine_cpu, 2),
             "server_requests": after["requests"] - before["requests"],
             "warmup_right": sum(t.right for t in warm),
             "partitions_per_node": sorted(owners.values())}  # fmt: skip
+
+
+# --- quota adherence -----------------------------------------------------------------------
+
+
+async def _sample(base_url: str, out: list[tuple[float, int, int]], stop: asyncio.Event) -> None:
+    """(time, requests, prompt + completion tokens) of the server every SAMPLE_S."""
+    url = base_url.removesuffix("/v1") + "/_stats"
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            stats = (await http.get(url)).json()
+            used = int(stats["prompt_tokens"]) + int(stats["completion_tokens"])
+            out.append((time.perf_counter(), int(stats["requests"]), used))
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SAMPLE_S)
+
+
+def window_max(samples: list[tuple[float, int, int]], field: int, window: float) -> int:
+    """The most of counter ``field`` (1: requests, 2: tokens) counted within any
+    ``window`` seconds. Conservative: each window is measured from the last sample
+    at least ``window`` before its end, so it may be up to SAMPLE_S longer."""
+    best, j = 0, 0
+    for t, *_ in samples:
+        while j + 1 < len(samples) and samples[j + 1][0] <= t - window:
+            j += 1
+        end = next(s for s in reversed(samples) if s[0] <= t)
+        best = max(best, end[field] - samples[j][field])
+    return best
+
+
+async def _quota_phase(client: Client, base_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Conversations of the quota-bound agent type; the server's request and token
+    rate over any quota period (and any second) against the quota."""
+    q = args.quota_setup
+    await balanced(client, args.nodes, BenchQuotaChat.agent_type)
+    samples: list[tuple[float, int, int]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample(base_url, samples, stop))
+    out: list[Turn] = []
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(_shoal_conversation(client, f"q{i}", i, q["turns"], out, BenchQuotaChat)
+          for i in range(q["conversations"]))
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await sampler
+    turns = summarize(out, elapsed)
+    requests, tokens = (samples[-1][k] - samples[0][k] for k in (1, 2))
+    most_requests = window_max(samples, 1, q["period"])
+    most_tokens = window_max(samples, 2, q["period"])
+    return {
+        "setup": q,
+        "turns": turns["turns"], "right": turns["right"], "errors": turns["errors"],
+        "turn_ms": turns["turn_ms"], "elapsed_s": turns["elapsed_s"],
+        "requests": requests, "tokens": tokens,
+        "max_requests_in_a_period": most_requests,
+        "max_tokens_in_a_period": most_tokens,
+        "requests_vs_rpm_pct": round(100 * most_requests / q["rpm"], 1),
+        "tokens_vs_tpm_pct": round(100 * most_tokens / q["tpm"], 1),
+        "max_requests_in_1s": window_max(samples, 1, 1.0),
+        "mean_requests_per_period": round(requests / elapsed * q["period"], 1),
+        "mean_tokens_per_period": round(tokens / elapsed * q["period"], 1),
+        "samples": len(samples),
+    }  # fmt: skip
 
 
 def run_shoal(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
     """The Shoal phase on a private engine and ``args.nodes`` node processes (node 0
     sampled by py-spy with ``args.profile``)."""
     namespace = f"bench-llm-{time.monotonic_ns()}"
-    env = {ENV_BASE_URL: base_url, "BENCH_LLM_CONNECTIONS": str(args.conversations)}
+    q = args.quota_setup
+    env = {ENV_BASE_URL: base_url, "BENCH_LLM_CONNECTIONS": str(args.conversations),
+           "BENCH_LLM_RPM": str(q["rpm"]), "BENCH_LLM_TPM": str(q["tpm"]),
+           "BENCH_LLM_QUOTA_PERIOD": str(q["period"])}  # fmt: skip
     concurrency = args.concurrency or args.conversations + WARMUP_CONVERSATIONS
     with (
         private_engine() as url,
         node_processes(url, namespace, args.nodes, concurrency, env, app="bench.llm_app") as procs,
         tempfile.TemporaryDirectory(prefix="shoal-bench-llm-") as tmp,
     ):
-        engine_cpu = server_stats(url).cpu_s
-        node_cpu = process_cpu(procs)
         out = args.profile_out or Path(tmp) / "node0.txt"
         profile = NodeProfile(procs[0].pid, out, args.profile)
         try:
-            result = asyncio.run(_shoal_phase(url, namespace, base_url, args, profile))
+            result = asyncio.run(_shoal_phase(url, namespace, base_url, args, procs, profile))
         finally:
             profile.stop()
-        result["node_cpu_s"] = round(process_cpu(procs) - node_cpu, 2)
-        result["engine_cpu_s"] = round(server_stats(url).cpu_s - engine_cpu, 2)
         result["node_concurrency"] = concurrency
     result["profile_node0"] = profile.summary
     return result
@@ -418,6 +513,26 @@ def added(direct: dict[str, Any], shoal: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def quota_table(quota: dict[str, Any]) -> str:
+    """The quota phase: the most the server saw in any quota period vs the quota."""
+    q = quota["setup"]
+    period = f"{q['period']:g} s"
+    most_requests = f"{quota['max_requests_in_a_period']} ({quota['requests_vs_rpm_pct']:.0f} %)"
+    most_tokens = f"{quota['max_tokens_in_a_period']} ({quota['tokens_vs_tpm_pct']:.0f} %)"
+    turn = quota["turn_ms"]
+    return "\n".join([
+        f"| quota phase ({q['conversations']} x {q['turns']} turns) | requests | tokens |",
+        "|---|---|---|",
+        f"| quota per {period} | {q['rpm']} | {q['tpm']} |",
+        f"| most in any {period} (server's counters) | {most_requests} | {most_tokens} |",
+        f"| mean per {period} | {quota['mean_requests_per_period']} "
+        f"| {quota['mean_tokens_per_period']} |",
+        f"| turns right / errors | {quota['right']}/{quota['turns']} | {len(quota['errors'])} |",
+        f"| turn p50 / p99 / max ms (quota waits included) "
+        f"| {turn['p50']:.0f} / {turn['p99']:.0f} / {turn['max']:.0f} | |",
+    ])  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of docs/benchmarks.md (``--table FILE``; also on stderr after a run)."""
     rows = [
@@ -441,6 +556,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| time to first token | {a['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} |",
         f"| whole turn | {a['turn_p50_ms']:.0f} | {a['turn_p99_ms']:.0f} |",
     ]
+    if result.get("quota"):
+        rows += ["", quota_table(result["quota"])]
     profile = result["shoal"].get("profile_node0") or {}
     if "self_share" in profile:
         rows += ["", "| node 0, self time by function (py-spy) | share |", "|---|---|"]
@@ -465,6 +582,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="py-spy node 0 during the Shoal phase (default: on, "
                         "off with --quick)")  # fmt: skip
+    parser.add_argument("--quota", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the quota phase (default: on)")  # fmt: skip
     parser.add_argument("--profile-out", type=Path, metavar="FILE",
                         help="keep node 0's py-spy stacks (collapsed) in FILE")  # fmt: skip
     parser.add_argument("--save", nargs="?", const=f"llm-{time.strftime('%Y-%m-%d')}",
@@ -477,6 +596,7 @@ def parse_args() -> argparse.Namespace:
     args.conversations = args.conversations or quick.get("conversations", 1000)
     args.turns = args.turns or quick.get("turns", 3)
     args.profile = (not args.quick) if args.profile is None else args.profile
+    args.quota_setup = QUOTA_QUICK if args.quick else QUOTA
     if args.conversations < 1 or args.turns < 1 or args.nodes < 1 or args.token_delay < 0:
         parser.error("--conversations, --turns and --nodes must be >= 1, --token-delay >= 0")
     return args
@@ -504,7 +624,7 @@ def main() -> None:
         "direct": direct,
         "shoal": shoal,
         "added_by_shoal": added(direct, shoal),
-        "quota": {"skipped": "shoal.llm.providers (ProviderPool quotas) is not merged yet"},
+        "quota": shoal.pop("quota"),
     }  # fmt: skip
     sys.stderr.write("\n" + markdown(result))
     if args.save:

@@ -1,14 +1,14 @@
-"""The LLM agent bench.llm runs on ``shoal node`` processes: one conversation per
-addressed agent (``bench_chat/<id>``), answering through the test model server.
+"""The LLM agents bench.llm runs on ``shoal node`` processes: one conversation per
+addressed agent, answering through the test model server (``SHOAL_LLM_BASE_URL``).
 
-The model route is built here rather than taken from the environment so that its
-HTTP connection pool is as large as the direct baseline's (``BENCH_LLM_CONNECTIONS``,
-default 1000; httpx's default is 100, which would queue most of 1,000 concurrent
-streams inside a node and be measured as Shoal's overhead). The endpoint is
-``SHOAL_LLM_BASE_URL``.
-
-With ``BENCH_LLM_RPM`` / ``BENCH_LLM_TPM`` set, the route is a ``ProviderPool``
-with one provider under those cluster-wide quotas (the quota phase).
+- ``bench_chat/<id>``: straight to the server through an ``LLMClient`` whose HTTP
+  pool is as large as the direct baseline's (``BENCH_LLM_CONNECTIONS``, default
+  1000; httpx's default of 100 would queue most of 1,000 concurrent streams inside
+  a node and be measured as Shoal's overhead).
+- ``bench_quota_chat/<id>``: through a ``ProviderPool`` with one provider under
+  cluster-wide quotas: ``BENCH_LLM_RPM`` requests and ``BENCH_LLM_TPM`` tokens per
+  ``BENCH_LLM_QUOTA_PERIOD`` seconds (the quota phase; callers wait up to
+  ``QUOTA_WAIT_S``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from shoal.llm import LLMAgent, LLMClient
+from shoal.llm import LLMAgent, LLMClient, Provider, ProviderPool
 from shoal.llm.client import ENV_BASE_URL
 
 if TYPE_CHECKING:
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from shoal.llm.model import ChatModel
 
 MODEL = "bench"
+MAX_TOKENS = 16  # the answers are 8 tokens; a tight quota estimate (shoal.llm.quota)
 DEFAULT_CONNECTIONS = 1000
+QUOTA_WAIT_S = 300.0  # the quota phase queues every caller: none may give up
 
 
 def http_client(connections: int) -> httpx.AsyncClient:
@@ -37,29 +39,35 @@ def http_client(connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=timeout)
 
 
-class BenchChat(LLMAgent):
-    """A plain conversation: no tools, the test server echoes ("You said: ...")."""
+class _Conversation:
+    """What both agent types share: no tools; the test server echoes ("You said: ...")."""
 
-    agent_type = "bench_chat"
     system_prompt = "You are a benchmark."
     model_name = MODEL
     temperature = 0
+    max_tokens = MAX_TOKENS
+
+
+class BenchChat(_Conversation, LLMAgent):
+    agent_type = "bench_chat"
 
     def build_model(self, client: Client) -> ChatModel:
         connections = int(os.environ.get("BENCH_LLM_CONNECTIONS", DEFAULT_CONNECTIONS))
-        rpm = os.environ.get("BENCH_LLM_RPM")
-        tpm = os.environ.get("BENCH_LLM_TPM")
-        if rpm or tpm:
-            return _quota_pool(client, rpm, tpm, connections)
         return LLMClient(
             os.environ[ENV_BASE_URL], model=MODEL, http_client=http_client(connections)
         )
 
 
-def _quota_pool(
-    client: Client, rpm: str | None, tpm: str | None, connections: int
-) -> ChatModel:  # pragma: no cover - needs shoal.llm.providers (another branch)
-    raise NotImplementedError("the quota phase needs shoal.llm.providers.ProviderPool")
+class BenchQuotaChat(_Conversation, LLMAgent):
+    agent_type = "bench_quota_chat"
+
+    def build_model(self, client: Client) -> ChatModel:
+        provider = Provider(
+            "bench", model=MODEL, base_url=os.environ[ENV_BASE_URL],
+            rpm=int(os.environ["BENCH_LLM_RPM"]), tpm=int(os.environ["BENCH_LLM_TPM"]),
+            quota_period=float(os.environ["BENCH_LLM_QUOTA_PERIOD"]), quota_wait=QUOTA_WAIT_S,
+        )  # fmt: skip
+        return ProviderPool(client, [provider])
 
 
-agents = [BenchChat]
+agents = [BenchChat, BenchQuotaChat]

@@ -25,7 +25,7 @@ def test_the_llm_benchmark_streams_every_answer_right_directly_and_through_shoal
     done = subprocess.run(
         [sys.executable, "-m", "bench.llm", *QUICKEST],
         cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True, text=True, timeout=90, check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -45,4 +45,10 @@ def test_the_llm_benchmark_streams_every_answer_right_directly_and_through_shoal
     assert result["shoal"]["node_cpu_s"] > 0
     assert set(result["added_by_shoal"]) == {"ttft_p50_ms", "ttft_p99_ms", "turn_p50_ms",
                                              "turn_p99_ms"}  # fmt: skip
-    assert "| added by Shoal |" in done.stderr  # the readable table
+    # the quota phase: no period over the quota, every caller served (after waiting)
+    quota = result["quota"]
+    assert quota["right"] == quota["turns"] == 40 and quota["errors"] == {}
+    assert 0 < quota["max_requests_in_a_period"] <= quota["setup"]["rpm"]
+    assert 0 < quota["max_tokens_in_a_period"] <= quota["setup"]["tpm"]
+    assert quota["requests"] == 40 and quota["samples"] > 10
+    assert "| added by Shoal |" in done.stderr and "| quota per " in done.stderr  # the tables
