@@ -23,9 +23,11 @@ read. Every answer is checked, streamed and returned ("You said: <message>").
 
 Both phases use an HTTP pool of ``--conversations`` connections (httpx's default
 of 100 would queue streams inside the nodes). Before each phase a few warm-up
-turns run (not measured). With ``--profile`` (default on for full runs),
-``py-spy record`` samples node 0 during the Shoal phase; the JSON has its self
-time by function.
+turns run (not measured); the Shoal phase starts once the nodes have shared the
+agent partitions out (nodes started together hand partitions over in the first
+seconds, and a turn then waits ~1 s for its partition). With ``--profile``
+(default on for full runs), ``py-spy record`` samples node 0 during the Shoal
+phase; the JSON has its self time by function (``--profile-out``: the stacks).
 
 **Quota adherence** (``--no-quota`` skips it): on the same nodes, 100
 conversations x 3 turns of a second agent type (``bench_quota_chat``) whose model
