@@ -11,8 +11,8 @@ import asyncio
 import os
 from typing import Any
 
-from shoal import Agent, capability
-from shoal.llm import LLMAgent, agent_tool, capability_tool
+from shoal import Agent, Client, capability
+from shoal.llm import ChatModel, LLMAgent, Provider, ProviderPool, agent_tool, capability_tool
 
 
 class Lookup(Agent):
@@ -73,9 +73,29 @@ class Cached(LLMAgent):
     cache_responses = True
 
 
+FALLBACK_URL = "LLM_TEST_FALLBACK_URL"
+
+
+class Routed(LLMAgent):
+    """Asks the replicas of the ``llm-local`` service (affinity by conversation),
+    then the fixed endpoint in ``LLM_TEST_FALLBACK_URL``."""
+
+    model_name = "test"
+    temperature = 0
+
+    def build_model(self, client: Client) -> ChatModel:
+        return ProviderPool(
+            client,
+            [
+                Provider("local", model="test", service="llm-local"),
+                Provider("hosted", model="test", base_url=os.environ[FALLBACK_URL]),
+            ],
+        )
+
+
 _CHOICES = {
     "tools": [Lookup, Helper],
     "assistant": [Assistant],
-    "all": [Lookup, Gate, Helper, Assistant, Forgetful, Cached],
+    "all": [Lookup, Gate, Helper, Assistant, Forgetful, Cached, Routed],
 }
 agents = _CHOICES[os.environ.get("LLM_TEST_AGENTS", "all")]

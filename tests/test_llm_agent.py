@@ -19,12 +19,14 @@ import httpx
 import pytest
 
 from shoal import Client, Settings, TaskFailed
+from shoal.apikeys import KeyStore
 from shoal.llm import Answer, AnswerPiece, follow_answer
 from shoal.llm.client import ENV_API_KEY, ENV_BASE_URL
+from shoal.observability.metrics import REGISTRY
 from shoal.testing.llm_server import LLMServer
 from tests import llm_agents
 from tests.conftest import node_env, node_process, running_node
-from tests.gateways import serving
+from tests.gateways import bearer, serving
 
 LONG = " ".join(f"word{i}" for i in range(60))
 
@@ -345,3 +347,61 @@ async def test_every_follower_gets_the_whole_answer_before_the_end(
         followed = await asyncio.gather(*(events_of(h.id) for h in handles))
     for kinds in followed:
         assert kinds[-2:] == ["answer", "done"], kinds
+
+
+async def test_tokens_are_charged_to_the_turn_the_agent_type_and_the_callers_api_key(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    def spent(agent_type: str, api_key: str, kind: str) -> float:
+        labels = {"agent_type": agent_type, "provider": "-", "model": "test", "api_key": api_key,
+                  "kind": kind}  # fmt: skip
+        return REGISTRY.get_sample_value("shoal_llm_tokens_total", labels) or 0.0
+
+    async with running_node(llm_agents.agents, settings), serving(settings) as url:
+        created = await KeyStore(client).create("llm-billing", ["submit", "read"])
+        key = created.key.id
+        before = spent("assistant", key, "completion"), spent("helper", key, "completion")
+        body = {
+            "capability": "assistant.chat",
+            "agent": "assistant/billed",
+            "args": {"message": 'use helper({"message": "one two three"})'},
+        }
+        async with httpx.AsyncClient(base_url=url, headers=bearer(created.secret)) as http:
+            answer = await http.post("/v1/tasks", params={"wait": 15}, json=body)
+        outcome = answer.json()["outcome"]
+        turn = await client.status(outcome["task"]["id"])
+        tool_task = (await client.list_tasks(capability="helper.chat")).tasks[0]
+    assert outcome["result"] == "Tool results: You said: one two three"
+    # the turn's two model calls: the tool call (1 token) and the answer (7 words)
+    assert turn.submitted_by == created.key.id
+    assert turn.usage["completion_tokens"] == 1 + 7
+    assert turn.usage["prompt_tokens"] > 0
+    # the helper's own turn is charged to the same key, in its own record
+    assert tool_task.submitted_by == created.key.id and tool_task.usage["completion_tokens"] == 5
+    after = spent("assistant", key, "completion"), spent("helper", key, "completion")
+    assert after[0] - before[0] == 8 and after[1] - before[1] == 5
+
+
+async def test_an_agent_keeps_its_replica_and_fails_over_to_the_fallback_provider(
+    client: Client, settings: Settings, model: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with LLMServer() as replica_a, LLMServer() as replica_b, LLMServer() as hosted:
+        monkeypatch.setenv(llm_agents.FALLBACK_URL, hosted.url)
+        replicas = {"a": replica_a, "b": replica_b}
+        for name, server in replicas.items():
+            await client.registry.register("llm-local", server.url, id=name)
+        async with running_node(llm_agents.agents, settings):
+            for i in range(3):
+                await client.call(
+                    "routed.chat", agent="routed/c", message=f"t{i}", result_timeout=10
+                )
+            counts = sorted(s.stats.requests for s in replicas.values())
+            for server in replicas.values():
+                server.settings.fail_next = 100  # the local provider is down
+            handle = await client.submit("routed.chat", agent="routed/c", message="down?")
+            answer = await handle.result(timeout=20)
+        events = [e.data for e in await client.event_history(handle.id) if e.kind == "event"]
+    assert counts == [0, 3]  # one conversation, one replica (its KV cache stays warm)
+    assert answer == "You said: down?"
+    answered = [e for e in events if e["type"] == "answer"]
+    assert answered[0]["provider"] == "hosted" and hosted.stats.answered == 1

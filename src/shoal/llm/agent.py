@@ -361,13 +361,13 @@ class _Turn:
         if usage is None or completion.cached:
             return  # a cached answer spent nothing now
         agent = self.agent
-        api_key = getattr(self.ctx, "submitted_by", None) or "-"
+        api_key = self.ctx.submitted_by or "-"
         labels = (agent.agent_type, completion.provider or "-", completion.model or "-", api_key)
         metrics.LLM_TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
         metrics.LLM_TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
-        record = getattr(self.ctx, "record_usage", None)
-        if record is not None:
-            record(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        self.ctx.record_usage(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
+        )
 
 
 class _CallWriter:
