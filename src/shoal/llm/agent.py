@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from shoal.agent import Agent, TaskContext, Written, capability
+from shoal.agent import Agent, TaskContext, capability
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.llm.answer import Answer
 from shoal.llm.client import LLMClient
@@ -217,7 +217,6 @@ class _Turn:
         self.shown: list[str] = []  # per model call, the text clients already have
         self.resumed = False
         self.marked = False
-        self.written: Written | None = None  # the last answer event (see finish)
 
     async def resume_point(self) -> None:
         """On a re-run attempt, read what the earlier ones streamed."""
@@ -261,7 +260,7 @@ class _Turn:
                 writer.again(f"the model stream broke ({broken}); asked again")
         writer.finish()
         self._account(completion)
-        self.written = self.ctx.emit(
+        self.ctx.emit(
             {"type": "answer", "call": call, "provider": completion.provider,
              "instance": completion.instance, "model": completion.model,
              "cached": completion.cached, "finish_reason": completion.finish_reason,
@@ -341,13 +340,8 @@ class _Turn:
 
     async def finish(self) -> None:
         """Drop what an earlier attempt streamed beyond this one's calls, and make
-        sure a re-run turn is marked. Waits until the turn's events are in the
-        engine: an agent's turn commits (and its task's 'done' event is written)
-        apart from the batched events and must not overtake them, or a follower
-        would stop before the last tokens."""
+        sure a re-run turn is marked."""
         if not self.resumed:
-            if self.written is not None:
-                await self.written
             return
         extra = any(self.shown[self.calls :])
         if extra or not self.marked:
