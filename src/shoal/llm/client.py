@@ -69,6 +69,7 @@ __all__ = [
 ENV_BASE_URL = "SHOAL_LLM_BASE_URL"
 ENV_API_KEY = "SHOAL_LLM_API_KEY"
 ENV_MODEL = "SHOAL_LLM_MODEL"
+MAX_CONNECTIONS = 4096  # concurrent calls per client (a node's turns, at most)
 _ERROR_TEXT_MAX = 300  # characters of a server's error message kept in ours
 _REDACTED = "***"
 
@@ -134,7 +135,11 @@ class LLMClient:
             connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
         )
         self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        # httpx's default pool (100 connections) would queue the 101st concurrent
+        # stream of a busy node until its connect timeout: one connection per
+        # call in flight, bounded by the caller's own concurrency.
+        limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100)
+        self._http = http_client or httpx.AsyncClient(timeout=timeout, limits=limits)
         self._timeout = timeout
 
     def __repr__(self) -> str:
