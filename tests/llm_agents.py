@@ -59,6 +59,7 @@ class Forgetful(LLMAgent):
     model_name = "test"
     temperature = 0
     memory_window = 2
+    tools = [capability_tool(Lookup.lookup_word)]
 
     async def summarize(self, dropped: list[dict[str, Any]], summary: str | None) -> str | None:
         said = [str(m["content"]) for m in dropped if m["role"] == "user"]
@@ -71,6 +72,41 @@ class Cached(LLMAgent):
     model_name = "test"
     temperature = 0
     cache_responses = True
+
+
+class Echo(Agent):
+    @capability("echo_args")
+    async def echo_args(self, **kwargs: Any) -> dict[str, Any]:
+        """Say which arguments arrived."""
+        return kwargs
+
+
+class Open(LLMAgent):
+    """Offers a tool whose schema names no arguments: anything the model writes
+    reaches the handler — as arguments, never as task options."""
+
+    model_name = "test"
+    temperature = 0
+    tools = [capability_tool("echo_args", parameters={"type": "object"})]
+
+
+FAIL_AFTER_ANSWERING: dict[str, bool] = {"on": True}  # in-process only
+
+
+class Wavering(LLMAgent):
+    """Fails its first attempt after answering (while FAIL_AFTER_ANSWERING is
+    on): its re-run asks the model again, which says something else."""
+
+    system_prompt = "wavering"
+    model_name = "test"
+    temperature = 0
+    tools = [capability_tool(Lookup.lookup_word)]
+
+    async def respond(self, message: str) -> str:
+        answer = await super().respond(message)
+        if self.ctx.attempt == 1 and FAIL_AFTER_ANSWERING["on"]:
+            raise RuntimeError("the first attempt fails after answering")
+        return answer
 
 
 FALLBACK_URL = "LLM_TEST_FALLBACK_URL"
@@ -96,6 +132,6 @@ class Routed(LLMAgent):
 _CHOICES = {
     "tools": [Lookup, Helper],
     "assistant": [Assistant],
-    "all": [Lookup, Gate, Helper, Assistant, Forgetful, Cached, Routed],
+    "all": [Lookup, Gate, Echo, Helper, Assistant, Forgetful, Cached, Routed, Open, Wavering],
 }
 agents = _CHOICES[os.environ.get("LLM_TEST_AGENTS", "all")]

@@ -12,8 +12,9 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from shoal import Client, Settings, TaskFailed
 from shoal.apikeys import KeyStore
 from shoal.llm import Answer, AnswerPiece, follow_answer
 from shoal.llm.client import ENV_API_KEY, ENV_BASE_URL
+from shoal.llm.tools import _schema_of
 from shoal.observability.metrics import REGISTRY
 from shoal.testing.llm_server import LLMServer
 from tests import llm_agents
@@ -135,7 +137,7 @@ async def test_tools_run_on_another_node_and_another_agent_answers(
                 message='use lookup_word({"nope": 1})',
                 result_timeout=20,
             )
-        helper_state = await client.agent_state("helper/t.0")
+        helper_state = await client.agent_state("helper/assistant.t.0")
     assert answer == "Tool results: abc backwards is cba (node toolbox) | You said: hi"
     assert helper_state is not None  # the helper conversation is its own agent
     assert helper_state["messages"][0] == {"role": "user", "content": "hi"}
@@ -405,3 +407,105 @@ async def test_an_agent_keeps_its_replica_and_fails_over_to_the_fallback_provide
     assert answer == "You said: down?"
     answered = [e for e in events if e["type"] == "answer"]
     assert answered[0]["provider"] == "hosted" and hosted.stats.answered == 1
+
+
+WAVERING_RULES = [
+    {"system": "wavering", "step": 0, "say": "Checking ({request}).",
+     "reply": 'use lookup_word({"word": "abc"})'},
+    {"system": "wavering", "step": 1, "reply": "The answer is {results}"},
+]  # fmt: skip
+
+
+async def test_a_rerun_whose_model_says_other_things_rewinds_and_never_repeats_text(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    """Attempt 1 streams call 0 ("Checking (1).") and call 1, then fails; attempt
+    2's call 0 says "Checking (3).": clients keep "Checking (", drop the rest —
+    call 1's old text too — and get everything new once."""
+    model.settings.rules = WAVERING_RULES
+    llm_agents.FAIL_AFTER_ANSWERING["on"] = True
+    async with running_node(llm_agents.agents, settings):
+        handle = await client.submit("wavering.chat", agent="wavering/w", message="why?")
+        pieces = await pieces_of(client, handle.id)
+        answer = await handle.result(timeout=20)
+    assert answer.startswith("The answer is abc backwards is cba")
+    assert shown(pieces) == "Checking (3)." + answer
+    restarts = [p.restart for p in pieces if p.restart]
+    assert restarts[0] == {"type": "restart", "attempt": 2, "call": 0, "kept": len("Checking ("),
+                           "reason": "the turn is run again"}  # fmt: skip
+    rewound = sum(p.rewind for p in pieces)
+    assert rewound == len("1).") + len(answer)  # what attempt 1 said beyond "Checking ("
+    assert model.stats.requests == 4  # the tool ran once: its task was found again
+    assert (await client.list_tasks(capability="lookup_word")).tasks[0].attempts == 1
+
+
+async def test_a_redriven_turn_continues_its_stream_behind_a_restart(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    """A redrive starts the attempts at 1 again: the turn still finds what its
+    dead run streamed, by the events."""
+    llm_agents.FAIL_AFTER_ANSWERING["on"] = True
+    async with running_node(llm_agents.agents, settings):
+        handle = await client.submit(
+            "wavering.chat", agent="wavering/r", message="plain", max_attempts=1
+        )
+        with pytest.raises(TaskFailed):
+            await handle.result(timeout=10)
+        llm_agents.FAIL_AFTER_ANSWERING["on"] = False
+        assert await client.redrive("wavering.chat", [handle.id]) == [handle.id]
+        assert await handle.result(timeout=10) == "You said: plain"
+        events = [e.data for e in await client.event_history(handle.id) if e.kind == "event"]
+    tokens = "".join(e["text"] for e in events if e["type"] == "token")
+    assert tokens == "You said: plain"  # nothing twice
+    # the re-run repeats all the client had: it keeps it whole, and nothing is new
+    assert [e["kept"] for e in events if e["type"] == "restart"] == [len("You said: plain")]
+    assert _replay(events).text == "You said: plain"
+
+
+async def test_tool_arguments_reach_the_handler_never_the_task_options(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    message = 'use echo_args({"delay": 30, "agent": "nobody/x", "timeout": 1, "q": 2})'
+    async with running_node(llm_agents.agents, settings):
+        started = time.monotonic()
+        answer = await client.call("open.chat", agent="open/o", message=message)
+        took = time.monotonic() - started
+    assert json.loads(answer.removeprefix("Tool results: ")) == {
+        "delay": 30, "agent": "nobody/x", "timeout": 1, "q": 2,
+    }  # fmt: skip
+    assert took < 10  # not delayed by 30 s
+
+
+async def test_a_long_turn_is_remembered_whole_even_beyond_the_window(
+    client: Client, settings: Settings, model: LLMServer
+) -> None:
+    async with running_node(llm_agents.agents, settings):
+        await client.call("forgetful.chat", agent="forgetful/t", message="hello")
+        answer = await client.call(
+            "forgetful.chat", agent="forgetful/t", message='use lookup_word({"word": "ab"})'
+        )
+        state = await client.agent_state("forgetful/t")
+    assert answer.startswith("Tool results: ab backwards is ba")
+    assert state is not None
+    roles = [m["role"] for m in state["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]  # window 2, turn kept whole
+    assert state["summary"] == "hello"
+
+
+def test_tool_schemas_are_inferred_with_array_items_and_enums() -> None:
+    async def handler(
+        self: Any, names: list[str], scores: tuple[float, ...], mode: Literal["a", "b"],
+        data: dict[str, Any], anything: list, limit: int | None = None,
+    ) -> None: ...  # fmt: skip
+
+    schema, names = _schema_of(handler)
+    assert schema["properties"] == {
+        "names": {"type": "array", "items": {"type": "string"}},
+        "scores": {"type": "array", "items": {"type": "number"}},
+        "mode": {"enum": ["a", "b"]},
+        "data": {"type": "object"},
+        "anything": {"type": "array", "items": {}},
+        "limit": {"type": "integer"},
+    }
+    assert schema["required"] == ["names", "scores", "mode", "data", "anything"]
+    assert names == {"names", "scores", "mode", "data", "anything", "limit"}

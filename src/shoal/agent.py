@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -42,6 +42,7 @@ from shoal.usage import USAGE_EVENT, usage_fields
 if TYPE_CHECKING:
     from shoal.client import Client, TaskHandle
     from shoal.coordination.saga import Sagas
+    from shoal.options import TaskOptions
     from shoal.services import Services
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -512,6 +513,28 @@ class TaskContext:
         """Run a sub-task and return its result. Cancelling this task cancels it."""
         result_timeout = kwargs.pop("result_timeout", None)
         handle = await self.submit(capability, **kwargs)
+        return await self._result_of(handle, result_timeout)
+
+    async def call_arguments(
+        self,
+        capability: str,
+        arguments: Mapping[str, Any],
+        options: TaskOptions,
+        *,
+        agent: str | None = None,
+        result_timeout: float | None = None,
+    ) -> Any:
+        """``call`` with the handler's arguments as one mapping and the options
+        apart: for arguments that come from data (a model's tool call), where no
+        argument may be taken for an option (``delay``, ``agent``...)."""
+        handle = await self._runtime.client.submit_arguments(
+            capability, arguments, options, agent=agent, _parent=self.task_id,
+            _traceparent=self.traceparent, _submitted_by=self.submitted_by,
+        )  # fmt: skip
+        self._children.add(handle.id)
+        return await self._result_of(handle, result_timeout)
+
+    async def _result_of(self, handle: TaskHandle, result_timeout: float | None) -> Any:
         try:
             return await handle.result(timeout=result_timeout)
         except asyncio.CancelledError:

@@ -4,17 +4,21 @@ the model writes it.
 It submits ``<type>.chat`` to the agent and follows the turn's events with
 ``shoal.llm.follow_answer``. A restart (the turn re-run on another node, or a
 model stream asked again) is shown as a dim note on stderr; text a sampling
-model took back is shown struck out rather than silently rewritten, since a
-terminal cannot unprint. Errors reach ``shoal.cli.main`` (one line, an exit code).
+model took back is shown struck out (a terminal cannot unprint). When stdout is
+not a terminal, only the final answer is written to it, so a file gets clean
+text. ``--timeout`` bounds the whole turn, stream included. Errors reach
+``shoal.cli.main`` (one line, an exit code).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from shoal import protocol
 from shoal.cli_options import DataDir, Namespace, Redis
@@ -51,24 +55,30 @@ def chat(
     name = capability or f"{agent_type}.chat"
 
     async def go() -> None:
+        async with asyncio.timeout(timeout):
+            await turn()
+
+    async def turn() -> None:
+        live = sys.stdout.isatty()  # a pipe or a file gets the final answer only
         async with _client(redis, namespace, data_dir) as c:
             handle = await c.submit(name, agent=agent_id, message=message)
             printed = ""
             async for piece in follow_answer(c, handle.id):
+                if not live:
+                    continue
                 if piece.restart is not None:
-                    _notes.print(
-                        f"\n[dim][restart: {piece.restart.get('reason', '')}][/dim]", end=""
-                    )
+                    reason = str(piece.restart.get("reason", ""))
+                    _notes.print(Text(f"\n[restart: {reason}]", style="dim"), end="")
                 if piece.rewind:
                     taken = printed[len(printed) - piece.rewind :]
-                    _notes.print(f"[dim strike]{taken}[/dim strike]", end="")
+                    _notes.print(Text(taken, style="dim strike"), end="")
                     printed = printed[: len(printed) - piece.rewind]
                 sys.stdout.write(piece.text)
                 sys.stdout.flush()
                 printed += piece.text
-            answer = await handle.result(timeout=timeout)
-            if not printed and answer:  # nothing streamed (a handler that does not stream)
-                sys.stdout.write(str(answer))
+            answer = await handle.result()
+            if not live or not printed:  # not streamed here (or not by this handler)
+                sys.stdout.write(str(answer or ""))
             sys.stdout.write("\n")
 
     _run(go())

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["LLMAgent"]
 
 _BASE_CHAT = "chat"
+# events only a run of an LLMAgent's turn writes: one of them means it ran before
+_TURN_EVENTS = frozenset({"token", "tool_call", "tool_result", "answer", "restart"})
 RESPONSE_CACHE = "llm-responses"  # the two-level cache the response cache uses
 _ARGS_SHOWN = 500  # characters of tool arguments / results put into events
 # The model route of each agent class, per engine client (one per process in a
@@ -175,7 +177,9 @@ class LLMAgent(Agent):
             prompt = self._prompt(remembered + new, summary)
             tools = offered if offered and round_ < self.max_tool_rounds else None
             completion = await turn.model_call(prompt, tools)
-            new.append(_assistant_message(completion))
+            # calls asked for when no tools were offered are not run: not kept either,
+            # or the memory would hold calls without results (a 400 ever after)
+            new.append(_assistant_message(completion, with_calls=tools is not None))
             answer = completion.content
             if not completion.tool_calls or tools is None:
                 break
@@ -194,10 +198,14 @@ class LLMAgent(Agent):
 
     async def _remember(self, messages: list[dict[str, Any]], summary: str | None) -> None:
         """Keep the last ``memory_window`` messages, cut where a user message
-        starts (a tool result never loses the call it answers)."""
+        starts (a tool result never loses the call it answers). The turn just
+        answered is always kept whole, even when it alone is longer than the
+        window."""
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
         cut = max(0, len(messages) - self.memory_window)
-        while cut < len(messages) and cut > 0 and messages[cut].get("role") != "user":
+        while 0 < cut < last_user and messages[cut].get("role") != "user":
             cut += 1
+        cut = min(cut, last_user)
         if cut:
             summary = await self.summarize(messages[:cut], summary)
         state: dict[str, Any] = {"messages": messages[cut:]}
@@ -219,20 +227,27 @@ class _Turn:
         self.marked = False
 
     async def resume_point(self) -> None:
-        """On a re-run attempt, read what the earlier ones streamed."""
-        if self.ctx.attempt <= 1:
+        """Read what earlier runs of this turn streamed: a re-run attempt, or a
+        redriven task (whose attempts count from 1 again)."""
+        seen = Answer()
+        ran_before = False
+        for event in await self.ctx.client.event_history(self.ctx.task_id):
+            if event.kind == "event" and isinstance(event.data, dict):
+                ran_before = ran_before or event.data.get("type") in _TURN_EVENTS
+                seen.apply(event.data)
+        if not ran_before:
             return
         self.resumed = True
-        seen = Answer()
-        for event in await self.ctx.client.event_history(self.ctx.task_id):
-            if event.kind == "event":
-                seen.apply(event.data)
         self.shown = list(seen.calls)
         if not any(self.shown):
             self._mark(0, 0, "the turn is run again")
 
     def _mark(self, call: int, kept: int, reason: str) -> None:
+        """Write a restart marker; clients keep ``kept`` characters of ``call``
+        and drop every later call's text — and so does this turn's view."""
         self.marked = True
+        if call < len(self.shown):
+            self.shown[call:] = [self.shown[call][:kept]]
         self.ctx.emit(
             {"type": "restart", "attempt": self.ctx.attempt, "call": call, "kept": kept,
              "reason": reason}
@@ -253,7 +268,7 @@ class _Turn:
                 completion = await self._stream(model, prompt, tools, writer)
                 break
             except LLMStreamBroken as broken:
-                self._account(broken.partial)
+                self._account_broken(prompt, broken.partial, writer.pieces)
                 if restarts >= agent.max_stream_restarts:
                     raise
                 restarts += 1
@@ -279,8 +294,10 @@ class _Turn:
         stream = model.stream(
             prompt, key=self.agent.key, tools=tools, **self.agent.request_params()
         )
+        writer.pieces = 0
         async for delta in stream:
             if delta.content:
+                writer.pieces += 1
                 writer.write(delta.content)
             if delta.done:
                 completion = delta.completion
@@ -330,7 +347,7 @@ class _Turn:
                     conversation=self.agent.key or "", ordinal=ordinal,
                 )  # fmt: skip
                 content, ok = tool_result_text(result), True
-            except ShoalError as exc:  # a failed tool is news for the model, not the turn's end
+            except Exception as exc:  # a failed tool is news for the model, not the turn's end
                 content = f"error: {type(exc).__name__}: {exc}"
         ctx.emit(
             {"type": "tool_result", "call": call, "index": index, "name": tool_call.name,
@@ -354,14 +371,28 @@ class _Turn:
         usage = completion.usage
         if usage is None or completion.cached:
             return  # a cached answer spent nothing now
+        self._charge(completion, usage.prompt_tokens, usage.completion_tokens)
+
+    def _account_broken(
+        self, prompt: list[dict[str, Any]], partial: Completion, pieces: int
+    ) -> None:
+        """A stream that broke mid-answer sent no usage, but its tokens were
+        spent: charge an estimate — the prompt's characters / 4 and one token per
+        piece received (what servers stream)."""
+        if partial.usage is not None:
+            self._charge(partial, partial.usage.prompt_tokens, partial.usage.completion_tokens)
+            return
+        chars = sum(len(str(m.get("content") or "")) for m in prompt)
+        self._charge(partial, -(-chars // 4), pieces)
+
+    def _charge(self, completion: Completion, prompt_tokens: int, completion_tokens: int) -> None:
         agent = self.agent
         api_key = self.ctx.submitted_by or "-"
-        labels = (agent.agent_type, completion.provider or "-", completion.model or "-", api_key)
-        metrics.LLM_TOKENS.labels(*labels, "prompt").inc(usage.prompt_tokens)
-        metrics.LLM_TOKENS.labels(*labels, "completion").inc(usage.completion_tokens)
-        self.ctx.record_usage(
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
-        )
+        model = completion.model or agent.model_name or "-"
+        labels = (agent.agent_type, completion.provider or "-", model, api_key)
+        metrics.LLM_TOKENS.labels(*labels, "prompt").inc(prompt_tokens)
+        metrics.LLM_TOKENS.labels(*labels, "completion").inc(completion_tokens)
+        self.ctx.record_usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
 class _CallWriter:
@@ -377,6 +408,7 @@ class _CallWriter:
         self.produced = ""  # the text of the current generation
         self.synced = not shown  # shown == produced and new text is streamed
         self.reason = reason
+        self.pieces = 0  # content pieces of the current generation (for accounting)
 
     def write(self, piece: str) -> None:
         self.produced += piece
@@ -407,7 +439,7 @@ class _CallWriter:
     def finish(self) -> None:
         if not self.synced:  # the new text is a prefix of (or equal to) what was shown
             kept = len(self.produced)
-            if kept < len(self.shown) or not self.turn.marked:
+            if kept < len(self.shown):  # equal: nothing to say yet (the turn marks at its end)
                 self.turn._mark(self.call, kept, self.reason)
             self.shown = self.produced
             self.synced = True
@@ -421,9 +453,9 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def _assistant_message(completion: Completion) -> dict[str, Any]:
+def _assistant_message(completion: Completion, *, with_calls: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": completion.content or None}
-    if completion.tool_calls:
+    if completion.tool_calls and with_calls:
         message["tool_calls"] = [
             {"id": c.id, "type": "function",
              "function": {"name": c.name, "arguments": c.raw_arguments}}

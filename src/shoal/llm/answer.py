@@ -60,11 +60,15 @@ class Answer:
         if not isinstance(data, dict):
             return "", 0
         kind = data.get("type")
-        if kind == "token":
-            return self._token(int(data["call"]), int(data["offset"]), str(data["text"]))
-        if kind == "restart":
-            self.restarts += 1
-            return "", self._truncate(int(data["call"]), int(data["kept"]))
+        try:
+            if kind == "token":
+                return self._token(int(data["call"]), int(data["offset"]), str(data["text"]))
+            if kind == "restart":
+                call, kept = int(data["call"]), int(data["kept"])
+                self.restarts += 1
+                return "", self._truncate(call, kept)
+        except (KeyError, TypeError, ValueError):
+            pass  # another handler's event that only looks like ours
         return "", 0
 
     def _token(self, call: int, offset: int, text: str) -> tuple[str, int]:

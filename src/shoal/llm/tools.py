@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from shoal.errors import ConfigurationError
 from shoal.keys import validate_capability
+from shoal.options import TaskOptions
 from shoal.protocol import validate_agent_type
 
 if TYPE_CHECKING:
@@ -77,31 +78,42 @@ class Tool:
     ) -> Any:
         """Run the call as a sub-task of ``ctx``'s task and return its result.
 
-        An agent tool talks to ``<agent_type>/<thread>``: the model may name the
-        ``thread``; else it is ``<conversation>.<ordinal>`` — the n-th call of this
-        tool in one answer gets its own agent, so parallel calls run in parallel
-        (one agent handles one turn at a time) and keep their memory across turns.
+        The model's arguments go to the handler as one mapping, never as options
+        of the task: a model (or a prompt injected into it) cannot set a task's
+        ``delay``, ``priority`` or ``agent``. Arguments the tool's schema does not
+        name are refused.
+
+        An agent tool talks to ``<agent_type>/<caller type>.<conversation>.<thread>``:
+        the model may name the ``thread``; else it is the call's ordinal — the
+        n-th call of this tool in one answer gets its own agent, so parallel calls
+        run in parallel (one agent handles one turn at a time) and keep their
+        memory across turns. The caller's type and conversation are always part
+        of the key, so a model cannot reach another conversation's agents.
         """
-        options: dict[str, Any] = {
-            "idempotency_key": idempotency_key,
-            "timeout": self.timeout,
-            "result_timeout": self.timeout * (self.max_attempts or 1) + 30,
-        }
-        if self.max_attempts is not None:
-            options["max_attempts"] = self.max_attempts
+        options = TaskOptions.build(
+            idempotency_key=idempotency_key, timeout=self.timeout, max_attempts=self.max_attempts
+        )
+        wait = self.timeout * (self.max_attempts or 1) + 30
+        unknown = set(arguments) - self._argument_names
+        if self._argument_names and unknown:
+            raise ConfigurationError(
+                f"tool {self.name} takes {sorted(self._argument_names)}, not {sorted(unknown)}"
+            )
         if self.agent_type is None:
-            unknown = set(arguments) - self._argument_names
-            if self._argument_names and unknown:
-                raise ConfigurationError(
-                    f"tool {self.name} takes {sorted(self._argument_names)}, not {sorted(unknown)}"
-                )
-            return await ctx.call(self.capability, **options, **dict(arguments))
+            return await ctx.call_arguments(
+                self.capability, dict(arguments), options, result_timeout=wait
+            )
         message = arguments.get("message")
         if not isinstance(message, str) or not message:
             raise ConfigurationError(f"tool {self.name} needs a 'message' string")
-        thread = arguments.get("thread") or f"{conversation}.{ordinal}"
-        agent = f"{self.agent_type}/{_safe_key(str(thread))}"
-        return await ctx.call(self.capability, agent=agent, message=message, **options)
+        caller = (ctx.agent_id or "").partition("/")[0]
+        thread = _safe_key(str(arguments.get("thread") or ordinal))
+        agent = f"{self.agent_type}/{_safe_key(f'{caller}.{conversation}.{thread}')}"
+        if agent == ctx.agent_id:
+            raise ConfigurationError(f"tool {self.name} would ask the agent itself ({agent})")
+        return await ctx.call_arguments(
+            self.capability, {"message": message}, options, agent=agent, result_timeout=wait
+        )
 
 
 def capability_tool(
@@ -211,11 +223,20 @@ def _schema_of(func: Callable[..., Any]) -> tuple[dict[str, Any], frozenset[str]
 
 
 def _json_type(hint: Any) -> dict[str, Any]:
+    """The JSON schema of a parameter's annotation: the simple types, lists and
+    tuples with their ``items`` (OpenAI refuses an array schema without them),
+    ``Literal`` as an ``enum``; anything else is left open (``{}``)."""
     origin = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
     if origin in (Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        options = [a for a in args if a is not type(None)]
         return _json_type(options[0]) if len(options) == 1 else {}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
     kind = _JSON_TYPES.get(origin)
+    if kind == "array":
+        item = args[0] if args and (origin is list or (len(args) == 2 and args[1] is ...)) else Any
+        return {"type": "array", "items": _json_type(item)}
     return {"type": kind} if kind else {}
 
 

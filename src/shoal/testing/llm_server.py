@@ -29,7 +29,9 @@ streams and real dropped connections; only the model is fake. This server answer
   which ``use NAME({...})`` calls to offered tools become tool calls (their JSON
   may nest) and ``{user}`` / ``{results}`` are replaced by the last user message
   and the trailing tool results (`` | ``-joined); ``{user_json}`` /
-  ``{results_json}`` are the same escaped to sit inside a JSON string.
+  ``{results_json}`` are the same escaped to sit inside a JSON string; ``{request}``
+  is the number of the request (so a re-asked call gets another answer). A rule's
+  ``say`` is text sent along with its tool calls (default none).
 
 In-process (a thread with its own event loop, so sync and async tests use it):
 
@@ -201,14 +203,15 @@ class _Model:
         for rule in self.settings.rules:
             if str(rule.get("system", "")) in system and rule.get("step", step) == step:
                 said = str(messages[user_at].get("content") or "") if user_at >= 0 else ""
-                reply = _fill(str(rule.get("reply", "")), said, " | ".join(results))
+                reply = _fill(str(rule.get("reply", "")), said, " | ".join(results), self._turn)
                 names = {t.get("function", {}).get("name") for t in tools}
                 calls = [
                     (f"call_{self._turn}_{i}", name, args)
                     for i, (name, args) in enumerate(_tool_uses(reply))
                     if name in names
                 ]
-                return ("", calls) if calls else (reply, [])
+                say = _fill(str(rule.get("say", "")), said, " | ".join(results), self._turn)
+                return (say, calls) if calls else (reply, [])
         return None
 
     async def _stream(
@@ -299,8 +302,9 @@ def _trailing_tool_results(messages: list[Any]) -> list[str]:
     return found[::-1]
 
 
-def _fill(reply: str, user: str, results: str) -> str:
+def _fill(reply: str, user: str, results: str, request: int) -> str:
     values = {
+        "{request}": str(request),
         "{user_json}": json.dumps(user)[1:-1],
         "{results_json}": json.dumps(results)[1:-1],
         "{user}": user,
