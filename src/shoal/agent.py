@@ -465,6 +465,7 @@ class TaskContext:
         # the write of the last event emitted: an agent's turn waits for it before
         # its commit, which is written apart from the batched events
         self.pending_events: asyncio.Future[None] | None = None
+        self.emitted = False  # any event, from the loop or a handler's thread
 
     def _emit(self, kind: str, data: Any) -> Written:
         if not self.task_id:
@@ -472,6 +473,7 @@ class TaskContext:
                 "progress/log/emit record events of a task; this turn handles a message"
             )
         self._runtime.emit_event(self.task_id, self.fencing_token, kind, data)
+        self.emitted = True
         self.pending_events = self._flushed()
         return Written(self.pending_events)
 

@@ -689,6 +689,8 @@ class AgentHost:
         turn_end.lua, apart from the recorder's batches: without this wait it can
         overtake the last events, and a follower stops before them."""
         pending = ctx.pending_events
+        if pending is None and ctx.emitted and self.node.recorder.has_pending:
+            pending = self.node.recorder.flushed()  # a sync handler emitted from its thread
         if pending is not None and not pending.done():
             await asyncio.wait({pending}, timeout=EVENTS_WAIT_S)
 
