@@ -74,7 +74,7 @@ async def test_the_planner_asks_researchers_at_once_then_the_writer_and_streams_
             history = await client.event_history(handle.id)
         states = {
             a: await client.agent_state(a)
-            for a in ("researcher/q1.0", "researcher/q1.1", "writer/q1.0")
+            for a in ("researcher/planner.q1.0", "researcher/planner.q1.1", "writer/planner.q1.0")
         }
     assert streamed == answer, "the client saw the answer as it was written"
     assert answer.startswith(f"You said: Question: {QUESTION} Findings: Tool results: ")
@@ -85,13 +85,13 @@ async def test_the_planner_asks_researchers_at_once_then_the_writer_and_streams_
     # both researchers were asked in one answer (run at once), the writer after them
     assert calls == [(0, 0, "researcher"), (0, 1, "researcher"), (1, 0, "writer")]
     assert all(r["ok"] for r in events_of(data, "tool_result"))
-    for key, topic in (("researcher/q1.0", "leases"), ("researcher/q1.1", "partitions")):
+    for key, topic in (("researcher/planner.q1.0", "leases"), ("researcher/planner.q1.1", "partitions")):
         state = states[key]
         assert state is not None, f"{key} answered as its own conversation"
         tools = [m["content"] for m in state["messages"] if m["role"] == "tool"]
         assert json.loads(tools[0])[0]["id"] == topic, "search_notes ran"
         assert tools[1].startswith(f"[{topic}] "), "fetch_note ran"
-    assert states["writer/q1.0"] is not None
+    assert states["writer/planner.q1.0"] is not None
     assert model.stats.answered == 1 + 2 * 2 + 1 + 2  # planner 3, researchers 2 each, writer
 
 
