@@ -368,3 +368,19 @@ async def test_bad_construction_says_what_is_wanted(client: Client, llm: LLMClie
         await CachedModel(llm, cache).complete(
             [{"role": "user", "content": object()}], temperature=0
         )
+
+
+async def test_pools_of_different_models_do_not_share_answers(client: Client) -> None:
+    from shoal.llm import Provider, ProviderPool
+
+    with LLMServer(script=["I am model A"]) as a, LLMServer(script=["I am model B"]) as b:
+        pool_a = ProviderPool(client, [Provider("pa", model="model-a", base_url=a.url)])
+        pool_b = ProviderPool(client, [Provider("pb", model="model-b", base_url=b.url)])
+        cache = client.cache("llm-pools", ttl=60)
+        first = await CachedModel(pool_a, cache).complete(HELLO, temperature=0)
+        second = await CachedModel(pool_b, cache).complete(HELLO, temperature=0)
+        again = await CachedModel(pool_b, cache).complete(HELLO, temperature=0)
+        await pool_a.aclose()
+        await pool_b.aclose()
+    assert first.content == "I am model A" and second.content == "I am model B"
+    assert again.cached and b.stats.requests == 1

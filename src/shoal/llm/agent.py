@@ -151,7 +151,10 @@ class LLMAgent(Agent):
             if self.cache_responses:
                 from shoal.llm.response_cache import CachedModel
 
-                route = CachedModel(route, client.cache(RESPONSE_CACHE), agent_type=self.agent_type)
+                # fill_timeout: the model's own timeouts bound a call (up to a day for a
+                # provider), and one cache object serves every agent type of the client
+                cache = client.cache(RESPONSE_CACHE, fill_timeout=86_400.0)
+                route = CachedModel(route, cache, agent_type=self.agent_type)
             models[type(self)] = route
             client.on_close(route.aclose)  # its connections live as long as the client
         return route

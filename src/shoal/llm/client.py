@@ -142,6 +142,12 @@ class LLMClient:
         self._http = http_client or httpx.AsyncClient(timeout=timeout, limits=limits)
         self._timeout = timeout
 
+    @property
+    def identity(self) -> str:
+        """The endpoint and default model (no credentials): what a response cache
+        keys on, so two clients of different servers or models never share answers."""
+        return f"{self._where} {self.model or ''}"
+
     def __repr__(self) -> str:
         key = _REDACTED if self._api_key else None
         return f"LLMClient({self._where!r}, model={self.model!r}, api_key={key!r})"

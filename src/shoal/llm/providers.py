@@ -60,7 +60,14 @@ from shoal.llm.errors import (
     LLMStreamBroken,
     LLMTimeout,
 )
-from shoal.llm.quota import Admission, Quota, QuotaExceeded, check_quota, estimate_tokens
+from shoal.llm.quota import (
+    Admission,
+    Quota,
+    QuotaExceeded,
+    check_limits,
+    check_quota,
+    estimate_tokens,
+)
 from shoal.llm.types import Completion, StreamDelta, Usage
 from shoal.observability import metrics
 from shoal.resilience import (
@@ -166,6 +173,7 @@ class Provider:
         self.quota_wait = _number(f"{where}: quota_wait", quota_wait, 0, 3600)
         self.quota_burst = _number(f"{where}: quota_burst", quota_burst, 0.001, 0.5)
         self.quota_period = _number(f"{where}: quota_period", quota_period, 0.1, 86_400)
+        check_limits(name, self.rpm, self.tpm, self.quota_period, self.quota_burst)
         if strategy not in STRATEGIES:
             raise ConfigurationError(
                 f"{where}: strategy must be one of {', '.join(sorted(STRATEGIES))}, "
@@ -223,8 +231,18 @@ class Provider:
         """The instance name of a base_url provider: its host (and port)."""
         return httpx.URL(self.base_url).netloc.decode() if self.base_url else ""
 
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What answers this provider's calls — name, model and service or base URL
+        (without credentials) — for keys that must tell providers apart."""
+        return (self.name, self.model, self.service or self._public_url)
+
+    @property
+    def _public_url(self) -> str:
+        return str(httpx.URL(self.base_url).copy_with(username=None, password=None))
+
     def __repr__(self) -> str:
-        target = f"service={self.service!r}" if self.service else f"base_url={self.base_url!r}"
+        target = f"service={self.service!r}" if self.service else f"base_url={self._public_url!r}"
         key = "'***'" if self._api_key else "None"
         return f"Provider({self.name!r}, model={self.model!r}, {target}, api_key={key})"
 
@@ -283,6 +301,13 @@ class ProviderPool:
         self._http: dict[str, httpx.AsyncClient] = {}
         self._llms: dict[tuple[str, str], LLMClient] = {}
 
+    @property
+    def identity(self) -> str:
+        """The chain this pool calls — each provider's (name, model, service or
+        base URL) in order — so a response cache tells pools of different models
+        apart (a pool has no one ``model``)."""
+        return "pool:" + msgspec.json.encode([p.identity for p in self.providers]).decode()
+
     def _quota(self, p: Provider) -> Quota | None:
         if p.rpm is None and p.tpm is None:
             return None
@@ -298,7 +323,11 @@ class ProviderPool:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pools (the service pools are the client's)."""
+        """Close the connection pools (the service pools are the client's) and drop
+        the quotas' pending refunds (see Quota.aclose)."""
+        for quota in self._quotas.values():
+            if quota is not None:
+                await quota.aclose()
         for http in self._http.values():
             await http.aclose()
         self._http.clear()
@@ -488,6 +517,13 @@ class ProviderPool:
             except LLMRateLimited as exc:
                 endpoint.refused()  # busy, not broken
                 exc.elsewhere = pool.has_alternative(tried)
+                raise
+            except LLMStreamBroken:
+                raise  # after the first token (a stall included): never retried
+            except LLMTimeout as exc:
+                # a slow replica's timeout says nothing of another's: try one there,
+                # never the same one again (it would likely time out once more)
+                exc.retryable = pool.has_alternative(tried)
                 raise
             except GeneratorExit:
                 endpoint.outcome = "cancelled"  # the reader stopped: no verdict

@@ -17,10 +17,20 @@ requests and bursts through at the cost of the steady rate.
 answers, too late to wait for): prompt characters / 4 (about 4 characters a token
 in English; JSON of tool definitions included) plus ``max_tokens``, or
 ``DEFAULT_COMPLETION_TOKENS`` when the request sets none. After the answer the
-estimate is reconciled with the usage the provider reported: tokens over-estimated
-go back to the bucket, under-estimated ones are taken (as many as are there: a
-debt the bucket cannot hold is forgotten, logged). A failed call gives its tokens
-back; its request still counts, as it does at the provider.
+estimate is reconciled with the usage the provider reported (the larger of its
+total and prompt + completion):
+
+* **Used more: a debt.** The extra is taken whatever the bucket holds; the bucket
+  goes negative and later calls wait it off. The debt is floored at one quota's
+  worth (``-Q``): a single runaway answer cannot block the provider for more than
+  about a period; beyond it is forgiven (logged).
+* **Used less: a late refund.** The unused tokens go back one quota period after
+  the call ended, by a timer in this process, so they are never spent again in
+  the window the call was counted in. A process that dies before its timer fires
+  loses the refund: the bucket just refills later than it could (conservative).
+
+A failed call gives its tokens back (late, as any refund); its request still
+counts, as it does at the provider.
 
 **Bounded waits.** A call waits up to ``quota_wait`` seconds for room, then fails
 with ``QuotaExceeded`` naming the provider, the limit and how long it would have
@@ -36,10 +46,10 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shoal.coordination.ratelimit import MAX_BURST, TokenBucket
+from shoal.coordination.ratelimit import MAX_BURST, MAX_RATE, MIN_RATE, TokenBucket
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.llm.errors import LLMError
 from shoal.llm.types import Usage
@@ -55,7 +65,9 @@ log = logging.getLogger("shoal.llm.quota")
 BUCKETS = "llmquota"  # the token buckets' name (see shoal.keys: ratelimit:<name>:<key>)
 CHARS_PER_TOKEN = 4
 DEFAULT_COMPLETION_TOKENS = 1024  # a request without max_tokens is assumed to use this many
-MAX_QUOTA = 50_000_000  # per minute: the bucket's refill stays within MAX_RATE
+# per minute: the bucket's refill (Q - B) / 60 must stay within the rate limiter's
+# MAX_RATE (1e6 tokens a second, ~6e7 a minute); a bigger tier is out of reach
+MAX_QUOTA = 50_000_000
 
 
 class QuotaExceeded(LLMError):
@@ -106,8 +118,20 @@ class _Limit:
 
     @classmethod
     def of(cls, provider: str, kind: str, quota: int, period: float, burst: float) -> _Limit:
+        """The bucket of ``quota`` per ``period`` s; ConfigurationError when the rate
+        limiter cannot hold it (a refill too slow or too fast for its bounds)."""
         size = min(MAX_BURST, max(1, int(quota * burst)))
-        return cls(kind, f"{provider}.{kind}", quota, size, (quota - size) / period)
+        rate = (quota - size) / period
+        if not MIN_RATE <= rate <= MAX_RATE:
+            short = "rpm" if kind == "requests" else "tpm"
+            raise ConfigurationError(
+                f"provider {provider!r}: {short}={quota} per quota_period={period:g}s refills "
+                f"its bucket at {rate:.6g} {kind}/s, outside the rate limiter's "
+                f"{MIN_RATE:g}..{MAX_RATE:.0f}: "
+                + ("raise the quota or shorten quota_period" if rate < MIN_RATE
+                   else "lower the quota or lengthen quota_period")
+            )  # fmt: skip
+        return cls(kind, f"{provider}.{kind}", quota, size, rate)
 
     def bucket(self, count: int) -> tuple[float, int, int]:
         return (self.rate, self.burst, count)
@@ -119,6 +143,7 @@ class Admission:
 
     tokens: int
     waited: float
+    at: float = field(default_factory=time.monotonic)  # when the room was taken
 
 
 class Quota:
@@ -142,6 +167,7 @@ class Quota:
         self._buckets = TokenBucket(client, BUCKETS)
         self.requests = _Limit.of(provider, "requests", rpm, period, burst) if rpm else None
         self.tokens = _Limit.of(provider, "tokens", tpm, period, burst) if tpm else None
+        self._refunds: set[asyncio.Task[None]] = set()  # refunds waiting for their time
 
     async def admit(self, estimate: int) -> Admission:
         """Take room for one call of ``estimate`` tokens, waiting up to ``wait``
@@ -174,31 +200,66 @@ class Quota:
             await asyncio.sleep(pause + random.uniform(0, min(pause, 0.01)))
 
     async def settle(self, admission: Admission, usage: Usage | None, *, failed: bool) -> None:
-        """Reconcile the estimate with what the call used: a failed call gives its
-        tokens back, a finished one gives back or takes the difference to its
-        reported usage (kept as estimated when the server reported none). Never
-        raises: the call is over, bookkeeping must not fail it."""
+        """Reconcile the estimate with what the call used: a debt for tokens used
+        beyond it (at once), a refund of the unused ones (one period from now; a
+        failed call's whole estimate), nothing when the server reported no usage.
+        Never raises: the call is over, bookkeeping must not fail it."""
         if self.tokens is None:
             return
-        used = 0 if failed else (usage.total_tokens if usage else admission.tokens)
+        used = 0 if failed else used_tokens(usage, admission.tokens)
         difference = admission.tokens - used
+        if difference > 0:
+            self._refund_later(difference)
+        elif difference < 0:
+            await self._owe(-difference)
+
+    async def _owe(self, extra: int) -> None:
+        limit = self.tokens
+        assert limit is not None
         try:
-            if difference > 0:
-                await self._buckets.give_each({self.tokens.key: self.tokens.bucket(difference)})
-            elif difference < 0:
-                taken = await self._buckets.take_each(
-                    {self.tokens.key: self.tokens.bucket(-difference)}
-                )
-                got = taken[self.tokens.key]
-                if not isinstance(got, ShoalError) and got[0] < -difference:
-                    log.info(
-                        "provider %s: %d tokens used beyond the estimate could not be taken "
-                        "from its quota (the bucket is empty)",
-                        self.provider,
-                        -difference - got[0],
-                    )
+            owed = await self._buckets.owe(
+                limit.key, rate=limit.rate, burst=limit.burst, cost=extra, floor=limit.quota
+            )
         except ShoalError as exc:
-            log.warning("provider %s: quota not reconciled: %s", self.provider, exc)
+            log.warning(
+                "provider %s: %d tokens of debt not recorded: %s", self.provider, extra, exc
+            )
+            return
+        if owed < extra:
+            log.info(
+                "provider %s: %d tokens used beyond the estimate were forgiven (the debt "
+                "is capped at one quota, %d)",
+                self.provider,
+                extra - owed,
+                limit.quota,
+            )
+
+    def _refund_later(self, unused: int) -> None:
+        """Give ``unused`` back one period from now: a refund spent at once could be
+        spent within the window its call was counted in, passing the quota."""
+        task = asyncio.get_running_loop().create_task(self._refund(unused))
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
+
+    async def _refund(self, unused: int) -> None:
+        limit = self.tokens
+        assert limit is not None
+        await asyncio.sleep(self.period)
+        try:
+            await self._buckets.give_each({limit.key: limit.bucket(unused)})
+        except ShoalError as exc:
+            log.warning(
+                "provider %s: %d unused tokens not given back: %s", self.provider, unused, exc
+            )
+
+    async def aclose(self) -> None:
+        """Drop the refunds still waiting, as a process that ends would: giving
+        them back early could pass the quota, and their timers must not outlive
+        the pool. The bucket refills without them (conservative)."""
+        pending = list(self._refunds)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def _try(self, estimate: int) -> tuple[str, float] | None:
         """Take a request and the tokens, both or neither: None when taken, else
@@ -235,6 +296,25 @@ class Quota:
     def _refused(self, kind: str) -> None:
         metrics.LLM_QUOTA_EXCEEDED.labels(self.provider, kind).inc()
         metrics.LLM_REQUESTS.labels(self.provider, "quota_exceeded").inc()
+
+
+def used_tokens(usage: Usage | None, estimate: int) -> int:
+    """The tokens a finished call used: what the server reported (the larger of its
+    total and prompt + completion: servers disagree on which they fill in), or the
+    estimate when it reported none."""
+    if usage is None:
+        return estimate
+    return max(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens)
+
+
+def check_limits(
+    provider: str, rpm: int | None, tpm: int | None, period: float, burst: float
+) -> None:
+    """Fail now (ConfigurationError) for quotas the rate limiter cannot enforce,
+    rather than at the provider's first call."""
+    for kind, quota in (("requests", rpm), ("tokens", tpm)):
+        if quota:
+            _Limit.of(provider, kind, quota, period, burst)
 
 
 def check_quota(name: str, value: Any) -> int | None:

@@ -9,7 +9,9 @@ passes through untouched and uncounted.
 * **Key.** sha256 of the canonical JSON (sorted keys, no whitespace) of the
   request as it would be sent: model, messages, tools and every other parameter
   (``tool_choice``, ``max_tokens``, ``seed``, ``top_p``, ``stop``...), ``None``
-  values left out, ``temperature`` normalised to 0. The affinity ``key`` (the
+  values left out, ``temperature`` normalised to 0 — and what answers it (the
+  wrapped model's ``identity``: a provider pool's chain of (provider, model,
+  service or base URL), a client's endpoint and model). The affinity ``key`` (the
   conversation id) is *not* in it: it only picks a replica, the answer does not
   depend on it, so two conversations asking the same thing share one answer.
 * **What is stored.** Only answers that finished (``finish_reason`` stop,
@@ -76,14 +78,18 @@ def request_key(
     tools: Sequence[Mapping[str, Any]] | None,
     params: Mapping[str, Any],
     default_model: str | None = None,
+    identity: str | None = None,
 ) -> str | None:
     """The cache key of a request, or None when it is not deterministic (not
-    cached). ``default_model`` stands for ``model`` when the call names none."""
+    cached). ``default_model`` stands for ``model`` when the call names none;
+    ``identity`` names what answers it (a client's endpoint, a pool's chain)."""
     if not _deterministic(params):
         return None
     request = {name: value for name, value in params.items() if value is not None}
     request["temperature"] = 0  # 0 and 0.0 are one request
     request.setdefault("model", default_model)
+    if identity is not None:
+        request[" answered by"] = identity  # no request parameter has this name
     request["messages"] = messages
     if tools:  # no tools and an empty list are the same request on the wire
         request["tools"] = tools
@@ -155,8 +161,18 @@ class CachedModel:
         tools: Sequence[Mapping[str, Any]] | None,
         params: Mapping[str, Any],
     ) -> str | None:
-        """The cache key of this request here (None: it is not cached)."""
-        return request_key(messages, tools, params, getattr(self.inner, "model", None))
+        """The cache key of this request here (None: it is not cached). Besides the
+        request it holds what answers it: the model's ``identity`` (a provider
+        pool's chain of providers and models, a client's endpoint and model) —
+        a pool has no one ``model`` — so different models never share answers."""
+        identity = getattr(self.inner, "identity", None)
+        return request_key(
+            messages,
+            tools,
+            params,
+            getattr(self.inner, "model", None),
+            identity if isinstance(identity, str) else None,
+        )
 
     # --- complete ----------------------------------------------------------------------
 
