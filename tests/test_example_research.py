@@ -85,7 +85,10 @@ async def test_the_planner_asks_researchers_at_once_then_the_writer_and_streams_
     # both researchers were asked in one answer (run at once), the writer after them
     assert calls == [(0, 0, "researcher"), (0, 1, "researcher"), (1, 0, "writer")]
     assert all(r["ok"] for r in events_of(data, "tool_result"))
-    for key, topic in (("researcher/planner.q1.0", "leases"), ("researcher/planner.q1.1", "partitions")):
+    for key, topic in (
+        ("researcher/planner.q1.0", "leases"),
+        ("researcher/planner.q1.1", "partitions"),
+    ):
         state = states[key]
         assert state is not None, f"{key} answered as its own conversation"
         tools = [m["content"] for m in state["messages"] if m["role"] == "tool"]
