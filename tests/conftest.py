@@ -101,6 +101,15 @@ def engine_url(
 
 
 @pytest.fixture
+def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
+    """A private engine for a test that stops, restarts or breaks it."""
+    engine = EmbeddedEngine(tmp_path / "engine")
+    engine.ensure()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
 def namespace() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 

@@ -24,6 +24,7 @@ from shoal.observability import metrics
 from shoal.testing.llm_server import LLMServer
 from tests.conftest import REPO, node_env
 from tests.llm_cache_procs import CACHE, MODEL
+from tests.test_llm_client import collect
 
 HELLO = [{"role": "user", "content": "hello there"}]
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
@@ -62,16 +63,6 @@ def counted(agent_type: str, result: str) -> float:
         "shoal_llm_response_cache_total", {"agent_type": agent_type, "result": result}
     )
     return sample or 0.0
-
-
-async def collect(stream: AsyncIterator[StreamDelta]) -> tuple[list[str], Completion]:
-    pieces: list[str] = []
-    async for delta in stream:
-        if delta.done:
-            assert delta.completion is not None
-            return pieces, delta.completion
-        pieces.append(delta.content)
-    raise AssertionError("the stream ended without a done delta")
 
 
 # --- complete ------------------------------------------------------------------------

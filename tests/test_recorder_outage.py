@@ -5,22 +5,10 @@ is released once the events are written after all."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from shoal import Client, Settings
 from shoal.engine import EmbeddedEngine
 from shoal.recorder import Recorder
-
-
-@pytest.fixture
-def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
-    engine = EmbeddedEngine(tmp_path / "engine")
-    engine.ensure()
-    yield engine
-    engine.stop()
 
 
 async def test_a_flush_waited_for_is_released_after_a_failed_write_and_a_later_emit(
