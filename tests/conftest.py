@@ -183,6 +183,42 @@ def node_process(
         stop_process(proc)
 
 
+@contextlib.contextmanager
+def helper_process(
+    settings: Settings, module: str, *args: str, stdin: bool = True
+) -> Iterator[subprocess.Popen[str]]:
+    """``python -m <module> args`` in the test's namespace, talking lines over its
+    stdin/stdout (tests/*_procs.py); killed and reaped on exit (resumed first: a
+    paused process is not reaped by SIGKILL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=node_env(settings),
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+async def read_line(proc: subprocess.Popen[str], timeout: float = 10) -> str:
+    """A helper process's next line (it prints one per step); fails if it takes
+    too long or the process ended."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
+    return line.strip()
+
+
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
     """SIGTERM (a node drains, a gateway finishes its requests), SIGKILL after
     ``grace`` seconds; reaped either way."""

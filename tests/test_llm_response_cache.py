@@ -6,10 +6,7 @@ never kept, hits and misses counted (helper process: tests/llm_cache_procs.py)."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from shoal.llm import Completion, LLMClient, LLMStreamBroken, StreamDelta
 from shoal.llm.response_cache import CachedModel, request_key
 from shoal.observability import metrics
 from shoal.testing.llm_server import LLMServer
-from tests.conftest import REPO, node_env
+from tests.conftest import helper_process, read_line
 from tests.llm_cache_procs import CACHE, MODEL
 from tests.test_llm_client import collect
 
@@ -259,32 +256,8 @@ async def test_twenty_concurrent_identical_misses_in_two_clients_ask_the_model_o
     assert (counted(name, "miss"), counted(name, "hit")) == (1, 19)
 
 
-@contextlib.contextmanager
-def asker(settings: Settings, url: str, n: int, message: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.llm_cache_procs", url, str(n), message],
-        cwd=REPO,
-        env=node_env(settings),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
-
-
-async def read_line(proc: subprocess.Popen[str], timeout: float = 15) -> str:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
-    return line.strip()
+def asker(settings: Settings, url: str, n: int, message: str) -> Any:
+    return helper_process(settings, "tests.llm_cache_procs", url, str(n), message)
 
 
 async def test_another_process_shares_the_single_flight_and_the_stored_answer(
@@ -294,12 +267,12 @@ async def test_another_process_shares_the_single_flight_and_the_stored_answer(
     ask = [{"role": "user", "content": "one answer for all of us"}]
     before = requests(model_server)
     with asker(settings, model_server.url, 10, ask[0]["content"]) as proc:
-        assert await read_line(proc) == "ready"
+        assert await read_line(proc, 15) == "ready"
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
         ours = await asyncio.gather(*(cached.complete(ask, temperature=0) for _ in range(10)))
-        theirs = json.loads(await read_line(proc))
+        theirs = json.loads(await read_line(proc, 15))
     assert requests(model_server) == before + 1
     expected = "You said: one answer for all of us"
     assert {a.content for a in ours} | {content for content, _ in theirs} == {expected}
