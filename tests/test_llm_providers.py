@@ -22,6 +22,8 @@ from shoal.llm import (
     QuotaExceeded,
 )
 from shoal.llm.model import ChatModel
+from shoal.llm.quota import Quota
+from shoal.llm.types import Usage
 from shoal.observability import metrics
 from shoal.resilience import BreakerPolicy, RetryPolicy
 from shoal.testing.llm_server import LLMServer
@@ -238,8 +240,8 @@ async def test_a_quota_without_room_waits_then_fails_or_falls_back(
     client: Client, servers: list[LLMServer]
 ) -> None:
     url = servers[0].url
-    # 4 a minute, half of it at once: two calls now, the third only in ~30 s
-    tight = Provider("tight", model="m", base_url=url, rpm=4, quota_burst=0.5, quota_wait=0.3)
+    # 2 a minute: two calls now, the third only when the first leaves the window
+    tight = Provider("tight", model="m", base_url=url, rpm=2, quota_wait=0.3)
     async with ProviderPool(client, [tight]) as pool:
         await pool.complete(HELLO)
         await pool.complete(HELLO)
@@ -248,16 +250,16 @@ async def test_a_quota_without_room_waits_then_fails_or_falls_back(
             await pool.complete(HELLO)
         assert time.monotonic() - started < 0.3  # known at once: it would not fit in time
         assert caught.value.kind == "requests" and caught.value.wait is not None
-        assert 20 < caught.value.wait <= 30
+        assert 55 < caught.value.wait <= 60
     assert servers[0].stats.requests == 2
 
-    # 20 a second, 2 at once: the next calls wait for room, briefly, and get it
-    brisk = Provider("brisk", model="m", base_url=url, rpm=20, quota_period=1.0, quota_wait=2)
+    # 3 a second: the next calls wait for the first ones to leave the window
+    brisk = Provider("brisk", model="m", base_url=url, rpm=3, quota_period=1.0, quota_wait=2)
     async with ProviderPool(client, [brisk]) as pool:
         started = time.monotonic()
         for _ in range(5):
             await pool.complete(HELLO)
-        assert time.monotonic() - started >= 3 / 18 * 0.9  # three waited for refill
+        assert time.monotonic() - started >= 0.95  # the fourth waited a window
 
     exceeded = metrics.LLM_QUOTA_EXCEEDED.labels("tight", "requests")
     before = exceeded._value.get()
@@ -272,8 +274,10 @@ async def test_a_request_bigger_than_the_quota_admits_at_once_fails_at_once(
 ) -> None:
     provider = Provider("small", model="m", base_url=servers[0].url, tpm=1000, quota_wait=30)
     async with ProviderPool(client, [provider]) as pool:
-        with pytest.raises(QuotaExceeded, match=r"needs about 503 tokens.*at once \(100") as caught:
-            await pool.complete(HELLO, max_tokens=500)
+        with pytest.raises(
+            QuotaExceeded, match=r"needs about 1003 tokens.*quota \(1000\)"
+        ) as caught:
+            await pool.complete(HELLO, max_tokens=1000)
         assert caught.value.kind == "tokens" and caught.value.wait is None
         assert (await pool.complete(HELLO, max_tokens=50)).usage is not None
     assert servers[0].stats.requests == 1
@@ -305,7 +309,7 @@ def test_providers_are_validated_with_clear_errors(monkeypatch: pytest.MonkeyPat
         ({"service": "a", "rpm": 0}, "rpm must be a whole number"),
         ({"service": "a", "tpm": 1.5}, "tpm must be"),
         ({"service": "a", "strategy": "fastest"}, "strategy must be one of"),
-        ({"service": "a", "quota_burst": 0.9}, "quota_burst"),
+        ({"service": "a", "refund": "yes"}, "refund must be True or False"),
     ]
     for options, message in cases:
         with pytest.raises(ConfigurationError, match=message):
@@ -314,23 +318,31 @@ def test_providers_are_validated_with_clear_errors(monkeypatch: pytest.MonkeyPat
         Provider("p", model="", service="a")
     with pytest.raises(ConfigurationError, match="provider name"):
         Provider("no spaces", model="m", service="a")
+    with pytest.warns(DeprecationWarning, match="quota_burst is deprecated and ignored"):
+        Provider("p", model="m", service="a", quota_burst=0.1)
     secret = Provider("p", model="m", base_url="http://127.0.0.1:1/v1", api_key="sk-secret")
     assert "sk-secret" not in repr(secret)
 
 
 # --- the quota across the cluster ----------------------------------------------------
 
-PERIOD = 2.0  # a scaled "minute": the quota per 2 s, measured over 2-s windows
+PERIOD = 2.0  # a scaled "minute": the quota per 2 s
+# The server sees a call some time after the engine admitted it, a time that varies
+# (a worker's first call opens its connection): measured on the server's clock, a
+# window a little shorter than the engine's absorbs that variation (documented).
+SKEW = 0.1
 DRIVE_S = 5.0
 
 
-def busiest_window(events: list[tuple[float, float]], start: float) -> float:
-    """The most counted in any PERIOD-long window from ``start`` (events: (time, n))."""
+def busiest_window(
+    events: list[tuple[float, float]], start: float, period: float = PERIOD
+) -> float:
+    """The most counted in any ``period``-long window from ``start`` (events: (time, n))."""
     events = sorted(e for e in events if e[0] >= start)
     best, j, total = 0.0, 0, 0.0
     for t, n in events:
         total += n
-        while events[j][0] <= t - PERIOD:
+        while events[j][0] <= t - period:
             total -= events[j][1]
             j += 1
         best = max(best, total)
@@ -356,35 +368,35 @@ async def test_two_nodes_together_hold_a_quota_within_five_percent(
     ):
         await client.wait_for_hosts("llm_quota_drive", count=2, timeout=20)
         with LLMServer() as server:  # 60 requests per 2 s
-            limits = {"rpm": 60, "quota_period": PERIOD, "quota_burst": 0.05}
+            limits = {"rpm": 60, "quota_period": PERIOD}
             start = await drive(client, server, "rpm", limits=limits)
             calls = [(t, 1.0) for t in server.stats.request_times]
-        busiest = busiest_window(calls, start)
-        assert 0.9 * 60 <= busiest <= 60 * 1.05, busiest
+        busiest = busiest_window(calls, start, PERIOD - SKEW)
+        assert 0.9 * 60 <= busiest <= 60 * 1.05, (busiest, busiest_window(calls, start))
 
-        # 300 tokens per 2 s; a call uses 6, estimated 6 (3 + max_tokens): tight, as
-        # the unused part of an estimate comes back only a period later
+        # 300 tokens per 2 s; a call uses 6, estimated 6 (3 + max_tokens)
         with LLMServer() as server:
-            limits = {"tpm": 300, "quota_period": PERIOD, "quota_burst": 0.05}
+            limits = {"tpm": 300, "quota_period": PERIOD}
             start = await drive(client, server, "tpm", limits=limits, max_tokens=3)
             tokens = [(t, n) for t, n in server.stats.token_log]
-        busiest = busiest_window(tokens, start)
-        assert 0.9 * 300 <= busiest <= 300 * 1.05, busiest
+        busiest = busiest_window(tokens, start, PERIOD - SKEW)
+        assert 0.9 * 300 <= busiest <= 300 * 1.05, (busiest, busiest_window(tokens, start))
 
 
-# --- review fixes: debts, late refunds, usage, bounds, timeouts, repr ---------------
+# --- exactness: under- and over-estimates, usage, the window script ---------------
 
 
-async def test_answers_longer_than_their_estimate_are_carried_as_debt(client: Client) -> None:
-    # 6000 per 2 s, 3000 at once; no max_tokens: estimated 1027, each answer uses 2903
+async def test_answers_longer_than_their_estimate_pass_the_quota_only_by_the_in_flight_ones(
+    client: Client,
+) -> None:
+    # 6000 per 2 s; no max_tokens: estimated 1027, each answer uses 2903
     with LLMServer(script=[" ".join(["word"] * 2900)]) as server:
         long = Provider(
-            "long", model="m", base_url=server.url, tpm=6000,
-            quota_period=PERIOD, quota_burst=0.5, quota_wait=5,
-        )  # fmt: skip
+            "long", model="m", base_url=server.url, tpm=6000, quota_period=PERIOD, quota_wait=5
+        )
         async with ProviderPool(client, [long]) as pool:
             start = time.time()
-            end = start + 6
+            end = start + 3.0  # two windows
 
             async def worker() -> None:
                 while time.time() < end:
@@ -394,37 +406,40 @@ async def test_answers_longer_than_their_estimate_are_carried_as_debt(client: Cl
                         return
 
             await asyncio.gather(*(worker() for _ in range(16)))
-        tokens = [(t, n) for t, n in server.stats.token_log]
-    # the documented overshoot: the extra of calls admitted before the debt of the
-    # ones in flight was charged (the burst holds two estimates: 2 x 1876)
-    assert busiest_window(tokens, start) <= 6000 + 2 * (2903 - 1027), tokens
-    # once the first calls' debts are known, no window passes the quota (it did
-    # by half again when the extra was forgotten)
-    assert busiest_window(tokens, start + 1.0) <= 6000 * 1.05, tokens
+        arrivals = list(server.stats.request_times)
+    shorter = PERIOD - SKEW  # measured on the server's clock, by arrival
+    calls = [(t, 1.0) for t in arrivals]
+    # 5 estimates fit (5 x 1027); once their usage is known the window is over-full,
+    # so nothing more is admitted until they leave it (the token buckets let debt
+    # be waited off at the refill rate, and admitted more)
+    assert busiest_window(calls, start, shorter) == 5, arrivals
+    assert len(arrivals) >= 10  # and each later window admits again
+    # the one excess: the under-estimates of the calls in flight, 5 x (2903 - 1027)
+    tokens = [(t, 2903.0) for t in arrivals]
+    assert busiest_window(tokens, start, shorter) <= 6000 + 5 * (2903 - 1027)
 
 
-async def test_unused_tokens_come_back_a_period_later_so_no_window_passes_the_quota(
+async def test_unused_tokens_are_freed_in_their_own_window_so_none_passes_the_quota(
     client: Client,
 ) -> None:
     answer = " ".join(["w"] * 20)  # 20 tokens
     with LLMServer(first_token_delay=2.2) as slow, LLMServer(script=[answer]) as fast:
         slow_p = Provider(
-            "shared", model="m", base_url=slow.url, tpm=1000,
-            quota_period=PERIOD, quota_burst=0.5, quota_wait=5,
-        )  # fmt: skip
+            "shared", model="m", base_url=slow.url, tpm=1000, quota_period=PERIOD, quota_wait=5
+        )
         fast_p = Provider(
-            "shared", model="m", base_url=fast.url, tpm=1000,
-            quota_period=PERIOD, quota_burst=0.5, quota_wait=5,
-        )  # fmt: skip
+            "shared", model="m", base_url=fast.url, tpm=1000, quota_period=PERIOD, quota_wait=5
+        )
         async with ProviderPool(client, [slow_p]) as sp, ProviderPool(client, [fast_p]) as fp:
             t0 = time.time()
-            # five long calls take the whole burst (estimated 3 + 97 each, use ~7)
+            # five long calls (estimated 3 + 97 each, use ~7) outlive their window:
+            # their usage, known after it, must not free room in a later one
             slow_calls = [asyncio.create_task(sp.complete(HELLO, max_tokens=97)) for _ in range(5)]
             await eventually(lambda: asyncio.sleep(0, slow.stats.requests == 5), "slow calls")
             end = t0 + 2.0 + PERIOD
 
             async def worker() -> None:
-                await asyncio.sleep(max(0.0, t0 + 2.0 - time.time()))  # the bucket is full again
+                await asyncio.sleep(max(0.0, t0 + 2.0 - time.time()))  # a new window
                 while time.time() < end:
                     try:
                         await fp.complete(HELLO, max_tokens=20)  # estimated 23, uses 22
@@ -433,35 +448,109 @@ async def test_unused_tokens_come_back_a_period_later_so_no_window_passes_the_qu
 
             await asyncio.gather(*(worker() for _ in range(8)), *slow_calls)
         log = [(t, n) for t, n in slow.stats.token_log + fast.stats.token_log]
-    assert busiest_window(log, t0) <= 1000 * 1.05, log  # 1,504 when refunds came at once
+    # 1,504 when refunds came at once
+    assert busiest_window(log, t0, PERIOD - SKEW) <= 1000 * 1.05, log
+    # the fast calls' unused token each came back in its own window: more than
+    # 1000 / 23 calls fit in one
+    fast_calls = [(t, 1.0) for t in fast.stats.request_times]
+    assert busiest_window(fast_calls, t0 + 2.0) > 1000 // 23
+
+
+async def total(client: Client, provider: str, kind: str = "tokens") -> float:
+    """What a provider's window counts now (0 once its keys expired)."""
+    stored = await client.redis.get(client.keys.llm_quota(provider, kind)[2])
+    return float(stored or 0)
 
 
 async def test_usage_counts_prompt_and_completion_when_the_total_says_less(
     client: Client,
 ) -> None:
-    from shoal.coordination.ratelimit import TokenBucket
-    from shoal.llm.quota import Quota
-    from shoal.llm.types import Usage
-
-    quota = Quota(client, "under", rpm=None, tpm=1000, period=PERIOD, burst=0.5)
+    quota = Quota(client, "under", rpm=None, tpm=1000, period=PERIOD)
     admission = await quota.admit(100)
     # a server that fills prompt and completion but reports a short total
     await quota.settle(admission, Usage(prompt_tokens=150, completion_tokens=150), failed=False)
-    limit = quota.tokens
-    assert limit is not None
-    probe = await TokenBucket(client, "llmquota").take(
-        limit.key, rate=limit.rate, burst=limit.burst, cost=1
-    )
-    assert probe.remaining < 500 - 300 + 10  # 300 charged, not 100 (nor 0)
-    await quota.aclose()
+    assert await total(client, "under") == 300  # 300 counted, not 100 (nor 0)
+    await quota.settle(await quota.admit(50), None, failed=True)  # failed: nothing used
+    assert await total(client, "under") == 300
 
 
-def test_quotas_the_rate_limiter_cannot_hold_fail_when_the_provider_is_built() -> None:
-    with pytest.raises(ConfigurationError, match=r"rpm=2 per quota_period=3600s.*raise the"):
-        Provider("p", model="m", service="a", rpm=2, quota_period=3600)
-    with pytest.raises(ConfigurationError, match=r"tpm=.*lower the quota"):
-        Provider("p", model="m", service="a", tpm=50_000_000, quota_period=1)
-    Provider("p", model="m", service="a", tpm=50_000_000)  # a real hosted tier, per minute
+@pytest.mark.topology
+async def test_the_window_admits_settles_trims_and_says_how_long_to_wait(
+    client: Client,
+) -> None:
+    quota = Quota(client, "unit", rpm=None, tpm=100, period=1.0, wait=0)
+    first = await quota.admit(60)
+    await asyncio.sleep(0.3)  # spaces the entries (0, 0.3, 0.6 s): the waits tell them apart
+    second = await quota.admit(40)
+    with pytest.raises(QuotaExceeded, match=r"'unit'.*no room for") as caught:
+        await quota.admit(1)
+    assert caught.value.wait is not None and 0.5 < caught.value.wait <= 0.71  # `first` leaves
+    # a call that used less frees the rest in its own window
+    await quota.settle(first, Usage(total_tokens=20), failed=False)
+    assert await total(client, "unit") == 60
+    await asyncio.sleep(0.3)
+    third = await quota.admit(40)
+    # one that used more makes the window over-full: 51 must leave, so `second` too
+    await quota.settle(second, Usage(total_tokens=90), failed=False)
+    assert await total(client, "unit") == 150
+    with pytest.raises(QuotaExceeded) as caught:
+        await quota.admit(1)
+    assert caught.value.wait is not None and 0.5 < caught.value.wait <= 0.71
+    patient = Quota(client, "unit", rpm=None, tpm=100, period=1.0, wait=2)
+    started = time.monotonic()
+    await patient.admit(1)  # waits for `first` and `second` to leave, then fits
+    assert 0.5 < time.monotonic() - started < 1.0
+    assert await total(client, "unit") == 41  # `third` and the new one
+    # an entry that left the window is not changed any more
+    await quota.settle(first, Usage(total_tokens=5), failed=False)
+    assert await total(client, "unit") == 41
+    await quota.settle(third, Usage(total_tokens=10), failed=False)
+    assert await total(client, "unit") == 11
+    # bigger than the quota: at once, whatever the wait
+    with pytest.raises(QuotaExceeded, match=r"needs about 101 tokens.*quota \(100\)") as big:
+        await patient.admit(101)
+    assert big.value.wait is None
+    # every key expires one window after the last write
+    keys = client.keys.llm_quota("unit", "tokens")
+    for key in keys:
+        assert 0 < await client.redis.pttl(key) <= 1000
+    await eventually(lambda: _all_gone(client, keys), "the keys expired", 3)
+
+
+async def _all_gone(client: Client, keys: tuple[str, ...]) -> bool:
+    return await client.redis.exists(*keys) == 0
+
+
+@pytest.mark.topology
+async def test_requests_and_tokens_count_together_and_refund_false_never_lowers(
+    client: Client,
+) -> None:
+    quota = Quota(client, "both", rpm=2, tpm=100, period=PERIOD, wait=0)
+    await quota.admit(90)
+    with pytest.raises(QuotaExceeded) as caught:
+        await quota.admit(20)
+    assert caught.value.kind == "tokens"
+    assert await total(client, "both", "requests") == 1  # the refused one is not counted
+    await quota.admit(10)
+    with pytest.raises(QuotaExceeded) as caught:
+        await quota.admit(0)
+    assert caught.value.kind == "requests"
+    assert await total(client, "both") == 100
+
+    upfront = Quota(client, "upfront", rpm=None, tpm=1000, period=PERIOD, refund=False)
+    admission = await upfront.admit(50)
+    await upfront.settle(admission, Usage(total_tokens=10), failed=False)
+    await upfront.settle(admission, None, failed=True)
+    assert await total(client, "upfront") == 50  # counted up front, never given back
+    await upfront.settle(admission, Usage(total_tokens=80), failed=False)
+    assert await total(client, "upfront") == 80  # an excess still counts
+
+
+def test_quotas_are_checked_when_the_provider_is_built() -> None:
+    Provider("p", model="m", service="a", rpm=2, quota_period=3600)  # any period works
+    Provider("p", model="m", service="a", tpm=50_000_000, quota_period=1)
+    with pytest.raises(ConfigurationError, match=r"tpm must be a whole number.*2\.\.1000000000"):
+        Provider("p", model="m", service="a", tpm=2_000_000_000)
     hidden = Provider("p", model="m", base_url="http://user:hunter2@127.0.0.1:1/v1")
     assert "hunter2" not in repr(hidden) and "user" not in repr(hidden)
     assert "hunter2" not in str(hidden.identity)

@@ -168,20 +168,6 @@ class TokenBucket:
             if isinstance(reply, ShoalError):
                 raise reply
 
-    async def owe(self, key: str, *, rate: float, burst: int, cost: int, floor: int) -> int:
-        """Take ``cost`` tokens from ``key``'s bucket whatever it holds: a caller
-        that used more than it took (an LLM answer longer than its estimate) pays
-        the difference as a debt, which later takes wait off at ``rate``. The
-        bucket goes no lower than ``-floor`` (a debt beyond is forgiven, so one
-        runaway call cannot lock the bucket for ever); returns the tokens owed,
-        the forgiven part excluded."""
-        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
-            raise ConfigurationError(f"floor must be a whole number >= 0, got {floor!r}")
-        bucket, args = self._call(key, rate, burst, cost, "owe")
-        async with self._client.errors():
-            reply = await self._client.scripts.ratelimit(bucket, [*args, floor])
-        return int(reply[0])
-
     def _call(
         self, key: str, rate: float, burst: int, count: int, op: str
     ) -> tuple[list[str], list[str | int]]:

@@ -40,6 +40,7 @@ import contextlib
 import os
 import re
 import time
+import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -64,7 +65,6 @@ from shoal.llm.quota import (
     Admission,
     Quota,
     QuotaExceeded,
-    check_limits,
     check_quota,
     estimate_tokens,
 )
@@ -127,9 +127,11 @@ class Provider:
     The key: ``api_key``, or the name of the environment variable holding it
     (``api_key_env``, read now: a missing variable fails here, not at the first
     call). Quotas: ``rpm``/``tpm`` per minute for the whole cluster (None: no
-    limit), ``quota_wait`` seconds a call may wait for room, ``quota_burst`` the
-    share of a quota usable at once (see shoal.llm.quota), ``quota_period`` the
-    length of the provider's "minute" (60; shorter only to scale tests down).
+    limit), ``quota_wait`` seconds a call may wait for room, ``quota_period`` the
+    length of the provider's "minute" (60; shorter only to scale tests down),
+    ``refund`` False for providers that count ``max_tokens`` up front and never
+    give unused tokens back (see shoal.llm.quota). ``quota_burst`` is deprecated
+    and ignored: the sliding window admits up to the quota however it is spread.
     Replicas: ``strategy`` (consistent_hash gives affinity), ``breaker`` (the
     live breaker settings by default; None: no breaker), ``max_concurrent`` calls
     in flight from this process. Timeouts as LLMClient's.
@@ -147,8 +149,9 @@ class Provider:
         rpm: int | None = None,
         tpm: int | None = None,
         quota_wait: float = 10.0,
-        quota_burst: float = 0.1,
+        quota_burst: float | None = None,
         quota_period: float = 60.0,
+        refund: bool = True,
         strategy: str = "consistent_hash",
         breaker: BreakerPolicy | None = LIVE_BREAKER,
         max_concurrent: int = 64,
@@ -171,9 +174,17 @@ class Provider:
         self.rpm = check_quota("rpm", rpm)
         self.tpm = check_quota("tpm", tpm)
         self.quota_wait = _number(f"{where}: quota_wait", quota_wait, 0, 3600)
-        self.quota_burst = _number(f"{where}: quota_burst", quota_burst, 0.001, 0.5)
+        if quota_burst is not None:
+            warnings.warn(
+                f"{where}: quota_burst is deprecated and ignored (quotas are exact sliding "
+                "windows now, admitting up to the quota however it is spread): drop it",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.quota_period = _number(f"{where}: quota_period", quota_period, 0.1, 86_400)
-        check_limits(name, self.rpm, self.tpm, self.quota_period, self.quota_burst)
+        if not isinstance(refund, bool):
+            raise ConfigurationError(f"{where}: refund must be True or False, got {refund!r}")
+        self.refund = refund
         if strategy not in STRATEGIES:
             raise ConfigurationError(
                 f"{where}: strategy must be one of {', '.join(sorted(STRATEGIES))}, "
@@ -313,7 +324,7 @@ class ProviderPool:
             return None
         return Quota(
             self._client, p.name, rpm=p.rpm, tpm=p.tpm, period=p.quota_period,
-            burst=p.quota_burst, wait=p.quota_wait,
+            wait=p.quota_wait, refund=p.refund,
         )  # fmt: skip
 
     async def __aenter__(self) -> Self:
@@ -323,8 +334,8 @@ class ProviderPool:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pools (the service pools are the client's) and drop
-        the quotas' pending refunds (see Quota.aclose)."""
+        """Close the connection pools (the service pools are the client's) and the
+        quotas (see Quota.aclose)."""
         for quota in self._quotas.values():
             if quota is not None:
                 await quota.aclose()

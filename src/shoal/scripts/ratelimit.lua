@@ -7,10 +7,6 @@
 --                  one, or none and refused): a caller that may use several;
 --          'give': put `cost` tokens back (taken earlier and not used), never
 --                  filling the bucket past `burst`;
---          'owe':  take `cost` tokens whatever the bucket holds, letting it go
---                  negative (a debt later takes wait off), but never below
---                  -ARGV[6] (the deepest debt kept; beyond it is forgiven): a
---                  caller that used more than it took.
 -- Touches  KEYS[1] only
 -- Model    the bucket holds up to `burst` tokens and gains `rate` a second. A
 --          missing key is a full bucket, so a bucket is only stored while it is
@@ -24,7 +20,7 @@
 --          (the refill is a function of 'ts'), so a flood of refused requests
 --          costs no writes.
 -- Returns  {allowed (tokens taken: 1 for 'take', 1..cost for 'upto', 0 when
---          refused or for 'give', 0..cost for 'owe': the part not forgiven), tokens left (string), seconds until `cost`
+--          refused or for 'give'), tokens left (string), seconds until `cost`
 --          tokens ('upto': one token) are there (string; '0' when allowed)} —
 --          strings, because Lua numbers come back from a script truncated to integers.
 local rate, burst, cost = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -51,14 +47,6 @@ local function store()
   end
   redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(ts))
   redis.call('PEXPIRE', key, math.ceil((burst - tokens) * 1000 / rate))
-end
-
-if op == 'owe' then
-  local floor = -tonumber(ARGV[6])
-  local owed = math.min(cost, math.max(0, tokens - floor))
-  tokens = math.max(floor, tokens - cost)
-  store()
-  return {owed, tostring(tokens), '0'}
 end
 
 if op == 'give' then
