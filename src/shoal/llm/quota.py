@@ -53,7 +53,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shoal.errors import ConfigurationError, ShoalError
@@ -126,7 +126,6 @@ class Admission:
     id: str
     tokens: int
     waited: float
-    at: float = field(default_factory=time.monotonic)  # when the room was taken
 
 
 class Quota:
