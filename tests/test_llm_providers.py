@@ -22,7 +22,7 @@ from shoal.llm import (
     QuotaExceeded,
 )
 from shoal.llm.model import ChatModel
-from shoal.llm.quota import Quota
+from shoal.llm.quota import DEFAULT_COMPLETION_TOKENS, Quota
 from shoal.llm.types import Usage
 from shoal.observability import metrics
 from shoal.resilience import BreakerPolicy, RetryPolicy
@@ -250,11 +250,13 @@ async def test_a_quota_without_room_waits_then_fails_or_falls_back(
             await pool.complete(HELLO)
         assert time.monotonic() - started < 0.3  # known at once: it would not fit in time
         assert caught.value.kind == "requests" and caught.value.wait is not None
-        assert 55 < caught.value.wait <= 60
+        assert 58 < caught.value.wait <= 63  # the minute and its 3 s margin
     assert servers[0].stats.requests == 2
 
     # 3 a second: the next calls wait for the first ones to leave the window
-    brisk = Provider("brisk", model="m", base_url=url, rpm=3, quota_period=1.0, quota_wait=2)
+    brisk = Provider(
+        "brisk", model="m", base_url=url, rpm=3, quota_period=1.0, quota_margin=0, quota_wait=2
+    )
     async with ProviderPool(client, [brisk]) as pool:
         started = time.monotonic()
         for _ in range(5):
@@ -386,10 +388,10 @@ async def test_two_nodes_together_hold_a_quota_within_five_percent(
 # --- exactness: under- and over-estimates, usage, the window script ---------------
 
 
-async def test_answers_longer_than_their_estimate_pass_the_quota_only_by_the_in_flight_ones(
+async def test_a_request_without_max_tokens_is_capped_so_it_cannot_outgrow_its_estimate(
     client: Client,
 ) -> None:
-    # 6000 per 2 s; no max_tokens: estimated 1027, each answer uses 2903
+    # 6000 per 2 s; the model would answer 2,900 words, the request sets no max_tokens
     with LLMServer(script=[" ".join(["word"] * 2900)]) as server:
         long = Provider(
             "long", model="m", base_url=server.url, tpm=6000, quota_period=PERIOD, quota_wait=5
@@ -397,26 +399,55 @@ async def test_answers_longer_than_their_estimate_pass_the_quota_only_by_the_in_
         async with ProviderPool(client, [long]) as pool:
             start = time.time()
             end = start + 3.0  # two windows
+            answers = []
 
             async def worker() -> None:
                 while time.time() < end:
                     try:
-                        await pool.complete(HELLO)
+                        answers.append(await pool.complete(HELLO))
                     except QuotaExceeded:
                         return
 
             await asyncio.gather(*(worker() for _ in range(16)))
-        arrivals = list(server.stats.request_times)
-    shorter = PERIOD - SKEW  # measured on the server's clock, by arrival
-    calls = [(t, 1.0) for t in arrivals]
-    # 5 estimates fit (5 x 1027); once their usage is known the window is over-full,
-    # so nothing more is admitted until they leave it (the token buckets let debt
-    # be waited off at the refill rate, and admitted more)
-    assert busiest_window(calls, start, shorter) == 5, arrivals
-    assert len(arrivals) >= 10  # and each later window admits again
-    # the one excess: the under-estimates of the calls in flight, 5 x (2903 - 1027)
-    tokens = [(t, 2903.0) for t in arrivals]
-    assert busiest_window(tokens, start, shorter) <= 6000 + 5 * (2903 - 1027)
+        assert server.stats.last_request is not None
+        assert server.stats.last_request["max_tokens"] == DEFAULT_COMPLETION_TOKENS
+        log = [(t, float(n)) for t, n in server.stats.token_log]
+    assert answers and all(a.finish_reason == "length" for a in answers)
+    assert busiest_window(log, start) <= 6000  # used == estimated: the window is exact
+
+
+async def test_prompts_denser_than_estimated_pass_the_quota_only_by_the_in_flight_ones(
+    client: Client,
+) -> None:
+    # one-letter words: ~2 characters a token where 4 were estimated: each call uses
+    # 1,000 more prompt tokens than it was admitted for
+    dense = [{"role": "user", "content": " ".join(["a"] * 2000)}]
+    with LLMServer() as server:
+        provider = Provider(
+            "dense", model="m", base_url=server.url, tpm=6000, quota_period=PERIOD,
+            quota_margin=0, quota_wait=5,
+        )  # fmt: skip
+        async with ProviderPool(client, [provider]) as pool:
+            start = time.time()
+            end = start + 3.0
+
+            async def worker() -> None:
+                while time.time() < end:
+                    try:
+                        await pool.complete(dense, max_tokens=8)
+                    except QuotaExceeded:
+                        return
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+        log = [(t, float(n)) for t, n in server.stats.token_log]
+        calls = [(t, 1.0) for t in server.stats.request_times]
+    estimate = 1000 + 8
+    in_window = busiest_window(calls, start, PERIOD - SKEW)
+    assert in_window <= 6000 // estimate  # admitted by their estimates
+    # the excess: at most the under-estimates of the calls admitted together
+    used = max(n for _, n in log)
+    assert used > estimate  # the premise: each call used more than admitted for
+    assert busiest_window(log, start, PERIOD - SKEW) <= 6000 + in_window * (used - estimate)
 
 
 async def test_unused_tokens_are_freed_in_their_own_window_so_none_passes_the_quota(
@@ -478,7 +509,7 @@ async def test_usage_counts_prompt_and_completion_when_the_total_says_less(
 async def test_the_window_admits_settles_trims_and_says_how_long_to_wait(
     client: Client,
 ) -> None:
-    quota = Quota(client, "unit", rpm=None, tpm=100, period=1.0, wait=0)
+    quota = Quota(client, "unit", rpm=None, tpm=100, period=1.0, margin=0, wait=0)
     first = await quota.admit(60)
     await asyncio.sleep(0.3)  # spaces the entries (0, 0.3, 0.6 s): the waits tell them apart
     second = await quota.admit(40)
@@ -496,7 +527,7 @@ async def test_the_window_admits_settles_trims_and_says_how_long_to_wait(
     with pytest.raises(QuotaExceeded) as caught:
         await quota.admit(1)
     assert caught.value.wait is not None and 0.5 < caught.value.wait <= 0.71
-    patient = Quota(client, "unit", rpm=None, tpm=100, period=1.0, wait=2)
+    patient = Quota(client, "unit", rpm=None, tpm=100, period=1.0, margin=0, wait=2)
     started = time.monotonic()
     await patient.admit(1)  # waits for `first` and `second` to leave, then fits
     assert 0.5 < time.monotonic() - started < 1.0
@@ -566,3 +597,15 @@ async def test_a_replica_that_times_out_is_retried_on_another(client: Client) ->
                 answer = await pool.complete(HELLO, key=f"conv-{i}")
                 assert answer.instance == "fast"
         assert slow.stats.requests > 0
+
+
+async def test_an_entry_counts_for_the_period_and_the_margin(client: Client) -> None:
+    """The margin absorbs the varying delay from admission to the provider: a
+    request counts that much longer than the period."""
+    quota = Quota(client, "margin", rpm=1, tpm=None, period=1.0, margin=0.5, wait=0)
+    await quota.admit(1)
+    with pytest.raises(QuotaExceeded) as caught:
+        await quota.admit(1)
+    assert caught.value.wait is not None and 1.3 < caught.value.wait <= 1.5
+    default = Quota(client, "default-margin", rpm=1, tpm=None, period=60.0, wait=0)
+    assert default.margin == 3.0  # 5 % of a minute

@@ -62,6 +62,7 @@ from shoal.llm.errors import (
     LLMTimeout,
 )
 from shoal.llm.quota import (
+    DEFAULT_COMPLETION_TOKENS,
     Admission,
     Quota,
     QuotaExceeded,
@@ -129,8 +130,12 @@ class Provider:
     call). Quotas: ``rpm``/``tpm`` per minute for the whole cluster (None: no
     limit), ``quota_wait`` seconds a call may wait for room, ``quota_period`` the
     length of the provider's "minute" (60; shorter only to scale tests down),
+    ``quota_margin`` how much longer each request counts, for the varying delay
+    from admission to the provider (default 5 % of the period; see shoal.llm.quota),
     ``refund`` False for providers that count ``max_tokens`` up front and never
-    give unused tokens back (see shoal.llm.quota). ``quota_burst`` is deprecated
+    give unused tokens back (see shoal.llm.quota); with a ``tpm`` quota, a request
+    that sets no ``max_tokens`` is sent with ``max_tokens=completion_allowance``
+    (default 1,024), so its answer cannot outgrow its estimate. ``quota_burst`` is deprecated
     and ignored: the sliding window admits up to the quota however it is spread.
     Replicas: ``strategy`` (consistent_hash gives affinity), ``breaker`` (the
     live breaker settings by default; None: no breaker), ``max_concurrent`` calls
@@ -151,7 +156,9 @@ class Provider:
         quota_wait: float = 10.0,
         quota_burst: float | None = None,
         quota_period: float = 60.0,
+        quota_margin: float | None = None,
         refund: bool = True,
+        completion_allowance: int = DEFAULT_COMPLETION_TOKENS,
         strategy: str = "consistent_hash",
         breaker: BreakerPolicy | None = LIVE_BREAKER,
         max_concurrent: int = 64,
@@ -182,9 +189,24 @@ class Provider:
                 stacklevel=2,
             )
         self.quota_period = _number(f"{where}: quota_period", quota_period, 0.1, 86_400)
+        self.quota_margin = (
+            None
+            if quota_margin is None
+            else _number(f"{where}: quota_margin", quota_margin, 0, self.quota_period)
+        )
         if not isinstance(refund, bool):
             raise ConfigurationError(f"{where}: refund must be True or False, got {refund!r}")
         self.refund = refund
+        if (
+            isinstance(completion_allowance, bool)
+            or not isinstance(completion_allowance, int)
+            or not (1 <= completion_allowance <= 1_000_000)
+        ):
+            raise ConfigurationError(
+                f"{where}: completion_allowance must be a whole number 1..1000000 of tokens, "
+                f"got {completion_allowance!r}"
+            )
+        self.completion_allowance = completion_allowance
         if strategy not in STRATEGIES:
             raise ConfigurationError(
                 f"{where}: strategy must be one of {', '.join(sorted(STRATEGIES))}, "
@@ -324,7 +346,7 @@ class ProviderPool:
             return None
         return Quota(
             self._client, p.name, rpm=p.rpm, tpm=p.tpm, period=p.quota_period,
-            wait=p.quota_wait, refund=p.refund,
+            margin=p.quota_margin, wait=p.quota_wait, refund=p.refund,
         )  # fmt: skip
 
     async def __aenter__(self) -> Self:
@@ -409,11 +431,12 @@ class ProviderPool:
         deadline = time.monotonic() + provider.timeouts.total
         async for attempt in self.retry.retrying(deadline):
             with attempt:
-                ticket = await self._admit(provider, messages, tools, params)
+                sent = _capped(provider, params)
+                ticket = await self._admit(provider, messages, tools, sent)
                 usage, failed = None, True
                 try:
                     async with self._target(provider, key, tried) as (llm, instance):
-                        answer = await llm.complete(messages, tools=tools, **params)
+                        answer = await llm.complete(messages, tools=tools, **sent)
                     usage, failed = answer.usage, False
                 finally:
                     await ticket.settle(usage, failed=failed)
@@ -435,13 +458,14 @@ class ProviderPool:
         deadline = time.monotonic() + provider.timeouts.total
         async for attempt in self.retry.retrying(deadline):
             with attempt:
-                ticket = await self._admit(provider, messages, tools, params)
+                sent = _capped(provider, params)
+                ticket = await self._admit(provider, messages, tools, sent)
                 inner = contextlib.AsyncExitStack()
                 try:
                     llm, instance = await inner.enter_async_context(
                         self._target(provider, key, tried)
                     )
-                    deltas = llm.stream(messages, tools=tools, **params)
+                    deltas = llm.stream(messages, tools=tools, **sent)
                     inner.push_async_callback(deltas.aclose)  # type: ignore[attr-defined]
                     first = await self._first(deltas)
                 except BaseException as exc:
@@ -580,3 +604,12 @@ class ProviderPool:
         if len(failures) == 1 and isinstance(failures[0][1], QuotaExceeded):
             return failures[0][1]  # the one provider's quota: QuotaExceeded says it best
         return ProvidersFailed(failures)
+
+
+def _capped(provider: Provider, params: dict[str, Any]) -> dict[str, Any]:
+    """The request's parameters for this provider: under a tokens quota, a request
+    without ``max_tokens`` gets the provider's completion allowance, so the answer
+    cannot use more than was estimated and admitted for it."""
+    if provider.tpm is None or params.get("max_tokens") is not None:
+        return params
+    return {**params, "max_tokens": provider.completion_allowance}

@@ -12,6 +12,8 @@ streams and real dropped connections; only the model is fake. This server answer
   in order (``finish_reason="tool_calls"``); streamed arguments come in pieces;
   when the conversation ends with tool results, the answer is
   ``"Tool results: <first> | <second>..."``;
+- an answer longer than the request's ``max_tokens`` is cut there
+  (``finish_reason="length"``), as a real server does;
 - ``usage`` counts words: prompt = words of all messages, completion = tokens sent;
   a stream sends it last when ``stream_options.include_usage`` asks;
   ``stats.request_times`` / ``stats.token_log`` record when requests came and
@@ -145,12 +147,14 @@ class _Model:
             )
         self.stats.last_request = body
         text, calls = self._answer(messages, body.get("tools") or [])
+        text, finish = _within(text, calls, body.get("max_tokens"))
         prompt = sum(len(str(m.get("content") or "").split()) for m in messages)
         if body.get("stream"):
             self.stats.streams += 1
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(model, text, calls, prompt, usage), media_type="text/event-stream"
+                self._stream(model, text, calls, prompt, usage, finish),
+                media_type="text/event-stream",
             )
         tokens = _TOKEN.findall(text)
         await asyncio.sleep(s.first_token_delay + s.token_delay * len(tokens))
@@ -165,7 +169,7 @@ class _Model:
         choice = {
             "index": 0,
             "message": message,
-            "finish_reason": "tool_calls" if calls else "stop",
+            "finish_reason": finish,
         }
         return JSONResponse(
             {**self._head(model, "chat.completion"), "choices": [choice], "usage": done}
@@ -215,7 +219,13 @@ class _Model:
         return None
 
     async def _stream(
-        self, model: str, text: str, calls: list[tuple[str, str, str]], prompt: int, usage: bool
+        self,
+        model: str,
+        text: str,
+        calls: list[tuple[str, str, str]],
+        prompt: int,
+        usage: bool,
+        finish: str = "stop",
     ) -> AsyncIterator[bytes]:
         s, head, sent = self.settings, self._head(model, "chat.completion.chunk"), 0
         cut_after = s.die_after_chunks
@@ -253,7 +263,7 @@ class _Model:
             half = len(args) // 2
             for piece in (args[:half], args[half:]):
                 yield event({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
-        yield event({}, "tool_calls" if calls else "stop")
+        yield event({}, finish)
         if usage:
             yield event(None, usage=self._usage(prompt, len(tokens) + len(calls)))
         self.stats.answered += 1
@@ -300,6 +310,21 @@ def _trailing_tool_results(messages: list[Any]) -> list[str]:
             break
         found.append(str(message.get("content") or ""))
     return found[::-1]
+
+
+def _within(text: str, calls: list[tuple[str, str, str]], max_tokens: Any) -> tuple[str, str]:
+    """The answer cut at ``max_tokens`` tokens, as a real server does, and its
+    finish reason ("length" when cut)."""
+    if calls:
+        return text, "tool_calls"
+    tokens = _TOKEN.findall(text)
+    if (
+        isinstance(max_tokens, int)
+        and not isinstance(max_tokens, bool)
+        and max_tokens < len(tokens)
+    ):
+        return "".join(tokens[:max_tokens]), "length"
+    return text, "stop"
 
 
 def _fill(reply: str, user: str, results: str, request: int) -> str:
