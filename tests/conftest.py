@@ -24,6 +24,7 @@ import pytest
 from shoal import Agent, Client, Settings, TaskHandle
 from shoal.engine import EmbeddedEngine
 from shoal.node import Node, NodeConfig
+from shoal.testing.llm_server import LLMServer
 from shoal.testing.topologies import LocalCluster, LocalSentinelGroup
 
 T = TypeVar("T")
@@ -107,6 +108,19 @@ def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
     engine.ensure()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[LLMServer]:
+    """A test model server shared by a module's tests (shoal.testing.llm_server)."""
+    with LLMServer() as running:
+        yield running
+
+
+@pytest.fixture
+def model_server(llm_server: LLMServer) -> LLMServer:
+    """The module's model server with every knob back at its default."""
+    return llm_server.reset()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +45,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}},
     {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
 ]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LLMServer]:
-    with LLMServer() as running:
-        yield running
-
-
-@pytest.fixture
-def model_server(server: LLMServer) -> LLMServer:
-    """The shared server with every knob back at its default."""
-    return server.reset()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,6 @@ from tests.test_llm_client import collect
 
 HELLO = [{"role": "user", "content": "hello there"}]
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LLMServer]:
-    with LLMServer() as running:
-        yield running
-
-
-@pytest.fixture
-def model_server(server: LLMServer) -> LLMServer:
-    """The shared server with every knob back at its default."""
-    return server.reset()
 
 
 @pytest.fixture
