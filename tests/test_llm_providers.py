@@ -320,8 +320,6 @@ def test_providers_are_validated_with_clear_errors(monkeypatch: pytest.MonkeyPat
         Provider("p", model="", service="a")
     with pytest.raises(ConfigurationError, match="provider name"):
         Provider("no spaces", model="m", service="a")
-    with pytest.warns(DeprecationWarning, match="quota_burst is deprecated and ignored"):
-        Provider("p", model="m", service="a", quota_burst=0.1)
     secret = Provider("p", model="m", base_url="http://127.0.0.1:1/v1", api_key="sk-secret")
     assert "sk-secret" not in repr(secret)
 

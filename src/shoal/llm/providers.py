@@ -40,7 +40,6 @@ import contextlib
 import os
 import re
 import time
-import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -135,8 +134,7 @@ class Provider:
     ``refund`` False for providers that count ``max_tokens`` up front and never
     give unused tokens back (see shoal.llm.quota); with a ``tpm`` quota, a request
     that sets no ``max_tokens`` is sent with ``max_tokens=completion_allowance``
-    (default 1,024), so its answer cannot outgrow its estimate. ``quota_burst`` is deprecated
-    and ignored: the sliding window admits up to the quota however it is spread.
+    (default 1,024), so its answer cannot outgrow its estimate.
     Replicas: ``strategy`` (consistent_hash gives affinity), ``breaker`` (the
     live breaker settings by default; None: no breaker), ``max_concurrent`` calls
     in flight from this process. Timeouts as LLMClient's.
@@ -154,7 +152,6 @@ class Provider:
         rpm: int | None = None,
         tpm: int | None = None,
         quota_wait: float = 10.0,
-        quota_burst: float | None = None,
         quota_period: float = 60.0,
         quota_margin: float | None = None,
         refund: bool = True,
@@ -181,13 +178,6 @@ class Provider:
         self.rpm = check_quota("rpm", rpm)
         self.tpm = check_quota("tpm", tpm)
         self.quota_wait = _number(f"{where}: quota_wait", quota_wait, 0, 3600)
-        if quota_burst is not None:
-            warnings.warn(
-                f"{where}: quota_burst is deprecated and ignored (quotas are exact sliding "
-                "windows now, admitting up to the quota however it is spread): drop it",
-                DeprecationWarning,
-                stacklevel=2,
-            )
         self.quota_period = _number(f"{where}: quota_period", quota_period, 0.1, 86_400)
         self.quota_margin = (
             None
