@@ -24,6 +24,7 @@ import pytest
 from shoal import Agent, Client, Settings, TaskHandle
 from shoal.engine import EmbeddedEngine
 from shoal.node import Node, NodeConfig
+from shoal.testing.llm_server import LLMServer
 from shoal.testing.topologies import LocalCluster, LocalSentinelGroup
 
 T = TypeVar("T")
@@ -101,6 +102,28 @@ def engine_url(
 
 
 @pytest.fixture
+def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
+    """A private engine for a test that stops, restarts or breaks it."""
+    engine = EmbeddedEngine(tmp_path / "engine")
+    engine.ensure()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[LLMServer]:
+    """A test model server shared by a module's tests (shoal.testing.llm_server)."""
+    with LLMServer() as running:
+        yield running
+
+
+@pytest.fixture
+def model_server(llm_server: LLMServer) -> LLMServer:
+    """The module's model server with every knob back at its default."""
+    return llm_server.reset()
+
+
+@pytest.fixture
 def namespace() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
@@ -172,6 +195,42 @@ def node_process(
         yield proc
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def helper_process(
+    settings: Settings, module: str, *args: str, stdin: bool = True
+) -> Iterator[subprocess.Popen[str]]:
+    """``python -m <module> args`` in the test's namespace, talking lines over its
+    stdin/stdout (tests/*_procs.py); killed and reaped on exit (resumed first: a
+    paused process is not reaped by SIGKILL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=node_env(settings),
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+async def read_line(proc: subprocess.Popen[str], timeout: float = 10) -> str:
+    """A helper process's next line (it prints one per step); fails if it takes
+    too long or the process ended."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
+    return line.strip()
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 30) -> None:

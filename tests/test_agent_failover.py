@@ -18,7 +18,6 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -390,14 +389,6 @@ async def test_a_commit_that_reaches_the_engine_after_a_takeover_is_refused(
 
 
 # --- the engine restarts ----------------------------------------------------------------
-
-
-@pytest.fixture
-def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
-    engine = EmbeddedEngine(tmp_path / "engine")
-    engine.ensure()
-    yield engine
-    engine.stop()
 
 
 async def restart(engine: EmbeddedEngine, down_for: float = 0.0) -> None:

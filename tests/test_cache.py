@@ -8,11 +8,9 @@ bound, compression, metrics and bad input (helper processes: tests/cache_procs.p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,35 +27,11 @@ from shoal.errors import EngineError, EngineUnavailable, SerializationError
 from shoal.observability import metrics
 from shoal.testing.topologies import HOST, LocalCluster
 from tests.cache_procs import computed_key
-from tests.conftest import REPO, eventually, node_env, running_node
+from tests.conftest import eventually, helper_process, read_line, running_node
 
 
-@contextlib.contextmanager
-def cache_process(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.cache_procs", *args],
-        cwd=REPO,
-        env=node_env(settings),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
-
-
-async def read_line(proc: subprocess.Popen[str], timeout: float = 10) -> str:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
-    return line.strip()
+def cache_process(settings: Settings, *args: str) -> Any:
+    return helper_process(settings, "tests.cache_procs", *args)
 
 
 async def ask(proc: subprocess.Popen[str], command: str) -> Any:

@@ -10,8 +10,6 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +17,6 @@ import pytest
 from shoal import Client, Settings
 from shoal.engine import EmbeddedEngine
 from tests.conftest import node_process
-
-
-@pytest.fixture
-def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
-    engine = EmbeddedEngine(tmp_path / "engine")
-    engine.ensure()
-    yield engine
-    engine.stop()
 
 
 async def restart(engine: EmbeddedEngine, down_for: float = 0.0) -> None:

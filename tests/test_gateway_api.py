@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -522,14 +522,6 @@ async def test_healthz_and_readyz(api: httpx.AsyncClient) -> None:
     assert health.status_code == 200 and health.json() == {"status": "ok", "detail": None}
     ready = await api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-
-
-@pytest.fixture
-def own_engine(tmp_path: Path) -> Iterator[EmbeddedEngine]:
-    engine = EmbeddedEngine(tmp_path / "engine")
-    engine.ensure()
-    yield engine
-    engine.stop()
 
 
 async def test_readyz_is_503_while_the_engine_is_down_and_api_calls_too(

@@ -4,12 +4,8 @@ processes contending, paused (SIGSTOP) and killed (tests/lock_procs.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,36 +13,18 @@ import pytest
 from shoal import Agent, Client, ConfigurationError, LockLost, LockTimeout, Settings, capability
 from shoal.coordination import LockHolder
 from shoal.coordination.lock import holder_of
-from tests.conftest import REPO, eventually, node_env, running_node, wait_for_status
+from tests.conftest import (
+    eventually,
+    helper_process,
+    read_line,
+    running_node,
+    wait_for_status,
+)
 from tests.lock_procs import fenced_write, store_key
 
 
-@contextlib.contextmanager
-def lock_process(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.lock_procs", *args],
-        cwd=REPO,
-        env=node_env(settings),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)  # a paused process cannot die of SIGKILL's reap
-            proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
-async def read_line(proc: subprocess.Popen[str], timeout: float = 10) -> str:
-    """The process's next line (it prints one per step); fails if it takes too long."""
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-    assert line, f"the process exited (code {proc.poll()}) before saying anything more"
-    return line.strip()
+def lock_process(settings: Settings, *args: str) -> Any:
+    return helper_process(settings, "tests.lock_procs", *args, stdin=False)
 
 
 async def test_three_processes_contending_lose_no_update_and_tokens_follow_acquisition_order(
@@ -279,6 +257,24 @@ async def test_a_leader_that_stops_from_its_own_callback_resigns(
         heir = await other.leader("self-stopping", ttl=30, holder="heir").start()
         await asyncio.wait_for(heir.elected.wait(), 5)  # not in 30 s: it resigned
         assert not lead.is_leader and lead not in client.campaigns
+        await heir.stop()
+
+
+async def test_a_leader_whose_stop_is_cancelled_still_resigns(
+    client: Client, settings: Settings
+) -> None:
+    """A node shutting down cancels the task that is stopping a campaign (the
+    prober did: a successor then waited out the ttl)."""
+    async with Client(settings=settings) as other:
+        lead = await client.leader("cancelled-stop", ttl=30).start()
+        await asyncio.wait_for(lead.elected.wait(), 5)
+        stopping = asyncio.create_task(lead.stop())
+        await asyncio.sleep(0)  # it has begun: the campaign is being cancelled
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        heir = await other.leader("cancelled-stop", ttl=30, holder="heir").start()
+        await asyncio.wait_for(heir.elected.wait(), 5)  # not in 30 s: it resigned
         await heir.stop()
 
 

@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -37,10 +37,12 @@ from shoal.coordination.ratelimit import RateLimiter, validate_burst, validate_r
 from shoal.errors import ConfigurationError, ShoalError
 from shoal.keys import validate_capability
 from shoal.protocol import validate_agent_type
+from shoal.usage import USAGE_EVENT, usage_fields
 
 if TYPE_CHECKING:
     from shoal.client import Client, TaskHandle
     from shoal.coordination.saga import Sagas
+    from shoal.options import TaskOptions
     from shoal.services import Services
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -424,6 +426,11 @@ class TaskContext:
     On an addressed agent, ``agent_id`` is its id; for a message, ``sender`` is the
     sending agent's id (None from a client) and ``topic`` the topic it was
     published on (None for a direct message). ``task_id`` is "" for a message.
+
+    ``submitted_by`` is the id of the gateway API key the task is charged to (None
+    when it came from a client, or an open gateway); sub-tasks submitted through
+    ``submit``/``call`` inherit it, so work done on a caller's behalf anywhere in the
+    cluster is accounted to that caller. A message turn has none.
     """
 
     def __init__(
@@ -439,9 +446,11 @@ class TaskContext:
         agent_id: str | None = None,
         sender: str | None = None,
         topic: str | None = None,
+        submitted_by: str | None = None,
     ) -> None:
         self._runtime = runtime
         self.agent_id = agent_id
+        self.submitted_by = submitted_by
         self.sender = sender
         self.topic = topic
         self.node_id = runtime.node_id
@@ -453,6 +462,10 @@ class TaskContext:
         self.cancel_requested = False
         self._flushed = flushed
         self._children: set[str] = set()
+        # the write of the last event emitted: an agent's turn waits for it before
+        # its commit, which is written apart from the batched events
+        self.pending_events: asyncio.Future[None] | None = None
+        self.emitted = False  # any event, from the loop or a handler's thread
 
     def _emit(self, kind: str, data: Any) -> Written:
         if not self.task_id:
@@ -460,7 +473,9 @@ class TaskContext:
                 "progress/log/emit record events of a task; this turn handles a message"
             )
         self._runtime.emit_event(self.task_id, self.fencing_token, kind, data)
-        return Written(self._flushed())
+        self.emitted = True
+        self.pending_events = self._flushed()
+        return Written(self.pending_events)
 
     def progress(self, fraction: float, message: str | None = None) -> Written:
         if not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
@@ -475,11 +490,24 @@ class TaskContext:
             raise ConfigurationError(f"emit() takes a dict, got {type(event).__name__}")
         return self._emit("event", event)
 
+    def record_usage(self, **counters: int) -> Written:
+        """Add counters to this task's record, e.g. the tokens a model call spent:
+        ``ctx.record_usage(prompt_tokens=812, completion_tokens=95)``; they read back
+        as ``TaskInfo.usage``. Written with the task's events (batched, no extra round
+        trip); ``await`` the result to wait until they are in the engine.
+
+        Counters only grow and add up across calls *and attempts*: a turn that was
+        retried really spent its tokens, so a superseded attempt's usage counts too.
+        """
+        return self._emit(USAGE_EVENT, usage_fields(counters))
+
     async def submit(self, capability: str, /, **kwargs: Any) -> TaskHandle:
-        """Submit a sub-task (not awaited); it records this task as its parent."""
+        """Submit a sub-task (not awaited); it records this task as its parent and is
+        charged to the same API key (``submitted_by``)."""
         handle = await self._runtime.client.submit(
-            capability, _parent=self.task_id, _traceparent=self.traceparent, **kwargs
-        )
+            capability, _parent=self.task_id, _traceparent=self.traceparent,
+            _submitted_by=self.submitted_by, **kwargs,
+        )  # fmt: skip
         self._children.add(handle.id)
         return handle
 
@@ -487,11 +515,39 @@ class TaskContext:
         """Run a sub-task and return its result. Cancelling this task cancels it."""
         result_timeout = kwargs.pop("result_timeout", None)
         handle = await self.submit(capability, **kwargs)
+        return await self._result_of(handle, result_timeout)
+
+    async def call_arguments(
+        self,
+        capability: str,
+        arguments: Mapping[str, Any],
+        options: TaskOptions,
+        *,
+        agent: str | None = None,
+        result_timeout: float | None = None,
+    ) -> Any:
+        """``call`` with the handler's arguments as one mapping and the options
+        apart: for arguments that come from data (a model's tool call), where no
+        argument may be taken for an option (``delay``, ``agent``...)."""
+        handle = await self._runtime.client.submit_arguments(
+            capability, arguments, options, agent=agent, _parent=self.task_id,
+            _traceparent=self.traceparent, _submitted_by=self.submitted_by,
+        )  # fmt: skip
+        self._children.add(handle.id)
+        return await self._result_of(handle, result_timeout)
+
+    async def _result_of(self, handle: TaskHandle, result_timeout: float | None) -> Any:
         try:
             return await handle.result(timeout=result_timeout)
         except asyncio.CancelledError:
             await asyncio.shield(handle.cancel())
             raise
+
+    @property
+    def client(self) -> Client:
+        """The node's engine client, for what the context has no shortcut for
+        (reading another task's events, agent state...). Shared: do not close it."""
+        return self._runtime.client
 
     @property
     def services(self) -> Services:

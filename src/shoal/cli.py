@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from shoal import cli_bench, cli_status, cli_tasks, protocol
+from shoal.cli_chat import register as register_chat_command
 from shoal.cli_cluster import register as register_cluster_commands
 from shoal.cli_config import config_app
 from shoal.cli_keys import keys_app
@@ -72,6 +73,7 @@ app.add_typer(services_app, name="services")
 app.add_typer(config_app, name="config")
 app.add_typer(sagas_app, name="sagas")
 register_cluster_commands(app)
+register_chat_command(app)
 
 
 @app.callback()

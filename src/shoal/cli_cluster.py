@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import psutil
 import typer
@@ -43,6 +43,11 @@ from shoal.supervisor import (
     pid_alive,
     read_tail,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from shoal.demo_llm import LLMReport
 
 DETACH_TIMEOUT_S = 90.0
 
@@ -426,7 +431,8 @@ def demo(
     succeeded with the right answer.
     """
     from shoal.demo import demo_namespace, run_demo
-    from shoal.demo_view import LiveView, print_report, report_data
+    from shoal.demo_llm import NOT_CONFIGURED, LLMReport, endpoint
+    from shoal.demo_view import LiveView, print_llm, print_report, report_data
 
     config = DemoConfig(documents=documents, users=users, turns=turns, timeout=timeout,
                         app=app_module)  # fmt: skip
@@ -446,19 +452,36 @@ def demo(
             f"cluster up: {', '.join(n for n in supervisor.children if n != GATEWAY)}, "
             f"dashboard {state.gateway_url}/, engine {state.engine}, namespace {spec.namespace}"
         )
+        if endpoint() is None:
+            console.print(f"[yellow]{NOT_CONFIGURED}[/yellow]", highlight=False)
         with LiveView(console, config) as view:
             report = asyncio.run(run_demo(supervisor, config, view.outcome, view.killed))
         dashboard = f"{state.gateway_url}/"
+        if not as_json:
+            print_report(console, report, dashboard, keep)  # the verdict, then the LLM part
+        llm = _demo_llm(console, supervisor) if endpoint() else LLMReport(configured=False)
+        print_llm(console, llm)
         if as_json:
-            print_line(report_data(report, dashboard))  # one line, never wrapped
-        else:
-            print_report(console, report, dashboard, keep)
+            print_line({**report_data(report, dashboard), "llm": llm.data()})  # one line
         if keep:
             _keep_running(supervisor, dashboard)
     finally:
         supervisor.stop()
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _demo_llm(console: Console, supervisor: Supervisor) -> LLMReport:
+    """The research assistant against the configured model, its answer streamed here."""
+    from shoal.demo_llm import run_llm_part
+    from shoal.demo_view import print_llm_start
+
+    print_llm_start(console)
+
+    def show(text: str) -> None:
+        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+
+    return asyncio.run(run_llm_part(supervisor.settings, show))
 
 
 def _port_free(port: int) -> bool:

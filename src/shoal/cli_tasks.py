@@ -222,6 +222,10 @@ def _print_task(info: protocol.TaskInfo, result: Any, traceback: bool) -> None:
         rows.append(("scheduled for", ts(info.scheduled_for)))
     if info.parent:
         rows.append(("parent", info.parent))
+    if info.submitted_by:
+        rows.append(("submitted by", f"API key {info.submitted_by}"))
+    if info.usage:
+        rows.append(("usage", ", ".join(f"{k}={v}" for k, v in info.usage.items())))
     if info.duplicates:
         rows.append(("duplicates", f"{info.duplicates} late outcome(s) refused (first one kept)"))
     if info.hosted is False:

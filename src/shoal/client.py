@@ -157,8 +157,14 @@ class Client:
         self._caches: dict[str, Cache] = {}
         self._cache_listener: Listener | None = None
         self._config: ConfigStore | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     # --- lifecycle ------------------------------------------------------------
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Have ``closer`` awaited first when this client closes: for what lives
+        as long as the client (an LLM agent's model connections, for one)."""
+        self._closers.append(closer)
 
     async def connect(self) -> Client:
         if self._redis is not None:
@@ -199,6 +205,7 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        await self._run_closers()
         await self._release_locks()
         await self._close_caches()
         if self._config is not None:
@@ -228,6 +235,14 @@ class Client:
         if self._blocking is not None:
             await self._blocking.aclose()
             self._blocking = None
+
+    async def _run_closers(self) -> None:
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            try:
+                await closer()
+            except Exception:  # one owner's failure must not keep the rest open
+                log.exception("closing %r with the client failed", closer)
 
     async def _release_locks(self) -> None:
         """A closing client gives its locks up (their watchdogs would renew through a
@@ -424,6 +439,7 @@ class Client:
         agent: str | None = None,
         _parent: str | None = None,
         _traceparent: str | None = None,
+        _submitted_by: str | None = None,
         **kwargs: Any,
     ) -> TaskHandle:
         """Queue one task for ``capability`` with ``kwargs`` as the handler's arguments.
@@ -441,8 +457,9 @@ class Client:
             max_attempts=max_attempts, idempotency_key=idempotency_key,
         )  # fmt: skip
         return await self.submit_arguments(
-            capability, kwargs, options, agent=agent, _parent=_parent, _traceparent=_traceparent
-        )
+            capability, kwargs, options, agent=agent, _parent=_parent, _traceparent=_traceparent,
+            _submitted_by=_submitted_by,
+        )  # fmt: skip
 
     async def submit_arguments(
         self,
@@ -454,16 +471,19 @@ class Client:
         _parent: str | None = None,
         _traceparent: str | None = None,
         _task_id: str | None = None,
+        _submitted_by: str | None = None,
     ) -> TaskHandle:
         """``submit`` with the handler's arguments as one mapping and the options built
         (``TaskOptions.build``): for callers whose arguments come from data — the HTTP
         gateway — where no argument may be taken for an option. ``_task_id``: an id
         the caller made (``keys.new_task_id``) and recorded before submitting, as a
-        saga's runner does; a task of that id that exists already is left as it is."""
+        saga's runner does; a task of that id that exists already is left as it is.
+        ``_submitted_by``: the id of the API key the task is charged to (the gateway
+        sets it; sub-tasks inherit it), recorded as ``TaskInfo.submitted_by``."""
         with tracing.producer("submit", capability, _traceparent, _attrs(capability, agent)) as p:
             trace = p.traceparent
             handles = await self._submit(
-                capability, [arguments], options, _parent, trace, agent, _task_id
+                capability, [arguments], options, _parent, trace, agent, _task_id, _submitted_by
             )
             p.annotate("shoal.task_id", handles[0].id)
         return handles[0]
@@ -507,6 +527,7 @@ class Client:
         traceparent: str | None,
         agent: str | None = None,
         task_id: str | None = None,
+        submitted_by: str | None = None,
     ) -> list[TaskHandle]:
         validate_capability(capability)
         fixed_group: int | None = None
@@ -548,7 +569,7 @@ class Client:
                 self.keys.group_prefix(group), now, int(self.settings.retention * 1000),
                 self.settings.queue_max_length, capability, options.priority,
                 *options.script_fields(), self.inbox(group), parent or "",
-                options.idempotency_key or "", mbox, agent_id,
+                options.idempotency_key or "", mbox, agent_id, submitted_by or "",
             ]  # fmt: skip
             calls.append(([self.keys.delayed(group)], head + [f for row in chunk for f in row]))
         # Safe to re-send after a lost reply: the task ids are ours and the script

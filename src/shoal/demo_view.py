@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shoal.demo import DemoConfig, DemoReport, Outcome, Takeover
+from shoal.demo_llm import LLMReport
 
 
 class LiveView:
@@ -180,3 +181,29 @@ def _sample(items: list[str], shown: int = 4) -> str:
         return "none"
     more = f"\n… and {len(items) - shown} more" if len(items) > shown else ""
     return "\n".join(items[:shown]) + more
+
+
+def print_llm_start(console: Console) -> None:
+    """Before the streamed answer of the LLM part."""
+    from shoal.demo_llm import QUESTION
+
+    console.print(f"[bold]LLM research assistant[/bold]: asking the planner: {QUESTION}")
+
+
+def print_llm(console: Console, llm: LLMReport) -> None:
+    """The LLM part's outcome, after the streamed answer (or why there is none)."""
+    if not llm.configured:
+        return
+    console.print()
+    if not llm.ok:
+        console.print(f"[bold red]LLM part failed[/bold red]: {llm.error}", highlight=False)
+        console.print("(the non-LLM verdict above stands)")
+        return
+    ttft = f"{llm.first_token_s:.2f}s" if llm.first_token_s is not None else "-"
+    tools = ", ".join(llm.tool_calls) or "none"
+    console.print(
+        f"[bold green]LLM answer arrived[/bold green]: {len(llm.answer)} characters in "
+        f"{llm.token_events} token events, first after {ttft}, {llm.completion_tokens} "
+        f"completion tokens in all, {llm.seconds:.1f}s; the planner's tool calls: {tools}",
+        highlight=False,
+    )

@@ -57,6 +57,7 @@ COMMAND_POOL_SIZE = 32  # plenty for pipelined work; waiters queue for a free on
 # (it raises MaxConnectionsError at its cap, 100 per shard by default), so its cap
 # is set high: bounded by the caller's concurrency rather than by the pool.
 CLUSTER_POOL_SIZE = 4096
+BLOCKING_POOL_SIZE = 2**31  # one connection per blocking read in progress
 # How often a command retries a lost connection before the error reaches Shoal's
 # own loops (which keep retrying with their own back-off: clients for
 # engine_timeout, nodes while they run). Short, so that a node reconnects promptly
@@ -106,7 +107,9 @@ def open_connection(url: str, *, for_blocking: bool = False) -> aioredis.Redis:
             url, max_connections=COMMAND_POOL_SIZE, timeout=None, **options
         )
         return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-    return aioredis.Redis.from_url(url, **options)
+    # redis-py's pools stop at 100 connections unless told otherwise ('Too many
+    # connections' for the 101st follower of a task): blocking reads are unbounded.
+    return aioredis.Redis.from_url(url, max_connections=BLOCKING_POOL_SIZE, **options)
 
 
 class _ClusterClient(AsyncRedisCluster):

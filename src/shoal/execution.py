@@ -49,10 +49,11 @@ class Job:
     parent: str | None
     traceparent: str | None
     token: int
+    submitted_by: str | None = None  # the API key id the task is charged to
 
     @classmethod
     def from_reply(cls, row: list[Any]) -> Job:
-        queue, eid, tid, cap, args, attempt, max_att, timeout, parent, trace, token = row
+        queue, eid, tid, cap, args, attempt, max_att, timeout, parent, trace, token, by = row
         return cls(
             queue=queue.decode(),
             entry_id=eid.decode(),
@@ -65,6 +66,7 @@ class Job:
             parent=parent.decode() or None if parent else None,
             traceparent=trace.decode() or None if trace else None,
             token=int(token),
+            submitted_by=by.decode() or None if by else None,
         )
 
 

@@ -57,6 +57,7 @@ READ_MIN_PER_STREAM = 16
 READ_BLOCK_MS = 1000
 DIRECTORY_EVERY_S = 1.0
 LEASE_WATCH_S = 0.1
+EVENTS_WAIT_S = 5.0  # a turn waits this long at most for its events to be written
 
 
 @dataclass(slots=True)
@@ -640,7 +641,7 @@ class AgentHost:
             return None
         if verdict[0] != b"run":
             return True  # nothing to run: the entry is just deleted
-        _, cap, args, attempt, max_att, timeout, parent, trace = verdict
+        _, cap, args, attempt, max_att, timeout, parent, trace, by = verdict
         capability = cap.decode()
         spec = self.types[act.agent_id.partition("/")[0]].capabilities().get(capability)
         job = Job(
@@ -648,6 +649,7 @@ class AgentHost:
             task_id=message.task_id, capability=capability, args=args, attempt=int(attempt),
             max_attempts=int(max_att), timeout=float(timeout) if timeout else None,
             parent=parent.decode() or None, traceparent=trace.decode() or None, token=token,
+            submitted_by=by.decode() or None,
         )  # fmt: skip
         commit.task_id = message.task_id
         if spec is None:
@@ -668,6 +670,7 @@ class AgentHost:
                 result = await attempt_run.run(self.node._executor, self.node.node_id)
             finally:
                 self.running_tasks.pop(job.task_id, None)
+            await self._events_written(ctx)
             outcome = result or Outcome(job, "requeue")
             if not spec.is_async and outcome.kind in ("cancelled", "requeue", "retry", "dead"):
                 self._drop_instance(act, outcome)
@@ -679,6 +682,17 @@ class AgentHost:
         if outcome.kind == "requeue":  # handed back by a draining node (see drain)
             commit.outcome, commit.entry_id = "handback", ""
         return outcome.kind == "ok"  # a cancelled or failed turn's state changes are undone
+
+    async def _events_written(self, ctx: TaskContext) -> None:
+        """Wait (bounded) until the turn's events are in the engine. The turn's
+        commit — its outcome and the task's 'done' event — is written by
+        turn_end.lua, apart from the recorder's batches: without this wait it can
+        overtake the last events, and a follower stops before them."""
+        pending = ctx.pending_events
+        if pending is None and ctx.emitted and self.node.recorder.has_pending:
+            pending = self.node.recorder.flushed()  # a sync handler emitted from its thread
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending}, timeout=EVENTS_WAIT_S)
 
     def _drop_instance(self, act: Activation, outcome: Outcome) -> None:
         """A sync handler's thread cannot be stopped: after a timeout or cancel it may
@@ -743,6 +757,7 @@ class AgentHost:
             self.node, job.task_id if job else "", job.capability if job else "",
             job.attempt if job else 1, message.traceparent, self.node.recorder.flushed, token,
             agent_id=act.agent_id, sender=message.sender, topic=message.topic,
+            submitted_by=job.submitted_by if job else None,
         )  # fmt: skip
 
     def _settle_state(self, act: Activation, commit: _Commit, ok: bool) -> None:

@@ -61,6 +61,10 @@ gets a near-equal share of the groups (``shoal status`` shows the spread).
 |                             |         |             | ms); PX the time to refill to full   |
 | ratewindow:<name>:<key>     | control | sorted set  | a sliding window log: one member per |
 |                             |         |             | admitted call, score = engine ms     |
+| llmquota:<provider>:<kind>  | control | sorted set  | a provider's quota window: request id|
+|                             |         |             | -> engine ms when admitted           |
+| llmquota_amounts:<p>:<kind> | control | hash        | request id -> tokens it counts for   |
+| llmquota_total:<p>:<kind>   | control | string      | the sum of the amounts in the window |
 | services                    | control | set         | names of registered services         |
 | service:<name>              | control | hash        | instance id -> msgpack record        |
 | service_ttl:<name>          | control | sorted set  | instance id -> expiry (engine ms);   |
@@ -332,6 +336,16 @@ class Keys:
     def ratewindow(self, name: str, key: str) -> str:
         """One sliding window log (see shoal.coordination.ratelimit); control group."""
         return f"{self.prefix}ratewindow:{name}:{key}"
+
+    def llm_quota(self, provider: str, kind: str) -> tuple[str, str, str]:
+        """A provider's quota window of one kind ("requests"/"tokens"): its log,
+        amounts and total (see shoal.llm.quota). One script updates every kind of
+        a provider at once, so all share the control tag (one slot on a Cluster)."""
+        return (
+            f"{self.prefix}llmquota:{provider}:{kind}",
+            f"{self.prefix}llmquota_amounts:{provider}:{kind}",
+            f"{self.prefix}llmquota_total:{provider}:{kind}",
+        )
 
     # --- locks (control group; see shoal.coordination.lock) ---------------------------
 

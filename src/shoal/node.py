@@ -764,7 +764,7 @@ class Node:
         spec, agent = self._specs[job.capability]
         ctx = TaskContext(
             self, job.task_id, job.capability, job.attempt, job.traceparent,
-            self.recorder.flushed, job.token,
+            self.recorder.flushed, job.token, submitted_by=job.submitted_by,
         )  # fmt: skip
         attempt = Attempt(job, spec, agent, ctx)
         self._running[job.task_id] = attempt

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from shoal.errors import ConfigurationError, SerializationError
+from shoal.usage import usage_from_record
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -202,6 +203,8 @@ class TaskInfo(msgspec.Struct, frozen=True):
     cancel_requested: bool = False
     traceparent: str | None = None
     duplicates: int = 0
+    submitted_by: str | None = None
+    usage: dict[str, int] = {}
 
     @property
     def done(self) -> bool:
@@ -242,6 +245,8 @@ def task_info_from_record(task_id: str, record: Mapping[bytes, bytes]) -> TaskIn
         cancel_requested=record.get(b"cancel") == b"1",
         traceparent=_text_or_none(record.get(b"trace")),
         duplicates=int(record.get(b"dups", b"0")),
+        submitted_by=_text_or_none(record.get(b"by")),
+        usage=usage_from_record(record),
     )
 
 

@@ -84,6 +84,11 @@ class Recorder:
             self.pending_since = time.monotonic()
         self._dirty.set()
 
+    @property
+    def has_pending(self) -> bool:
+        """Whether anything is buffered and not yet written."""
+        return bool(self._buffers.events or self._buffers.outcomes)
+
     def flushed(self) -> asyncio.Future[None] | None:
         """The future the next flush completes (None off the loop thread)."""
         if threading.get_ident() != self._loop_thread:
@@ -165,8 +170,12 @@ class Recorder:
         """Put unwritten events and outcomes back in front, in order, for the next try."""
         self._buffers.events[:0] = failed.events
         self._buffers.outcomes[:0] = failed.outcomes
-        if failed.flushed is not None and self._buffers.flushed is None:
-            self._buffers.flushed = failed.flushed
+        if failed.flushed is None:
+            return
+        newer = self._buffers.flushed
+        self._buffers.flushed = failed.flushed
+        if newer is not None:  # both wait for the same next flush now
+            failed.flushed.add_done_callback(lambda _: _complete(newer))
 
     async def _write(self, buffers: _Buffers) -> None:
         """Events first, then outcomes, in one pipeline (one round trip).
@@ -208,3 +217,8 @@ class Recorder:
 def _outcomes_in(finish_args: list[Any]) -> int:
     """How many outcomes a finish-script call carries (4 head fields, then 8 each)."""
     return (len(finish_args) - 4) // 8
+
+
+def _complete(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -213,7 +213,20 @@ def default_retryable(exc: BaseException) -> bool:
     not CircuitOpen/NoInstance/BulkheadFull (no instance to try), not cancellation."""
     if isinstance(exc, RetryableStatus):
         return exc.status_code in RETRY_STATUSES or exc.status_code >= 500
+    retryable = getattr(exc, "retryable", None)
+    if isinstance(retryable, bool):
+        return retryable  # errors that say it themselves (shoal.llm.errors)
     return isinstance(exc, httpx.TransportError | TimeoutError)
+
+
+def _told_retry_after(exc: BaseException | None) -> float | None:
+    """The ``Retry-After`` an error carries (a RetryableStatus, an LLMRateLimited),
+    unless the next attempt goes to another instance (``elsewhere``): this
+    instance's Retry-After says nothing of the others."""
+    after: Any = getattr(exc, "retry_after", None)
+    if getattr(exc, "elsewhere", False) or not _is_number(after):
+        return None
+    return float(after)
 
 
 @dataclass(frozen=True)
@@ -243,13 +256,9 @@ class RetryPolicy:
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        if (
-            self.honour_retry_after
-            and isinstance(exc, RetryableStatus)
-            and exc.retry_after is not None
-            and not exc.elsewhere
-        ):
-            return exc.retry_after
+        after = _told_retry_after(exc) if self.honour_retry_after else None
+        if after is not None:
+            return after
         jitter = tenacity.wait_random_exponential(multiplier=self.backoff, max=self.max_backoff)
         return float(jitter(state))
 
@@ -257,16 +266,19 @@ class RetryPolicy:
         exc = state.outcome.exception() if state.outcome else None
         if not isinstance(exc, Exception) or not self.retry_on(exc):
             return False  # never a cancellation, whatever retry_on says
-        if self.honour_retry_after and isinstance(exc, RetryableStatus) and not exc.elsewhere:
-            after = exc.retry_after
-            if after is not None and after > self.max_retry_after:
-                return False  # told to come back later than we would wait
-        return True
+        after = _told_retry_after(exc) if self.honour_retry_after else None
+        # told to come back later than we would wait: no retry
+        return after is None or after <= self.max_retry_after
 
-    def retrying(self) -> tenacity.AsyncRetrying:
-        """A tenacity controller for one call: ``async for attempt in ...``."""
+    def retrying(self, deadline: float | None = None) -> tenacity.AsyncRetrying:
+        """A tenacity controller for one call: ``async for attempt in ...``. With a
+        ``deadline`` (``time.monotonic()`` seconds), no retry whose wait would end
+        after it: the last error is raised instead."""
+        stop: Any = tenacity.stop_after_attempt(self.attempts)
+        if deadline is not None:
+            stop = stop | _stop_at(deadline)
         return tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
+            stop=stop,
             wait=self._wait,
             retry=self._should_retry,
             reraise=True,
@@ -274,6 +286,13 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
+
+
+def _stop_at(deadline: float) -> Callable[[tenacity.RetryCallState], bool]:
+    def stop(state: tenacity.RetryCallState) -> bool:
+        return time.monotonic() + (state.upcoming_sleep or 0.0) >= deadline
+
+    return stop
 
 
 # --- bulkhead ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shoal.coordination.lock import Lock, LockHolder, holder_of, validate_name
 from shoal.errors import EngineError, EngineUnavailable, ShoalError
@@ -87,13 +87,25 @@ class Leadership:
 
     async def stop(self) -> None:
         """Stop campaigning and resign if leading (on_lost is not called: a leader
-        that resigns knows it)."""
+        that resigns knows it).
+
+        The resignation finishes even when the caller is cancelled meanwhile (a
+        node shutting down cancels its tasks): cut short, it would leave the lock
+        to its ttl, and a successor would wait that long."""
+        resign = asyncio.ensure_future(self._stop(asyncio.current_task()))
+        try:
+            await asyncio.shield(resign)
+        except asyncio.CancelledError:
+            await asyncio.wait({resign})
+            raise
+
+    async def _stop(self, caller: asyncio.Task[Any] | None) -> None:
         campaign, self._campaign = self._campaign, None
         self._client.campaigns.discard(self)
-        if campaign is not None and campaign is not asyncio.current_task():
+        if campaign is not None and campaign is not caller:
             campaign.cancel()
             await asyncio.gather(campaign, return_exceptions=True)
-        # (from a callback, the campaign is this task: it ends when the callback returns)
+        # (from a callback, the campaign is the caller: it ends when the callback returns)
         self.elected.clear()
         await self._lock.release()
 

@@ -699,3 +699,59 @@ SAGAS_DRIVEN = Gauge(
 
 def saga_ended(status: str) -> None:
     SAGAS_ENDED.labels(status).inc()
+
+
+# --- model calls (shoal.llm) -------------------------------------------------------------
+
+LLM_TOKENS = Counter(
+    "shoal_llm_tokens",
+    "Model tokens used, as the provider reported them, by agent type, provider, model, "
+    'the Shoal API key that submitted the task ("-" when none) and kind (prompt or '
+    "completion).",
+    ["agent_type", "provider", "model", "api_key", "kind"],
+    registry=REGISTRY,
+)
+LLM_REQUESTS = Counter(
+    "shoal_llm_requests",
+    "Model calls by provider and outcome: ok, rate_limited, server_error, timeout, "
+    "connection_error, stream_broken, bad_request, auth_error, quota_exceeded.",
+    ["provider", "outcome"],
+    registry=REGISTRY,
+)
+LLM_ANSWERS = Counter(
+    "shoal_llm_answers",
+    "Model answers by the provider that gave them (after failover along a fallback "
+    "chain, the one that answered) and whether the answer came from the response cache.",
+    ["provider", "source"],
+    registry=REGISTRY,
+)
+LLM_TIME_TO_FIRST_TOKEN = Histogram(
+    "shoal_llm_time_to_first_token_seconds",
+    "Seconds from sending a streamed model call to its first content token, by provider.",
+    ["provider"],
+    buckets=HTTP_BUCKETS,
+    registry=REGISTRY,
+)
+LLM_CACHE = Counter(
+    "shoal_llm_response_cache",
+    "Deterministic model requests looked up in the response cache, by agent type and "
+    "result (hit or miss).",
+    ["agent_type", "result"],
+    registry=REGISTRY,
+)
+LLM_QUOTA_WAIT = Histogram(
+    "shoal_llm_quota_wait_seconds",
+    "Seconds a model call waited for its provider's cluster-wide quota (requests and "
+    "tokens per minute), by provider.",
+    ["provider"],
+    buckets=HTTP_BUCKETS,
+    registry=REGISTRY,
+)
+LLM_QUOTA_EXCEEDED = Counter(
+    "shoal_llm_quota_exceeded",
+    "Model calls refused with QuotaExceeded (the wait for quota would be too long, or "
+    "the request is bigger than the quota allows at once), by provider and kind "
+    "(requests or tokens).",
+    ["provider", "kind"],
+    registry=REGISTRY,
+)

@@ -23,6 +23,7 @@ SCRIPT_NAMES = (
     "submit", "fetch", "finish", "release", "cancel", "redrive", "follow", "events", "beat",
     "reap", "claim", "lease", "turn_begin", "turn_end", "send", "ratelimit", "ratewindow",
     "services", "lock", "cache", "config", "saga",
+    "quotawindow",
 )  # fmt: skip
 
 Arg = str | int | float | bytes
@@ -96,6 +97,7 @@ class Scripts:
         self.cache = Script(redis, "cache")
         self.config = Script(redis, "config")
         self.saga = Script(redis, "saga")
+        self.quotawindow = Script(redis, "quotawindow")
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in SCRIPT_NAMES]

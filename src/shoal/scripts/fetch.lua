@@ -13,7 +13,7 @@
 --          or past its deadline (recorded as 'expired' and never run)
 -- Returns  {started, consumed, last_ids}: started is a list of
 --          {queue, entry id, task id, capability, args, attempt, max_attempts,
---          timeout, parent, traceparent, fencing token}; consumed counts entries read (skipped
+--          timeout, parent, traceparent, fencing token, submitted_by}; consumed counts entries read (skipped
 --          included); last_ids (only when nothing was read) holds each stream's
 --          last generated id, so the node can block on XREAD from exactly there.
 local group, consumer = ARGV[2], ARGV[3]
@@ -35,9 +35,10 @@ end
 local function start(q, eid, id)
   local tk = task_key(id)
   -- status, deadline, cap, max_att, timeout, args, parent, trace, reply, follow, created,
-  -- max_att_d ('1': max_att is the capability's default, written by an earlier attempt)
+  -- max_att_d ('1': max_att is the capability's default, written by an earlier attempt),
+  -- by (the API key id it is charged to)
   local r = redis.call('HMGET', tk, 'status', 'deadline', 'cap', 'max_att', 'timeout',
-    'args', 'parent', 'trace', 'reply', 'follow', 'created', 'max_att_d')
+    'args', 'parent', 'trace', 'reply', 'follow', 'created', 'max_att_d', 'by')
   if r[1] ~= 'queued' then drop(q, eid); return end
   if r[2] and tonumber(r[2]) < now then
     finish_task(id, 'expired', now, retention_ms, {r[9], r[10]}, expired_error,
@@ -73,7 +74,7 @@ local function start(q, eid, id)
   local token = redis.call('HINCRBY', tk, 'token', 1)
   redis.call('HSET', tk, unpack(fields))
   started[#started + 1] = {q, eid, id, r[3], r[6], attempt, max_att, timeout,
-    r[7] or '', r[8] or '', token}
+    r[7] or '', r[8] or '', token, r[13] or ''}
   remaining = remaining - 1
   return true
 end

@@ -6,7 +6,7 @@
 --          'upto': take as many whole tokens as there are, up to `cost` (at least
 --                  one, or none and refused): a caller that may use several;
 --          'give': put `cost` tokens back (taken earlier and not used), never
---                  filling the bucket past `burst`.
+--                  filling the bucket past `burst`;
 -- Touches  KEYS[1] only
 -- Model    the bucket holds up to `burst` tokens and gains `rate` a second. A
 --          missing key is a full bucket, so a bucket is only stored while it is

@@ -4,6 +4,7 @@
 --          capability, priority, max_attempts, timeout, deadline_ms, due_ms (0 = now),
 --          reply inbox key, parent id, idempotency key (single-task batches only),
 --          mailbox key and agent id (both '' for a capability task),
+--          submitted_by (the gateway API key id that submitted it, '' for none),
 --          then 3 fields per task: id, args (msgpack), traceparent
 --          A task addressed to an agent goes into its partition's mailbox (bounded
 --          by default_queue_max) instead of the capability's queue.
@@ -55,7 +56,7 @@ if due > now then status = 'scheduled' end
 -- The fields every task of the batch shares; empty options are not stored.
 local common = {'cap', cap, 'prio', prio, 'status', status, 'attempts', 0, 'created', now}
 local optional = {'max_att', 7, 'timeout', 8, 'deadline', 9, 'reply', 11, 'parent', 12, 'idem', 13,
-  'mbox', 14, 'agent', 15}
+  'mbox', 14, 'agent', 15, 'by', 16}
 for i = 1, #optional, 2 do
   local value = ARGV[optional[i + 1]]
   if value ~= '' then
@@ -70,7 +71,7 @@ end
 local n = #common
 
 local accepted, written = 0, false
-for base = 16, #ARGV, 3 do
+for base = 17, #ARGV, 3 do
   if room <= 0 then break end
   local id = ARGV[base]
   if redis.call('EXISTS', task_key(id)) == 0 then
@@ -93,6 +94,6 @@ if written then
   redis.call('ZREMRANGEBYLEX', prefix .. 'tasks', '-', '(' .. string.format('%012x', now - retention_ms))
 end
 if idem ~= '' and accepted == 1 then
-  redis.call('SET', prefix .. 'idem:' .. idem, ARGV[16], 'PX', retention_ms)
+  redis.call('SET', prefix .. 'idem:' .. idem, ARGV[17], 'PX', retention_ms)
 end
 return {accepted, ''}

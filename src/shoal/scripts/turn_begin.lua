@@ -12,7 +12,7 @@
 --          Running under this node's current token means this call is a repeat
 --          (its reply was lost): it runs again, the attempt not counted twice.
 -- Returns  per task {verdict, capability, args, attempt, max_attempts, timeout,
---          parent, traceparent}; verdict 'run', 'skip' or 'stale'
+--          parent, traceparent, submitted_by}; verdict 'run', 'skip' or 'stale'
 local now, retention_ms, expired_error, node = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local died = cmsgpack.pack({type = 'shoal.errors.NodeDied',
   message = 'node died while running the task', traceback = '', attempt = 0, node = '', at = now})
@@ -23,12 +23,13 @@ local function begin(agent_type, p, token, id)
   local tk = task_key(id)
   local r = redis.call('HMGET', tk, 'status', 'deadline', 'cap', 'max_att', 'timeout', 'args',
     'parent', 'trace', 'reply', 'follow', 'created', 'token', 'cancel', 'attempts', 'prio',
-    'mbox', 'agent', 'node')
+    'mbox', 'agent', 'node', 'by')
   local rec = {r[9], r[10]}
   if r[1] == 'running' and r[12] == token and r[18] == node then
     -- already started by this very turn: the reply was lost and the call repeated
     -- (a connection retry); start it again without counting another attempt
-    return {'run', r[3], r[6], tonumber(r[14]), r[4], r[5] or '', r[7] or '', r[8] or ''}
+    return {'run', r[3], r[6], tonumber(r[14]), r[4], r[5] or '', r[7] or '', r[8] or '',
+      r[19] or ''}
   end
   local redelivered = r[1] == 'running' and tonumber(r[12] or '0') < tonumber(token)
   if r[1] ~= 'queued' and not redelivered then return {'skip'} end
@@ -56,7 +57,7 @@ local function begin(agent_type, p, token, id)
   local started = math.max(now, tonumber(r[11] or now))
   redis.call('HSET', tk, 'status', 'running', 'started', started, 'node', node, 'token', token,
     'max_att', max_att)
-  return {'run', r[3], r[6], attempt, max_att, timeout, r[7] or '', r[8] or ''}
+  return {'run', r[3], r[6], attempt, max_att, timeout, r[7] or '', r[8] or '', r[19] or ''}
 end
 
 for base = 6, #ARGV, 4 do

@@ -118,9 +118,11 @@ async def submit_task(
     )  # fmt: skip
     # The arguments go as a mapping, never as keywords of submit(): a handler may
     # well take 'timeout' or 'priority', and '_parent' must not be settable from HTTP.
+    # The task is charged to the caller's key (its id, never the secret).
     handle = await state.client.submit_arguments(
         body.capability, body.args, options, agent=body.agent,
         _traceparent=request.state.traceparent,
+        _submitted_by=caller.key.id if caller.key is not None else None,
     )  # fmt: skip
     state.metrics.submitted(body.capability)
     outcome = await _outcome_after(state, caller, handle.id, wait) if wait is not None else None
