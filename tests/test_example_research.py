@@ -135,6 +135,7 @@ async def test_shoal_up_hosts_the_example_and_warns_without_a_model(
     shown = (up_out + up_err).decode()
     assert f"no model endpoint configured ({ENV_BASE_URL} is not set)" in shown
     assert ENV_MODEL in shown and "Traceback" not in shown
+    assert 'shoal chat planner/first "Hello!"' in shown  # the first-task hint talks to it
     assert proc.returncode == 0, shown
 
 

@@ -223,8 +223,15 @@ def _first_task_hints(state: ClusterState, spec: ClusterSpec) -> list[str]:
             f'{env}shoal call chat --agent chat/ada text="my name is Ada"{data}',
         ]
     else:
-        table = capability_table(load_agents(state.app))
-        hints = [f"{env}shoal call {_call_example(n, table[n])}{data}" for n in sorted(table)[:1]]
+        agents = load_agents(state.app)
+        entry = _conversation_entry(agents)
+        if entry is not None:  # an LLM app: talk to it
+            hints = [f'{env}shoal chat {entry}/first "Hello!"{data}']
+        else:
+            table = capability_table(agents)
+            hints = [
+                f"{env}shoal call {_call_example(n, table[n])}{data}" for n in sorted(table)[:1]
+            ]
     if state.gateway_url:
         capability = "process_document" if state.app == "shoal.examples" else "CAPABILITY"
         hints.append(
@@ -232,6 +239,17 @@ def _first_task_hints(state: ClusterState, spec: ClusterSpec) -> list[str]:
             f'application/json\' -d \'{{"capability": "{capability}", "args": {{...}}}}\''
         )
     return hints
+
+
+def _conversation_entry(agents: list[type[Agent]]) -> str | None:
+    """The LLM agent type a user talks to: one no other LLM agent calls as a tool
+    (the planner of the research example), else the first; None without any."""
+    from shoal.llm.agent import LLMAgent
+
+    llm = [a for a in agents if issubclass(a, LLMAgent)]
+    asked = {t.agent_type for a in llm for t in a.tools if t.agent_type}
+    entry = [a for a in llm if a.agent_type not in asked] or llm
+    return entry[0].agent_type if entry else None
 
 
 def _call_example(name: str, agent: type[Agent]) -> str:
